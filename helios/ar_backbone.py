@@ -1,0 +1,149 @@
+"""AR backbone: a decoder-only transformer in the exact HuggingFace Llama layout.
+
+Module and parameter names equal ``transformers.LlamaForCausalLM``'s
+(``model.layers.N.self_attn.q_proj.weight`` ...), so a saved state dict is a Llama checkpoint
+that transformers and TensorRT-LLM load as it is. The prompt enters as prefix embeddings
+(``inputs_embeds`` rows), the way TensorRT-LLM feeds a prompt-embedding table. The draft model
+of speculative decoding is this same class with a smaller ``ARConfig``.
+
+The attention reads and writes keys/values through a cache object (``kv_cache.py``) that
+knows where each sequence's positions live; the model itself holds no state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ARConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like transformers does, then cast back: bf16 variance is too coarse.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of shape [*positions.shape, head_dim], HF's "rotate_half" layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ARConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(self.layer_idx, q, k, v)  # [B, heads, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ARConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ARBackbone(nn.Module):
+    """``LlamaForCausalLM`` with prefix embeddings and an external KV cache."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, generator: torch.Generator):
+        # Llama's initialisation: normal(0, 0.02) for every matrix, ones for the norms.
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+    def embed(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor | None = None,
+              prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, with rows where ``prefix_mask`` is set taken from ``prefix_embeds``."""
+        h = self.model.embed_tokens(input_ids.clamp(max=self.config.vocab_size - 1))
+        if prefix_embeds is not None:
+            h = torch.where(prefix_mask[..., None], prefix_embeds.to(h.dtype), h)
+        return h
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache,
+                last_only: bool = False) -> torch.Tensor:
+        """inputs_embeds [B, T, hidden], positions [B, T] -> logits [B, T, vocab] (float32).
+
+        ``cache`` must have been prepared for exactly these B sequences and T new positions.
+        With ``last_only`` only the logits of the last position of each row are computed.
+        """
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, cache)
+        h = self.model.norm(h)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()

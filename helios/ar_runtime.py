@@ -1,0 +1,243 @@
+"""The AR runtime: many plan-token streams over one paged KV cache, plain or speculative.
+
+A sequence's context is its prefix (the projected prompt embeddings, one position each)
+followed by its tokens (begin-of-video, then begin-of-frame + plan tokens per latent frame).
+The cache holds the keys/values of a leading part of the context; whatever lies past it is
+fed at the next forward. So prefill, decode and speculative verification are the same call,
+and rows of one batch may be at any of them (in-flight batching): streams join with
+``add_sequence`` and leave with ``free`` between any two steps.
+
+The context is a bounded window: ``drop_tokens`` removes the oldest frames; the cache then
+keeps only the part before the change and the rest is recomputed, so what the model sees is
+always exactly the current window at positions 0..L-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ar_backbone import ARBackbone
+from .kv_cache import PagedKVCache
+from .sampling import SamplingParams, draw, probabilities, speculative_accept
+
+# Rows feeding more positions than this are run as their own forward (prefill), so that a
+# long prompt does not pad every decode row of the batch to its length.
+_MAX_PADDED_NEW = 16
+
+
+@dataclass
+class _Sequence:
+    prefix: torch.Tensor              # [P, hidden] prompt embeddings of the target
+    draft_prefix: torch.Tensor | None  # [P, draft hidden]
+    tokens: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    history: list[int] = field(default_factory=list)  # speculative acceptance per step
+
+    @property
+    def length(self) -> int:
+        return self.prefix.shape[0] + len(self.tokens)
+
+
+class ARRuntime:
+    def __init__(self, model: ARBackbone, draft: ARBackbone | None = None, *,
+                 num_blocks: int = 256, block_size: int = 16, device=None):
+        self.model = model
+        self.draft = draft
+        p = next(model.parameters())
+        # The caches live on ``device``; with --low-vram the weights visit it only while used.
+        self.device, self.dtype = torch.device(device or p.device), p.dtype
+        self.cache = PagedKVCache.for_model(model.config, num_blocks, block_size, p.dtype,
+                                            self.device)
+        self.draft_cache = None
+        if draft is not None:
+            self.draft_cache = PagedKVCache.for_model(draft.config, num_blocks, block_size,
+                                                      next(draft.parameters()).dtype, self.device)
+        self.seqs: dict[object, _Sequence] = {}
+        self.stats = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0,
+                      "draft_forwards": 0}
+
+    # ---- streams join and leave --------------------------------------------------------
+    def add_sequence(self, seq_id, prefix: torch.Tensor, tokens: list[int],
+                     params: SamplingParams, draft_prefix: torch.Tensor | None = None) -> None:
+        if seq_id in self.seqs:
+            raise KeyError(f"sequence {seq_id!r} already exists")
+        gen = torch.Generator().manual_seed(params.seed)
+        if draft_prefix is not None and self.draft is not None:
+            draft_prefix = draft_prefix.to(self.device, next(self.draft.parameters()).dtype)
+        self.seqs[seq_id] = _Sequence(prefix.to(self.device, self.dtype), draft_prefix,
+                                      list(tokens), params, gen)
+        self.cache.add_sequence(seq_id)
+        if self.draft_cache is not None:
+            self.draft_cache.add_sequence(seq_id)
+
+    def free(self, seq_id) -> None:
+        """Drop a finished or cancelled sequence and return its blocks to the pools."""
+        self.seqs.pop(seq_id, None)
+        self.cache.free(seq_id)
+        if self.draft_cache is not None:
+            self.draft_cache.free(seq_id)
+
+    def append(self, seq_id, tokens: list[int]) -> None:
+        """Add known tokens (begin-of-frame, or the plan tokens of a given image)."""
+        self.seqs[seq_id].tokens.extend(tokens)
+
+    def drop_tokens(self, seq_id, start: int, end: int) -> None:
+        """Remove tokens[start:end] from the context window (oldest frames)."""
+        seq = self.seqs[seq_id]
+        del seq.tokens[start:end]
+        keep = seq.prefix.shape[0] + start
+        for cache in (self.cache, self.draft_cache):
+            if cache is not None and cache.lengths[seq_id] > keep:
+                cache.truncate(seq_id, keep)
+
+    def tokens(self, seq_id) -> list[int]:
+        return list(self.seqs[seq_id].tokens)
+
+    # ---- forwards ----------------------------------------------------------------------
+    def _start(self, cache, seq_id) -> int:
+        """First context position to feed. A forward needs at least one input to produce the
+        next token's logits, so a fully cached context re-feeds its last position."""
+        seq = self.seqs[seq_id]
+        if cache.lengths[seq_id] >= seq.length:
+            cache.truncate(seq_id, seq.length - 1)
+        return cache.lengths[seq_id]
+
+    def _inputs(self, model: ARBackbone, seq: _Sequence, prefix, start: int, extra: list[int]):
+        """Embeddings of the context positions from ``start`` on, where the context is
+        prefix + tokens + ``extra`` (draft tokens not yet part of the sequence): [T, hidden]."""
+        p = prefix.shape[0]
+        ids = (seq.tokens + list(extra))[max(0, start - p):]
+        parts = []
+        if start < p:
+            parts.append(prefix[start:])
+        if ids:
+            dev = model.model.embed_tokens.weight.device
+            parts.append(model.model.embed_tokens(torch.tensor(ids, device=dev)))
+        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def _forward(self, model, cache, seq_ids, inputs: list[torch.Tensor], keep_last: list[int]):
+        """Run ``inputs[i]`` as the next positions of ``seq_ids[i]``; return, per row, the
+        float32 logits of its last ``keep_last[i]`` positions."""
+        out: list = [None] * len(seq_ids)
+        groups: list[list[int]] = []
+        short = [i for i, x in enumerate(inputs) if x.shape[0] <= _MAX_PADDED_NEW]
+        if short:
+            groups.append(short)
+        groups += [[i] for i, x in enumerate(inputs) if x.shape[0] > _MAX_PADDED_NEW]
+        for rows in groups:
+            lens = [inputs[i].shape[0] for i in rows]
+            t = max(lens)
+            hidden = inputs[rows[0]].shape[-1]
+            x = inputs[rows[0]].new_zeros(len(rows), t, hidden)
+            for j, i in enumerate(rows):
+                x[j, :lens[j]] = inputs[i]
+            layout = cache.prepare([seq_ids[i] for i in rows], lens)
+            logits = model(x, layout.positions, cache)
+            for j, i in enumerate(rows):
+                out[i] = logits[j, lens[j] - keep_last[i]:lens[j]]
+        if model is self.model:
+            self.stats["target_forwards"] += 1
+        else:
+            self.stats["draft_forwards"] += 1
+        return out
+
+    @staticmethod
+    def _restrict(logits: torch.Tensor, allowed: int | None) -> torch.Tensor:
+        if allowed is not None:
+            logits = logits.clone()
+            logits[..., allowed:] = float("-inf")
+        return logits
+
+    # ---- decoding ----------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, seq_id) -> torch.Tensor:
+        """Logits of the next token after the whole context (feeds what is not cached)."""
+        seq = self.seqs[seq_id]
+        x = self._inputs(self.model, seq, seq.prefix, self._start(self.cache, seq_id), [])
+        return self._forward(self.model, self.cache, [seq_id], [x], [1])[0][-1]
+
+    @torch.no_grad()
+    def step(self, seq_ids: list, allowed: int | None = None) -> dict:
+        """One plain decode step for every sequence: returns {seq_id: new token}."""
+        inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
+                               self._start(self.cache, s), []) for s in seq_ids]
+        logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
+        new = {}
+        for s, lg in zip(seq_ids, logits):
+            seq = self.seqs[s]
+            tok = draw(probabilities(self._restrict(lg[-1], allowed), seq.params), seq.generator)
+            seq.tokens.append(tok)
+            new[s] = tok
+        return new
+
+    @torch.no_grad()
+    def speculative_step(self, seq_ids: list, ks: list[int], allowed: int | None = None) -> dict:
+        """Draft ``ks[i]`` tokens with the draft model, verify them in one target forward.
+
+        Returns {seq_id: emitted tokens} (between 1 and k+1 tokens per sequence).
+        """
+        seqs = [self.seqs[s] for s in seq_ids]
+        drafts = [[] for _ in seq_ids]
+        qs = [[] for _ in seq_ids]
+        base = [sq.length for sq in seqs]
+        # Draft phase: round r feeds what the draft has not seen and samples draft token r.
+        for r in range(max(ks, default=0)):
+            rows = [i for i, k in enumerate(ks) if r < k]
+            inputs = []
+            for i in rows:
+                sq = seqs[i]
+                start = (self._start(self.draft_cache, seq_ids[i]) if r == 0
+                         else self.draft_cache.lengths[seq_ids[i]])
+                inputs.append(self._inputs(self.draft, sq, sq.draft_prefix, start, drafts[i]))
+            logits = self._forward(self.draft, self.draft_cache, [seq_ids[i] for i in rows],
+                                   inputs, [1] * len(rows))
+            for i, lg in zip(rows, logits):
+                q = probabilities(self._restrict(lg[-1], allowed), seqs[i].params)
+                qs[i].append(q)
+                drafts[i].append(draw(q, seqs[i].generator))
+        # Verify: one target forward over the uncached context and all draft tokens.
+        inputs = [self._inputs(self.model, sq, sq.prefix, self._start(self.cache, s), d)
+                  for s, sq, d in zip(seq_ids, seqs, drafts)]
+        logits = self._forward(self.model, self.cache, seq_ids, inputs, [k + 1 for k in ks])
+        out = {}
+        for i, s in enumerate(seq_ids):
+            sq = seqs[i]
+            p = probabilities(self._restrict(logits[i], allowed), sq.params)  # [k+1, V]
+            q = torch.stack(qs[i]) if qs[i] else p[:0]
+            emitted, accepted = speculative_accept(p, q, drafts[i], sq.generator)
+            sq.tokens.extend(emitted)
+            sq.history.append(accepted)
+            self.stats["draft_tokens"] += ks[i]
+            self.stats["accepted_tokens"] += accepted
+            # The caches hold the rejected draft tokens too: roll them back.
+            self.cache.truncate(s, base[i] + accepted)
+            dlen = self.draft_cache.lengths[s]
+            self.draft_cache.truncate(s, min(dlen, base[i] + accepted))
+            out[s] = emitted
+        return out
+
+    @torch.no_grad()
+    def generate(self, seq_ids: list, n: int, allowed: int | None = None,
+                 speculative: bool = False, k: int = 4) -> dict:
+        """Append ``n`` sampled tokens to every sequence; returns {seq_id: those tokens}."""
+        if speculative and self.draft is None:
+            raise ValueError("speculative decoding needs a draft model")
+        done = {s: [] for s in seq_ids}
+        while True:
+            live = [s for s in seq_ids if len(done[s]) < n]
+            if not live:
+                return done
+            if speculative:
+                ks = [min(k, n - len(done[s]) - 1) for s in live]
+                for s, toks in self.speculative_step(live, ks, allowed).items():
+                    done[s].extend(toks)
+            else:
+                for s, tok in self.step(live, allowed).items():
+                    done[s].append(tok)
+
+    def acceptance_rate(self) -> float:
+        d = self.stats["draft_tokens"]
+        return self.stats["accepted_tokens"] / d if d else float("nan")

@@ -1,0 +1,63 @@
+"""The refiner's custom attention: queries of the noisy tokens over [history K/V, own K/V].
+
+The history (context) keys/values are computed once per latent frame and reused by every
+denoising step; the noisy tokens' own keys/values change each step. Attending over both
+without building the concatenation is one kernel: ``plugins/context_attention.py`` holds the
+Triton-lang version (also wrapped as the TensorRT plugin); this file holds the plain PyTorch
+reference and the dispatch between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_kernel = None
+_kernel_checked = False
+
+
+def _load_kernel():
+    """The Triton-lang kernel, if it can run here (CUDA + triton + the plugins folder)."""
+    global _kernel, _kernel_checked
+    if not _kernel_checked:
+        _kernel_checked = True
+        try:
+            from plugins.context_attention import context_attention as kernel  # noqa: PLC0415
+            _kernel = kernel
+        except Exception:  # no triton, no CUDA build, or the plugins folder is not importable
+            _kernel = None
+    return _kernel
+
+
+def context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
+    """softmax(q [k_ctx; k_self]^T) [v_ctx; v_self], computed in two parts and merged.
+
+    q: [B, H, Nq, D]; k_ctx, v_ctx: [B, H, Nc, D] (Nc may be 0); k_self, v_self: [B, H, Ns, D].
+    The two score blocks share one running maximum and one denominator, which is exactly
+    the softmax over the concatenated keys.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dtype = q.dtype
+    q = q.float()
+    s_self = (q @ k_self.float().transpose(-1, -2)) * scale
+    m = s_self.amax(-1, keepdim=True)
+    if k_ctx.shape[-2]:
+        s_ctx = (q @ k_ctx.float().transpose(-1, -2)) * scale
+        m = torch.maximum(m, s_ctx.amax(-1, keepdim=True))
+        e_ctx = torch.exp(s_ctx - m)
+    e_self = torch.exp(s_self - m)
+    num = e_self @ v_self.float()
+    den = e_self.sum(-1, keepdim=True)
+    if k_ctx.shape[-2]:
+        num = num + e_ctx @ v_ctx.float()
+        den = den + e_ctx.sum(-1, keepdim=True)
+    return (num / den).to(dtype)
+
+
+def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
+    if q.is_cuda:
+        kernel = _load_kernel()
+        if kernel is not None:
+            return kernel(q, k_ctx, v_ctx, k_self, v_self, scale)
+    return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)

@@ -1,0 +1,193 @@
+"""Checkpoints: one folder, one sub-folder per component with ``config.json`` and
+``model.safetensors`` (the diffusers layout). ``ar_backbone/`` and ``draft/`` are plain
+HuggingFace Llama checkpoints. ``model_index.json`` at the top names the configuration.
+
+Loading checks every file, tensor name, shape and dtype and says exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .ar_backbone import ARBackbone
+from .config import ARConfig, HeliosConfig, RefinerConfig, TextEncoderConfig, VAEConfig, get_config
+from .errors import HeliosError
+from .refiner import Refiner
+from .text_encoder import TextEncoder
+from .vae import VAE
+
+FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "ar_backbone", "draft", "refiner", "vae")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def component_config(cfg: HeliosConfig, name: str):
+    return getattr(cfg, name)
+
+
+def build_component(cfg: HeliosConfig, name: str, device="cpu"):
+    """The module of one component, uninitialised (use device="meta" to allocate nothing)."""
+    sub = component_config(cfg, name)
+    cls = {"text_encoder": TextEncoder, "ar_backbone": ARBackbone, "draft": ARBackbone,
+           "refiner": Refiner, "vae": VAE}[name]
+    with torch.device(device):
+        return cls(sub)
+
+
+def check_config(cfg: HeliosConfig) -> None:
+    """The stages must agree on the sizes they exchange."""
+    def need(ok, what):
+        if not ok:
+            raise HeliosError("checkpoint", f"config is inconsistent: {what}")
+    ar, dr, te, rf = cfg.ar_backbone, cfg.draft, cfg.text_encoder, cfg.refiner
+    need(te.ar_hidden_size == ar.hidden_size, "text_encoder.ar_hidden_size != ar_backbone.hidden_size")
+    need(te.draft_hidden_size == dr.hidden_size, "text_encoder.draft_hidden_size != draft.hidden_size")
+    need(dr.codebook_size == ar.codebook_size == rf.codebook_size, "codebook sizes differ")
+    need(rf.plan_tokens_per_frame == cfg.plan_tokens_per_frame, "plan_tokens_per_frame differs")
+    need(rf.latent_channels == cfg.vae.latent_channels, "latent_channels differ")
+    need(cfg.max_ar_positions() <= ar.max_position_embeddings,
+         "the AR context window exceeds max_position_embeddings")
+
+
+def _component_json(cfg: HeliosConfig, name: str) -> dict:
+    sub = component_config(cfg, name)
+    if isinstance(sub, ARConfig):
+        return sub.to_hf_dict()
+    d = dict(sub.__dict__)
+    if isinstance(sub, VAEConfig):
+        d["channels"] = list(d["channels"])
+    return d
+
+
+def _component_from_json(name: str, d: dict):
+    if name in ("ar_backbone", "draft"):
+        return ARConfig.from_hf_dict(d)
+    cls = {"text_encoder": TextEncoderConfig, "refiner": RefinerConfig, "vae": VAEConfig}[name]
+    return cls(**d)
+
+
+def _state_dict(module) -> dict:
+    sd = module.state_dict()
+    if isinstance(module, ARBackbone) and module.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def init_checkpoint(cfg: HeliosConfig | str, out: str | Path, seed: int = 0,
+                    dtype: str = "float32") -> Path:
+    """Write a random-initialised checkpoint (deterministic by seed)."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    if dtype not in _DTYPES:
+        raise HeliosError("dtype", f"must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    check_config(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(COMPONENTS):
+        module = build_component(cfg, name)
+        module.init_weights(torch.Generator().manual_seed(seed * 1000 + i))
+        save_component(module.to(_DTYPES[dtype]), cfg, name, out)
+        del module
+    write_index(cfg, out)
+    return out
+
+
+def save_component(module, cfg: HeliosConfig, name: str, out: Path) -> None:
+    folder = Path(out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(_component_json(cfg, name), indent=2) + "\n")
+    save_file(_state_dict(module), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_index(cfg: HeliosConfig, out: Path) -> None:
+    index = {"_class_name": "HeliosPipeline", "format_version": FORMAT_VERSION,
+             "config": cfg.to_dict(), "components": list(COMPONENTS)}
+    (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_config(path: str | Path) -> HeliosConfig:
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not path.is_dir():
+        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} does not exist")
+    if not index_file.is_file():
+        raise HeliosError("checkpoint", f"{str(path)!r} has no model_index.json; is it a Helios checkpoint?")
+    try:
+        index = json.loads(index_file.read_text())
+        cfg = HeliosConfig.from_dict(index["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise HeliosError("checkpoint", f"{index_file} is not a valid model index: {e}") from None
+    if index.get("format_version") != FORMAT_VERSION:
+        raise HeliosError("checkpoint", f"{index_file}: format_version must be {FORMAT_VERSION}, "
+                                        f"got {index.get('format_version')!r}")
+    check_config(cfg)
+    return cfg
+
+
+def load_component(path: str | Path, name: str, cfg: HeliosConfig | None = None,
+                   device="cpu", dtype: torch.dtype | None = None):
+    """Load one component, checking its config, every tensor name, shape and dtype."""
+    path = Path(path)
+    cfg = cfg or read_config(path)
+    folder = path / name
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise HeliosError("checkpoint", f"{name}: missing file {f}")
+    try:
+        sub = _component_from_json(name, json.loads(cfg_file.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise HeliosError("checkpoint", f"{name}: {cfg_file} is not a valid config: {e}") from None
+    if sub != component_config(cfg, name):
+        raise HeliosError("checkpoint", f"{name}: {cfg_file} does not match model_index.json")
+    module = build_component(cfg, name, device="meta")
+    expected = {k: v for k, v in module.state_dict().items()}
+    if isinstance(module, ARBackbone) and sub.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    try:
+        f = safe_open(str(weights), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise HeliosError("checkpoint", f"{name}: cannot read {weights}: {e}") from None
+    keys = set(f.keys())
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing:
+        raise HeliosError("checkpoint", f"{name}: missing tensor {missing[0]!r} in {weights}"
+                                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise HeliosError("checkpoint", f"{name}: unexpected tensor {unexpected[0]!r} in {weights}")
+    stored_dtype = None
+    for k in sorted(keys):
+        sl = f.get_slice(k)
+        shape = tuple(sl.get_shape())
+        if shape != tuple(expected[k].shape):
+            raise HeliosError("checkpoint", f"{name}: tensor {k!r} has shape {list(shape)}, "
+                                            f"expected {list(expected[k].shape)}")
+        dt = sl.get_dtype()
+        stored_dtype = stored_dtype or dt
+        if dt != stored_dtype:
+            raise HeliosError("checkpoint", f"{name}: tensor {k!r} is {dt}, the others are {stored_dtype}")
+    if stored_dtype not in ("F32", "BF16", "F16"):
+        raise HeliosError("checkpoint", f"{name}: dtype must be F32, BF16 or F16, got {stored_dtype}")
+    state = {k: f.get_tensor(k) for k in keys}
+    module = build_component(cfg, name, device="cpu")
+    module.load_state_dict(state, strict=not (isinstance(module, ARBackbone) and sub.tie_word_embeddings))
+    if dtype is not None:
+        module = module.to(dtype)
+    return module.to(device).eval()
+
+
+def count_parameters(cfg: HeliosConfig) -> dict[str, int]:
+    """Parameters per component, computed on the meta device (nothing is allocated)."""
+    out = {}
+    for name in COMPONENTS:
+        module = build_component(cfg, name, device="meta")
+        if name == "vae":
+            out["vae_encoder"] = sum(p.numel() for p in module.encoder.parameters())
+            out["vae_decoder"] = sum(p.numel() for p in module.decoder.parameters())
+        else:
+            out[name] = sum(p.numel() for p in module.parameters())
+    return out

@@ -1,0 +1,164 @@
+"""``helios`` command line: init, info, generate.
+
+Every bad input ends as one line on stderr naming the field and the allowed range, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import HeliosError
+
+EXIT_BAD_INPUT = 2
+
+
+def default_checkpoint() -> Path:
+    """$HELIOS_CHECKPOINT, else checkpoints/tiny under the working directory."""
+    return Path(os.environ.get("HELIOS_CHECKPOINT", "checkpoints/tiny"))
+
+
+def _float(name):
+    def parse(s):
+        try:
+            return float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+    return parse
+
+
+def _int(name):
+    def parse(s):
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="helios", description="Helios text-to-video")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a random-initialised checkpoint")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=_int("seed"), default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    p = sub.add_parser("info", help="parameter counts of a configuration (allocates nothing)")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="generate a video into an mp4")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--duration", type=_float("duration"), default=2.0, help="seconds")
+    p.add_argument("--output", default="out.mp4")
+    p.add_argument("--config", default=None, help="expected configuration of the checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (default: $HELIOS_CHECKPOINT or checkpoints/tiny)")
+    p.add_argument("--seed", type=_int("seed"), default=0)
+    p.add_argument("--temperature", type=_float("temperature"), default=0.7)
+    p.add_argument("--top-k", type=_int("top_k"), default=0)
+    p.add_argument("--top-p", type=_float("top_p"), default=1.0)
+    p.add_argument("--fps", type=_int("fps"), default=None)
+    p.add_argument("--image", default=None, help="first frame (image-to-video)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
+    p.add_argument("--no-speculative", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def cmd_init(args) -> None:
+    from .checkpoint import init_checkpoint  # noqa: PLC0415
+
+    out = init_checkpoint(args.config, args.out, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.config} checkpoint (seed {args.seed}) to {out}")
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import count_parameters  # noqa: PLC0415
+    from .config import get_config  # noqa: PLC0415
+
+    cfg = get_config(args.config)
+    counts = count_parameters(cfg)
+    total = sum(counts.values())
+    if args.json:
+        print(json.dumps({"config": cfg.name, "parameters": counts, "total": total}))
+        return
+    print(f"config {cfg.name}: {cfg.width}x{cfg.height} @ {cfg.fps} fps, latent "
+          f"{cfg.vae.latent_channels}x{cfg.latent_height}x{cfg.latent_width}, "
+          f"{cfg.plan_tokens_per_frame} plan tokens per latent frame")
+    for name, n in counts.items():
+        print(f"  {name:<14} {n:>16,d}  ({n / 1e9:7.3f} B)")
+    print(f"  {'total':<14} {total:>16,d}  ({total / 1e9:7.3f} B)")
+
+
+def cmd_generate(args) -> None:
+    import torch  # noqa: PLC0415
+
+    from .checkpoint import init_checkpoint, read_config  # noqa: PLC0415
+    from .pipeline import HeliosPipeline, validate_request  # noqa: PLC0415
+    from .video import Mp4Writer, read_image  # noqa: PLC0415
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if args.checkpoint is None and not ckpt.exists():
+        print(f"helios: no checkpoint at {ckpt}; writing the default tiny one (seed 0)",
+              file=sys.stderr)
+        init_checkpoint("tiny", ckpt, seed=0)
+    cfg = read_config(ckpt)
+    if args.config is not None and args.config != cfg.name:
+        raise HeliosError("config", f"must match the checkpoint's configuration {cfg.name!r}, "
+                                    f"got {args.config!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise HeliosError("device", "must be 'cpu' here: CUDA is not available")
+    image = read_image(args.image) if args.image else None
+    # Validate everything before loading weights, so that bad input costs nothing.
+    req = validate_request(cfg, args.prompt, duration_s=args.duration, fps=args.fps,
+                           seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, image=image, speculative=not args.no_speculative)
+    pipe = HeliosPipeline.from_checkpoint(ckpt, device=args.device, low_vram=args.low_vram)
+    t0 = time.perf_counter()
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        bar = tqdm(total=req.num_frames, unit="frame", desc="generating", file=sys.stderr)
+    with Mp4Writer(args.output, req.fps, cfg.width, cfg.height) as writer:
+        for chunk in pipe._run(req):
+            writer.write(chunk.frames)
+            if bar is not None:
+                bar.update(len(chunk.frames))
+    if bar is not None:
+        bar.close()
+    dt = time.perf_counter() - t0
+    acc = pipe.ar.acceptance_rate()
+    spec = f", speculative acceptance {acc:.2f}" if not math.isnan(acc) else ""
+    print(f"wrote {writer.frames_written} frames ({cfg.width}x{cfg.height}, {req.fps} fps) "
+          f"to {args.output} in {dt:.1f} s ({writer.frames_written / dt:.1f} frames/s{spec})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line message
+        return EXIT_BAD_INPUT if e.code else 0
+    try:
+        {"init": cmd_init, "info": cmd_info, "generate": cmd_generate}[args.command](args)
+    except HeliosError as e:
+        print(f"helios: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("helios: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

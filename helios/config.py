@@ -1,0 +1,265 @@
+"""Named configurations of Helios, all in one place.
+
+Each stage has its own small config dataclass (saved as the ``config.json`` of its checkpoint
+folder); ``HeliosConfig`` groups them with the video geometry and the request limits.
+``CONFIGS`` holds the named presets: ``tiny`` (CPU demo, CI, tests) and ``14b`` (the
+real-time 720p target on one H100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Plan-token vocabulary: codebook ids come first, then the special tokens.
+NUM_SPECIAL_TOKENS = 4  # pad, begin-of-video, begin-of-frame, end-of-video
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Byte-level transformer encoder (UTF-8 bytes, no vocabulary file)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_prompt_bytes: int = 256
+    # Output projections into the prefix-embedding space of the AR backbone and the draft.
+    ar_hidden_size: int = 128
+    draft_hidden_size: int = 64
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + 2  # bytes + begin / end of text
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    """Decoder-only transformer in HuggingFace ``LlamaConfig`` terms."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 344
+    codebook_size: int = 256
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size + NUM_SPECIAL_TOKENS
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def bof_token_id(self) -> int:
+        return self.codebook_size + 2
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.codebook_size + 3
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` that ``transformers.LlamaForCausalLM`` and TensorRT-LLM read."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+            # Helios' own field, ignored by transformers: the codebook part of the vocabulary.
+            "codebook_size": self.codebook_size,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ARConfig":
+        return cls(
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"],
+            intermediate_size=d["intermediate_size"],
+            codebook_size=d["codebook_size"],
+            max_position_embeddings=d["max_position_embeddings"],
+            rope_theta=d["rope_theta"],
+            rms_norm_eps=d["rms_norm_eps"],
+            tie_word_embeddings=d["tie_word_embeddings"],
+        )
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Diffusion transformer that renders one latent frame in a few steps."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    latent_channels: int = 16
+    patch_size: int = 2
+    # History frames are embedded with a coarser patch (patch_size * history_pool): the
+    # "compressed" history of the architecture brief.
+    history_pool: int = 2
+    history_frames: int = 2
+    codebook_size: int = 256
+    plan_tokens_per_frame: int = 8
+    num_steps: int = 3
+    # Flow-matching timestep shift of the distilled few-step schedule.
+    shift: float = 3.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    latent_channels: int = 16
+    frames_per_latent: int = 4
+    channels: tuple = (64, 32, 16)  # decoder widths from the latent side to the pixel side
+    downsample: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+
+
+@dataclass(frozen=True)
+class HeliosConfig:
+    name: str = "tiny"
+    height: int = 128
+    width: int = 128
+    fps: int = 24
+    plan_tokens_per_frame: int = 8
+    # AR context: text prefix plus at most this many latent frames of plan tokens.
+    ar_context_frames: int = 8
+    max_duration_s: float = 120.0
+    kv_block_size: int = 16
+    speculative_tokens: int = 4
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    ar_backbone: ARConfig = field(default_factory=ARConfig)
+    draft: ARConfig = field(default_factory=lambda: ARConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=172))
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.vae.downsample
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.vae.downsample
+
+    @property
+    def frames_per_latent(self) -> int:
+        return self.vae.frames_per_latent
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """AR positions one latent frame takes: begin-of-frame + its plan tokens."""
+        return 1 + self.plan_tokens_per_frame
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        return math.ceil(num_frames / self.frames_per_latent)
+
+    def max_ar_positions(self) -> int:
+        # prefix (bytes + begin/end of text) + begin-of-video + window of frames + one frame
+        # being generated.
+        return (self.text_encoder.max_prompt_bytes + 2 + 1
+                + (self.ar_context_frames + 1) * self.tokens_per_frame)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeliosConfig":
+        d = dict(d)
+        d["text_encoder"] = TextEncoderConfig(**d["text_encoder"])
+        d["ar_backbone"] = ARConfig(**d["ar_backbone"])
+        d["draft"] = ARConfig(**d["draft"])
+        d["refiner"] = RefinerConfig(**d["refiner"])
+        d["vae"] = VAEConfig(**d["vae"])
+        return cls(**d)
+
+
+def _tiny() -> HeliosConfig:
+    return HeliosConfig()
+
+
+def _14b() -> HeliosConfig:
+    codebook = 8192
+    plan = 8  # ARCHITECTURE.md section 4: about 8 full-size decode steps fit per latent frame
+    max_prompt = 512
+    context_frames = 16
+    max_pos = max_prompt + 3 + (context_frames + 1) * (1 + plan)
+    return HeliosConfig(
+        name="14b",
+        height=720,
+        width=1280,
+        fps=24,
+        plan_tokens_per_frame=plan,
+        ar_context_frames=context_frames,
+        max_duration_s=120.0,
+        kv_block_size=64,
+        speculative_tokens=4,
+        text_encoder=TextEncoderConfig(
+            hidden_size=2048, num_layers=20, num_heads=16, intermediate_size=8192,
+            max_prompt_bytes=max_prompt, ar_hidden_size=5120, draft_hidden_size=1024),
+        ar_backbone=ARConfig(
+            hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+            num_key_value_heads=8, intermediate_size=13824, codebook_size=codebook,
+            max_position_embeddings=max(1024, max_pos)),
+        draft=ARConfig(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+            num_key_value_heads=4, intermediate_size=2816, codebook_size=codebook,
+            max_position_embeddings=max(1024, max_pos)),
+        refiner=RefinerConfig(
+            hidden_size=2048, num_layers=20, num_heads=16, latent_channels=16, patch_size=2,
+            history_pool=4, history_frames=3, codebook_size=codebook,
+            plan_tokens_per_frame=plan, num_steps=3),
+        vae=VAEConfig(latent_channels=16, frames_per_latent=4, channels=(512, 256, 128)),
+    )
+
+
+CONFIGS = {"tiny": _tiny, "14b": _14b}
+
+
+def get_config(name: str) -> HeliosConfig:
+    from .errors import HeliosError
+
+    if name not in CONFIGS:
+        raise HeliosError("config", f"must be one of {sorted(CONFIGS)}, got {name!r}")
+    return CONFIGS[name]()

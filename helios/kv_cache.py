@@ -1,0 +1,191 @@
+"""KV caches of the AR runtime: a paged pool (production) and a contiguous one (reference).
+
+Both expose the same two calls to the model: ``prepare(seq_ids, num_new)`` before a forward
+(it reserves room for ``num_new[i]`` new positions of each sequence and remembers the batch)
+and ``attend(layer, q, k, v)`` inside it (it stores the new keys/values and runs causal
+attention over everything the sequence has cached).
+
+The paged cache follows vLLM / TensorRT-LLM: one pool of fixed-size blocks shared by every
+sequence, a block table per sequence, blocks allocated as a sequence grows and returned when it
+finishes, is cancelled or is rolled back (speculative decoding). Rows of a batch may have
+different numbers of new tokens; the shorter ones are padded on the right and masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CachePoolExhausted
+
+
+def _masked_attention(q, k, v, mask):
+    """q [B,H,T,D]; k/v [B,KVH,L,D]; mask [B,T,L] bool (True = may attend)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # grouped-query attention: query head h reads KV head h // rep
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+class _BatchLayout:
+    """Where the new tokens of one forward go, and what each query may read."""
+
+    def __init__(self, starts: list[int], num_new: list[int], device):
+        self.starts = starts          # cached length of each row before this forward
+        self.num_new = num_new
+        b, t = len(starts), max(num_new)
+        total = [s + n for s, n in zip(starts, num_new)]
+        self.total_len = max(total)
+        j = torch.arange(t, device=device)
+        start = torch.tensor(starts, device=device)
+        n = torch.tensor(num_new, device=device)
+        self.valid = j[None, :] < n[:, None]                      # [B, T]
+        self.positions = start[:, None] + j[None, :]              # [B, T]
+        key_pos = torch.arange(self.total_len, device=device)
+        mask = key_pos[None, None, :] <= self.positions[:, :, None]
+        # Padded query rows attend to position 0 only, so that they produce no NaN.
+        mask &= self.valid[:, :, None] | (key_pos == 0)[None, None, :]
+        self.mask = mask                                          # [B, T, L]
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype=torch.float32, device="cpu"):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.free_blocks: list[int] = list(range(num_blocks))
+        self.block_tables: dict[object, list[int]] = {}
+        self.lengths: dict[object, int] = {}
+        self._batch = None
+
+    @classmethod
+    def for_model(cls, cfg, num_blocks: int, block_size: int, dtype, device):
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, num_blocks,
+                   block_size, dtype, device)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def add_sequence(self, seq_id) -> None:
+        if seq_id in self.block_tables:
+            raise KeyError(f"sequence {seq_id!r} is already in the cache")
+        self.block_tables[seq_id] = []
+        self.lengths[seq_id] = 0
+
+    def free(self, seq_id) -> None:
+        """Return every block of the sequence to the pool (finished or cancelled)."""
+        blocks = self.block_tables.pop(seq_id, [])
+        self.lengths.pop(seq_id, None)
+        self.free_blocks.extend(reversed(blocks))
+
+    def truncate(self, seq_id, length: int) -> None:
+        """Forget positions >= length (rejected speculative tokens) and free unused blocks."""
+        if length > self.lengths[seq_id]:
+            raise ValueError("truncate can only shorten a sequence")
+        self.lengths[seq_id] = length
+        table = self.block_tables[seq_id]
+        keep = math.ceil(length / self.block_size)
+        while len(table) > keep:
+            self.free_blocks.append(table.pop())
+
+    def blocks_needed(self, seq_id, num_new: int) -> int:
+        need = math.ceil((self.lengths[seq_id] + num_new) / self.block_size)
+        return max(0, need - len(self.block_tables[seq_id]))
+
+    # ---- one forward -------------------------------------------------------------------
+    def prepare(self, seq_ids: list, num_new: list[int]) -> _BatchLayout:
+        needed = sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, num_new))
+        if needed > len(self.free_blocks):
+            raise CachePoolExhausted(
+                f"KV cache pool exhausted: {needed} more blocks of {self.block_size} positions "
+                f"needed, {len(self.free_blocks)} of {self.num_blocks} free")
+        for s, n in zip(seq_ids, num_new):
+            for _ in range(self.blocks_needed(s, n)):
+                self.block_tables[s].append(self.free_blocks.pop())
+        device = self.k.device
+        layout = _BatchLayout([self.lengths[s] for s in seq_ids], list(num_new), device)
+        # Slot of every (row, position) of the padded key range, through the block tables.
+        bs = self.block_size
+        tables = torch.zeros(len(seq_ids), math.ceil(layout.total_len / bs), dtype=torch.long)
+        for i, s in enumerate(seq_ids):
+            t = self.block_tables[s]
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        tables = tables.to(device)
+        pos = torch.arange(layout.total_len, device=device)
+        layout.read_slots = tables[:, pos // bs] * bs + pos % bs            # [B, L]
+        write = layout.read_slots.gather(1, layout.positions.clamp(max=layout.total_len - 1))
+        layout.write_slots = write[layout.valid]                            # [n_valid]
+        for s, n in zip(seq_ids, num_new):
+            self.lengths[s] += n
+        self._batch = layout
+        return layout
+
+    def attend(self, layer: int, q, k, v):
+        b = self._batch
+        valid = b.valid
+        # k/v: [B, KVH, T, D] -> rows of the pool [slots, KVH, D]
+        self.k[layer].index_copy_(0, b.write_slots, k.transpose(1, 2)[valid])
+        self.v[layer].index_copy_(0, b.write_slots, v.transpose(1, 2)[valid])
+        keys = self.k[layer][b.read_slots].transpose(1, 2)                 # [B, KVH, L, D]
+        values = self.v[layer][b.read_slots].transpose(1, 2)
+        return _masked_attention(q, keys, values, b.mask)
+
+
+class ContiguousKVCache:
+    """One [max_len] buffer per sequence slot: the simple reference for the paged cache."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_seqs: int,
+                 max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (num_layers, max_seqs, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.slots: dict[object, int] = {}
+        self.lengths: dict[object, int] = {}
+        self._free_slots = list(range(max_seqs))[::-1]
+        self._batch = None
+
+    @classmethod
+    def for_model(cls, cfg, max_seqs: int, max_len: int, dtype, device):
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_seqs,
+                   max_len, dtype, device)
+
+    def add_sequence(self, seq_id) -> None:
+        self.slots[seq_id] = self._free_slots.pop()
+        self.lengths[seq_id] = 0
+
+    def free(self, seq_id) -> None:
+        self._free_slots.append(self.slots.pop(seq_id))
+        self.lengths.pop(seq_id)
+
+    def truncate(self, seq_id, length: int) -> None:
+        self.lengths[seq_id] = length
+
+    def prepare(self, seq_ids: list, num_new: list[int]) -> _BatchLayout:
+        for s, n in zip(seq_ids, num_new):
+            if self.lengths[s] + n > self.max_len:
+                raise CachePoolExhausted(f"sequence {s!r} exceeds {self.max_len} positions")
+        layout = _BatchLayout([self.lengths[s] for s in seq_ids], list(num_new), self.k.device)
+        layout.rows = [self.slots[s] for s in seq_ids]
+        for s, n in zip(seq_ids, num_new):
+            self.lengths[s] += n
+        self._batch = layout
+        return layout
+
+    def attend(self, layer: int, q, k, v):
+        b = self._batch
+        for i, row in enumerate(b.rows):
+            start, n = b.starts[i], b.num_new[i]
+            self.k[layer, row, start:start + n] = k[i, :, :n].transpose(0, 1)
+            self.v[layer, row, start:start + n] = v[i, :, :n].transpose(0, 1)
+        keys = self.k[layer, b.rows, :b.total_len].transpose(1, 2)
+        values = self.v[layer, b.rows, :b.total_len].transpose(1, 2)
+        return _masked_attention(q, keys, values, b.mask)

@@ -1,0 +1,259 @@
+"""Refiner: a diffusion transformer (DiT) that renders one latent frame in a few steps.
+
+Conditioning is a *context* of clean tokens: the frame's plan tokens, the first latent frame
+(the anchor against drift) and the most recent latent frames, the latter two embedded with a
+coarser patch (the compressed history). The context goes through the same blocks once per
+latent frame, at timestep 0, and each block keeps its keys/values (``encode_context``).
+Every denoising step then runs only the noisy tokens, whose attention reads
+[context K/V, own K/V] through ``context_attention`` (one kernel on CUDA, no concatenation).
+
+``forward_reference`` computes the same function the slow way, context and noisy tokens in
+one sequence with a block mask, and exists so that tests can prove the cache exact.
+
+Sampling is flow matching with a distilled few-step Euler schedule (3 steps by default, no
+classifier-free guidance): x_sigma = (1 - sigma) x0 + sigma * noise, the model predicts the
+velocity noise - x0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import context_attention
+from .config import RefinerConfig
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal embedding of sigma in [0, 1] (scaled to 0..1000 like DDPM timesteps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device) / half)
+    args = sigma.float()[:, None] * 1000.0 * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def pos_embed_2d(h: int, w: int, dim: int, stride: float, device) -> torch.Tensor:
+    """Fixed 2D sin-cos positions [h*w, dim]; a coarse grid (stride > 1) lands on the centres
+    of the fine-grid cells it covers, so history tokens line up with the noisy tokens."""
+    offset = (stride - 1) / 2
+    ys = torch.arange(h, device=device, dtype=torch.float32) * stride + offset
+    xs = torch.arange(w, device=device, dtype=torch.float32) * stride + offset
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+
+    def enc(c):
+        a = c.reshape(-1, 1) * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    return torch.cat([enc(gy), enc(gx)], dim=1)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the head dimension of q and k (QK-norm keeps attention logits bounded)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: RefinerConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm = HeadRMSNorm(cfg.head_dim)
+        self.k_norm = HeadRMSNorm(cfg.head_dim)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.modulation = nn.Linear(d, 6 * d)  # adaLN: shift/scale/gate for attention and MLP
+
+    def mods(self, c):
+        """c [B, d] -> six [B, 1, d] tensors."""
+        return [m[:, None] for m in self.modulation(F.silu(c)).chunk(6, dim=-1)]
+
+    def qkv_heads(self, x, mods):
+        b, n, d = x.shape
+        shift, scale = mods[0], mods[1]
+        q, k, v = self.qkv(_modulate(self.norm1(x), shift, scale)).view(
+            b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def finish(self, x, attn, mods):
+        b, _, n, _ = attn.shape
+        x = x + mods[2] * self.proj(attn.transpose(1, 2).reshape(b, n, -1))
+        h = _modulate(self.norm2(x), mods[3], mods[4])
+        return x + mods[5] * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class PlanTokenizer(nn.Module):
+    """Latent frame -> plan tokens: n learned queries pool the frame, each is snapped to the
+    nearest row of the refiner's plan-token embedding (the codebook). Used for
+    image-to-video (the given image's plan tokens enter the AR context) and for training."""
+
+    def __init__(self, cfg: RefinerConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        p = cfg.patch_size * cfg.history_pool
+        self.patch = nn.Conv2d(cfg.latent_channels, d, p, p)
+        self.queries = nn.Parameter(torch.zeros(cfg.plan_tokens_per_frame, d))
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def features(self, latent):
+        x = self.patch(latent).flatten(2).transpose(1, 2)              # [B, M, d]
+        attn = torch.softmax(self.queries @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1]), -1)
+        return self.out(attn @ self.value(x))                          # [B, n, d]
+
+    def forward(self, latent, codebook: torch.Tensor) -> torch.Tensor:
+        f = self.features(latent).float()
+        return torch.cdist(f, codebook.float()[None].expand(f.shape[0], -1, -1)).argmin(-1)
+
+
+class Refiner(nn.Module):
+    def __init__(self, cfg: RefinerConfig):
+        super().__init__()
+        self.config = cfg
+        d, c, p = cfg.hidden_size, cfg.latent_channels, cfg.patch_size
+        self.patch_embed = nn.Conv2d(c, d, p, p)
+        self.history_embed = nn.Conv2d(c, d, p * cfg.history_pool, p * cfg.history_pool)
+        self.slot_embed = nn.Parameter(torch.zeros(cfg.history_frames + 1, d))  # 0: anchor
+        self.plan_embed = nn.Embedding(cfg.codebook_size, d)
+        self.plan_pos = nn.Parameter(torch.zeros(cfg.plan_tokens_per_frame, d))
+        self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(d, 2 * d)
+        self.final_proj = nn.Linear(d, p * p * c)
+        self.plan_tokenizer = PlanTokenizer(cfg)
+
+    def init_weights(self, generator: torch.Generator):
+        d = self.config.hidden_size
+        for name, prm in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    prm.fill_(1.0)
+                elif name.endswith("bias"):
+                    prm.zero_()
+                else:
+                    fan_in = prm[0].numel() if prm.dim() > 1 else d
+                    prm.copy_(torch.randn(prm.shape, generator=generator) / math.sqrt(fan_in))
+            # Gates open at 1 (not adaLN-zero): an untrained refiner must still use its
+            # context, or the cached-vs-recomputed tests would compare near-zero updates.
+            if name.endswith("modulation.bias") and "final" not in name:
+                with torch.no_grad():
+                    prm.view(6, d)[2].fill_(1.0)
+                    prm.view(6, d)[5].fill_(1.0)
+
+    # ---- embeddings --------------------------------------------------------------------
+    def embed_noisy(self, x):
+        """latent [B, C, h, w] -> tokens [B, N, d]."""
+        t = self.patch_embed(x)
+        _, d, gh, gw = t.shape
+        return t.flatten(2).transpose(1, 2) + pos_embed_2d(gh, gw, d, 1, x.device).to(t.dtype)
+
+    def embed_context(self, plan_tokens, anchor=None, history=()):
+        """plan_tokens [B, n]; anchor [B, C, h, w] or None; history: recent latent frames, the
+        most recent first, at most ``history_frames`` -> context tokens [B, Nc, d]."""
+        cfg = self.config
+        parts = [self.plan_embed(plan_tokens) + self.plan_pos]
+        frames = ([(0, anchor)] if anchor is not None else []) + \
+            [(1 + j, f) for j, f in enumerate(list(history)[:cfg.history_frames])]
+        for slot, f in frames:
+            t = self.history_embed(f)
+            _, d, gh, gw = t.shape
+            pos = pos_embed_2d(gh, gw, d, cfg.history_pool, f.device).to(t.dtype)
+            parts.append(t.flatten(2).transpose(1, 2) + pos + self.slot_embed[slot])
+        return torch.cat(parts, dim=1)
+
+    def unpatchify(self, tokens, h, w):
+        p, c = self.config.patch_size, self.config.latent_channels
+        b = tokens.shape[0]
+        x = tokens.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)
+
+    def _out(self, x, c, h, w):
+        shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)
+        return self.unpatchify(self.final_proj(_modulate(self.final_norm(x), shift, scale)), h, w)
+
+    def _cond(self, sigma, batch, dtype, device):
+        sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).expand(batch)
+        return self.time_embed(timestep_embedding(sigma).to(dtype))
+
+    # ---- the fast path: context K/V once per frame, then a few steps -------------------
+    def encode_context(self, plan_tokens, anchor=None, history=()):
+        """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D]."""
+        x = self.embed_context(plan_tokens, anchor, history)
+        c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
+        kv = []
+        for block in self.blocks:
+            mods = block.mods(c0)
+            q, k, v = block.qkv_heads(x, mods)
+            kv.append((k, v))
+            x = block.finish(x, F.scaled_dot_product_attention(q, k, v), mods)
+        return kv
+
+    def forward(self, x_t, sigma, context_kv):
+        """One denoising step: noisy latent [B, C, h, w] at ``sigma`` -> predicted velocity."""
+        b, _, h, w = x_t.shape
+        x = self.embed_noisy(x_t)
+        c = self._cond(sigma, b, x.dtype, x.device)
+        for block, (k_ctx, v_ctx) in zip(self.blocks, context_kv):
+            mods = block.mods(c)
+            q, k, v = block.qkv_heads(x, mods)
+            x = block.finish(x, context_attention(q, k_ctx, v_ctx, k, v), mods)
+        return self._out(x, c, h, w)
+
+    # ---- the slow path: everything in one masked sequence ------------------------------
+    def forward_reference(self, x_t, sigma, plan_tokens, anchor=None, history=()):
+        b, _, h, w = x_t.shape
+        ctx = self.embed_context(plan_tokens, anchor, history)
+        own = self.embed_noisy(x_t)
+        nc, n = ctx.shape[1], ctx.shape[1] + own.shape[1]
+        x = torch.cat([ctx, own], dim=1)
+        c0 = self._cond(0.0, b, x.dtype, x.device)
+        c = self._cond(sigma, b, x.dtype, x.device)
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
+        mask[:nc, nc:] = False  # context tokens never see the noisy tokens
+        for block in self.blocks:
+            m0, m = block.mods(c0), block.mods(c)
+            mods = [torch.cat([a.expand(-1, nc, -1), z.expand(-1, n - nc, -1)], 1)
+                    for a, z in zip(m0, m)]
+            q, k, v = block.qkv_heads(x, mods)
+            x = block.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mods)
+        return self._out(x[:, nc:], c, h, w)
+
+    # ---- sampler -----------------------------------------------------------------------
+    def sigmas(self, num_steps: int | None = None) -> list[float]:
+        steps = num_steps or self.config.num_steps
+        shift = self.config.shift
+        ts = [1 - i / steps for i in range(steps + 1)]
+        return [shift * t / (1 + (shift - 1) * t) for t in ts]
+
+    @torch.no_grad()
+    def render(self, noise, plan_tokens, anchor=None, history=(), num_steps: int | None = None):
+        """Noise [B, C, h, w] -> clean latent frame, conditioned on plan tokens and history."""
+        kv = self.encode_context(plan_tokens, anchor, history)
+        x = noise
+        sig = self.sigmas(num_steps)
+        for s, s_next in zip(sig[:-1], sig[1:]):
+            x = x + (s_next - s) * self(x, s, kv)
+        return x

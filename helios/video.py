@@ -1,0 +1,74 @@
+"""H.264 mp4 writing and image reading through PyAV (FFmpeg), frame by frame as they come."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HeliosError
+
+
+class Mp4Writer:
+    """Append uint8 [T, H, W, 3] chunks; the file is a valid mp4 once closed."""
+
+    def __init__(self, path: str | Path, fps: int, width: int, height: int, crf: int = 18):
+        import av  # noqa: PLC0415  (PyAV is only needed where video is written)
+
+        if width % 2 or height % 2:
+            raise HeliosError("output", f"H.264 yuv420p needs even width and height, got {width}x{height}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.path), mode="w")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(crf), "preset": "veryfast"}
+        self.frames_written = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        import av  # noqa: PLC0415
+
+        for f in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode a whole video: (uint8 [T, H, W, 3], fps)."""
+    import av  # noqa: PLC0415
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any image FFmpeg can read (png, jpeg, ...) -> uint8 [H, W, 3]."""
+    import av  # noqa: PLC0415
+
+    p = Path(path)
+    if not p.is_file():
+        raise HeliosError("image", f"must be a readable image file, {str(p)!r} does not exist")
+    try:
+        with av.open(str(p)) as c:
+            frame = next(c.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except Exception as e:  # PyAV raises a family of FFmpeg errors; all mean "unreadable"
+        raise HeliosError("image", f"must be a readable image file, cannot decode {str(p)!r}: "
+                                   f"{type(e).__name__}") from None

@@ -1,0 +1,181 @@
+"""AR backbone + paged KV cache + speculative decoding against their references."""
+
+import math
+
+import pytest
+import torch
+
+from helios.ar_backbone import ARBackbone
+from helios.ar_runtime import ARRuntime
+from helios.config import ARConfig
+from helios.errors import CachePoolExhausted
+from helios.kv_cache import ContiguousKVCache, PagedKVCache
+from helios.sampling import SamplingParams, probabilities, speculative_accept
+
+CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=160, codebook_size=48, max_position_embeddings=256)
+DRAFT = ARConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, codebook_size=48, max_position_embeddings=256)
+
+
+def _model(cfg, seed):
+    m = ARBackbone(cfg)
+    m.init_weights(torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+def _prefix(n, hidden, seed):
+    return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def full_recompute_logits(model, prefix, tokens):
+    """Logits of the last position from scratch: a fresh cache, the whole context at once."""
+    cache = PagedKVCache.for_model(model.config, 64, 8, torch.float32, "cpu")
+    cache.add_sequence(0)
+    ids = torch.tensor(tokens)
+    x = torch.cat([prefix, model.model.embed_tokens(ids)])[None]
+    layout = cache.prepare([0], [x.shape[1]])
+    with torch.no_grad():
+        return model(x, layout.positions, cache)[0, -1]
+
+
+def test_kv_cache_matches_recompute():
+    model = _model(CFG, 0)
+    rt = ARRuntime(model, num_blocks=64, block_size=8)
+    prefix = _prefix(5, CFG.hidden_size, 1)
+    rt.add_sequence("a", prefix, [CFG.bos_token_id], SamplingParams(temperature=1.0, seed=3))
+    for step in range(20):
+        cached = rt.logits("a")
+        ref = full_recompute_logits(model, prefix, rt.tokens("a"))
+        torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+        rt.step(["a"], allowed=CFG.codebook_size)
+        if step == 12:  # the window drops old frames: the cache must follow exactly
+            rt.drop_tokens("a", 1, 7)
+    assert len(rt.tokens("a")) == 1 + 20 - 6
+
+
+def test_paged_equals_contiguous():
+    model = _model(CFG, 1)
+    paged = PagedKVCache.for_model(CFG, 40, 4, torch.float32, "cpu")
+    contig = ContiguousKVCache.for_model(CFG, 3, 64, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for c in (paged, contig):
+        for s in "abc":
+            c.add_sequence(s)
+    # Rounds of uneven lengths interleave the three sequences' blocks in the pool.
+    for lens in ([7, 1, 3], [1, 5, 1], [2, 2, 9], [1, 1, 1]):
+        x = torch.randn(3, max(lens), CFG.hidden_size, generator=gen)
+        outs = []
+        for c in (paged, contig):
+            layout = c.prepare(list("abc"), lens)
+            with torch.no_grad():
+                outs.append(model(x, layout.positions, c))
+        for i, n in enumerate(lens):
+            torch.testing.assert_close(outs[0][i, :n], outs[1][i, :n], rtol=1e-5, atol=1e-5)
+    tables = paged.block_tables
+    assert any(b != a + 1 for t in tables.values() for a, b in zip(t, t[1:])), \
+        "the test should exercise non-contiguous block tables"
+
+
+def test_batched_streams_equal_each_stream_alone():
+    """Streams that join and leave between steps decode exactly as they do alone."""
+    model = _model(CFG, 2)
+    params = [SamplingParams(temperature=0.9, top_k=20, seed=s) for s in (1, 2, 3)]
+    prefixes = [_prefix(3 + i, CFG.hidden_size, 10 + i) for i in range(3)]
+
+    alone = []
+    for p, pre in zip(params, prefixes):
+        rt = ARRuntime(model, num_blocks=32, block_size=4)
+        rt.add_sequence(0, pre, [CFG.bos_token_id], p)
+        alone.append(rt.generate([0], 12, allowed=CFG.codebook_size)[0])
+
+    rt = ARRuntime(model, num_blocks=32, block_size=4)
+    out = {i: [] for i in range(3)}
+    rt.add_sequence(0, prefixes[0], [CFG.bos_token_id], params[0])
+    for step in range(16):
+        if step == 3:
+            rt.add_sequence(1, prefixes[1], [CFG.bos_token_id], params[1])
+        if step == 4:
+            rt.add_sequence(2, prefixes[2], [CFG.bos_token_id], params[2])
+        live = [i for i in rt.seqs if len(out[i]) < 12]
+        for i, tok in rt.step(live, allowed=CFG.codebook_size).items():
+            out[i].append(tok)
+        for i in live:
+            if len(out[i]) == 12:
+                rt.free(i)
+    assert [out[i] for i in range(3)] == alone
+    assert rt.cache.num_free_blocks == 32
+
+
+def test_greedy_speculative_equals_greedy_plain():
+    model, draft = _model(CFG, 3), _model(DRAFT, 4)
+    greedy = SamplingParams(temperature=0.0)
+    prefix, dprefix = _prefix(4, CFG.hidden_size, 5), _prefix(4, DRAFT.hidden_size, 6)
+    plain = ARRuntime(model, num_blocks=32, block_size=8)
+    plain.add_sequence(0, prefix, [CFG.bos_token_id], greedy)
+    spec = ARRuntime(model, draft, num_blocks=32, block_size=8)
+    spec.add_sequence(0, prefix, [CFG.bos_token_id], greedy, dprefix)
+    a = plain.generate([0], 40, allowed=CFG.codebook_size)[0]
+    b = spec.generate([0], 40, allowed=CFG.codebook_size, speculative=True, k=4)[0]
+    assert a == b
+    assert spec.stats["draft_tokens"] > 0
+    # Verification forwards replace plain ones: fewer target forwards than tokens.
+    assert spec.stats["target_forwards"] < plain.stats["target_forwards"] or \
+        spec.acceptance_rate() == 0
+
+
+def test_speculative_sampling_follows_target_distribution():
+    """Chi-square test: tokens emitted by the accept/reject rule follow p, not q."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    first, second = torch.zeros(4), torch.zeros(4)
+    n_second = 0
+    for _ in range(n):
+        d0 = int(torch.multinomial(q[0], 1, generator=gen))
+        d1 = int(torch.multinomial(q[1], 1, generator=gen))
+        out, accepted = speculative_accept(p, q, [d0, d1], gen)
+        first[out[0]] += 1
+        if accepted >= 1:
+            # Given the first draft token was accepted, the second emitted token ~ p[1].
+            second[out[1]] += 1
+            n_second += 1
+
+    def chi2(counts, probs, total):
+        expected = probs * total
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    # 3 degrees of freedom: the 99.9% quantile is 16.27.
+    assert chi2(first, p[0], n) < 16.27
+    assert chi2(second, p[1], n_second) < 16.27
+    # The same statistic against q is huge: the test can tell the two apart.
+    assert chi2(first, q[0], n) > 1000
+
+
+def test_sampling_top_k_top_p():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    pk = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (pk[2:] == 0).all() and math.isclose(float(pk.sum()), 1, rel_tol=1e-6)
+    pp = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    full = torch.softmax(logits, -1)
+    assert float(full[0]) < 0.7 < float(full[:2].sum())
+    assert (pp[:2] > 0).all() and (pp[2:] == 0).all()
+    g = probabilities(logits, SamplingParams(temperature=0.0))
+    assert g.tolist() == [1, 0, 0, 0, 0]
+
+
+def test_blocks_return_to_pool_and_full_pool_is_an_error():
+    model = _model(CFG, 5)
+    rt = ARRuntime(model, num_blocks=6, block_size=4)
+    rt.add_sequence("a", _prefix(8, CFG.hidden_size, 0), [CFG.bos_token_id], SamplingParams(seed=1))
+    rt.generate(["a"], 3, allowed=CFG.codebook_size)
+    used = 6 - rt.cache.num_free_blocks
+    assert used == math.ceil((8 + 1 + 2) / 4)
+    rt.add_sequence("b", _prefix(20, CFG.hidden_size, 1), [CFG.bos_token_id], SamplingParams(seed=2))
+    with pytest.raises(CachePoolExhausted, match=r"KV cache pool exhausted: 6 more blocks of 4 "
+                                                  r"positions needed, 3 of 6 free"):
+        rt.step(["b"])
+    rt.free("b")
+    rt.free("a")
+    assert rt.cache.num_free_blocks == 6
