@@ -159,15 +159,19 @@ def load_component(path: str | Path, name: str, cfg: HeliosConfig | None = None,
                                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
         raise HeliosError("checkpoint", f"{name}: unexpected tensor {unexpected[0]!r} in {weights}")
-    stored_dtype = None
+    dtypes = {}
     for k in sorted(keys):
         sl = f.get_slice(k)
         shape = tuple(sl.get_shape())
         if shape != tuple(expected[k].shape):
             raise HeliosError("checkpoint", f"{name}: tensor {k!r} has shape {list(shape)}, "
                                             f"expected {list(expected[k].shape)}")
-        dt = sl.get_dtype()
-        stored_dtype = stored_dtype or dt
+        dtypes[k] = sl.get_dtype()
+    counts = {}
+    for dt in dtypes.values():
+        counts[dt] = counts.get(dt, 0) + 1
+    stored_dtype = max(counts, key=counts.get)
+    for k, dt in dtypes.items():
         if dt != stored_dtype:
             raise HeliosError("checkpoint", f"{name}: tensor {k!r} is {dt}, the others are {stored_dtype}")
     if stored_dtype not in ("F32", "BF16", "F16"):

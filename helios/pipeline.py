@@ -186,6 +186,20 @@ class HeliosPipeline:
         return self._run(req)
 
     def _run(self, req: VideoRequest) -> Iterator[VideoChunk]:
+        """Decode each latent frame as soon as it exists (conditioned on the previous one)."""
+        prev, emitted = None, 0
+        for latent in self.latents(req):
+            with self._active(self.vae):
+                dev = self._dev(self.vae)
+                pixels = self.vae.decode(latent.to(dev), None if prev is None else prev.to(dev))
+            frames = to_uint8(pixels)[0].numpy()[:req.num_frames - emitted]
+            yield VideoChunk(frames, emitted, req.num_frames)
+            emitted += len(frames)
+            prev = latent
+
+    @torch.no_grad()
+    def latents(self, req: VideoRequest) -> Iterator[torch.Tensor]:
+        """The latent frames of a request, one [1, C, h, w] tensor at a time."""
         cfg, rf = self.config, self.config.refiner
         ar_cfg = self.ar_backbone.config
         speculative = req.speculative and self.draft is not None
@@ -194,12 +208,10 @@ class HeliosPipeline:
         self.ar.add_sequence(seq, prefix, [ar_cfg.bos_token_id], req.sampling, draft_prefix)
         noise_gen = torch.Generator().manual_seed(noise_seed(req.sampling.seed))
         latent_shape = (1, rf.latent_channels, cfg.latent_height, cfg.latent_width)
-        anchor, recent, prev = None, [], None   # recent: most recent first
+        anchor, recent = None, []   # recent: most recent first
         frames_in_context = 0
-        n_latent = cfg.num_latent_frames(req.num_frames)
-        emitted = 0
         try:
-            for i in range(n_latent):
+            for i in range(cfg.num_latent_frames(req.num_frames)):
                 # The AR window: once full, drop its older half (the recomputation that
                 # follows is amortised over the next half-window of frames).
                 if frames_in_context == cfg.ar_context_frames:
@@ -227,20 +239,12 @@ class HeliosPipeline:
                             anchor=None if anchor is None else anchor.to(dev),
                             history=[h.to(dev) for h in recent])
                 frames_in_context += 1
-                with self._active(self.vae):
-                    dev = self._dev(self.vae)
-                    pixels = self.vae.decode(latent.to(dev),
-                                             None if prev is None else prev.to(dev))
-                frames = to_uint8(pixels)[0].numpy()
-                frames = frames[:req.num_frames - emitted]
-                yield VideoChunk(frames, emitted, req.num_frames)
-                emitted += len(frames)
+                yield latent
                 # History for the refiner: frame 0 is the anchor, then the last few frames.
                 if anchor is None:
                     anchor = latent
                 else:
                     recent = [latent, *recent][:rf.history_frames]
-                prev = latent
         finally:
             self.ar.free(seq)  # also when the consumer stops early (cancellation)
 
