@@ -1,20 +1,18 @@
 """The AR runtime: many plan-token streams over one paged KV cache, plain or speculative.
 
 A sequence's context is its prefix (the projected prompt embeddings, one position each)
-followed by its tokens (begin-of-video, then begin-of-frame + plan tokens per latent frame).
-The cache holds the keys/values of a leading part of the context; whatever lies past it is
-fed at the next forward. So prefill, decode and speculative verification are the same call,
-and rows of one batch may be at any of them (in-flight batching): streams join with
-``add_sequence`` and leave with ``free`` between any two steps.
+followed by its tokens. The cache holds the keys/values of a leading part of the context;
+whatever lies past it is fed at the next forward. So prefill, decode and speculative
+verification are the same call, and rows of one batch may be at any of them (in-flight
+batching): streams join with ``add_sequence`` and leave with ``free`` between any two steps.
 
-The context is a bounded window: ``drop_tokens`` removes the oldest frames; the cache then
-keeps only the part before the change and the rest is recomputed, so what the model sees is
-always exactly the current window at positions 0..L-1.
+Every sequence samples with its own generator and its own logit bias (TensorRT-LLM's
+``embedding_bias``), so its tokens never depend on which other streams share its batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,12 +27,12 @@ _MAX_PADDED_NEW = 16
 
 @dataclass
 class _Sequence:
-    prefix: torch.Tensor              # [P, hidden] prompt embeddings of the target
+    prefix: torch.Tensor               # [P, hidden] prompt embeddings of the target
     draft_prefix: torch.Tensor | None  # [P, draft hidden]
     tokens: list[int]
     params: SamplingParams
     generator: torch.Generator
-    history: list[int] = field(default_factory=list)  # speculative acceptance per step
+    bias: torch.Tensor | None          # [vocab] added to the logits before sampling
 
     @property
     def length(self) -> int:
@@ -61,14 +59,16 @@ class ARRuntime:
 
     # ---- streams join and leave --------------------------------------------------------
     def add_sequence(self, seq_id, prefix: torch.Tensor, tokens: list[int],
-                     params: SamplingParams, draft_prefix: torch.Tensor | None = None) -> None:
+                     params: SamplingParams, draft_prefix: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> None:
         if seq_id in self.seqs:
             raise KeyError(f"sequence {seq_id!r} already exists")
-        gen = torch.Generator().manual_seed(params.seed)
         if draft_prefix is not None and self.draft is not None:
             draft_prefix = draft_prefix.to(self.device, next(self.draft.parameters()).dtype)
-        self.seqs[seq_id] = _Sequence(prefix.to(self.device, self.dtype), draft_prefix,
-                                      list(tokens), params, gen)
+        gen = torch.Generator().manual_seed(params.seed)
+        self.seqs[seq_id] = _Sequence(
+            prefix.to(self.device, self.dtype), draft_prefix, list(tokens), params, gen,
+            None if bias is None else bias.float().to(self.device))
         self.cache.add_sequence(seq_id)
         if self.draft_cache is not None:
             self.draft_cache.add_sequence(seq_id)
@@ -79,19 +79,6 @@ class ARRuntime:
         self.cache.free(seq_id)
         if self.draft_cache is not None:
             self.draft_cache.free(seq_id)
-
-    def append(self, seq_id, tokens: list[int]) -> None:
-        """Add known tokens (begin-of-frame, or the plan tokens of a given image)."""
-        self.seqs[seq_id].tokens.extend(tokens)
-
-    def drop_tokens(self, seq_id, start: int, end: int) -> None:
-        """Remove tokens[start:end] from the context window (oldest frames)."""
-        seq = self.seqs[seq_id]
-        del seq.tokens[start:end]
-        keep = seq.prefix.shape[0] + start
-        for cache in (self.cache, self.draft_cache):
-            if cache is not None and cache.lengths[seq_id] > keep:
-                cache.truncate(seq_id, keep)
 
     def tokens(self, seq_id) -> list[int]:
         return list(self.seqs[seq_id].tokens)
@@ -129,27 +116,19 @@ class ARRuntime:
         groups += [[i] for i, x in enumerate(inputs) if x.shape[0] > _MAX_PADDED_NEW]
         for rows in groups:
             lens = [inputs[i].shape[0] for i in rows]
-            t = max(lens)
-            hidden = inputs[rows[0]].shape[-1]
-            x = inputs[rows[0]].new_zeros(len(rows), t, hidden)
+            x = inputs[rows[0]].new_zeros(len(rows), max(lens), inputs[rows[0]].shape[-1])
             for j, i in enumerate(rows):
                 x[j, :lens[j]] = inputs[i]
             layout = cache.prepare([seq_ids[i] for i in rows], lens)
             logits = model(x, layout.positions, cache)
             for j, i in enumerate(rows):
                 out[i] = logits[j, lens[j] - keep_last[i]:lens[j]]
-        if model is self.model:
-            self.stats["target_forwards"] += 1
-        else:
-            self.stats["draft_forwards"] += 1
+        self.stats["target_forwards" if model is self.model else "draft_forwards"] += 1
         return out
 
     @staticmethod
-    def _restrict(logits: torch.Tensor, allowed: int | None) -> torch.Tensor:
-        if allowed is not None:
-            logits = logits.clone()
-            logits[..., allowed:] = float("-inf")
-        return logits
+    def _biased(logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
+        return logits if seq.bias is None else logits + seq.bias
 
     # ---- decoding ----------------------------------------------------------------------
     @torch.no_grad()
@@ -160,21 +139,21 @@ class ARRuntime:
         return self._forward(self.model, self.cache, [seq_id], [x], [1])[0][-1]
 
     @torch.no_grad()
-    def step(self, seq_ids: list, allowed: int | None = None) -> dict:
-        """One plain decode step for every sequence: returns {seq_id: new token}."""
+    def step(self, seq_ids: list) -> dict:
+        """One plain decode step for every sequence: returns {seq_id: [new token]}."""
         inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
                                self._start(self.cache, s), []) for s in seq_ids]
         logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
         new = {}
         for s, lg in zip(seq_ids, logits):
             seq = self.seqs[s]
-            tok = draw(probabilities(self._restrict(lg[-1], allowed), seq.params), seq.generator)
+            tok = draw(probabilities(self._biased(lg[-1], seq), seq.params), seq.generator)
             seq.tokens.append(tok)
-            new[s] = tok
+            new[s] = [tok]
         return new
 
     @torch.no_grad()
-    def speculative_step(self, seq_ids: list, ks: list[int], allowed: int | None = None) -> dict:
+    def speculative_step(self, seq_ids: list, ks: list[int]) -> dict:
         """Draft ``ks[i]`` tokens with the draft model, verify them in one target forward.
 
         Returns {seq_id: emitted tokens} (between 1 and k+1 tokens per sequence).
@@ -195,7 +174,7 @@ class ARRuntime:
             logits = self._forward(self.draft, self.draft_cache, [seq_ids[i] for i in rows],
                                    inputs, [1] * len(rows))
             for i, lg in zip(rows, logits):
-                q = probabilities(self._restrict(lg[-1], allowed), seqs[i].params)
+                q = probabilities(self._biased(lg[-1], seqs[i]), seqs[i].params)
                 qs[i].append(q)
                 drafts[i].append(draw(q, seqs[i].generator))
         # Verify: one target forward over the uncached context and all draft tokens.
@@ -205,38 +184,54 @@ class ARRuntime:
         out = {}
         for i, s in enumerate(seq_ids):
             sq = seqs[i]
-            p = probabilities(self._restrict(logits[i], allowed), sq.params)  # [k+1, V]
+            p = probabilities(self._biased(logits[i], sq), sq.params)  # [k+1, V]
             q = torch.stack(qs[i]) if qs[i] else p[:0]
             emitted, accepted = speculative_accept(p, q, drafts[i], sq.generator)
             sq.tokens.extend(emitted)
-            sq.history.append(accepted)
             self.stats["draft_tokens"] += ks[i]
             self.stats["accepted_tokens"] += accepted
             # The caches hold the rejected draft tokens too: roll them back.
             self.cache.truncate(s, base[i] + accepted)
-            dlen = self.draft_cache.lengths[s]
-            self.draft_cache.truncate(s, min(dlen, base[i] + accepted))
+            self.draft_cache.truncate(s, min(self.draft_cache.lengths[s], base[i] + accepted))
             out[s] = emitted
         return out
 
+    def decode_round(self, remaining: dict, speculative: dict | bool = False, k: int = 4) -> dict:
+        """One round for every sequence in ``remaining`` ({seq_id: tokens still wanted}):
+        a speculative step for those that asked for it, a plain step for the others, never
+        emitting more than a sequence still wants. Returns {seq_id: emitted tokens}.
+
+        This is the unit of in-flight batching: the server calls it once per iteration over
+        whatever streams are live, the in-process pipeline over its one stream.
+        """
+        if not isinstance(speculative, dict):
+            speculative = {s: speculative for s in remaining}
+        spec, plain = [], []
+        for s, n in remaining.items():
+            kk = min(k, n - 1)
+            if speculative.get(s) and self.draft is not None and kk > 0:
+                spec.append((s, kk))
+            else:
+                plain.append(s)
+        out = {}
+        if spec:
+            out.update(self.speculative_step([s for s, _ in spec], [kk for _, kk in spec]))
+        if plain:
+            out.update(self.step(plain))
+        return out
+
     @torch.no_grad()
-    def generate(self, seq_ids: list, n: int, allowed: int | None = None,
-                 speculative: bool = False, k: int = 4) -> dict:
+    def generate(self, seq_ids: list, n: int, speculative: bool = False, k: int = 4) -> dict:
         """Append ``n`` sampled tokens to every sequence; returns {seq_id: those tokens}."""
         if speculative and self.draft is None:
             raise ValueError("speculative decoding needs a draft model")
         done = {s: [] for s in seq_ids}
         while True:
-            live = [s for s in seq_ids if len(done[s]) < n]
-            if not live:
+            remaining = {s: n - len(done[s]) for s in seq_ids if len(done[s]) < n}
+            if not remaining:
                 return done
-            if speculative:
-                ks = [min(k, n - len(done[s]) - 1) for s in live]
-                for s, toks in self.speculative_step(live, ks, allowed).items():
-                    done[s].extend(toks)
-            else:
-                for s, tok in self.step(live, allowed).items():
-                    done[s].append(tok)
+            for s, toks in self.decode_round(remaining, speculative, k).items():
+                done[s].extend(toks)
 
     def acceptance_rate(self) -> float:
         d = self.stats["draft_tokens"]

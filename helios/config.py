@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 # Plan-token vocabulary: codebook ids come first, then the special tokens.
-NUM_SPECIAL_TOKENS = 4  # pad, begin-of-video, begin-of-frame, end-of-video
+NUM_SPECIAL_TOKENS = 3  # pad, begin-of-video, end-of-video
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,8 @@ class ARConfig:
         return self.codebook_size + 1
 
     @property
-    def bof_token_id(self) -> int:
-        return self.codebook_size + 2
-
-    @property
     def eos_token_id(self) -> int:
-        return self.codebook_size + 3
+        return self.codebook_size + 2
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` that ``transformers.LlamaForCausalLM`` and TensorRT-LLM read."""
@@ -162,7 +158,8 @@ class HeliosConfig:
     width: int = 128
     fps: int = 24
     plan_tokens_per_frame: int = 8
-    # AR context: text prefix plus at most this many latent frames of plan tokens.
+    # AR context: text prefix, begin-of-video, then at most this many latent frames of plan
+    # tokens. Frames follow each other with no separator: every plan_tokens_per_frame tokens.
     ar_context_frames: int = 8
     max_duration_s: float = 120.0
     kv_block_size: int = 16
@@ -187,19 +184,14 @@ class HeliosConfig:
     def frames_per_latent(self) -> int:
         return self.vae.frames_per_latent
 
-    @property
-    def tokens_per_frame(self) -> int:
-        """AR positions one latent frame takes: begin-of-frame + its plan tokens."""
-        return 1 + self.plan_tokens_per_frame
-
     def num_latent_frames(self, num_frames: int) -> int:
         return math.ceil(num_frames / self.frames_per_latent)
 
     def max_ar_positions(self) -> int:
-        # prefix (bytes + begin/end of text) + begin-of-video + window of frames + one frame
-        # being generated.
+        # prefix (bytes + begin/end of text) + begin-of-video + a full window of frames + the
+        # draft tokens a speculative verification holds for a moment past the window.
         return (self.text_encoder.max_prompt_bytes + 2 + 1
-                + (self.ar_context_frames + 1) * self.tokens_per_frame)
+                + self.ar_context_frames * self.plan_tokens_per_frame + self.speculative_tokens + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,7 +216,7 @@ def _14b() -> HeliosConfig:
     plan = 8  # ARCHITECTURE.md section 4: about 8 full-size decode steps fit per latent frame
     max_prompt = 512
     context_frames = 16
-    max_pos = max_prompt + 3 + (context_frames + 1) * (1 + plan)
+    max_pos = max_prompt + 3 + context_frames * plan + 5
     return HeliosConfig(
         name="14b",
         height=720,

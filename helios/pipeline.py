@@ -10,12 +10,16 @@ latent frame at a time, yielding the frames of each latent frame as soon as they
         yield vae_decoder(z, previous z)                4 RGB frames
 
 Memory stays bounded however long the video is: the AR context is a window of recent frames
-(after the prompt), and the refiner sees the first latent frame plus the last few.
+after the prompt (``ar_segments``: each segment is one stateless AR request, as TensorRT-LLM
+serves them), and the refiner sees the first latent frame plus the last few. Every random
+draw comes from a seed derived from the request's seed (``derive_seed``), so the Triton
+server, which runs the same schedule through its stage models, produces the same frames.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -65,9 +69,77 @@ class VideoChunk:
         return self.offset + len(self.frames) >= self.total
 
 
-def noise_seed(seed: int) -> int:
-    """The refiner's noise gets its own stream, not a copy of the AR sampler's."""
-    return (seed * 6364136223846793005 + 1442695040888963407) % INT64_MAX
+def derive_seed(seed: int, *path: int) -> int:
+    """A seed for one part of a request (an AR segment, a frame's noise), splitmix64-mixed so
+    that the parts draw independent numbers. Both runtimes derive the same seeds."""
+    x = seed & 0xFFFFFFFFFFFFFFFF
+    for p in path:
+        x = (x + 0x9E3779B97F4A7C15 * (p + 1)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & INT64_MAX
+
+
+AR_SEED, NOISE_SEED = 1, 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stateless AR request: the context keeps the last ``kept`` frames' plan tokens
+    (after the prompt and begin-of-video) and ``new`` frames are generated after them."""
+
+    index: int
+    first_frame: int   # index of the first new frame
+    kept: int
+    new: int
+
+
+def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segment]:
+    """Split a video into AR segments so that the context never exceeds the window.
+
+    A segment fills the window; the next keeps its newest half (the older half is dropped, and
+    the kept frames are re-encoded at their new positions once per half-window). ``given``
+    frames (image-to-video) start the first segment's context.
+    """
+    window = cfg.ar_context_frames
+    keep_after = window - max(1, window // 2)
+    segments, done, kept = [], given, given
+    while done < num_latent:
+        new = min(window - kept, num_latent - done)
+        segments.append(Segment(len(segments), done, kept, new))
+        done += new
+        kept = keep_after
+    return segments
+
+
+def codebook_bias(ar_cfg) -> torch.Tensor:
+    """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
+    bias = torch.zeros(ar_cfg.vocab_size)
+    bias[ar_cfg.codebook_size:] = float("-inf")
+    return bias
+
+
+def frame_noise(seed: int, index: int, shape) -> torch.Tensor:
+    """The refiner's starting noise for latent frame ``index`` (float32, drawn on the CPU so
+    that every device starts from the same numbers)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, NOISE_SEED, index))
+    return torch.randn(shape, generator=gen)
+
+
+class RefinerHistory:
+    """The refiner's view of the past: the first latent frame and the most recent ones."""
+
+    def __init__(self, history_frames: int):
+        self.history_frames = history_frames
+        self.anchor = None
+        self.recent: list = []  # most recent first
+
+    def push(self, latent) -> None:
+        if self.anchor is None:
+            self.anchor = latent
+        else:
+            self.recent = [latent, *self.recent][:self.history_frames]
 
 
 def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,
@@ -198,55 +270,59 @@ class HeliosPipeline:
             prev = latent
 
     @torch.no_grad()
+    def render(self, plan: list[int], index: int, seed: int, history: RefinerHistory):
+        """Plan tokens of latent frame ``index`` -> that latent frame [1, C, h, w]."""
+        cfg = self.config
+        shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+        with self._active(self.refiner):
+            dev = self._dev(self.refiner)
+            return self.refiner.render(
+                frame_noise(seed, index, shape).to(dev, self.dtype),
+                torch.tensor([plan], device=dev),
+                anchor=None if history.anchor is None else history.anchor.to(dev),
+                history=[h.to(dev) for h in history.recent])
+
+    @torch.no_grad()
     def latents(self, req: VideoRequest) -> Iterator[torch.Tensor]:
         """The latent frames of a request, one [1, C, h, w] tensor at a time."""
-        cfg, rf = self.config, self.config.refiner
+        cfg = self.config
         ar_cfg = self.ar_backbone.config
+        n = cfg.plan_tokens_per_frame
+        seed = req.sampling.seed
         speculative = req.speculative and self.draft is not None
-        seq = ("stream", next(_ids))
         prefix, draft_prefix = self.encode_prompt(req.prompt)
-        self.ar.add_sequence(seq, prefix, [ar_cfg.bos_token_id], req.sampling, draft_prefix)
-        noise_gen = torch.Generator().manual_seed(noise_seed(req.sampling.seed))
-        latent_shape = (1, rf.latent_channels, cfg.latent_height, cfg.latent_width)
-        anchor, recent = None, []   # recent: most recent first
-        frames_in_context = 0
-        try:
-            for i in range(cfg.num_latent_frames(req.num_frames)):
-                # The AR window: once full, drop its older half (the recomputation that
-                # follows is amortised over the next half-window of frames).
-                if frames_in_context == cfg.ar_context_frames:
-                    drop = max(1, cfg.ar_context_frames // 2)
-                    self.ar.drop_tokens(seq, 1, 1 + drop * cfg.tokens_per_frame)
-                    frames_in_context -= drop
-                if i == 0 and req.image is not None:
-                    latent = self.encode_image(req.image)
-                    with self._active(self.refiner):
-                        plan = self.refiner.plan_tokenizer(
-                            latent.to(self._dev(self.refiner)), self.refiner.plan_embed.weight)
-                    self.ar.append(seq, [ar_cfg.bof_token_id, *plan[0].tolist()])
-                else:
-                    self.ar.append(seq, [ar_cfg.bof_token_id])
-                    with self._active(*[m for m in (self.ar_backbone, self.draft) if m is not None]):
-                        plan = self.ar.generate([seq], cfg.plan_tokens_per_frame,
-                                                allowed=ar_cfg.codebook_size,
-                                                speculative=speculative,
-                                                k=cfg.speculative_tokens)[seq]
-                    noise = torch.randn(latent_shape, generator=noise_gen)
-                    with self._active(self.refiner):
-                        dev = self._dev(self.refiner)
-                        latent = self.refiner.render(
-                            noise.to(dev, self.dtype), torch.tensor([plan], device=dev),
-                            anchor=None if anchor is None else anchor.to(dev),
-                            history=[h.to(dev) for h in recent])
-                frames_in_context += 1
-                yield latent
-                # History for the refiner: frame 0 is the anchor, then the last few frames.
-                if anchor is None:
-                    anchor = latent
-                else:
-                    recent = [latent, *recent][:rf.history_frames]
-        finally:
-            self.ar.free(seq)  # also when the consumer stops early (cancellation)
+        bias = codebook_bias(ar_cfg)
+        history = RefinerHistory(cfg.refiner.history_frames)
+        plans: list[list[int]] = []
+        if req.image is not None:
+            latent = self.encode_image(req.image)
+            with self._active(self.refiner):
+                plans.append(self.refiner.plan_tokenizer(
+                    latent.to(self._dev(self.refiner)), self.refiner.plan_embed.weight)[0].tolist())
+            history.push(latent)
+            yield latent
+        ar_modules = [m for m in (self.ar_backbone, self.draft) if m is not None]
+        for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), len(plans)):
+            seq = ("stream", next(_ids))
+            context = [ar_cfg.bos_token_id] + [t for p in plans[len(plans) - seg.kept:] for t in p]
+            params = dataclasses.replace(req.sampling, seed=derive_seed(seed, AR_SEED, seg.index))
+            self.ar.add_sequence(seq, prefix, context, params, draft_prefix, bias)
+            try:
+                remaining, buf = seg.new * n, []
+                while remaining:
+                    with self._active(*ar_modules):
+                        toks = self.ar.decode_round({seq: remaining}, speculative,
+                                                    cfg.speculative_tokens)[seq]
+                    buf += toks
+                    remaining -= len(toks)
+                    while len(buf) >= n:
+                        plans.append(buf[:n])
+                        buf = buf[n:]
+                        latent = self.render(plans[-1], len(plans) - 1, seed, history)
+                        history.push(latent)
+                        yield latent
+            finally:
+                self.ar.free(seq)  # also when the consumer stops early (cancellation)
 
     def _dev(self, module):
         return next(module.parameters()).device

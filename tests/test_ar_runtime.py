@@ -10,10 +10,12 @@ from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
 from helios.errors import CachePoolExhausted
 from helios.kv_cache import ContiguousKVCache, PagedKVCache
+from helios.pipeline import codebook_bias
 from helios.sampling import SamplingParams, probabilities, speculative_accept
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=160, codebook_size=48, max_position_embeddings=256)
+BIAS = codebook_bias(CFG)
 DRAFT = ARConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=64, codebook_size=48, max_position_embeddings=256)
 
@@ -43,15 +45,15 @@ def test_kv_cache_matches_recompute():
     model = _model(CFG, 0)
     rt = ARRuntime(model, num_blocks=64, block_size=8)
     prefix = _prefix(5, CFG.hidden_size, 1)
-    rt.add_sequence("a", prefix, [CFG.bos_token_id], SamplingParams(temperature=1.0, seed=3))
-    for step in range(20):
+    rt.add_sequence("a", prefix, [CFG.bos_token_id], SamplingParams(temperature=1.0, seed=3),
+                    bias=BIAS)
+    for _ in range(20):
         cached = rt.logits("a")
         ref = full_recompute_logits(model, prefix, rt.tokens("a"))
         torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
-        rt.step(["a"], allowed=CFG.codebook_size)
-        if step == 12:  # the window drops old frames: the cache must follow exactly
-            rt.drop_tokens("a", 1, 7)
-    assert len(rt.tokens("a")) == 1 + 20 - 6
+        rt.step(["a"])
+    assert len(rt.tokens("a")) == 21
+    assert max(rt.tokens("a")[1:]) < CFG.codebook_size  # the bias kept out special tokens
 
 
 def test_paged_equals_contiguous():
@@ -86,20 +88,20 @@ def test_batched_streams_equal_each_stream_alone():
     alone = []
     for p, pre in zip(params, prefixes):
         rt = ARRuntime(model, num_blocks=32, block_size=4)
-        rt.add_sequence(0, pre, [CFG.bos_token_id], p)
-        alone.append(rt.generate([0], 12, allowed=CFG.codebook_size)[0])
+        rt.add_sequence(0, pre, [CFG.bos_token_id], p, bias=BIAS)
+        alone.append(rt.generate([0], 12)[0])
 
     rt = ARRuntime(model, num_blocks=32, block_size=4)
     out = {i: [] for i in range(3)}
-    rt.add_sequence(0, prefixes[0], [CFG.bos_token_id], params[0])
+    rt.add_sequence(0, prefixes[0], [CFG.bos_token_id], params[0], bias=BIAS)
     for step in range(16):
         if step == 3:
-            rt.add_sequence(1, prefixes[1], [CFG.bos_token_id], params[1])
+            rt.add_sequence(1, prefixes[1], [CFG.bos_token_id], params[1], bias=BIAS)
         if step == 4:
-            rt.add_sequence(2, prefixes[2], [CFG.bos_token_id], params[2])
+            rt.add_sequence(2, prefixes[2], [CFG.bos_token_id], params[2], bias=BIAS)
         live = [i for i in rt.seqs if len(out[i]) < 12]
-        for i, tok in rt.step(live, allowed=CFG.codebook_size).items():
-            out[i].append(tok)
+        for i, toks in rt.step(live).items():
+            out[i] += toks
         for i in live:
             if len(out[i]) == 12:
                 rt.free(i)
@@ -112,11 +114,11 @@ def test_greedy_speculative_equals_greedy_plain():
     greedy = SamplingParams(temperature=0.0)
     prefix, dprefix = _prefix(4, CFG.hidden_size, 5), _prefix(4, DRAFT.hidden_size, 6)
     plain = ARRuntime(model, num_blocks=32, block_size=8)
-    plain.add_sequence(0, prefix, [CFG.bos_token_id], greedy)
+    plain.add_sequence(0, prefix, [CFG.bos_token_id], greedy, bias=BIAS)
     spec = ARRuntime(model, draft, num_blocks=32, block_size=8)
-    spec.add_sequence(0, prefix, [CFG.bos_token_id], greedy, dprefix)
-    a = plain.generate([0], 40, allowed=CFG.codebook_size)[0]
-    b = spec.generate([0], 40, allowed=CFG.codebook_size, speculative=True, k=4)[0]
+    spec.add_sequence(0, prefix, [CFG.bos_token_id], greedy, dprefix, bias=BIAS)
+    a = plain.generate([0], 40)[0]
+    b = spec.generate([0], 40, speculative=True, k=4)[0]
     assert a == b
     assert spec.stats["draft_tokens"] > 0
     # Verification forwards replace plain ones: fewer target forwards than tokens.
@@ -169,7 +171,7 @@ def test_blocks_return_to_pool_and_full_pool_is_an_error():
     model = _model(CFG, 5)
     rt = ARRuntime(model, num_blocks=6, block_size=4)
     rt.add_sequence("a", _prefix(8, CFG.hidden_size, 0), [CFG.bos_token_id], SamplingParams(seed=1))
-    rt.generate(["a"], 3, allowed=CFG.codebook_size)
+    rt.generate(["a"], 3)
     used = 6 - rt.cache.num_free_blocks
     assert used == math.ceil((8 + 1 + 2) / 4)
     rt.add_sequence("b", _prefix(20, CFG.hidden_size, 1), [CFG.bos_token_id], SamplingParams(seed=2))

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from helios.pipeline import validate_request
+from helios.pipeline import ar_segments, validate_request
 from helios.vae import to_uint8
 
 PROMPT = "a red circle moving left on a dark background"
@@ -58,11 +58,20 @@ def test_long_video_keeps_memory_bounded(pipe):
         count += 1
         peak = max(peak, free0 - pipe.ar.cache.num_free_blocks)
         (seq,) = pipe.ar.seqs
-        frames = (len(pipe.ar.tokens(seq)) - 1) / cfg.tokens_per_frame
+        frames = (len(pipe.ar.tokens(seq)) - 1) / cfg.plan_tokens_per_frame
         assert frames <= cfg.ar_context_frames
     assert count == n_latent
     assert 0 < peak <= bound
     assert pipe.ar.cache.num_free_blocks == free0
+
+
+def test_ar_segments_bound_the_window(tiny_config):
+    segs = ar_segments(tiny_config, 20)
+    assert [(s.first_frame, s.kept, s.new) for s in segs] == \
+        [(0, 0, 8), (8, 4, 4), (12, 4, 4), (16, 4, 4)]
+    # Image-to-video: the given first frame starts the first segment's context.
+    segs = ar_segments(tiny_config, 10, given=1)
+    assert [(s.first_frame, s.kept, s.new) for s in segs] == [(1, 1, 7), (8, 4, 2)]
 
 
 def test_cancelled_stream_returns_its_blocks(pipe):

@@ -14,12 +14,11 @@ transformers = pytest.importorskip("transformers")
 def test_llama_for_causal_lm_matches_our_logits(tiny_checkpoint, component):
     ours = load_component(tiny_checkpoint, component)
     hf = transformers.LlamaForCausalLM.from_pretrained(
-        str(tiny_checkpoint / component), torch_dtype=torch.float32).eval()
+        str(tiny_checkpoint / component), dtype=torch.float32).eval()
     cfg = ours.config
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randn(6, cfg.hidden_size, generator=gen)
-    tokens = [cfg.bos_token_id, cfg.bof_token_id] + torch.randint(
-        0, cfg.codebook_size, (9,), generator=gen).tolist()
+    tokens = [cfg.bos_token_id] + torch.randint(0, cfg.codebook_size, (10,), generator=gen).tolist()
 
     # transformers: the whole sequence at once, prefix rows as inputs_embeds.
     embeds = torch.cat([prefix, hf.model.embed_tokens(torch.tensor(tokens))])[None]
@@ -31,6 +30,6 @@ def test_llama_for_causal_lm_matches_our_logits(tiny_checkpoint, component):
     rt.add_sequence(0, prefix, tokens[:4], SamplingParams())
     got = [rt.logits(0)]
     for t in tokens[4:]:
-        rt.append(0, [t])
+        rt.seqs[0].tokens.append(t)  # teacher forcing: the next known token
         got.append(rt.logits(0))
     torch.testing.assert_close(torch.stack(got), ref[len(prefix) + 3:], rtol=1e-4, atol=1e-4)
