@@ -130,7 +130,7 @@ def cmd_generate(args) -> None:
         from tqdm import tqdm  # noqa: PLC0415
         bar = tqdm(total=req.num_frames, unit="frame", desc="generating", file=sys.stderr)
     with Mp4Writer(args.output, req.fps, cfg.width, cfg.height) as writer:
-        for chunk in pipe._run(req):
+        for chunk in pipe.run(req):
             writer.write(chunk.frames)
             if bar is not None:
                 bar.update(len(chunk.frames))

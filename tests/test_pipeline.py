@@ -22,7 +22,7 @@ def test_same_seed_same_frames_other_seed_different(pipe):
 
 def test_streamed_chunks_equal_one_shot_run(pipe):
     req = validate_request(pipe.config, PROMPT, num_frames=18, seed=3)
-    chunks = list(pipe._run(req))
+    chunks = list(pipe.run(req))
     assert [c.offset for c in chunks] == [0, 4, 8, 12, 16]
     assert [len(c.frames) for c in chunks] == [4, 4, 4, 4, 2]
     assert chunks[-1].final and not chunks[-2].final
@@ -89,7 +89,7 @@ def test_image_to_video_starts_from_the_image(pipe):
     image = rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)  # any size: resized
     video = pipe.generate_video(PROMPT, num_frames=8, seed=0, image=image)
     with torch.no_grad():
-        z0 = pipe.encode_image(image)
+        z0, _ = pipe.encode_image(image)
         expected = to_uint8(pipe.vae.decode(z0))[0].numpy()
     assert np.array_equal(video[:4], expected)
     other = pipe.generate_video(PROMPT, num_frames=8, seed=0, image=255 - image)

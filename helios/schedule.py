@@ -1,0 +1,157 @@
+"""What a request is and how it is scheduled, shared by every runtime.
+
+Validation of the request fields (one HeliosError per bad field), the AR segments that keep
+the context bounded, the seeds derived from the request's seed, the logit bias that keeps
+sampling inside the codebook, the refiner's noise and its history window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import HeliosConfig
+from .errors import HeliosError
+from .sampling import INT64_MAX, SamplingParams
+from .text_encoder import tokenize
+
+MAX_FPS = 60
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """A validated generation request."""
+
+    prompt: str
+    num_frames: int
+    fps: int
+    sampling: SamplingParams
+    image: np.ndarray | None = None
+    speculative: bool = True
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass
+class VideoChunk:
+    frames: np.ndarray   # uint8 [T, H, W, 3]
+    offset: int          # index of the first frame in the video
+    total: int           # frames in the whole video
+
+    @property
+    def final(self) -> bool:
+        return self.offset + len(self.frames) >= self.total
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A seed for one part of a request (an AR segment, a frame's noise), splitmix64-mixed so
+    that the parts draw independent numbers. Both runtimes derive the same seeds."""
+    x = seed & 0xFFFFFFFFFFFFFFFF
+    for p in path:
+        x = (x + 0x9E3779B97F4A7C15 * (p + 1)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & INT64_MAX
+
+
+AR_SEED, NOISE_SEED = 1, 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stateless AR request: the context keeps the last ``kept`` frames' plan tokens
+    (after the prompt and begin-of-video) and ``new`` frames are generated after them."""
+
+    index: int
+    first_frame: int   # index of the first new frame
+    kept: int
+    new: int
+
+
+def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segment]:
+    """Split a video into AR segments so that the context never exceeds the window.
+
+    A segment fills the window; the next keeps its newest half (the older half is dropped, and
+    the kept frames are re-encoded at their new positions once per half-window). ``given``
+    frames (image-to-video) start the first segment's context.
+    """
+    window = cfg.ar_context_frames
+    keep_after = window - max(1, window // 2)
+    segments, done, kept = [], given, given
+    while done < num_latent:
+        new = min(window - kept, num_latent - done)
+        segments.append(Segment(len(segments), done, kept, new))
+        done += new
+        kept = keep_after
+    return segments
+
+
+def codebook_bias(ar_cfg) -> torch.Tensor:
+    """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
+    bias = torch.zeros(ar_cfg.vocab_size)
+    bias[ar_cfg.codebook_size:] = float("-inf")
+    return bias
+
+
+def frame_noise(seed: int, index: int, shape) -> torch.Tensor:
+    """The refiner's starting noise for latent frame ``index`` (float32, drawn on the CPU so
+    that every device starts from the same numbers)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, NOISE_SEED, index))
+    return torch.randn(shape, generator=gen)
+
+
+class RefinerHistory:
+    """The refiner's view of the past: the first latent frame and the most recent ones."""
+
+    def __init__(self, history_frames: int):
+        self.history_frames = history_frames
+        self.anchor = None
+        self.recent: list = []  # most recent first
+
+    def push(self, latent) -> None:
+        if self.anchor is None:
+            self.anchor = latent
+        else:
+            self.recent = [latent, *self.recent][:self.history_frames]
+
+
+def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,
+                     seed=0, temperature=0.7, top_k=0, top_p=1.0, image=None,
+                     speculative=True) -> VideoRequest:
+    """Check every field and turn it into a VideoRequest; raises HeliosError naming the field."""
+    tokenize(prompt, cfg.text_encoder.max_prompt_bytes)
+    fps = cfg.fps if fps is None else fps
+    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or not 1 <= fps <= MAX_FPS:
+        raise HeliosError("fps", f"must be an integer in [1, {MAX_FPS}], got {fps}")
+    max_frames = int(cfg.max_duration_s * fps)
+    if num_frames is None and duration_s is None:
+        raise HeliosError("duration", "or num_frames must be given")
+    if num_frames is None:
+        d = duration_s
+        if not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 < d <= cfg.max_duration_s:
+            raise HeliosError("duration", f"must be in (0, {cfg.max_duration_s:g}] seconds, got {d}")
+        num_frames = max(1, round(d * fps))
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) \
+            or not 1 <= num_frames <= max_frames:
+        raise HeliosError("num_frames", f"must be an integer in [1, {max_frames}], got {num_frames}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise HeliosError("seed", f"must be an integer in [0, 2**63-1], got {seed!r}")
+    params = SamplingParams(float(temperature) if isinstance(temperature, (int, float)) else temperature,
+                            int(top_k) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else top_k,
+                            float(top_p) if isinstance(top_p, (int, float)) else top_p,
+                            int(seed)).validate()
+    if image is not None:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
+                or min(image.shape[:2]) < 8:
+            raise HeliosError("image", f"must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
+                                       f"got {image.dtype} {list(image.shape)}")
+    return VideoRequest(prompt, int(num_frames), int(fps), params, image, bool(speculative))
+
+
