@@ -1,0 +1,92 @@
+"""The AR scheduler behind the Triton ar_backbone model, without a server."""
+
+import threading
+
+import torch
+
+from helios.ar_backbone import ARBackbone
+from helios.ar_runtime import ARRuntime
+from helios.config import ARConfig
+from helios.sampling import SamplingParams
+from helios.schedule import codebook_bias
+from helios.serving import ARJob, ARScheduler
+
+CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=128, codebook_size=32, max_position_embeddings=256)
+
+
+def _model():
+    m = ARBackbone(CFG)
+    m.init_weights(torch.Generator().manual_seed(0))
+    return m.eval()
+
+
+class _Collector:
+    def __init__(self):
+        self.tokens, self.error, self.done = [], None, threading.Event()
+        self.chunks = 0
+
+    def emit(self, toks):
+        self.tokens += toks
+        self.chunks += 1
+
+    def finish(self, error):
+        self.error = error
+        self.done.set()
+
+
+def _job(rid, seed, n, col, prefix_len=4):
+    prefix = torch.randn(prefix_len, CFG.hidden_size, generator=torch.Generator().manual_seed(seed))
+    return ARJob(rid, prefix, None, [CFG.bos_token_id], n, SamplingParams(seed=seed), codebook_bias(CFG),
+                 False, col.emit, col.finish)
+
+
+def test_scheduler_batches_jobs_and_each_equals_a_solo_run():
+    model = _model()
+    solo = []
+    for seed in (1, 2, 3):
+        rt = ARRuntime(model, num_blocks=64, block_size=4)
+        job = _job("x", seed, 10, _Collector())
+        rt.add_sequence(0, job.prefix, job.tokens, job.params, None, job.bias)
+        solo.append(rt.generate([0], 10)[0])
+    sched = ARScheduler(ARRuntime(model, num_blocks=64, block_size=4))
+    cols = [_Collector() for _ in range(3)]
+    for i, col in enumerate(cols):
+        sched.submit(_job(f"r{i}", i + 1, 10, col))
+    for col in cols:
+        assert col.done.wait(30)
+    assert [c.tokens for c in cols] == solo
+    assert all(c.error is None and c.chunks == 10 for c in cols)
+    # Three jobs of 10 tokens in far fewer than 30 iterations: they shared their steps.
+    assert sched.iterations < 20
+    assert sched.stats()["kv_blocks_free"] == 64
+    sched.close()
+
+
+def test_stop_frees_blocks_and_full_pool_waits():
+    model = _model()
+    sched = ARScheduler(ARRuntime(model, num_blocks=8, block_size=4))
+    long_col, release = _Collector(), threading.Event()
+    first_emit = long_col.emit
+
+    def slow_emit(toks):  # hold the scheduler inside the first step until stop() was called
+        first_emit(toks)
+        release.wait(10)
+
+    long_col.emit = slow_emit
+    sched.submit(_job("long", 1, 20, long_col))            # needs ceil(25/4) = 7 blocks
+    waiting = _Collector()
+    sched.submit(_job("next", 2, 4, waiting))              # needs 3: waits for "long"
+    sched.stop("long")
+    release.set()
+    assert long_col.done.wait(30) and long_col.error is None
+    assert len(long_col.tokens) == 1
+    assert not waiting.done.is_set() or len(waiting.tokens) == 4
+    assert waiting.done.wait(30) and len(waiting.tokens) == 4
+    too_big = _Collector()
+    sched.submit(_job("big", 3, 40, too_big))
+    assert too_big.done.wait(5)
+    assert too_big.error == ("request needs 12 KV cache blocks of 4 tokens, the pool has 8 "
+                             "(max_tokens_in_paged_kv_cache)")
+    assert sched.stats()["kv_blocks_free"] == 8
+    sched.close()
