@@ -11,7 +11,12 @@ class HeliosError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field} {message}")
+
+    def renamed(self, names: dict[str, str]) -> str:
+        """The message with the field called by an interface's own name (e.g. TOP_P)."""
+        return f"{names.get(self.field, self.field)} {self.detail}"
 
 
 class CachePoolExhausted(RuntimeError):

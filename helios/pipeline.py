@@ -40,6 +40,23 @@ from .vae import from_uint8, to_uint8
 _ids = itertools.count()
 
 
+@torch.no_grad()
+def encode_image(cfg: HeliosConfig, vae, refiner, image: np.ndarray):
+    """Image-to-video: uint8 [H, W, 3] -> (first latent frame [1, C, h, w], its plan tokens).
+
+    The image, resized to the configured size and held for 4 frames, is encoded by the VAE;
+    the refiner's plan tokenizer turns that latent into the plan tokens the AR context needs.
+    """
+    p = next(vae.parameters())
+    x = from_uint8(torch.from_numpy(np.ascontiguousarray(image))[None, None])[0]  # [1, 3, H, W]
+    x = F.interpolate(x, size=(cfg.height, cfg.width), mode="bilinear", align_corners=False)
+    frames = x[:, None].expand(1, cfg.frames_per_latent, 3, cfg.height, cfg.width)
+    latent = vae.encode(frames.to(p.device, p.dtype))
+    plan = refiner.plan_tokenizer(latent.to(next(refiner.parameters()).device),
+                                  refiner.plan_embed.weight)
+    return latent, plan[0].tolist()
+
+
 class HeliosPipeline:
     """The four stages in one process; implements the stage functions of ``orchestrator``."""
 
@@ -108,20 +125,9 @@ class HeliosPipeline:
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray):
-        """uint8 [H, W, 3] -> (first latent frame [1, C, h, w], its plan tokens).
-
-        The image, resized to the configured size and held for 4 frames, is encoded by the
-        VAE; the plan tokenizer turns that latent into the plan tokens the AR context needs."""
-        cfg = self.config
-        x = from_uint8(torch.from_numpy(np.ascontiguousarray(image))[None, None])[0]  # [1, 3, H, W]
-        x = F.interpolate(x, size=(cfg.height, cfg.width), mode="bilinear", align_corners=False)
-        frames = x[:, None].expand(1, cfg.frames_per_latent, 3, cfg.height, cfg.width)
-        with self._active(self.vae):
-            latent = self.vae.encode(frames.to(self._dev(self.vae), self.dtype))
-        with self._active(self.refiner):
-            plan = self.refiner.plan_tokenizer(latent.to(self._dev(self.refiner)),
-                                               self.refiner.plan_embed.weight)
-        return latent, plan[0].tolist()
+        """uint8 [H, W, 3] -> (first latent frame [1, C, h, w], its plan tokens)."""
+        with self._active(self.vae, self.refiner):
+            return encode_image(self.config, self.vae, self.refiner, image)
 
     @torch.no_grad()
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):

@@ -95,7 +95,8 @@ def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segm
 def codebook_bias(ar_cfg) -> torch.Tensor:
     """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
     bias = torch.zeros(ar_cfg.vocab_size)
-    bias[ar_cfg.codebook_size:] = float("-inf")
+    # A large finite value, not -inf: TensorRT-LLM adds this bias inside its sampling kernels.
+    bias[ar_cfg.codebook_size:] = -1e9
     return bias
 
 

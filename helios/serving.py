@@ -176,3 +176,32 @@ class ARScheduler:
                     self._end(job, None)
             if self.on_iteration is not None:
                 self.on_iteration(self.stats())
+
+
+# ---- helpers for the Triton python-backend models (no triton import here) -------------------
+def model_parameters(args: dict) -> dict[str, str]:
+    """The ``parameters`` of a model's config.pbtxt as a plain {key: string} dict."""
+    import json  # noqa: PLC0415
+
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def model_device(args: dict, params: dict) -> torch.device:
+    """cuda:N for a KIND_GPU instance (N from Triton), else the ``device`` parameter."""
+    if args.get("model_instance_kind") == "GPU" or params.get("device", "cpu").startswith("cuda"):
+        return torch.device(f"cuda:{args.get('model_instance_device_id', '0')}")
+    return torch.device("cpu")
+
+
+def model_dtype(device: torch.device, params: dict) -> torch.dtype:
+    name = params.get("dtype", "auto")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# Names of the helios model's inputs for each field of a request.
+HELIOS_INPUT_NAMES = {"prompt": "PROMPT", "duration": "DURATION_S", "num_frames": "NUM_FRAMES",
+                      "fps": "FPS", "seed": "SEED", "temperature": "TEMPERATURE",
+                      "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE"}

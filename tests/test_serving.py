@@ -66,17 +66,19 @@ def test_scheduler_batches_jobs_and_each_equals_a_solo_run():
 def test_stop_frees_blocks_and_full_pool_waits():
     model = _model()
     sched = ARScheduler(ARRuntime(model, num_blocks=8, block_size=4))
-    long_col, release = _Collector(), threading.Event()
+    long_col, started, release = _Collector(), threading.Event(), threading.Event()
     first_emit = long_col.emit
 
     def slow_emit(toks):  # hold the scheduler inside the first step until stop() was called
         first_emit(toks)
+        started.set()
         release.wait(10)
 
     long_col.emit = slow_emit
     sched.submit(_job("long", 1, 20, long_col))            # needs ceil(25/4) = 7 blocks
     waiting = _Collector()
     sched.submit(_job("next", 2, 4, waiting))              # needs 3: waits for "long"
+    assert started.wait(10)
     sched.stop("long")
     release.set()
     assert long_col.done.wait(30) and long_col.error is None

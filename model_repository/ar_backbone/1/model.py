@@ -1,0 +1,198 @@
+"""ar_backbone (torch runtime): TensorRT-LLM's request tensors -> helios.serving.ARScheduler.
+
+input_ids holds the prompt as virtual ids vocab_size .. vocab_size + prompt_vocab_size - 1
+(rows of prompt_embedding_table), then ordinary token ids. Every response carries the new
+tokens of one iteration (streaming) or all of them (non-streaming); a request with stop=true
+ends the running request that has the same request id.
+"""
+
+import time
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from helios.ar_runtime import ARRuntime
+from helios.checkpoint import load_component, read_config
+from helios.errors import HeliosError
+from helios.sampling import SamplingParams
+from helios.serving import ARJob, ARScheduler, model_device, model_dtype, model_parameters
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _scalar(request, name, default=None):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return default if t is None else t.as_numpy().reshape(-1)[0].item()
+
+
+def _array(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.device = model_device(args, params)
+        dtype = model_dtype(self.device, params)
+        ckpt = params["checkpoint"]
+        self.config = read_config(ckpt)
+        model = load_component(ckpt, "ar_backbone", self.config, self.device, dtype)
+        speculative = params.get("speculative_decoding_mode", "none") == "draft_target"
+        draft = load_component(ckpt, "draft", self.config, self.device, dtype) if speculative else None
+        self.vocab_size = model.config.vocab_size
+        block = int(params.get("kv_cache_block_size", self.config.kv_block_size))
+        num_blocks = self._pool_blocks(model, draft, block, params, dtype)
+        runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device)
+        self.check_period = float(params.get("cancellation_check_period_ms", "100")) / 1000
+        self._metrics()
+        self.scheduler = ARScheduler(runtime, int(params.get("num_draft_tokens", "4")),
+                                     on_iteration=self._update_metrics)
+        self._update_metrics(self.scheduler.stats())
+        pb_utils.Logger.log_info(
+            f"ar_backbone: {num_blocks} KV blocks of {block} tokens on {self.device}, "
+            f"speculative decoding {'on' if speculative else 'off'}")
+
+    def _pool_blocks(self, model, draft, block, params, dtype) -> int:
+        """max_tokens_in_paged_kv_cache, or on a GPU the kv_cache_free_gpu_mem_fraction of the
+        free memory (the smaller of the two when both are set), as in TensorRT-LLM."""
+        tokens = int(params.get("max_tokens_in_paged_kv_cache") or 0)
+        blocks = tokens // block if tokens else None
+        fraction = float(params.get("kv_cache_free_gpu_mem_fraction") or 0)
+        if self.device.type == "cuda" and fraction > 0:
+            per_token = 0
+            for m in (model, draft):
+                if m is not None:
+                    c = m.config
+                    per_token += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+            per_block = per_token * block * torch.finfo(dtype).bits // 8
+            free, _ = torch.cuda.mem_get_info(self.device)
+            by_memory = int(free * fraction) // per_block
+            blocks = by_memory if blocks is None else min(blocks, by_memory)
+        if not blocks:
+            raise HeliosError("max_tokens_in_paged_kv_cache", "must be set (> 0) on a CPU")
+        return blocks
+
+    def _metrics(self):
+        kind = pb_utils.MetricFamily
+        self.m_blocks = kind(name="helios_kv_cache_blocks", description="KV cache blocks by state",
+                             kind=kind.GAUGE)
+        self.m_free = self.m_blocks.Metric(labels={"model": "ar_backbone", "state": "free"})
+        self.m_used = self.m_blocks.Metric(labels={"model": "ar_backbone", "state": "used"})
+        self.m_seq_family = kind(name="helios_ar_active_sequences",
+                                 description="Sequences decoding in the current batch", kind=kind.GAUGE)
+        self.m_active = self.m_seq_family.Metric(labels={"model": "ar_backbone"})
+        self.m_queue_family = kind(name="helios_ar_queued_requests",
+                                   description="Requests waiting for KV cache room", kind=kind.GAUGE)
+        self.m_queued = self.m_queue_family.Metric(labels={"model": "ar_backbone"})
+        self.m_iter_family = kind(name="helios_ar_iterations", description="Batched decode rounds",
+                                  kind=kind.GAUGE)
+        self.m_iter = self.m_iter_family.Metric(labels={"model": "ar_backbone"})
+
+    def _update_metrics(self, stats):
+        self.m_free.set(stats["kv_blocks_free"])
+        self.m_used.set(stats["kv_blocks_used"])
+        self.m_active.set(stats["active_sequences"])
+        self.m_queued.set(stats["queued_requests"])
+        self.m_iter.set(stats["iterations"])
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            if _scalar(request, "stop", False):
+                self.scheduler.stop(request.request_id())
+                sender.send(flags=FINAL)
+                continue
+            try:
+                job = self._job(request, sender)
+            except HeliosError as e:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                continue
+            self.scheduler.submit(job)
+        return None
+
+    def _job(self, request, sender) -> ARJob:
+        ids = _array(request, "input_ids").reshape(-1).astype(np.int64)
+        length = int(_scalar(request, "input_lengths"))
+        if not 1 <= length <= ids.shape[0]:
+            raise HeliosError("input_lengths", f"must be in [1, {ids.shape[0]}], got {length}")
+        ids = ids[:length]
+        n = int(_scalar(request, "request_output_len"))
+        if n < 1:
+            raise HeliosError("request_output_len", f"must be >= 1, got {n}")
+        table = _array(request, "prompt_embedding_table")
+        rows = int(_scalar(request, "prompt_vocab_size", 0))
+        prefix_len = int((ids >= self.vocab_size).sum())
+        if prefix_len:
+            if table is None:
+                raise HeliosError("prompt_embedding_table", "is required when input_ids holds "
+                                                            f"prompt-table ids (>= {self.vocab_size})")
+            table = table.reshape(-1, table.shape[-1])
+            expected = np.arange(self.vocab_size, self.vocab_size + prefix_len)
+            if not np.array_equal(ids[:prefix_len], expected) or rows < prefix_len \
+                    or table.shape[0] < prefix_len:
+                raise HeliosError("input_ids", f"must start with the prompt-table ids "
+                                               f"{self.vocab_size}..{self.vocab_size + rows - 1} in order")
+        hidden = self.scheduler.runtime.model.config.hidden_size
+        prefix = (torch.from_numpy(table[:prefix_len].astype(np.float32)) if prefix_len
+                  else torch.zeros(0, hidden))
+        draft_table = _array(request, "draft_prompt_embedding_table")
+        draft_prefix = None
+        if draft_table is not None and prefix_len:
+            draft_table = draft_table.reshape(-1, draft_table.shape[-1])
+            draft_prefix = torch.from_numpy(draft_table[:prefix_len].astype(np.float32))
+        tokens = ids[prefix_len:].tolist()
+        if any(t < 0 for t in tokens):
+            raise HeliosError("input_ids", f"must be >= 0, got {min(tokens)}")
+        bias = _array(request, "embedding_bias")
+        if bias is not None:
+            bias = torch.from_numpy(bias.reshape(-1).astype(np.float32))
+            if bias.shape[0] != self.vocab_size:
+                raise HeliosError("embedding_bias", f"must have vocab_size = {self.vocab_size} "
+                                                    f"entries, got {bias.shape[0]}")
+        seed = int(_scalar(request, "random_seed", 0))
+        params = SamplingParams(float(_scalar(request, "temperature", 1.0)),
+                                int(_scalar(request, "runtime_top_k", 0)),
+                                float(_scalar(request, "runtime_top_p", 1.0)),
+                                seed % (2**63)).validate()
+        streaming = bool(_scalar(request, "streaming", False))
+        kept: list[int] = []
+
+        def respond(toks):
+            out = np.array(toks, np.int32).reshape(1, 1, -1)
+            return pb_utils.InferenceResponse([
+                pb_utils.Tensor("output_ids", out),
+                pb_utils.Tensor("sequence_length", np.array([[out.shape[-1]]], np.int32))])
+
+        def emit(toks):
+            if streaming:
+                sender.send(respond(toks))
+            else:
+                kept.extend(toks)
+
+        def finish(error):
+            done[0] = True
+            if error is not None:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=FINAL)
+            elif streaming:
+                sender.send(flags=FINAL)
+            else:
+                sender.send(respond(kept), flags=FINAL)
+
+        last, done = [0.0, False], [False]
+
+        def cancelled():  # asking the server costs a round trip: at most once per period
+            if done[0]:   # never after the final response (tritonserver 2.51 crashes on it)
+                return True
+            now = time.monotonic()
+            if now - last[0] >= self.check_period:
+                last[0], last[1] = now, sender.is_cancelled()
+            return last[1]
+
+        speculative = self.scheduler.runtime.draft is not None and draft_prefix is not None
+        return ARJob(request.request_id(), prefix, draft_prefix, tokens, n, params, bias,
+                     speculative, emit, finish, cancelled)
+
+    def finalize(self):
+        self.scheduler.close()

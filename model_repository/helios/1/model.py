@@ -1,0 +1,198 @@
+"""helios: the client-facing, decoupled model. Runs helios.orchestrator.stream_video with the
+stage functions implemented as BLS calls, one thread per request, one response per chunk."""
+
+import threading
+import uuid
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from helios.checkpoint import read_config
+from helios.errors import HeliosError
+from helios.orchestrator import stream_video
+from helios.schedule import validate_request
+from helios.serving import HELIOS_INPUT_NAMES, model_parameters
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _call(model, inputs, outputs):
+    """One BLS request; returns {output name: numpy array} or raises with the stage's error."""
+    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
+                                         requested_output_names=outputs).exec()
+    if response.has_error():
+        raise RuntimeError(f"{model}: {response.error().message()}")
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+def _t(name, array):
+    return pb_utils.Tensor(name, np.ascontiguousarray(array))
+
+
+class TritonStages:
+    """The stage functions of helios.orchestrator over the stage models of this server."""
+
+    def __init__(self, config, speculative: bool):
+        self.config = config
+        self.speculative = speculative
+        self.vocab_size = config.ar_backbone.vocab_size
+
+    def encode_prompt(self, prompt):
+        out = _call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
+                    ["prompt_embedding_table", "draft_prompt_embedding_table"])
+        # Kept as they came (FP32 here, FP16 from a TensorRT text encoder): passed on untouched.
+        return out["prompt_embedding_table"][0], out["draft_prompt_embedding_table"][0]
+
+    def encode_image(self, image):
+        out = _call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
+        return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
+
+    def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
+        rows = prefix.shape[0]
+        ids = np.concatenate([np.arange(self.vocab_size, self.vocab_size + rows), tokens])
+        inputs = [
+            _t("input_ids", ids.astype(np.int32)[None]),
+            _t("input_lengths", np.array([[ids.shape[0]]], np.int32)),
+            _t("request_output_len", np.array([[n]], np.int32)),
+            _t("prompt_embedding_table", prefix[None]),
+            _t("prompt_vocab_size", np.array([[rows]], np.int32)),
+            _t("embedding_bias", bias.numpy().astype(np.float32)[None]),
+            _t("temperature", np.array([[params.temperature]], np.float32)),
+            _t("runtime_top_k", np.array([[params.top_k]], np.int32)),
+            _t("runtime_top_p", np.array([[params.top_p]], np.float32)),
+            _t("random_seed", np.array([[params.seed]], np.uint64)),
+            _t("streaming", np.array([[True]])),
+        ]
+        if self.speculative:  # the deployment decides; the request's flag is for in-process use
+            inputs.append(_t("draft_prompt_embedding_table", draft_prefix[None]))
+        request_id = uuid.uuid4().hex
+        responses = pb_utils.InferenceRequest(
+            model_name="ar_backbone", inputs=inputs, request_id=request_id,
+            requested_output_names=["output_ids"]).exec(decoupled=True)
+        received = 0
+        try:
+            for response in responses:
+                if response.has_error():
+                    raise RuntimeError(f"ar_backbone: {response.error().message()}")
+                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
+                if out is not None:
+                    toks = out.as_numpy().reshape(-1).tolist()
+                    received += len(toks)
+                    yield toks
+        finally:
+            if received < n:  # closed early (client gone): end the AR request, free its blocks
+                self._stop(request_id)
+                for _ in responses:
+                    pass
+
+    def _stop(self, request_id):
+        stop = pb_utils.InferenceRequest(
+            model_name="ar_backbone", request_id=request_id, requested_output_names=[],
+            inputs=[_t("input_ids", np.zeros((1, 1), np.int32)),
+                    _t("input_lengths", np.ones((1, 1), np.int32)),
+                    _t("request_output_len", np.ones((1, 1), np.int32)),
+                    _t("stop", np.array([[True]]))])
+        for _ in stop.exec(decoupled=True):
+            pass
+
+    def refine(self, plan, index, seed, anchor, recent):
+        inputs = [_t("plan_tokens", np.array(plan, np.int32)),
+                  _t("seed", np.array([seed], np.int64)),
+                  _t("frame_index", np.array([index], np.int32))]
+        if anchor is not None:
+            inputs.append(_t("anchor", anchor[0].float().numpy()))
+        if recent:
+            inputs.append(_t("history", torch.cat(recent).float().numpy()))
+        return torch.from_numpy(_call("refiner", inputs, ["latent"])["latent"])[None]
+
+    def decode(self, latent, prev_latent):
+        inputs = [_t("latent", latent[0].float().numpy())]
+        if prev_latent is not None:
+            inputs.append(_t("prev_latent", prev_latent[0].float().numpy()))
+        return _call("vae_decoder", inputs, ["frames"])["frames"]
+
+
+def _scalar(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy().reshape(-1)[0].item()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.config = read_config(params["checkpoint"])
+        self.speculative = params.get("speculative", "off") == "on"
+        self.threads: set[threading.Thread] = set()
+
+    def _request(self, request):
+        raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
+        try:
+            prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            raise HeliosError("PROMPT", "must be valid UTF-8 text") from None
+        num_frames, duration = _scalar(request, "NUM_FRAMES"), _scalar(request, "DURATION_S")
+        if num_frames is None and duration is None:
+            raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")
+        image = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+        kwargs = {"num_frames": num_frames, "duration_s": duration, "fps": _scalar(request, "FPS"),
+                  "image": None if image is None else image.as_numpy()}
+        for key, name in (("seed", "SEED"), ("temperature", "TEMPERATURE"), ("top_k", "TOP_K"),
+                          ("top_p", "TOP_P")):
+            value = _scalar(request, name)
+            if value is not None:
+                kwargs[key] = value
+        req = validate_request(self.config, prompt, speculative=self.speculative, **kwargs)
+        return req
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                req = self._request(request)
+            except HeliosError as e:
+                sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(e.renamed(HELIOS_INPUT_NAMES))), flags=FINAL)
+                continue
+            thread = threading.Thread(target=self._serve, args=(request, sender, req), daemon=True)
+            self.threads.add(thread)
+            thread.start()
+        return None
+
+    def _serve(self, request, sender, req):
+        rid = request.request_id() or uuid.uuid4().hex[:8]
+        pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
+                                 f"seed {req.sampling.seed}")
+        stages = TritonStages(self.config, self.speculative)
+        sent, final = 0, False
+
+        def cancelled():
+            # Never ask after the final response: its response factory is gone by then, and
+            # tritonserver 2.51 crashes on the question (seen: SIGSEGV in ...IsCancelled).
+            return not final and sender.is_cancelled()
+
+        try:
+            for chunk in stream_video(self.config, req, stages, cancelled=cancelled):
+                final = chunk.final
+                sender.send(pb_utils.InferenceResponse([
+                    _t("FRAMES", chunk.frames),
+                    _t("FRAME_OFFSET", np.array([chunk.offset], np.int32)),
+                    _t("FINAL", np.array([final]))]), flags=FINAL if final else 0)
+                sent += len(chunk.frames)
+                if sent % (4 * req.fps) < len(chunk.frames) or final:
+                    pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
+            if not final:
+                pb_utils.Logger.log_info(f"helios {rid}: cancelled after {sent} frames")
+                sender.send(flags=FINAL)
+        except Exception as e:  # one failed stream must not take the others down
+            pb_utils.Logger.log_error(f"helios {rid}: {e}")
+            try:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            except Exception:
+                pass
+        finally:
+            self.threads.discard(threading.current_thread())
+
+    def finalize(self):
+        for thread in list(self.threads):
+            thread.join(timeout=5)

@@ -1,0 +1,35 @@
+"""image_encoder: RGB image -> first latent frame + its plan tokens (image-to-video)."""
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from helios.checkpoint import load_component, read_config
+from helios.pipeline import encode_image
+from helios.serving import model_device, model_dtype, model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        device = model_device(args, params)
+        dtype = model_dtype(device, params)
+        ckpt = params["checkpoint"]
+        self.config = read_config(ckpt)
+        self.vae = load_component(ckpt, "vae", self.config, device, dtype)
+        self.refiner = load_component(ckpt, "refiner", self.config, device, dtype)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            image = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
+            if min(image.shape[:2]) < 8:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"IMAGE must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
+                    f"got {list(image.shape)}")))
+                continue
+            latent, plan = encode_image(self.config, self.vae, self.refiner, image)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("latent", latent[0].float().cpu().numpy()),
+                pb_utils.Tensor("plan_tokens", np.array(plan, np.int32))]))
+        return responses

@@ -1,0 +1,34 @@
+"""tokenizer: PROMPT bytes -> byte-level token ids (helios.text_encoder.tokenize)."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from helios.checkpoint import read_config
+from helios.errors import HeliosError
+from helios.serving import model_parameters
+from helios.text_encoder import tokenize
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.max_bytes = read_config(model_parameters(args)["checkpoint"]).text_encoder.max_prompt_bytes
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
+            try:
+                prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+                ids = tokenize(prompt, self.max_bytes)
+            except UnicodeDecodeError:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("PROMPT must be valid UTF-8 text")))
+                continue
+            except HeliosError as e:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(e.renamed({"prompt": "PROMPT"}))))
+                continue
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("input_ids", np.array([ids], np.int32)),
+                pb_utils.Tensor("input_lengths", np.array([len(ids)], np.int32))]))
+        return responses

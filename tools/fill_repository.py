@@ -1,0 +1,100 @@
+"""Fill the model repository templates (``${name}`` placeholders) for one deployment.
+
+    python tools/fill_repository.py --checkpoint checkpoints/tiny --out .triton/model_repository
+    python tools/fill_repository.py --checkpoint /models/helios-14b --device cuda --out /repo \\
+        --refiner-instances 1 --max-streams 4 --speculative off
+
+Values that follow from the checkpoint (hidden sizes, latent and frame shapes, plan tokens per
+frame) are read from it; the rest are options. Every placeholder must be filled: a template
+that keeps one is an error, so a new placeholder cannot slip through unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "model_repository"
+sys.path.insert(0, str(ROOT))
+
+from helios.checkpoint import read_config  # noqa: E402
+
+PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
+           kv_fraction: float) -> dict[str, str]:
+    cfg = read_config(checkpoint)
+    latent = (cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    blocks = max_streams * math.ceil(cfg.max_ar_positions() / cfg.kv_block_size)
+    gpu = device == "cuda"
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "device": device,
+        "dtype": "auto",
+        "instance_kind": "KIND_GPU" if gpu else "KIND_CPU",
+        "table_dtype": "TYPE_FP32",
+        "ar_hidden_size": str(cfg.ar_backbone.hidden_size),
+        "draft_hidden_size": str(cfg.draft.hidden_size),
+        "plan_tokens_per_frame": str(cfg.plan_tokens_per_frame),
+        "latent_shape": ", ".join(map(str, latent)),
+        "frames_shape": f"{cfg.frames_per_latent}, {cfg.height}, {cfg.width}, 3",
+        "height": str(cfg.height),
+        "width": str(cfg.width),
+        "ar_max_batch_size": str(max_streams),
+        "max_tokens_in_paged_kv_cache": str(blocks * cfg.kv_block_size),
+        "kv_cache_free_gpu_mem_fraction": str(kv_fraction) if gpu else "",
+        "kv_cache_block_size": str(cfg.kv_block_size),
+        "cancellation_check_period_ms": "50",
+        "speculative_decoding_mode": "draft_target" if speculative else "none",
+        "num_draft_tokens": str(cfg.speculative_tokens),
+        "speculative": "on" if speculative else "off",
+        "text_encoder_instances": str(instances["text_encoder"]),
+        "refiner_instances": str(instances["refiner"]),
+        "vae_decoder_instances": str(instances["vae_decoder"]),
+        "helios_video_instances": str(instances["helios_video"]),
+    }
+
+
+def fill(out: Path, vals: dict[str, str], templates: Path = TEMPLATES) -> list[Path]:
+    """Copy the repository to ``out`` with every config.pbtxt filled; returns the configs."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(templates, out, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+    configs = sorted(out.glob("*/config.pbtxt"))
+    for path in configs:
+        text = path.read_text()
+        missing = sorted({m for m in PLACEHOLDER.findall(text) if m not in vals})
+        if missing:
+            raise SystemExit(f"{path}: no value for placeholder(s) {', '.join(missing)}")
+        path.write_text(PLACEHOLDER.sub(lambda m: vals[m.group(1)], text))
+    return configs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "tiny")
+    ap.add_argument("--out", type=Path, default=ROOT / ".triton" / "model_repository")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--max-streams", type=int, default=8, help="concurrent AR streams (KV pool)")
+    ap.add_argument("--speculative", choices=["on", "off"], default="on")
+    ap.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.5)
+    for name, default in (("text-encoder", 1), ("refiner", 1), ("vae-decoder", 1), ("helios-video", 2)):
+        ap.add_argument(f"--{name}-instances", type=int, default=default)
+    args = ap.parse_args(argv)
+    instances = {k: getattr(args, f"{k}_instances") for k in
+                 ("text_encoder", "refiner", "vae_decoder", "helios_video")}
+    vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
+                  instances, args.kv_cache_free_gpu_mem_fraction)
+    for path in fill(args.out, vals):
+        print(f"filled {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Run the real Triton Inference Server from the ``nvidia-pytriton`` wheel.
+
+The wheel carries tritonserver 2.51 (``pytriton/tritonserver``), its shared libraries
+(``nvidia_pytriton.libs``) and a python-backend stub per Python version. PyTriton's own Python
+API is not used: this module lays out a backend folder with the stub of the running Python,
+and starts the server binary on a filled model repository.
+
+    python tools/triton_server.py --repository .triton/model_repository            # foreground
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wheel_paths() -> tuple[Path, Path]:
+    """(pytriton/tritonserver folder, its shared-library folder) of the installed wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the Triton server is not installed: run `make setup` "
+                         "(pip install nvidia-pytriton==0.7.0)")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    return pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
+
+
+def prepare_backends(dest: Path) -> Path:
+    """A backend folder whose python backend uses the stub built for this Python version."""
+    server, _ = wheel_paths()
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        link = python / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(server / "backends" / "python" / name)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"the wheel has no python-backend stub for Python {version}")
+    # Through a rename: a stub still running from another server cannot be overwritten.
+    tmp = python / f".stub-{os.getpid()}"
+    shutil.copy2(stub, tmp)
+    os.replace(tmp, python / "triton_python_backend_stub")
+    return dest
+
+
+def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
+            log_verbose: int = 0) -> tuple[list[str], dict]:
+    server, libs = wheel_paths()
+    admin = secrets.token_hex(8)  # nobody knows it: the repository API stays closed
+    argv = [
+        str(server / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "--strict-readiness=true",            # ready only once every model is loaded
+        "--model-control-mode=none",          # no load / unload through the API
+        f"--http-restricted-api=model-repository:helios-admin={admin}",
+        f"--grpc-restricted-protocol=model-repository:helios-admin={admin}",
+        "--exit-on-error=true",
+        "--allow-gpu-metrics=false" if not _has_gpu() else "--allow-gpu-metrics=true",
+        "--backend-config=python,shm-default-byte-size=16777216",
+        "--backend-config=python,shm-growth-byte-size=16777216",
+        f"--log-verbose={log_verbose}",
+    ]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
+    # The python-backend stub embeds the interpreter found first on PATH: this venv's.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ":".join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return argv, env
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def wait_ready(http: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{http}/v2/health/ready"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s")
+
+
+class TritonServer:
+    """Start tritonserver in the background; ``with TritonServer(...) as s:`` stops it after."""
+
+    def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
+                 log_file: Path | None = None, backends: Path | None = None):
+        self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
+        self.backends = prepare_backends(backends or ROOT / ".triton" / "backends")
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> "TritonServer":
+        argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends)
+        out = open(self.log_file, "w") if self.log_file else None
+        self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            wait_ready(self.http, timeout, self.proc)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # Triton stops, then its python stubs
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=ROOT / ".triton" / "model_repository")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--log-verbose", type=int, default=0)
+    args = ap.parse_args(argv)
+    backends = prepare_backends(ROOT / ".triton" / "backends")
+    cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
+                       args.metrics_port, backends, args.log_verbose)
+    os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
