@@ -135,47 +135,53 @@ class ARScheduler:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._closed and not self._queue and not self._live:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                stops, self._stops = self._stops, set()
-                for job in [j for j in self._queue if j.request_id in stops]:
-                    self._queue.remove(job)
-                    self._end(job, None)
-                self._admit()
-                live = list(self._live.values())
-            for job in live:
-                if job.request_id in stops or job.cancelled():
-                    log.info("request %s stopped after %d of %d tokens", job.request_id,
-                             job.num_new - job.remaining, job.num_new)
-                    self._end(job, None)
-            live = [j for j in live if j.seq_id in self._live]
-            if not live:
-                continue
-            try:
-                out = self.runtime.decode_round({j.seq_id: j.remaining for j in live},
-                                                {j.seq_id: j.speculative for j in live}, self.k)
-            except Exception as e:  # never leave a stream hanging: fail the batch, go on
-                log.exception("decode round failed")
-                for job in live:
-                    self._end(job, f"AR decoding failed: {e}")
-                continue
-            self.iterations += 1
-            for job in live:
-                toks = out[job.seq_id]
-                job.remaining -= len(toks)
-                try:
-                    job.emit(toks)
-                except Exception:
-                    log.exception("sending tokens of request %s failed", job.request_id)
-                    self._end(job, None)
-                    continue
-                if job.remaining <= 0:
-                    self._end(job, None)
-            if self.on_iteration is not None:
+            self._round()
+            if self.on_iteration is not None:  # after every pass: frees show up at once
                 self.on_iteration(self.stats())
+            if self._closed:
+                return
+
+    def _round(self) -> None:
+        """Admit, drop stopped or cancelled jobs, run one decode round."""
+        with self._cond:
+            while not self._closed and not self._queue and not self._live:
+                self._cond.wait()
+            if self._closed:
+                return
+            stops, self._stops = self._stops, set()
+            for job in [j for j in self._queue if j.request_id in stops]:
+                self._queue.remove(job)
+                self._end(job, None)
+            self._admit()
+            live = list(self._live.values())
+        for job in live:
+            if job.request_id in stops or job.cancelled():
+                log.info("request %s stopped after %d of %d tokens", job.request_id,
+                         job.num_new - job.remaining, job.num_new)
+                self._end(job, None)
+        live = [j for j in live if j.seq_id in self._live]
+        if not live:
+            return
+        try:
+            out = self.runtime.decode_round({j.seq_id: j.remaining for j in live},
+                                            {j.seq_id: j.speculative for j in live}, self.k)
+        except Exception as e:  # never leave a stream hanging: fail the batch, go on
+            log.exception("decode round failed")
+            for job in live:
+                self._end(job, f"AR decoding failed: {e}")
+            return
+        self.iterations += 1
+        for job in live:
+            toks = out[job.seq_id]
+            job.remaining -= len(toks)
+            try:
+                job.emit(toks)
+            except Exception:
+                log.exception("sending tokens of request %s failed", job.request_id)
+                self._end(job, None)
+                continue
+            if job.remaining <= 0:
+                self._end(job, None)
 
 
 # ---- helpers for the Triton python-backend models (no triton import here) -------------------

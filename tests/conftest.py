@@ -1,5 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ and model_repository/ are layers beside the package
 
 from helios.checkpoint import init_checkpoint
 from helios.config import get_config

@@ -58,6 +58,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "refiner_instances": str(instances["refiner"]),
         "vae_decoder_instances": str(instances["vae_decoder"]),
         "helios_video_instances": str(instances["helios_video"]),
+        "helios_instances": str(max_streams),
     }
 
 

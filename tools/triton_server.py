@@ -6,6 +6,11 @@ API is not used: this module lays out a backend folder with the stub of the runn
 and starts the server binary on a filled model repository.
 
     python tools/triton_server.py --repository .triton/model_repository            # foreground
+    python tools/triton_server.py --run helios-client generate --prompt ...         # around a command
+
+With ``--run`` the server starts in the background, the command runs once it is ready (with
+HELIOS_GRPC_URL / HELIOS_HTTP_URL set), and the server stops after it; the exit code is the
+command's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -76,7 +82,11 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
         f"--log-verbose={log_verbose}",
     ]
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
+    # The stub links libpython3.X.so.1.0: it must be this interpreter's own (its LIBDIR), not
+    # another build of the same minor version that the loader might find first (seen: Debian's
+    # 3.11.2 under pyenv's 3.11.7 stdlib, which segfaulted under concurrent requests).
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH")) if p)
     # The python-backend stub embeds the interpreter found first on PATH: this venv's.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONPATH"] = ":".join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -85,6 +95,13 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
 
 def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
+
+
+def port_in_use(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_ready(http: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -114,6 +131,9 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "TritonServer":
+        for port in (self.http, self.grpc, self.metrics):
+            if port_in_use(port):  # else the readiness probe could be answered by another server
+                raise RuntimeError(f"port {port} is already in use")
         argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends)
         out = open(self.log_file, "w") if self.log_file else None
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -149,11 +169,38 @@ def main(argv=None) -> int:
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
+    ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
+    if args.run:
+        return run_around(args)
     backends = prepare_backends(ROOT / ".triton" / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
                        args.metrics_port, backends, args.log_verbose)
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
+
+
+def run_around(args) -> int:
+    server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
+                          args.metrics_port, log_file=args.log_file)
+    print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        server.start()
+    except Exception as e:
+        tail = args.log_file.read_text()[-3000:] if args.log_file.exists() else ""
+        print(f"{tail}\ntritonserver did not start: {e}", file=sys.stderr)
+        return 1
+    print(f"tritonserver ready in {time.monotonic() - t0:.0f} s: HTTP {args.http_port}, "
+          f"gRPC {args.grpc_port}, metrics {args.metrics_port}", file=sys.stderr, flush=True)
+    env = dict(os.environ, HELIOS_GRPC_URL=f"localhost:{args.grpc_port}",
+               HELIOS_HTTP_URL=f"localhost:{args.http_port}",
+               HELIOS_METRICS_URL=f"localhost:{args.metrics_port}")
+    try:
+        return subprocess.call(args.run, env=env)
+    finally:
+        server.stop()
+        print("tritonserver stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class TritonPythonModel:
             try:
                 job = self._job(request, sender)
             except HeliosError as e:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
                 continue
             self.scheduler.submit(job)
         return None

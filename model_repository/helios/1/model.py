@@ -1,7 +1,14 @@
 """helios: the client-facing, decoupled model. Runs helios.orchestrator.stream_video with the
-stage functions implemented as BLS calls, one thread per request, one response per chunk."""
+stage functions implemented as BLS calls; one response per chunk.
 
-import threading
+Each instance serves one stream at a time, inside ``execute``, on the stub's main thread;
+concurrent streams run in separate instances (instance_group count), and requests beyond them
+wait in Triton's queue. No threads: with tritonserver 2.51 a Python thread that runs while a
+BLS call of another thread receives its response can crash the stub (seen: SIGSEGV in
+pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
+"""
+
+import faulthandler
 import uuid
 
 import numpy as np
@@ -120,10 +127,10 @@ def _scalar(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
-        self.threads: set[threading.Thread] = set()
 
     def _request(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
@@ -151,12 +158,11 @@ class TritonPythonModel:
             try:
                 req = self._request(request)
             except HeliosError as e:
-                sender.send(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(e.renamed(HELIOS_INPUT_NAMES))), flags=FINAL)
+                error = pb_utils.TritonError(e.renamed(HELIOS_INPUT_NAMES),
+                                             pb_utils.TritonError.INVALID_ARG)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 continue
-            thread = threading.Thread(target=self._serve, args=(request, sender, req), daemon=True)
-            self.threads.add(thread)
-            thread.start()
+            self._serve(request, sender, req)
         return None
 
     def _serve(self, request, sender, req):
@@ -190,9 +196,3 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             except Exception:
                 pass
-        finally:
-            self.threads.discard(threading.current_thread())
-
-    def finalize(self):
-        for thread in list(self.threads):
-            thread.join(timeout=5)

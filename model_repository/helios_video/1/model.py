@@ -14,13 +14,14 @@ class TritonPythonModel:
             chunks, error = [], None
             for response in stream:
                 if response.has_error():
-                    error = response.error().message()
+                    error = response.error()
                     continue
                 frames = pb_utils.get_output_tensor_by_name(response, "FRAMES")
                 if frames is not None:
                     chunks.append(frames.as_numpy())
             if error is not None:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(error.message(), error.code())))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("FRAMES", np.concatenate(chunks))]))

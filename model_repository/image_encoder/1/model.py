@@ -26,7 +26,7 @@ class TritonPythonModel:
             if min(image.shape[:2]) < 8:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"IMAGE must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
-                    f"got {list(image.shape)}")))
+                    f"got {list(image.shape)}", pb_utils.TritonError.INVALID_ARG)))
                 continue
             latent, plan = encode_image(self.config, self.vae, self.refiner, image)
             responses.append(pb_utils.InferenceResponse([

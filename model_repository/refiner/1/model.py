@@ -32,7 +32,8 @@ class TritonPythonModel:
             index = int(pb_utils.get_input_tensor_by_name(request, "frame_index").as_numpy().reshape(-1)[0])
             if plan.min() < 0 or plan.max() >= cfg.refiner.codebook_size:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"plan_tokens must be in [0, {cfg.refiner.codebook_size - 1}]")))
+                    f"plan_tokens must be in [0, {cfg.refiner.codebook_size - 1}]",
+                    pb_utils.TritonError.INVALID_ARG)))
                 continue
             anchor = self._tensor(request, "anchor")
             history = self._tensor(request, "history")

@@ -21,14 +21,14 @@ class TritonPythonModel:
                 prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
                 ids = tokenize(prompt, self.max_bytes)
             except UnicodeDecodeError:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("PROMPT must be valid UTF-8 text")))
-                continue
+                message = "PROMPT must be valid UTF-8 text"
             except HeliosError as e:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(e.renamed({"prompt": "PROMPT"}))))
+                message = e.renamed({"prompt": "PROMPT"})
+            else:
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("input_ids", np.array([ids], np.int32)),
+                    pb_utils.Tensor("input_lengths", np.array([len(ids)], np.int32))]))
                 continue
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("input_ids", np.array([ids], np.int32)),
-                pb_utils.Tensor("input_lengths", np.array([len(ids)], np.int32))]))
+            responses.append(pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)))
         return responses

@@ -1,0 +1,150 @@
+"""The Python API under ``helios-client``.
+
+gRPC streams: ``stream`` yields one ``Chunk`` per response of the decoupled ``helios`` model,
+as soon as it arrives. HTTP cannot call a decoupled model, so over HTTP ``generate`` asks the
+``helios_video`` model for the whole video in one response.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+STREAM_MODEL, VIDEO_MODEL = "helios", "helios_video"
+
+
+class ServerUnavailable(RuntimeError):
+    """The server cannot be reached or is not ready."""
+
+
+class RequestError(RuntimeError):
+    """The server answered the request with an error (e.g. an invalid parameter)."""
+
+    def __init__(self, message: str, invalid_argument: bool):
+        super().__init__(message)
+        self.invalid_argument = invalid_argument
+
+
+@dataclass
+class Chunk:
+    frames: np.ndarray   # uint8 [T, H, W, 3]
+    offset: int
+    final: bool
+
+
+def _inputs(module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p, image):
+    spec = [("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES")]
+    for name, value, dtype, np_type in (
+            ("DURATION_S", duration_s, "FP32", np.float32), ("NUM_FRAMES", num_frames, "INT32", np.int32),
+            ("FPS", fps, "INT32", np.int32), ("SEED", seed, "INT64", np.int64),
+            ("TEMPERATURE", temperature, "FP32", np.float32), ("TOP_K", top_k, "INT32", np.int32),
+            ("TOP_P", top_p, "FP32", np.float32)):
+        if value is not None:
+            spec.append((name, np.array([value], dtype=np_type), dtype))
+    if image is not None:
+        spec.append(("IMAGE", np.ascontiguousarray(image, dtype=np.uint8), "UINT8"))
+    out = []
+    for name, array, dtype in spec:
+        t = module.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        out.append(t)
+    return out
+
+
+# The server names the offending input first: "TOP_P must be in (0, 1], got 1.5". Errors of a
+# gRPC stream carry no status code (only the message), so the message is what tells them apart.
+_INPUT_ERROR = re.compile(r"^(PROMPT|NUM_FRAMES|DURATION_S|FPS|SEED|TEMPERATURE|TOP_K|TOP_P|IMAGE) ")
+
+
+def _is_invalid_argument(error) -> bool:
+    status = getattr(error, "status", lambda: None)()
+    return status in ("StatusCode.INVALID_ARGUMENT", "400") or bool(_INPUT_ERROR.match(_message(error)))
+
+
+class HeliosClient:
+    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", timeout_s: float = 600):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as module  # noqa: PLC0415
+            self._client = module.InferenceServerClient(url)
+        else:
+            import tritonclient.http as module  # noqa: PLC0415
+            self._client = module.InferenceServerClient(url, network_timeout=timeout_s,
+                                                        connection_timeout=10)
+        self._module = module
+
+    def check_ready(self) -> None:
+        try:
+            ready = self._client.is_server_ready()
+        except Exception as e:  # connection refused, DNS, TLS: all mean "not there"
+            raise ServerUnavailable(f"cannot reach the Triton server at {self.url} "
+                                    f"({self.protocol}): {_short(e)}") from None
+        if not ready:
+            raise ServerUnavailable(f"the Triton server at {self.url} is not ready")
+
+    def stream(self, prompt: str, *, duration_s=None, num_frames=None, fps=None, seed=None,
+               temperature=None, top_k=None, top_p=None, image=None) -> Iterator[Chunk]:
+        """gRPC only: yield chunks as the server generates them. Closing the iterator early
+        cancels the request on the server (its KV cache blocks are freed)."""
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs protocol='grpc'; use generate() over HTTP")
+        self.check_ready()
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                                  stream_timeout=self.timeout_s)
+        finished = False
+        try:
+            self._client.async_stream_infer(STREAM_MODEL, _inputs(
+                self._module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p,
+                image), enable_empty_final_response=False)
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise RequestError(f"no response from the server for {self.timeout_s:.0f} s",
+                                       False) from None
+                if error is not None:
+                    finished = True
+                    raise RequestError(_message(error), _is_invalid_argument(error))
+                final = bool(result.as_numpy("FINAL")[0])
+                yield Chunk(result.as_numpy("FRAMES"), int(result.as_numpy("FRAME_OFFSET")[0]), final)
+                if final:
+                    finished = True
+                    return
+        finally:
+            self._client.stop_stream(cancel_requests=not finished)
+
+    def generate(self, prompt: str, **kwargs) -> np.ndarray:
+        """The whole video, uint8 [T, H, W, 3]: one HTTP response, or the gRPC stream joined."""
+        if self.protocol == "grpc":
+            return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)])
+        self.check_ready()
+        args = {k: kwargs.get(k) for k in ("duration_s", "num_frames", "fps", "seed", "temperature",
+                                           "top_k", "top_p", "image")}
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        try:
+            result = self._client.infer(VIDEO_MODEL, _inputs(self._module, prompt, **args),
+                                        timeout=int(self.timeout_s))
+        except InferenceServerException as e:
+            raise RequestError(_message(e), _is_invalid_argument(e)) from None
+        return result.as_numpy("FRAMES")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _message(error) -> str:
+    msg = error.message() if hasattr(error, "message") else str(error)
+    return msg.strip()
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]

@@ -1,0 +1,129 @@
+"""``helios-client generate``: stream a video from a Helios server into an mp4.
+
+Exit codes: 0 done, 2 the server rejected a parameter (the message names it), 3 the server
+cannot be reached, 1 any other server error, 130 interrupted (the request is cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from fractions import Fraction
+
+import numpy as np
+
+from .api import HeliosClient, RequestError, ServerUnavailable
+
+
+class Mp4Writer:
+    """H.264 mp4 through PyAV, written chunk by chunk as frames arrive."""
+
+    def __init__(self, path: str, fps: int):
+        import av  # noqa: PLC0415
+
+        self._av = av
+        self._container = av.open(path, mode="w")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": "18", "preset": "veryfast"}
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        if self.frames == 0:
+            self._stream.height, self._stream.width = frames.shape[1:3]
+        for f in frames:
+            for packet in self._stream.encode(self._av.VideoFrame.from_ndarray(f, format="rgb24")):
+                self._container.mux(packet)
+            self.frames += 1
+
+    def close(self) -> None:
+        if self.frames:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+
+
+def _read_image(path: str) -> np.ndarray:
+    import av  # noqa: PLC0415
+
+    try:
+        with av.open(path) as c:
+            return next(c.decode(video=0)).to_ndarray(format="rgb24")
+    except Exception as e:  # FFmpeg's many error types all mean "cannot use this file"
+        raise SystemExit(f"helios-client: error: image must be a readable image file, "
+                         f"cannot decode {path!r}: {type(e).__name__}") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="helios-client", description="Helios Triton client")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a video into an mp4")
+    g.add_argument("--url", default=None, help="server address (default localhost:8001 for "
+                                               "gRPC, localhost:8000 for HTTP)")
+    g.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--duration", type=float, default=None, help="seconds")
+    g.add_argument("--num-frames", type=int, default=None)
+    g.add_argument("--fps", type=int, default=24)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--image", default=None, help="first frame (image-to-video)")
+    g.add_argument("--output", default="out.mp4")
+    g.add_argument("--timeout", type=float, default=600, help="seconds without a response")
+    g.add_argument("--no-progress", action="store_true")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    if args.duration is None and args.num_frames is None:
+        args.duration = 2.0
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    image = _read_image(args.image) if args.image else None
+    params = dict(duration_s=args.duration, num_frames=args.num_frames, fps=args.fps,
+                  seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, image=image)
+    writer, bar, t0 = None, None, time.perf_counter()
+    try:
+        client = HeliosClient(url, args.protocol, args.timeout)
+        if args.protocol == "grpc":
+            chunks = client.stream(args.prompt, **params)
+        else:
+            client.check_ready()
+            chunks = [client.generate(args.prompt, **params)]
+        for chunk in chunks:
+            frames = chunk if isinstance(chunk, np.ndarray) else chunk.frames
+            if writer is None:
+                writer = Mp4Writer(args.output, args.fps)
+                if not args.no_progress:
+                    from tqdm import tqdm  # noqa: PLC0415
+                    total = args.num_frames or round(args.duration * args.fps)
+                    bar = tqdm(total=total, unit="frame", desc="receiving", file=sys.stderr)
+            writer.write(frames)
+            if bar is not None:
+                bar.update(len(frames))
+                bar.set_postfix(fps=f"{writer.frames / (time.perf_counter() - t0):.1f}")
+    except ServerUnavailable as e:
+        print(f"helios-client: error: {e}", file=sys.stderr)
+        return 3
+    except RequestError as e:
+        print(f"helios-client: error: {e}", file=sys.stderr)
+        return 2 if e.invalid_argument else 1
+    except KeyboardInterrupt:
+        print("helios-client: interrupted, request cancelled", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    dt = time.perf_counter() - t0
+    print(f"wrote {writer.frames} frames to {args.output} in {dt:.1f} s "
+          f"({writer.frames / dt:.1f} frames/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

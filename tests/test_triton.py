@@ -1,0 +1,308 @@
+"""The real Triton server (tritonserver 2.51 from the nvidia-pytriton wheel) against the
+in-process pipeline: same seed, same frames, over gRPC streaming and HTTP."""
+
+import math
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from helios_client import HeliosClient, RequestError
+from helios_client.cli import main as client_main
+from tools.fill_repository import fill, values
+from tools.triton_server import TritonServer
+
+PROMPT = "a red circle moving left on a dark background"
+INSTANCES = {"text_encoder": 1, "refiner": 1, "vae_decoder": 1, "helios_video": 2}
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5))
+    http, grpc, metrics = _free_ports(3)
+    srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
+                       backends=tmp / "backends")
+    try:
+        srv.start(timeout=240)
+    except Exception:
+        print((tmp / "server.log").read_text()[-5000:])
+        raise
+    yield srv
+    srv.stop()
+
+
+def _grpc(server):
+    return HeliosClient(f"127.0.0.1:{server.grpc}", "grpc", timeout_s=120)
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _metric(text, name, **labels):
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name}{{{sel}}} not found")
+
+
+def test_grpc_stream_equals_in_process(server, pipe):
+    # 46 frames = 12 latent frames: two AR segments (the window of 8 frames refills once).
+    chunks = list(_grpc(server).stream(PROMPT, num_frames=46, seed=5))
+    assert [c.offset for c in chunks] == list(range(0, 46, 4))
+    assert [c.final for c in chunks] == [False] * 11 + [True]
+    assert len(chunks[-1].frames) == 2
+    video = np.concatenate([c.frames for c in chunks])
+    assert np.array_equal(video, pipe.generate_video(PROMPT, num_frames=46, seed=5))
+
+
+def test_http_equals_in_process(server, pipe):
+    client = HeliosClient(f"127.0.0.1:{server.http}", "http", timeout_s=120)
+    kw = dict(duration_s=0.5, fps=16, seed=11, temperature=0.9, top_k=50, top_p=0.8)
+    video = client.generate("a blue square moving up", **kw)
+    assert video.shape == (8, 128, 128, 3)
+    assert np.array_equal(video, pipe.generate_video("a blue square moving up", **kw))
+
+
+def test_three_concurrent_streams_each_equal_in_process(server, pipe):
+    jobs = [("a green triangle bouncing", 1), ("a yellow circle growing", 2), (PROMPT, 3)]
+    results, errors = {}, []
+
+    def run(prompt, seed):
+        try:
+            results[seed] = _grpc(server).generate(prompt, num_frames=40, seed=seed)
+        except Exception as e:  # reported below, with the others
+            errors.append(e)
+
+    iterations0 = _metric(_metrics(server), "helios_ar_iterations")
+    threads = [threading.Thread(target=run, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors
+    for prompt, seed in jobs:
+        assert np.array_equal(results[seed], pipe.generate_video(prompt, num_frames=40, seed=seed))
+    # In-flight batching: the streams shared decode rounds instead of queueing behind each other.
+    rounds = _metric(_metrics(server), "helios_ar_iterations") - iterations0
+    tokens = 3 * math.ceil(40 / 4) * 8
+    assert rounds < tokens
+
+
+def test_image_to_video_equals_in_process(server, pipe):
+    image = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)
+    video = _grpc(server).generate(PROMPT, num_frames=12, seed=2, image=image)
+    assert np.array_equal(video, pipe.generate_video(PROMPT, num_frames=12, seed=2, image=image))
+
+
+def _wait_for(server, cond, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _metrics(server)
+        if cond(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+def _idle(text):
+    return _metric(text, "helios_kv_cache_blocks", state="used") == 0 \
+        and _metric(text, "helios_ar_active_sequences") == 0
+
+
+def test_cancelled_stream_stops_generating_and_frees_its_blocks(server):
+    stream = _grpc(server).stream(PROMPT, num_frames=2400, seed=0)
+    next(stream)
+    next(stream)
+    stream.close()  # the client goes away: stop_stream(cancel_requests=True)
+    text = _wait_for(server, _idle)
+    assert _idle(text)
+    rendered = _metric(text, "nv_inference_request_success", model="refiner")
+    time.sleep(1.0)
+    # No frame is rendered for the cancelled stream any more (it asked for 600 latent frames).
+    assert _metric(_metrics(server), "nv_inference_request_success", model="refiner") == rendered
+    # The server stays ready and serves the next request.
+    assert len(_grpc(server).generate(PROMPT, num_frames=4, seed=0)) == 4
+
+
+def _ar_inputs(n, seed=0):
+    import tritonclient.grpc as g
+
+    def t(name, array, dtype):
+        x = g.InferInput(name, list(array.shape), dtype)
+        x.set_data_from_numpy(array)
+        return x
+
+    bos = 256 + 1  # tiny: codebook 256, then pad, begin-of-video
+    return [t("input_ids", np.array([[bos]], np.int32), "INT32"),
+            t("input_lengths", np.array([[1]], np.int32), "INT32"),
+            t("request_output_len", np.array([[n]], np.int32), "INT32"),
+            t("random_seed", np.array([[seed]], np.uint64), "UINT64"),
+            t("streaming", np.array([[True]]), "BOOL")]
+
+
+@pytest.mark.parametrize("how", ["client_cancel", "stop_request"])
+def test_cancelled_ar_request_frees_its_kv_blocks(server, how):
+    """On ar_backbone directly, while its sequence is live: a cancelled gRPC stream, or
+    TensorRT-LLM's stop request with the same request id, returns its blocks to the pool."""
+    import queue
+
+    import tritonclient.grpc as g
+
+    client = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("ar_backbone", _ar_inputs(480), request_id="long-one",
+                              enable_empty_final_response=True)
+    r, e = results.get(timeout=30)
+    assert e is None and r.as_numpy("output_ids").shape == (1, 1, 1)
+    text = _metrics(server)
+    assert _metric(text, "helios_ar_active_sequences") == 1
+    assert _metric(text, "helios_kv_cache_blocks", state="used") > 0
+    if how == "client_cancel":
+        client.stop_stream(cancel_requests=True)
+    else:
+        stop = _ar_inputs(1)[:3] + [g.InferInput("stop", [1, 1], "BOOL")]
+        stop[-1].set_data_from_numpy(np.array([[True]]))
+        client.async_stream_infer("ar_backbone", stop, request_id="long-one",
+                                  enable_empty_final_response=True)
+        tokens, finals = 1, 0
+        while finals < 2:  # the stop request's own final response and the stopped request's
+            r, e = results.get(timeout=30)
+            assert e is None
+            tokens += r.as_numpy("output_ids").size if r.as_numpy("output_ids") is not None else 0
+            finals += r.get_response().parameters["triton_final_response"].bool_param
+        assert tokens < 480
+        client.stop_stream()
+    assert _idle(_wait_for(server, _idle))
+
+
+BAD = [
+    (dict(top_p=1.5), "TOP_P must be in (0, 1], got 1.5"),
+    (dict(temperature=float("nan")), "TEMPERATURE must be a finite number >= 0, got nan"),
+    (dict(temperature=-1.0), "TEMPERATURE must be a finite number >= 0, got -1.0"),
+    (dict(top_k=-2), "TOP_K must be an integer >= 0 (0 disables it), got -2"),
+    (dict(duration_s=-1.0, num_frames=None), "DURATION_S must be in (0, 120] seconds, got -1.0"),
+    (dict(duration_s=500.0, num_frames=None), "DURATION_S must be in (0, 120] seconds, got 500.0"),
+    (dict(num_frames=0), "NUM_FRAMES must be an integer in [1, 2880], got 0"),
+    (dict(num_frames=None), "NUM_FRAMES or DURATION_S must be given"),
+    (dict(fps=0), "FPS must be an integer in [1, 60], got 0"),
+    (dict(prompt=""), "PROMPT must be 1 to 256 UTF-8 bytes of text, got an empty prompt"),
+    (dict(prompt="x" * 300), "PROMPT must be 1 to 256 UTF-8 bytes of text, got 300 bytes"),
+    (dict(image=np.zeros((4, 4, 3), np.uint8)),
+     "IMAGE must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, got uint8 [4, 4, 3]"),
+]
+
+
+def test_bad_inputs_are_rejected_while_a_good_stream_completes(server, pipe):
+    good = {}
+    t = threading.Thread(target=lambda: good.update(v=_grpc(server).generate(PROMPT, num_frames=40, seed=9)))
+    t.start()
+    for overrides, message in BAD:
+        kw = dict(prompt=PROMPT, num_frames=8, seed=0)
+        kw.update(overrides)
+        prompt = kw.pop("prompt")
+        with pytest.raises(RequestError) as e:
+            _grpc(server).generate(prompt, **kw)
+        assert str(e.value) == message
+        assert e.value.invalid_argument
+    http = HeliosClient(f"127.0.0.1:{server.http}", "http", timeout_s=60)
+    with pytest.raises(RequestError) as e:
+        http.generate(PROMPT, num_frames=8, top_p=0.0)
+    assert str(e.value) == "TOP_P must be in (0, 1], got 0.0" and e.value.invalid_argument
+    t.join(120)
+    assert np.array_equal(good["v"], pipe.generate_video(PROMPT, num_frames=40, seed=9))
+
+
+def test_readiness_liveness_and_metrics_endpoints(server):
+    for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/helios/ready"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=5) as r:
+            assert r.status == 200
+    text = _metrics(server)
+    for name in ("nv_inference_request_success", "nv_inference_queue_duration_us",
+                 "nv_inference_pending_request_count"):
+        assert re.search(rf'^{name}\{{model="helios",version="1"\}} ', text, re.M), name
+    assert _metric(text, "helios_kv_cache_blocks", state="free") > 0
+    # The repository API is closed: no loading or unloading through the server.
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/repository/index", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code in (400, 403)
+
+
+def test_client_cli_streams_to_mp4_and_reports_a_dead_server(server, tmp_path, capsys):
+    import av
+
+    out = tmp_path / "v.mp4"
+    assert client_main(["generate", "--url", f"127.0.0.1:{server.grpc}", "--prompt", PROMPT,
+                        "--duration", "1", "--fps", "12", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "receiving" in captured.err and f"wrote 12 frames to {out}" in captured.out
+    with av.open(str(out)) as c:
+        frames = [f for f in c.decode(video=0)]
+        assert len(frames) == 12 and (frames[0].width, frames[0].height) == (128, 128)
+        assert c.streams.video[0].average_rate == 12
+    assert client_main(["generate", "--url", f"127.0.0.1:{server.grpc}", "--prompt", PROMPT,
+                        "--top-p", "7", "--output", str(tmp_path / "x.mp4"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "helios-client: error: TOP_P must be in (0, 1], got 7.0\n"
+    (port,) = _free_ports(1)
+    assert client_main(["generate", "--url", f"127.0.0.1:{port}", "--prompt", PROMPT,
+                        "--output", str(tmp_path / "y.mp4"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"helios-client: error: cannot reach the Triton server at 127.0.0.1:{port} (grpc)")
+
+
+def test_filled_configs_parse_with_tritons_model_config_protobuf(tiny_checkpoint, tmp_path):
+    configs = fill(tmp_path / "repo", values(tiny_checkpoint, "cuda", 4, False, INSTANCES, 0.3))
+    parsed = {}
+    for path in configs:
+        cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert cfg.name == path.parent.name
+        parsed[cfg.name] = cfg
+    assert set(parsed) == {"tokenizer", "text_encoder", "prompt_encoder", "ar_backbone", "refiner",
+                           "vae_decoder", "image_encoder", "helios", "helios_video"}
+    assert parsed["helios"].model_transaction_policy.decoupled
+    assert parsed["ar_backbone"].model_transaction_policy.decoupled
+    assert parsed["refiner"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    ar_params = {k: v.string_value for k, v in parsed["ar_backbone"].parameters.items()}
+    assert ar_params["kv_cache_free_gpu_mem_fraction"] == "0.3"
+    assert ar_params["speculative_decoding_mode"] == "none"
+    # The ensemble's steps name real inputs and outputs of the models they call.
+    for step in parsed["prompt_encoder"].ensemble_scheduling.step:
+        model = parsed[step.model_name]
+        assert set(step.input_map) <= {i.name for i in model.input}
+        assert set(step.output_map) <= {o.name for o in model.output}
+
+
+def test_perf_analyzer_streams_against_helios(server, tmp_path):
+    """`make perf`'s script: perf_analyzer in gRPC streaming mode writes its CSV and profile."""
+    import csv
+
+    from benchmarks.perf_analyzer import main as perf_main
+
+    rc = perf_main(["--url", f"127.0.0.1:{server.grpc}", "--concurrency", "1:2:1",
+                    "--requests-per-window", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "perf.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2]
+    assert all(float(r["Inferences/Second"]) > 0 for r in rows)
+    assert (tmp_path / "profile.json").stat().st_size > 0
