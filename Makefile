@@ -1,28 +1,49 @@
-# Helios: the two commands that matter are `make demo` and `make test`.
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-CKPT   := checkpoints/tiny
+# Helios. The README starts with `make demo` and `make test`; both set everything up.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+CKPT     ?= checkpoints/tiny
+REPO     ?= .triton/model_repository
+PYTRITON := 0.7.0
+# Extra options of tools/fill_repository.py, e.g. FILL_ARGS="--device cuda --max-streams 4"
+FILL_ARGS ?=
+PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup demo test clean
+.PHONY: setup repository serve demo perf test clean
 
 setup: $(VENV)/.installed $(CKPT)/model_index.json
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	# The real Triton server: the tritonserver binary, its libraries and the python backend
+	# ship in this wheel; only those files are used (not PyTriton's Python API), so no deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps nvidia-pytriton==$(PYTRITON)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client
 	touch $@
 
 $(CKPT)/model_index.json: $(VENV)/.installed
 	$(VENV)/bin/helios init --config tiny --out $(CKPT) --seed 0
 
-demo: setup
-	$(VENV)/bin/helios generate --prompt "a red circle moving left on a dark background" \
-		--duration 4 --seed 0 --output out.mp4
+repository: setup
+	$(PY) tools/fill_repository.py --checkpoint $(CKPT) --out $(REPO) $(FILL_ARGS)
+
+# Triton in the foreground: HTTP 8000, gRPC 8001, metrics 8002.
+serve: repository
+	$(PY) tools/triton_server.py --repository $(REPO)
+
+# Start Triton on the CPU with the tiny model, stream one prompt into out.mp4, stop.
+demo: repository
+	$(PY) tools/triton_server.py --repository $(REPO) --run \
+		$(VENV)/bin/helios-client generate --prompt "$(PROMPT)" --duration 4 --seed 0 --output out.mp4
+
+# perf_analyzer in gRPC streaming mode over a concurrency range; CSV + JSON in benchmarks/results.
+perf: repository
+	$(PY) tools/triton_server.py --repository $(REPO) --run \
+		$(PY) benchmarks/perf_analyzer.py --concurrency 1:4:1 --out benchmarks/results/perf
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) checkpoints out.mp4
+	rm -rf $(VENV) checkpoints .triton out.mp4
