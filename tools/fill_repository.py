@@ -69,6 +69,8 @@ def fill(out: Path, vals: dict[str, str], templates: Path = TEMPLATES) -> list[P
     shutil.copytree(templates, out, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
     configs = sorted(out.glob("*/config.pbtxt"))
     for path in configs:
+        # Version 1 of every model; an ensemble's is an empty folder, which git does not keep.
+        (path.parent / "1").mkdir(exist_ok=True)
         text = path.read_text()
         missing = sorted({m for m in PLACEHOLDER.findall(text) if m not in vals})
         if missing:
