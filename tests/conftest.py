@@ -1,4 +1,6 @@
+import socket
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ sys.path.insert(0, str(ROOT))  # tools/ and model_repository/ are layers beside 
 from helios.checkpoint import init_checkpoint
 from helios.config import get_config
 from helios.pipeline import HeliosPipeline
+from tools.fill_repository import fill, values  # noqa: E402
+from tools.triton_server import TritonServer  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -27,3 +31,39 @@ def pipe(tiny_checkpoint):
 @pytest.fixture
 def tiny_config():
     return get_config("tiny")
+
+
+# ---- the real Triton server, shared by the serving and deployment tests ----------------------
+INSTANCES = {"text_encoder": 1, "refiner": 1, "vae_decoder": 1, "helios_video": 2}
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5))
+    http, grpc, metrics = free_ports(3)
+    srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
+                       backends=tmp / "backends")
+    try:
+        srv.start(timeout=240)
+    except Exception:
+        print((tmp / "server.log").read_text()[-5000:])
+        raise
+    yield srv
+    srv.stop()
+
+
+
+def live_metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+        return r.read().decode()

@@ -3,7 +3,6 @@ in-process pipeline: same seed, same frames, over gRPC streaming and HTTP."""
 
 import math
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -13,48 +12,16 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from conftest import INSTANCES, free_ports, live_metrics
 from helios_client import HeliosClient, RequestError
 from helios_client.cli import main as client_main
 from tools.fill_repository import fill, values
-from tools.triton_server import TritonServer
 
 PROMPT = "a red circle moving left on a dark background"
-INSTANCES = {"text_encoder": 1, "refiner": 1, "vae_decoder": 1, "helios_video": 2}
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton")
-    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5))
-    http, grpc, metrics = _free_ports(3)
-    srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
-                       backends=tmp / "backends")
-    try:
-        srv.start(timeout=240)
-    except Exception:
-        print((tmp / "server.log").read_text()[-5000:])
-        raise
-    yield srv
-    srv.stop()
 
 
 def _grpc(server):
     return HeliosClient(f"127.0.0.1:{server.grpc}", "grpc", timeout_s=120)
-
-
-def _metrics(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 def _metric(text, name, **labels):
@@ -93,7 +60,7 @@ def test_three_concurrent_streams_each_equal_in_process(server, pipe):
         except Exception as e:  # reported below, with the others
             errors.append(e)
 
-    iterations0 = _metric(_metrics(server), "helios_ar_iterations")
+    iterations0 = _metric(live_metrics(server), "helios_ar_iterations")
     threads = [threading.Thread(target=run, args=j) for j in jobs]
     for t in threads:
         t.start()
@@ -103,7 +70,7 @@ def test_three_concurrent_streams_each_equal_in_process(server, pipe):
     for prompt, seed in jobs:
         assert np.array_equal(results[seed], pipe.generate_video(prompt, num_frames=40, seed=seed))
     # In-flight batching: the streams shared decode rounds instead of queueing behind each other.
-    rounds = _metric(_metrics(server), "helios_ar_iterations") - iterations0
+    rounds = _metric(live_metrics(server), "helios_ar_iterations") - iterations0
     tokens = 3 * math.ceil(40 / 4) * 8
     assert rounds < tokens
 
@@ -117,7 +84,7 @@ def test_image_to_video_equals_in_process(server, pipe):
 def _wait_for(server, cond, timeout=30):
     deadline = time.monotonic() + timeout
     while True:
-        text = _metrics(server)
+        text = live_metrics(server)
         if cond(text) or time.monotonic() > deadline:
             return text
         time.sleep(0.1)
@@ -138,7 +105,7 @@ def test_cancelled_stream_stops_generating_and_frees_its_blocks(server):
     rendered = _metric(text, "nv_inference_request_success", model="refiner")
     time.sleep(1.0)
     # No frame is rendered for the cancelled stream any more (it asked for 600 latent frames).
-    assert _metric(_metrics(server), "nv_inference_request_success", model="refiner") == rendered
+    assert _metric(live_metrics(server), "nv_inference_request_success", model="refiner") == rendered
     # The server stays ready and serves the next request.
     assert len(_grpc(server).generate(PROMPT, num_frames=4, seed=0)) == 4
 
@@ -174,7 +141,7 @@ def test_cancelled_ar_request_frees_its_kv_blocks(server, how):
                               enable_empty_final_response=True)
     r, e = results.get(timeout=30)
     assert e is None and r.as_numpy("output_ids").shape == (1, 1, 1)
-    text = _metrics(server)
+    text = live_metrics(server)
     assert _metric(text, "helios_ar_active_sequences") == 1
     assert _metric(text, "helios_kv_cache_blocks", state="used") > 0
     if how == "client_cancel":
@@ -236,7 +203,7 @@ def test_readiness_liveness_and_metrics_endpoints(server):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/helios/ready"):
         with urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=5) as r:
             assert r.status == 200
-    text = _metrics(server)
+    text = live_metrics(server)
     for name in ("nv_inference_request_success", "nv_inference_queue_duration_us",
                  "nv_inference_pending_request_count"):
         assert re.search(rf'^{name}\{{model="helios",version="1"\}} ', text, re.M), name
@@ -263,7 +230,7 @@ def test_client_cli_streams_to_mp4_and_reports_a_dead_server(server, tmp_path, c
     assert client_main(["generate", "--url", f"127.0.0.1:{server.grpc}", "--prompt", PROMPT,
                         "--top-p", "7", "--output", str(tmp_path / "x.mp4"), "--no-progress"]) == 2
     assert capsys.readouterr().err == "helios-client: error: TOP_P must be in (0, 1], got 7.0\n"
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     assert client_main(["generate", "--url", f"127.0.0.1:{port}", "--prompt", PROMPT,
                         "--output", str(tmp_path / "y.mp4"), "--no-progress"]) == 3
     err = capsys.readouterr().err

