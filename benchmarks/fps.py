@@ -1,0 +1,231 @@
+"""In-process FPS benchmark of the Helios pipeline on any config and device.
+
+    python benchmarks/fps.py --config 14b --device cuda --seconds 2 --out results/
+    python benchmarks/fps.py --config tiny --device cpu --seconds 2
+
+Random weights of the real shapes are created on the device (no checkpoint file I/O). One
+short warm-up video runs first; then every stage call of the measured video is timed
+(synchronised wall clock), and the script prints per-stage medians, generated frames per second,
+the first-frame latency, peak GPU memory, and each stage's ratio to its physical floor:
+weight bytes / memory bandwidth for an AR decode step, FLOPs / matrix rate for the refiner.
+Both ceilings are measured on the device first (a large device-to-device copy, counting bytes
+read plus written; an 8192^3 bf16 matrix product on random data). JSON goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helios.checkpoint import COMPONENTS, build_component  # noqa: E402
+from helios.config import get_config  # noqa: E402
+from helios.pipeline import HeliosPipeline  # noqa: E402
+from helios.schedule import validate_request  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ceilings(device) -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    if device.type != "cuda":
+        return {}
+    x = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    bw = 2 * x.numel() * 2 / statistics.median(times[2:])
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(12):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    rate = 2 * 8192**3 / statistics.median(times[2:])
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate}
+
+
+@torch.no_grad()
+def random_model(cfg, device, dtype, seed=0):
+    """Every component with random weights, built directly on the device in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        parts = {}
+        for name in COMPONENTS:
+            m = build_component(cfg, name, device=device)
+            for pname, p in m.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0 if "norm" in pname else 0.0)
+                else:  # 1/sqrt(fan_in) keeps activations O(1) through the random network
+                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+            parts[name] = m.eval()
+    finally:
+        torch.set_default_dtype(old)
+    return parts
+
+
+class TimedPipeline(HeliosPipeline):
+    """The pipeline with a synchronised timer around every stage call."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.times: dict[str, list[float]] = {k: [] for k in
+                                              ("text_encoder", "ar_round", "refiner", "vae_decoder")}
+
+    def _timed(self, key, fn, *args):
+        sync(self.device)
+        t = time.perf_counter()
+        out = fn(*args)
+        sync(self.device)
+        self.times[key].append(time.perf_counter() - t)
+        return out
+
+    def encode_prompt(self, prompt):
+        return self._timed("text_encoder", super().encode_prompt, prompt)
+
+    def ar_stream(self, *args):
+        stream = super().ar_stream(*args)
+        try:
+            while True:
+                try:
+                    yield self._timed("ar_round", next, stream)
+                except StopIteration:
+                    return
+        finally:
+            stream.close()
+
+    def refine(self, *args):
+        return self._timed("refiner", super().refine, *args)
+
+    def decode(self, *args):
+        return self._timed("vae_decoder", super().decode, *args)
+
+
+def refiner_flops(cfg) -> float:
+    """FLOPs of rendering one latent frame: context encoding + num_steps denoising steps."""
+    rf = cfg.refiner
+    d, layers = rf.hidden_size, rf.num_layers
+    n = (cfg.latent_height // rf.patch_size) * (cfg.latent_width // rf.patch_size)
+    hp = rf.patch_size * rf.history_pool
+    nc = rf.plan_tokens_per_frame + (1 + rf.history_frames) * (cfg.latent_height // hp) * (cfg.latent_width // hp)
+    mlp = int(d * rf.mlp_ratio)
+    linear = lambda t: 2 * t * (4 * d * d + 2 * d * mlp)  # noqa: E731  qkv+proj, fc1+fc2
+    step = layers * (linear(n) + 4 * n * (n + nc) * d)
+    context = layers * (linear(nc) + 4 * nc * nc * d)
+    return rf.num_steps * step + context, n, nc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of the measured video")
+    ap.add_argument("--speculative", choices=["on", "off"], default="off")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
+    ap.add_argument("--tag", default="", help="name of this variant in the JSON file name")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cfg = get_config(args.config)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ceil = ceilings(device)
+    t0 = time.perf_counter()
+    parts = random_model(cfg, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - t0
+    pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1)
+    prompt = "a red circle moving left on a dark background"
+    spec = args.speculative == "on"
+    # Warm-up: one short video (kernels selected, allocator warm), not measured.
+    pipe.generate_video(prompt, num_frames=2 * cfg.frames_per_latent, seed=1, speculative=spec)
+    for v in pipe.times.values():
+        v.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    req = validate_request(cfg, prompt, duration_s=args.seconds, seed=0, speculative=spec)
+    t = time.perf_counter()
+    first, frames = None, 0
+    for chunk in pipe.run(req):
+        frames += len(chunk.frames)
+        if first is None:
+            first = time.perf_counter() - t
+    wall = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    med = {k: statistics.median(v) * 1e3 for k, v in pipe.times.items() if v}
+    n = cfg.plan_tokens_per_frame
+    latent_frames = len(pipe.times["refiner"])
+    ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
+    ar_bytes = sum(p.numel() * p.element_size() for p in parts["ar_backbone"].parameters())
+    flops, n_tokens, n_ctx = refiner_flops(cfg)
+    result = {
+        "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "speculative": spec,
+        "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
+        "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
+        "build_s": build_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
+        "refiner_tokens": n_tokens, "refiner_context_tokens": n_ctx, "ceilings": ceil,
+    }
+    if ceil:
+        ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
+        rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
+        result["floors_ms"] = {"ar_round": ar_floor, "refiner": rf_floor}
+        result["floor_ratio"] = {"ar_round": med["ar_round"] / ar_floor,
+                                 "refiner": med["refiner"] / rf_floor}
+        result["achieved"] = {"ar_bytes_per_s": ar_bytes / (med["ar_round"] / 1e3),
+                              "refiner_flop_per_s": flops / (med["refiner"] / 1e3)}
+
+    print(f"\nHelios {cfg.name} on {result['device']} ({result['dtype']}), speculative "
+          f"{'on' if spec else 'off'}: {frames} frames ({latent_frames} latent) in {wall:.2f} s")
+    print(f"{'stage':<14} {'median ms':>10} {'floor ms':>9} {'ratio':>6}   note")
+    floors = result.get("floors_ms", {})
+    for key, note in (("text_encoder", "once per request"),
+                      ("ar_round", f"one decode round; {n} per latent frame"),
+                      ("refiner", f"context + {cfg.refiner.num_steps} steps, {n_tokens}+{n_ctx} tokens"),
+                      ("vae_decoder", "4 frames")):
+        if key in med:
+            fl = floors.get(key)
+            print(f"{key:<14} {med[key]:>10.2f} {fl if fl else float('nan'):>9.2f} "
+                  f"{med[key] / fl if fl else float('nan'):>6.2f}   {note}")
+    print(f"AR per latent frame {ar_per_frame:.1f} ms; FPS {result['fps']:.2f} "
+          f"(target 24); first frame {first * 1e3:.0f} ms"
+          + (f"; peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""))
+    if ceil:
+        print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+              f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"fps_{cfg.name}_{device.type}{'_' + args.tag if args.tag else ''}.json"
+        (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
