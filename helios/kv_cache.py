@@ -17,8 +17,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import CachePoolExhausted
+
+# Decode attention changes shape every step (one more key). cuDNN's SDPA plans a new graph for
+# every new shape: measured on an H100, 11 ms of CPU per call against 5 us of GPU work. The
+# memory-efficient kernel takes the mask with no per-shape setup.
+_DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _masked_attention(q, k, v, mask):
@@ -27,6 +33,9 @@ def _masked_attention(q, k, v, mask):
     if rep > 1:  # grouped-query attention: query head h reads KV head h // rep
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
+    if q.is_cuda:
+        with sdpa_kernel(_DECODE_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
