@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -148,7 +149,10 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", choices=["on", "off"], default="off")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     ap.add_argument("--tag", default="", help="name of this variant in the JSON file name")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
     args = ap.parse_args(argv)
+    if args.no_cuda_graphs:
+        os.environ["HELIOS_CUDA_GRAPHS"] = "0"
 
     device = torch.device(args.device)
     cfg = get_config(args.config)
@@ -187,6 +191,7 @@ def main(argv=None) -> int:
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "speculative": spec,
+        "cuda_graphs": pipe.ar.cuda_graphs,
         "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
         "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
         "build_s": build_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
@@ -202,7 +207,8 @@ def main(argv=None) -> int:
                               "refiner_flop_per_s": flops / (med["refiner"] / 1e3)}
 
     print(f"\nHelios {cfg.name} on {result['device']} ({result['dtype']}), speculative "
-          f"{'on' if spec else 'off'}: {frames} frames ({latent_frames} latent) in {wall:.2f} s")
+          f"{'on' if spec else 'off'}, CUDA graphs {'on' if pipe.ar.cuda_graphs else 'off'}: "
+          f"{frames} frames ({latent_frames} latent) in {wall:.2f} s")
     print(f"{'stage':<14} {'median ms':>10} {'floor ms':>9} {'ratio':>6}   note")
     floors = result.get("floors_ms", {})
     for key, note in (("text_encoder", "once per request"),

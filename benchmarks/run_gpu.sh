@@ -9,6 +9,8 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 benchmarks/fps.py --config tiny --device cuda --seconds 2 --out "$out" | tee "$out/fps_tiny.log"
+python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative off --no-cuda-graphs \
+    --out "$out" --tag eager | tee "$out/fps_14b_eager.log"
 for spec in off on; do
     python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative "$spec" \
         --out "$out" --tag "spec_$spec" | tee "$out/fps_14b_spec_$spec.log"

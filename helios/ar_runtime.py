@@ -12,12 +12,13 @@ Every sequence samples with its own generator and its own logit bias (TensorRT-L
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .ar_backbone import ARBackbone
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, StaticDecodeView
 from .sampling import SamplingParams, draw, probabilities, speculative_accept
 
 # Rows feeding more positions than this are run as their own forward (prefill), so that a
@@ -39,9 +40,53 @@ class _Sequence:
         return self.prefix.shape[0] + len(self.tokens)
 
 
+class _StaticDecode:
+    """A plain decode step of a fixed batch size in fixed shapes: run eagerly, or captured
+    once as a CUDA graph and replayed (the step then costs its GPU time, not ~1,000 launches
+    from Python)."""
+
+    def __init__(self, model: ARBackbone, cache: PagedKVCache, batch: int, max_blocks: int,
+                 capture: bool):
+        self.view = StaticDecodeView(cache, batch, max_blocks)
+        self.ids = torch.zeros(batch, dtype=torch.long, device=cache.k.device)
+        self.model = model
+        self.graph = None
+        self.logits = None
+        if capture:
+            # Warm up on a side stream (kernel selection, allocator), then capture. The view
+            # points at the scratch block meanwhile, so no sequence's keys are touched.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+
+    def _forward(self):
+        x = self.model.model.embed_tokens(self.ids)[:, None]
+        return self.model(x, self.view.positions, self.view)        # [B, 1, vocab]
+
+    def __call__(self, seq_ids: list, token_ids: list[int]) -> torch.Tensor:
+        self.view.load(seq_ids)
+        self.ids.copy_(torch.tensor(token_ids, dtype=torch.long), non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._forward()
+        return self.logits[:, 0]
+
+
 class ARRuntime:
     def __init__(self, model: ARBackbone, draft: ARBackbone | None = None, *,
-                 num_blocks: int = 256, block_size: int = 16, device=None):
+                 num_blocks: int = 256, block_size: int = 16, device=None,
+                 static_decode: bool = False, cuda_graphs: bool = False,
+                 max_positions: int | None = None):
+        """``static_decode``: plain decode steps run in fixed shapes (``StaticDecodeView``);
+        with ``cuda_graphs`` (CUDA only) they are captured once per batch size and replayed.
+        ``max_positions`` bounds a sequence's length on that path (default: the model's)."""
         self.model = model
         self.draft = draft
         p = next(model.parameters())
@@ -56,6 +101,11 @@ class ARRuntime:
         self.seqs: dict[object, _Sequence] = {}
         self.stats = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0,
                       "draft_forwards": 0}
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.static_decode = static_decode or self.cuda_graphs
+        max_positions = max_positions or model.config.max_position_embeddings
+        self._static_blocks = math.ceil(max_positions / block_size)
+        self._static: dict[int, _StaticDecode] = {}
 
     # ---- streams join and leave --------------------------------------------------------
     def add_sequence(self, seq_id, prefix: torch.Tensor, tokens: list[int],
@@ -138,12 +188,37 @@ class ARRuntime:
         x = self._inputs(self.model, seq, seq.prefix, self._start(self.cache, seq_id), [])
         return self._forward(self.model, self.cache, [seq_id], [x], [1])[0][-1]
 
+    def _static_fits(self, seq_ids: list) -> bool:
+        """Every row feeds exactly its last token (a token id, not a prefix row) and stays
+        within the static length."""
+        limit = self._static_blocks * self.cache.block_size
+        for s in seq_ids:
+            seq = self.seqs[s]
+            start = self._start(self.cache, s)
+            if start != seq.length - 1 or start < seq.prefix.shape[0] or seq.length > limit:
+                return False
+        return True
+
+    def _static_step(self, seq_ids: list) -> torch.Tensor:
+        runner = self._static.get(len(seq_ids))
+        if runner is None:
+            runner = self._static[len(seq_ids)] = _StaticDecode(
+                self.model, self.cache, len(seq_ids), self._static_blocks, self.cuda_graphs)
+        self.cache.reserve(seq_ids, [1] * len(seq_ids))
+        for s in seq_ids:
+            self.cache.lengths[s] += 1
+        self.stats["target_forwards"] += 1
+        return runner(seq_ids, [self.seqs[s].tokens[-1] for s in seq_ids])
+
     @torch.no_grad()
     def step(self, seq_ids: list) -> dict:
         """One plain decode step for every sequence: returns {seq_id: [new token]}."""
-        inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
-                               self._start(self.cache, s), []) for s in seq_ids]
-        logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
+        if self.static_decode and self._static_fits(seq_ids):
+            logits = [lg[None] for lg in self._static_step(seq_ids)]
+        else:
+            inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
+                                   self._start(self.cache, s), []) for s in seq_ids]
+            logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
         new = {}
         for s, lg in zip(seq_ids, logits):
             seq = self.seqs[s]

@@ -65,7 +65,10 @@ class PagedKVCache:
                  block_size: int, dtype=torch.float32, device="cpu"):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # One block more than the pool hands out: a scratch block that fixed-shape decoding
+        # (CUDA-graph capture, padding) may write to without touching any sequence's data.
+        self.scratch_block = num_blocks
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.free_blocks: list[int] = list(range(num_blocks))
@@ -110,7 +113,8 @@ class PagedKVCache:
         return max(0, need - len(self.block_tables[seq_id]))
 
     # ---- one forward -------------------------------------------------------------------
-    def prepare(self, seq_ids: list, num_new: list[int]) -> _BatchLayout:
+    def reserve(self, seq_ids: list, num_new: list[int]) -> None:
+        """Allocate the blocks for ``num_new`` more positions of each sequence, all or none."""
         needed = sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, num_new))
         if needed > len(self.free_blocks):
             raise CachePoolExhausted(
@@ -119,6 +123,9 @@ class PagedKVCache:
         for s, n in zip(seq_ids, num_new):
             for _ in range(self.blocks_needed(s, n)):
                 self.block_tables[s].append(self.free_blocks.pop())
+
+    def prepare(self, seq_ids: list, num_new: list[int]) -> _BatchLayout:
+        self.reserve(seq_ids, num_new)
         device = self.k.device
         layout = _BatchLayout([self.lengths[s] for s in seq_ids], list(num_new), device)
         # Slot of every (row, position) of the padded key range, through the block tables.
@@ -146,6 +153,51 @@ class PagedKVCache:
         keys = self.k[layer][b.read_slots].transpose(1, 2)                 # [B, KVH, L, D]
         values = self.v[layer][b.read_slots].transpose(1, 2)
         return _masked_attention(q, keys, values, b.mask)
+
+
+class StaticDecodeView:
+    """One new position per row over a PagedKVCache, in shapes that never change.
+
+    The block table is padded to ``max_blocks`` per row and the keys of all
+    ``max_blocks * block_size`` positions are gathered and masked, so one decode step has the
+    same shapes whatever the sequences' lengths: it can be captured once as a CUDA graph and
+    replayed with new values in ``block_table`` and ``positions``. Padding entries point at the
+    scratch block.
+    """
+
+    def __init__(self, cache: PagedKVCache, batch: int, max_blocks: int):
+        dev = cache.k.device
+        self.cache = cache
+        self.max_blocks = max_blocks
+        self.block_table = torch.full((batch, max_blocks), cache.scratch_block, dtype=torch.long,
+                                      device=dev)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        bs = cache.block_size
+        self._key_pos = torch.arange(max_blocks * bs, device=dev)
+        self._key_block, self._key_offset = self._key_pos // bs, self._key_pos % bs
+
+    def load(self, seq_ids: list) -> None:
+        """Point the static buffers at these sequences (their new position = length - 1)."""
+        c = self.cache
+        table = torch.full((len(seq_ids), self.max_blocks), c.scratch_block, dtype=torch.long)
+        for i, s in enumerate(seq_ids):
+            blocks = c.block_tables[s]
+            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        pos = torch.tensor([[c.lengths[s] - 1] for s in seq_ids], dtype=torch.long)
+        self.block_table.copy_(table, non_blocking=True)
+        self.positions.copy_(pos, non_blocking=True)
+
+    def attend(self, layer: int, q, k, v):
+        bs = self.cache.block_size
+        pos = self.positions[:, 0]
+        write = self.block_table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs  # [B]
+        self.cache.k[layer].index_copy_(0, write, k[:, :, 0])
+        self.cache.v[layer].index_copy_(0, write, v[:, :, 0])
+        read = self.block_table[:, self._key_block] * bs + self._key_offset            # [B, L]
+        keys = self.cache.k[layer][read].transpose(1, 2)
+        values = self.cache.v[layer][read].transpose(1, 2)
+        mask = (self._key_pos[None, :] <= pos[:, None])[:, None, :]                    # [B, 1, L]
+        return _masked_attention(q, keys, values, mask)
 
 
 class ContiguousKVCache:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -71,8 +72,13 @@ class HeliosPipeline:
         home = "cpu" if self.low_vram else self.device
         for m in self.modules():
             m.to(home).eval()
+        # CUDA graphs for the decode step on a GPU; not with --low-vram, where the weights move
+        # between steps and a captured graph would read freed memory.
+        graphs = (self.device.type == "cuda" and not self.low_vram
+                  and os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0")
         self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * self.blocks_per_stream(config),
-                            block_size=config.kv_block_size, device=self.device)
+                            block_size=config.kv_block_size, device=self.device,
+                            cuda_graphs=graphs, max_positions=config.max_ar_positions())
 
     @staticmethod
     def blocks_per_stream(cfg: HeliosConfig) -> int:

@@ -44,7 +44,9 @@ class TritonPythonModel:
         self.vocab_size = model.config.vocab_size
         block = int(params.get("kv_cache_block_size", self.config.kv_block_size))
         num_blocks = self._pool_blocks(model, draft, block, params, dtype)
-        runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device)
+        runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
+                            cuda_graphs=params.get("cuda_graphs", "on") == "on",
+                            max_positions=self.config.max_ar_positions())
         self.check_period = float(params.get("cancellation_check_period_ms", "100")) / 1000
         self._metrics()
         self.scheduler = ARScheduler(runtime, int(params.get("num_draft_tokens", "4")),
