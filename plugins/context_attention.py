@@ -1,0 +1,103 @@
+"""The refiner's custom attention as one Triton-lang kernel.
+
+softmax(q [k_ctx; k_self]^T * scale) [v_ctx; v_self] for q [B, H, Nq, D], without building
+the concatenation: one flash-attention pass (online softmax, float32 accumulators) walks the
+context keys/values, then the noisy tokens' own, with a single running maximum and
+denominator. Standalone (no import of the helios package) because the TensorRT plugin loads
+it on its own; the helios package imports it on CUDA (helios/attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            n_keys, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold the keys/values [0, n_keys) of one source into the running softmax state."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(0, n_keys, BLOCK_N):
+        keys = start + offs_n
+        valid = keys < n_keys
+        k = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=valid[None, :], other=0.0)                         # [D, BLOCK_N]
+        s = tl.dot(q, k) * qk_scale                                         # log2 domain
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))   # every block has a valid key: m_new is finite
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=valid[:, None], other=0.0)                         # [BLOCK_N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+                                (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))]
+
+
+@triton.autotune(_CONFIGS, key=["NQ", "NC", "NS", "HEAD_DIM"])
+@triton.jit
+def _context_attention_kernel(
+        Q, KC, VC, KS, VS, O,
+        sqb, sqh, sqn, sqd, skcb, skch, skcn, skcd, svcb, svch, svcn, svcd,
+        sksb, sksh, sksn, sksd, svsb, svsh, svsn, svsd, sob, soh, son, sod,
+        H, NQ, NC, NS, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < NQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=rows, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, KC + b * skcb + h * skch, VC + b * svcb + h * svch,
+                            skcn, skcd, svcn, svcd, NC, qk_scale, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, KS + b * sksb + h * sksh, VS + b * svsb + h * svsh,
+                            sksn, sksd, svsn, svsd, NS, qk_scale, BLOCK_N, HEAD_DIM)
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=rows)
+
+
+def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, Nq, D]; k_ctx, v_ctx [B, H, Nc, D] (Nc may be 0); k_self, v_self [B, H, Ns, D]
+    (Ns >= 1). CUDA tensors of one dtype (bf16 / fp16 / fp32); D a power of two >= 16."""
+    b, h, nq, d = q.shape
+    for name, t, n in (("k_ctx", k_ctx, None), ("v_ctx", v_ctx, k_ctx.shape[2]),
+                       ("k_self", k_self, None), ("v_self", v_self, k_self.shape[2])):
+        if t.dim() != 4 or t.shape[:2] != (b, h) or t.shape[3] != d or (n is not None and t.shape[2] != n):
+            raise ValueError(f"{name} must have shape [{b}, {h}, N, {d}], got {list(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+    if not q.is_cuda:
+        raise ValueError("context_attention runs on CUDA tensors")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    if k_self.shape[2] < 1:
+        raise ValueError("k_self must hold at least one key")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.empty_like(q) if out is None else out
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    # Tiles are autotuned per shape on first use (the refiner has a handful of shapes).
+    _context_attention_kernel[grid](
+        q, k_ctx, v_ctx, k_self, v_self, o,
+        *q.stride(), *k_ctx.stride(), *v_ctx.stride(), *k_self.stride(), *v_self.stride(),
+        *o.stride(), h, nq, k_ctx.shape[2], k_self.shape[2], scale * LOG2E, HEAD_DIM=d)
+    return o
