@@ -45,7 +45,7 @@ class _BatchLayout:
     def __init__(self, starts: list[int], num_new: list[int], device):
         self.starts = starts          # cached length of each row before this forward
         self.num_new = num_new
-        b, t = len(starts), max(num_new)
+        t = max(num_new)
         total = [s + n for s, n in zip(starts, num_new)]
         self.total_len = max(total)
         j = torch.arange(t, device=device)

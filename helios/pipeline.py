@@ -33,8 +33,7 @@ from .ar_runtime import ARRuntime
 from .checkpoint import load_component, read_config
 from .config import HeliosConfig
 from .orchestrator import stream_video
-from .schedule import (RefinerHistory, VideoChunk, VideoRequest, ar_segments,  # noqa: F401
-                       codebook_bias, derive_seed, frame_noise, validate_request)
+from .schedule import VideoChunk, VideoRequest, frame_noise, validate_request
 from .text_encoder import tokenize
 from .vae import from_uint8, to_uint8
 

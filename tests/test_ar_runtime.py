@@ -10,7 +10,7 @@ from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
 from helios.errors import CachePoolExhausted
 from helios.kv_cache import ContiguousKVCache, PagedKVCache
-from helios.pipeline import codebook_bias
+from helios.schedule import codebook_bias
 from helios.sampling import SamplingParams, probabilities, speculative_accept
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

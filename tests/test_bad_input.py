@@ -9,7 +9,7 @@ import pytest
 
 from helios.cli import main
 from helios.errors import HeliosError
-from helios.pipeline import validate_request
+from helios.schedule import validate_request
 
 CASES = [
     # (library kwargs, CLI args, message)

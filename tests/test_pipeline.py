@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from helios.pipeline import ar_segments, validate_request
+from helios.schedule import ar_segments, validate_request
 from helios.vae import to_uint8
 
 PROMPT = "a red circle moving left on a dark background"

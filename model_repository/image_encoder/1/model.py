@@ -1,7 +1,6 @@
 """image_encoder: RGB image -> first latent frame + its plan tokens (image-to-video)."""
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.checkpoint import load_component, read_config
