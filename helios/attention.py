@@ -56,7 +56,35 @@ def context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale: float | 
     return (num / den).to(dtype)
 
 
+# ONNX export: one custom-domain node that TensorRT maps to the plugin (export/onnx_export.py
+# sets this), or standard ops (SDPA over the concatenation) when False.
+EXPORT_AS_CUSTOM_NODE = False
+ONNX_DOMAIN, ONNX_OP, PLUGIN_VERSION = "helios", "ContextAttention", "1"
+
+
+class _ContextAttentionNode(torch.autograd.Function):
+    """Exports as ``helios::ContextAttention`` (the TensorRT plugin's name, namespace and
+    version); computes the reference when traced."""
+
+    @staticmethod
+    def forward(ctx, q, k_ctx, v_ctx, k_self, v_self, scale):
+        return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)
+
+    @staticmethod
+    def symbolic(g, q, k_ctx, v_ctx, k_self, v_self, scale):
+        out = g.op(f"{ONNX_DOMAIN}::{ONNX_OP}", q, k_ctx, v_ctx, k_self, v_self, scale_f=scale,
+                   plugin_namespace_s=ONNX_DOMAIN, plugin_version_s=PLUGIN_VERSION)
+        out.setType(q.type())
+        return out
+
+
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
+    if torch.onnx.is_in_onnx_export():
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if EXPORT_AS_CUSTOM_NODE:
+            return _ContextAttentionNode.apply(q, k_ctx, v_ctx, k_self, v_self, float(scale))
+        return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
+                                              torch.cat([v_ctx, v_self], 2), scale=scale)
     if q.is_cuda:
         kernel = _load_kernel()
         if kernel is not None:
