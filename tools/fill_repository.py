@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "model_repository"
+# The TensorRT flavour: these model folders replace the torch ones (engines + tensorrtllm).
+TENSORRT_OVERLAY = ROOT / "model_repository_tensorrt"
 sys.path.insert(0, str(ROOT))
 
 from helios.checkpoint import read_config  # noqa: E402
@@ -28,8 +30,11 @@ PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
 def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
-           kv_fraction: float) -> dict[str, str]:
+           kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None) -> dict[str, str]:
     cfg = read_config(checkpoint)
+    if flavour == "tensorrt":
+        device = "cuda"
+        speculative = False  # TensorRT-LLM's draft-target decoding is not wired to helios yet
     latent = (cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
     blocks = max_streams * math.ceil(cfg.max_ar_positions() / cfg.kv_block_size)
     gpu = device == "cuda"
@@ -38,7 +43,12 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "device": device,
         "dtype": "auto",
         "instance_kind": "KIND_GPU" if gpu else "KIND_CPU",
-        "table_dtype": "TYPE_FP32",
+        # TensorRT-LLM takes the prompt table in FP16; the torch runtime keeps FP32.
+        "table_dtype": "TYPE_FP16" if flavour == "tensorrt" else "TYPE_FP32",
+        "engine_dir": str((engine_dir or ROOT / "engines").resolve()),
+        "refiner_layers": str(cfg.refiner.num_layers),
+        "refiner_heads": str(cfg.refiner.num_heads),
+        "refiner_head_dim": str(cfg.refiner.head_dim),
         "ar_hidden_size": str(cfg.ar_backbone.hidden_size),
         "draft_hidden_size": str(cfg.draft.hidden_size),
         "plan_tokens_per_frame": str(cfg.plan_tokens_per_frame),
@@ -62,11 +72,18 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
     }
 
 
-def fill(out: Path, vals: dict[str, str], templates: Path = TEMPLATES) -> list[Path]:
+def fill(out: Path, vals: dict[str, str], templates: Path = TEMPLATES,
+         flavour: str = "torch") -> list[Path]:
     """Copy the repository to ``out`` with every config.pbtxt filled; returns the configs."""
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(templates, out, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.md")
+    shutil.copytree(templates, out, ignore=ignore)
+    if flavour == "tensorrt":
+        for model in sorted(p for p in TENSORRT_OVERLAY.iterdir() if p.is_dir()):
+            if (out / model.name).exists():
+                shutil.rmtree(out / model.name)
+            shutil.copytree(model, out / model.name, ignore=ignore)
     configs = sorted(out.glob("*/config.pbtxt"))
     for path in configs:
         # Version 1 of every model; an ensemble's is an empty folder, which git does not keep.
@@ -84,6 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "tiny")
     ap.add_argument("--out", type=Path, default=ROOT / ".triton" / "model_repository")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--flavour", choices=["torch", "tensorrt"], default="torch",
+                    help="stage models on the torch runtime, or TensorRT / TensorRT-LLM engines")
+    ap.add_argument("--engine-dir", type=Path, default=ROOT / "engines",
+                    help="tensorrt flavour: where build/ wrote the engines")
     ap.add_argument("--max-streams", type=int, default=8, help="concurrent AR streams (KV pool)")
     ap.add_argument("--speculative", choices=["on", "off"], default="on")
     ap.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.5)
@@ -93,8 +114,8 @@ def main(argv=None) -> int:
     instances = {k: getattr(args, f"{k}_instances") for k in
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
-                  instances, args.kv_cache_free_gpu_mem_fraction)
-    for path in fill(args.out, vals):
+                  instances, args.kv_cache_free_gpu_mem_fraction, args.flavour, args.engine_dir)
+    for path in fill(args.out, vals, flavour=args.flavour):
         print(f"filled {path}")
     return 0
 

@@ -114,9 +114,10 @@ class TritonStages:
         return torch.from_numpy(_call("refiner", inputs, ["latent"])["latent"])[None]
 
     def decode(self, latent, prev_latent):
-        inputs = [_t("latent", latent[0].float().numpy())]
-        if prev_latent is not None:
-            inputs.append(_t("prev_latent", prev_latent[0].float().numpy()))
+        # prev_latent always goes (zeros before the first frame, which is what the decoder
+        # assumes without one): a TensorRT engine has no optional inputs.
+        prev = torch.zeros_like(latent) if prev_latent is None else prev_latent
+        inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
         return _call("vae_decoder", inputs, ["frames"])["frames"]
 
 
