@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helios.checkpoint import COMPONENTS, build_component  # noqa: E402
+from helios.checkpoint import COMPONENTS, random_component  # noqa: E402
 from helios.config import get_config  # noqa: E402
 from helios.pipeline import HeliosPipeline  # noqa: E402
 from helios.schedule import validate_request  # noqa: E402
@@ -69,25 +69,10 @@ def ceilings(device) -> dict:
     return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate}
 
 
-@torch.no_grad()
 def random_model(cfg, device, dtype, seed=0):
     """Every component with random weights, built directly on the device in ``dtype``."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        parts = {}
-        for name in COMPONENTS:
-            m = build_component(cfg, name, device=device)
-            for pname, p in m.named_parameters():
-                if p.dim() == 1:
-                    p.fill_(1.0 if "norm" in pname else 0.0)
-                else:  # 1/sqrt(fan_in) keeps activations O(1) through the random network
-                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-            parts[name] = m.eval()
-    finally:
-        torch.set_default_dtype(old)
-    return parts
+    return {name: random_component(cfg, name, device, dtype, seed * 1000 + i)
+            for i, name in enumerate(COMPONENTS)}
 
 
 class TimedPipeline(HeliosPipeline):

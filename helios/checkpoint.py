@@ -8,6 +8,7 @@ Loading checks every file, tensor name, shape and dtype and says exactly what is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -78,9 +79,31 @@ def _state_dict(module) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+@torch.no_grad()
+def random_component(cfg: HeliosConfig, name: str, device, dtype: torch.dtype, seed: int):
+    """A component with random weights made directly on ``device`` in ``dtype`` (for the 14b
+    config: seconds on a GPU instead of minutes of float32 on the CPU). Matrices are
+    normal(0, 1/sqrt(fan_in)), which keeps activations O(1); norm weights 1, vectors 0."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        module = build_component(cfg, name, device=device)
+    finally:
+        torch.set_default_dtype(old)
+    for pname, p in module.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0 if "norm" in pname else 0.0)
+        else:
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+    return module.eval()
+
+
 def init_checkpoint(cfg: HeliosConfig | str, out: str | Path, seed: int = 0,
-                    dtype: str = "float32") -> Path:
-    """Write a random-initialised checkpoint (deterministic by seed)."""
+                    dtype: str = "float32", device: str = "cpu") -> Path:
+    """Write a random-initialised checkpoint (deterministic by seed). On the CPU each
+    component uses its own initialisation; with device="cuda" the fast generic one of
+    ``random_component`` (same shapes, other numbers)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     if dtype not in _DTYPES:
         raise HeliosError("dtype", f"must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -88,9 +111,13 @@ def init_checkpoint(cfg: HeliosConfig | str, out: str | Path, seed: int = 0,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(COMPONENTS):
-        module = build_component(cfg, name)
-        module.init_weights(torch.Generator().manual_seed(seed * 1000 + i))
-        save_component(module.to(_DTYPES[dtype]), cfg, name, out)
+        if device == "cpu":
+            module = build_component(cfg, name)
+            module.init_weights(torch.Generator().manual_seed(seed * 1000 + i))
+            module = module.to(_DTYPES[dtype])
+        else:
+            module = random_component(cfg, name, device, _DTYPES[dtype], seed * 1000 + i).cpu()
+        save_component(module, cfg, name, out)
         del module
     write_index(cfg, out)
     return out

@@ -1,0 +1,75 @@
+"""FPS and first-frame latency at the client, through Triton's gRPC streaming, for N
+concurrent streams (helios-client's Python API).
+
+    python benchmarks/client_fps.py --url localhost:8001 --seconds 10 --concurrency 1 4 --out OUT
+
+Per stream: frames received / (last chunk time - send time), and send -> first chunk. Each
+concurrency level starts all its streams together. Prints a table, writes client_fps.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+
+from helios_client import HeliosClient  # noqa: E402
+
+PROMPTS = ["a red circle moving left on a dark background", "a blue square moving up",
+           "a green triangle bouncing", "a yellow circle growing on a light background"]
+
+
+def one_stream(url, prompt, seconds, seed, out: dict):
+    t0 = time.perf_counter()
+    first, frames = None, 0
+    for chunk in HeliosClient(url, timeout_s=600).stream(prompt, duration_s=seconds, seed=seed):
+        frames += len(chunk.frames)
+        if first is None:
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    out.update(frames=frames, first_chunk_s=first, total_s=total, fps=frames / total)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=os.environ.get("HELIOS_GRPC_URL", "localhost:8001"))
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--warmup-seconds", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    one_stream(args.url, PROMPTS[0], args.warmup_seconds, 99, {})  # not measured
+    rows = []
+    for n in args.concurrency:
+        results = [dict() for _ in range(n)]
+        threads = [threading.Thread(target=one_stream, args=(args.url, PROMPTS[i % len(PROMPTS)],
+                                                              args.seconds, i, results[i]))
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append({"concurrency": n, "streams": results,
+                     "fps_min": min(r["fps"] for r in results),
+                     "fps_median": statistics.median(r["fps"] for r in results),
+                     "first_chunk_median_s": statistics.median(r["first_chunk_s"] for r in results)})
+    print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22}")
+    for r in rows:
+        print(f"{r['concurrency']:>7} {r['fps_min']:>14.2f} / {r['fps_median']:<13.2f} "
+              f"{r['first_chunk_median_s'] * 1e3:>22.0f}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "client_fps.json").write_text(json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

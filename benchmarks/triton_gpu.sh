@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The 14b configuration through Triton on a GPU machine: random bf16 weights written as a
+# checkpoint, the repository filled for CUDA, tritonserver started, then FPS and first-frame
+# latency at the client for 1 and 4 concurrent gRPC streams. Output (JSON, logs) in $1.
+#   bash benchmarks/triton_gpu.sh OUT [SECONDS]
+# The server comes from the nvidia-pytriton wheel: either installed, or (on the lent GPU
+# machines, which have no internet) the files of .carry/triton-server.tar.xz.
+set -euo pipefail
+out="${1:?usage: triton_gpu.sh OUT [SECONDS]}"; seconds="${2:-10}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if [ -f .carry/triton-server.tar.xz ]; then
+    tar -xJf .carry/triton-server.tar.xz -C /tmp          # -> /tmp/site
+    export PYTHONPATH="/tmp/site:$PWD:$PWD/client:${PYTHONPATH:-}"
+fi
+t0=$(date +%s)
+python3 -m helios init --config 14b --out /tmp/ck14b --seed 0 --dtype bfloat16 --device cuda
+echo "checkpoint written in $(( $(date +%s) - t0 )) s"
+python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
+    --max-streams 4 --speculative off > /dev/null
+python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
+    python3 benchmarks/client_fps.py --seconds "$seconds" --concurrency 1 4 --out "$out"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/gpu.txt"
