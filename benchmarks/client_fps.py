@@ -37,6 +37,18 @@ def one_stream(url, prompt, seconds, seed, out: dict):
     out.update(frames=frames, first_chunk_s=first, total_s=total, fps=frames / total)
 
 
+def gpu_memory_mib():
+    """Memory in use on the GPU right after the streams (the server still holds it)."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("HELIOS_GRPC_URL", "localhost:8001"))
@@ -56,14 +68,15 @@ def main(argv=None) -> int:
             t.start()
         for t in threads:
             t.join()
-        rows.append({"concurrency": n, "streams": results,
+        rows.append({"concurrency": n, "streams": results, "gpu_memory_used_mib": gpu_memory_mib(),
                      "fps_min": min(r["fps"] for r in results),
                      "fps_median": statistics.median(r["fps"] for r in results),
                      "first_chunk_median_s": statistics.median(r["first_chunk_s"] for r in results)})
-    print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22}")
+    print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22} "
+          f"{'GPU MiB':>8}")
     for r in rows:
         print(f"{r['concurrency']:>7} {r['fps_min']:>14.2f} / {r['fps_median']:<13.2f} "
-              f"{r['first_chunk_median_s'] * 1e3:>22.0f}")
+              f"{r['first_chunk_median_s'] * 1e3:>22.0f} {r['gpu_memory_used_mib'] or 0:>8}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "client_fps.json").write_text(json.dumps(
