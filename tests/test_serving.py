@@ -92,3 +92,18 @@ def test_stop_frees_blocks_and_full_pool_waits():
                              "(max_tokens_in_paged_kv_cache)")
     assert sched.stats()["kv_blocks_free"] == 8
     sched.close()
+
+
+def test_server_refuses_numpy_2(monkeypatch):
+    """With numpy 2 the python backend corrupts BYTES inputs and crashes on the first request:
+    the launcher stops before that, saying why."""
+    import numpy
+    import pytest
+
+    from tools.triton_server import check_numpy
+
+    check_numpy()  # the pinned numpy 1.26 passes
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(SystemExit, match=r"^numpy 2\.4\.6 is installed; the python backend of "
+                                         r"tritonserver 2\.51 corrupts BYTES tensors with numpy 2"):
+        check_numpy()

@@ -32,6 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
+def check_numpy() -> None:
+    """tritonserver 2.51's python-backend stub hands BYTES tensors to Python corrupted when the
+    environment has numpy 2 (every byte equals the first; the stub then aborts on the first
+    request with a string input). Refuse to start instead."""
+    import numpy  # noqa: PLC0415
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise SystemExit(f"numpy {numpy.__version__} is installed; the python backend of "
+                         f"tritonserver 2.51 corrupts BYTES tensors with numpy 2, so every "
+                         f"request would crash it. Install numpy<2 (requirements.txt pins 1.26.4).")
+
+
 def wheel_paths() -> tuple[Path, Path]:
     """(tritonserver folder, its shared-library folder): NVIDIA's Triton image (``$TRITONSERVER_HOME``,
     e.g. /opt/tritonserver, with its own backends) or the installed nvidia-pytriton wheel."""
@@ -141,6 +153,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "TritonServer":
+        check_numpy()
         for port in (self.http, self.grpc, self.metrics):
             if port_in_use(port):  # else the readiness probe could be answered by another server
                 raise RuntimeError(f"port {port} is already in use")
@@ -184,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
+    check_numpy()
     if args.run:
         return run_around(args)
     backends = prepare_backends(ROOT / ".triton" / "backends")

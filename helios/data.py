@@ -1,0 +1,107 @@
+"""Synthetic captioned clips: the training data of the tiny model (deterministic by seed).
+
+A clip shows one or two coloured shapes on a background, each moving one way; its caption
+says so ("a red circle moving left on a dark background"). Some (shape, colour, motion)
+combinations are held out of training (``is_held_out``) so that prompt adherence is measured on
+prompts the model never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
+          "yellow": (235, 215, 40), "magenta": (215, 50, 200), "cyan": (40, 210, 215)}
+MOTIONS = ("left", "right", "up", "down", "bouncing", "growing", "static")
+BACKGROUNDS = {"dark": (20, 20, 28), "light": (225, 225, 220)}
+_PHRASE = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
+           "bouncing": "bouncing", "growing": "growing", "static": "resting"}
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    shape: str
+    color: str
+    motion: str
+
+    def phrase(self) -> str:
+        return f"a {self.color} {self.shape} {_PHRASE[self.motion]}"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    objects: tuple[ObjectSpec, ...]
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
+
+
+def is_held_out(obj: ObjectSpec) -> bool:
+    """About one in seven (shape, colour, motion) combinations never appears in training."""
+    key = f"{obj.shape}/{obj.color}/{obj.motion}".encode()
+    return int(hashlib.sha256(key).hexdigest(), 16) % 7 == 0
+
+
+def sample_spec(rng: np.random.Generator, held_out: bool = False, max_objects: int = 2) -> ClipSpec:
+    """A random clip description; ``held_out`` picks only held-out combinations (else none)."""
+    objects = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        while True:
+            o = ObjectSpec(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))],
+                           MOTIONS[rng.integers(len(MOTIONS))])
+            if is_held_out(o) == held_out and all(o.color != p.color for p in objects):
+                objects.append(o)
+                break
+    return ClipSpec(tuple(objects), list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+
+
+def _mask(shape: str, h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    if shape == "circle":
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
+    # Triangle pointing up: inside when below the two slanted edges and above the base.
+    top, base = cy - r, cy + r
+    half = (y - top) / (2 * r) * r
+    return (y >= top) & (y <= base) & (np.abs(x - cx) <= half)
+
+
+def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0) -> np.ndarray:
+    """uint8 [T, size, size, 3]; start positions vary with the seed, the motion never does."""
+    rng = np.random.default_rng(seed)
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    frames[:] = BACKGROUNDS[spec.background]
+    starts = []
+    for i, o in enumerate(spec.objects):
+        r = size * 0.11
+        lo, hi = size * 0.3, size * 0.7
+        cy, cx = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        if len(spec.objects) == 2:  # keep two objects apart: left and right halves
+            cx = size * (0.3 if i == 0 else 0.7)
+        starts.append((cy, cx, r))
+    span = size * 0.25  # distance travelled over the clip
+    for t in range(num_frames):
+        u = t / max(1, num_frames - 1)
+        for o, (cy, cx, r) in zip(spec.objects, starts):
+            y, x, rad = cy, cx, r
+            if o.motion == "left":
+                x -= span * u
+            elif o.motion == "right":
+                x += span * u
+            elif o.motion == "up":
+                y -= span * u
+            elif o.motion == "down":
+                y += span * u
+            elif o.motion == "bouncing":
+                y += span * 0.6 * abs(np.sin(2 * np.pi * u))
+            elif o.motion == "growing":
+                rad = r * (1 + 0.8 * u)
+            frames[t][_mask(o.shape, size, size, y, x, rad)] = COLORS[o.color]
+    return frames

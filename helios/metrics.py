@@ -1,0 +1,74 @@
+"""Pixel metrics that need no downloaded model: what the dominant object is and does, flicker,
+and drift over a long video. They read generated frames the way they read synthetic ground
+truth, and the tests prove them on ground truth first."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import COLORS, SHAPES
+
+_NAMES = list(COLORS)
+_RGB = np.array([COLORS[c] for c in _NAMES], np.float32)
+
+
+def _foreground(frame: np.ndarray) -> np.ndarray:
+    """Pixels that differ from the background (the median colour of the frame's border)."""
+    border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]]).astype(np.float32)
+    bg = np.median(border, axis=0)
+    return np.abs(frame.astype(np.float32) - bg).sum(-1) > 60
+
+
+def dominant_object(frames: np.ndarray) -> dict:
+    """Colour, shape and motion of the largest coloured region, from uint8 [T, H, W, 3]."""
+    masks = [_foreground(f) for f in frames]
+    first = masks[0]
+    if first.sum() < 10:
+        return {"color": None, "shape": None, "motion": None}
+    pixels = frames[0][first].astype(np.float32)
+    # The dominant colour: the named colour most foreground pixels are closest to.
+    votes = np.bincount(np.linalg.norm(pixels[:, None] - _RGB[None], axis=-1).argmin(1),
+                        minlength=len(_NAMES))
+    color = _NAMES[int(votes.argmax())]
+    own = [m & (np.linalg.norm(f.astype(np.float32) - _RGB[votes.argmax()], axis=-1) < 60)
+           for f, m in zip(frames, masks)]
+    ys, xs = np.nonzero(own[0])
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = own[0].sum() / box  # square ~1, circle ~0.79, triangle ~0.5
+    shape = SHAPES[int(np.argmin([abs(fill - 0.785), abs(fill - 1.0), abs(fill - 0.5)]))]
+    track = np.array([(np.nonzero(m)[0].mean(), np.nonzero(m)[1].mean(), m.sum())
+                      if m.sum() else (np.nan, np.nan, 0) for m in own])
+    dy, dx = track[-1, 0] - track[0, 0], track[-1, 1] - track[0, 1]
+    growth = track[-1, 2] / max(track[0, 2], 1)
+    vertical = np.nanmax(track[:, 0]) - np.nanmin(track[:, 0])
+    size = frames.shape[1]
+    if growth > 1.8:
+        motion = "growing"
+    elif max(abs(dx), abs(dy)) > 0.08 * size:
+        motion = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    elif vertical > 0.08 * size:
+        motion = "bouncing"  # it moved vertically and came back
+    else:
+        motion = "static"
+    return {"color": color, "shape": shape, "motion": motion}
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean absolute change between consecutive frames, in [0, 1]."""
+    f = frames.astype(np.float32) / 255
+    return float(np.abs(np.diff(f, axis=0)).mean())
+
+
+def _sharpness(frames: np.ndarray) -> float:
+    g = frames.astype(np.float32).mean(-1)
+    lap = g[:, 1:-1, 1:-1] * 4 - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    return float(lap.var())
+
+
+def drift(frames: np.ndarray, chunk: int = 24) -> dict:
+    """Colour and sharpness statistics of the first vs the last ``chunk`` frames."""
+    a, b = frames[:chunk], frames[-chunk:]
+    return {"mean_rgb_first": a.reshape(-1, 3).mean(0).tolist(),
+            "mean_rgb_last": b.reshape(-1, 3).mean(0).tolist(),
+            "color_shift": float(np.abs(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).mean(0)).mean() / 255),
+            "sharpness_first": _sharpness(a), "sharpness_last": _sharpness(b)}
