@@ -187,6 +187,10 @@ class HeliosConfig:
     def num_latent_frames(self, num_frames: int) -> int:
         return math.ceil(num_frames / self.frames_per_latent)
 
+    def kv_blocks_per_stream(self) -> int:
+        """Paged-KV blocks one stream can need: its longest context in blocks."""
+        return math.ceil(self.max_ar_positions() / self.kv_block_size)
+
     def max_ar_positions(self) -> int:
         # prefix (bytes + begin/end of text) + begin-of-video + a full window of frames + the
         # draft tokens a speculative verification holds for a moment past the window.

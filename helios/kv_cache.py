@@ -13,6 +13,7 @@ different numbers of new tokens; the shorter ones are padded on the right and ma
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,10 +34,8 @@ def _masked_attention(q, k, v, mask):
     if rep > 1:  # grouped-query attention: query head h reads KV head h // rep
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    if q.is_cuda:
-        with sdpa_kernel(_DECODE_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    with sdpa_kernel(_DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
 class _BatchLayout:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -75,13 +74,9 @@ class HeliosPipeline:
         # between steps and a captured graph would read freed memory.
         graphs = (self.device.type == "cuda" and not self.low_vram
                   and os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0")
-        self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * self.blocks_per_stream(config),
+        self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * config.kv_blocks_per_stream(),
                             block_size=config.kv_block_size, device=self.device,
                             cuda_graphs=graphs, max_positions=config.max_ar_positions())
-
-    @staticmethod
-    def blocks_per_stream(cfg: HeliosConfig) -> int:
-        return math.ceil(cfg.max_ar_positions() / cfg.kv_block_size)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)

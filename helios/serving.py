@@ -22,6 +22,9 @@ from typing import Callable
 import torch
 
 from .ar_runtime import ARRuntime
+from .checkpoint import load_component, read_config
+from .errors import HeliosError
+from .schedule import frame_noise
 from .sampling import SamplingParams
 
 log = logging.getLogger("helios.serving")
@@ -205,6 +208,53 @@ def model_dtype(device: torch.device, params: dict) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class Stage:
+    """What a stage model's ``initialize`` needs: its parameters, device, dtype, the
+    checkpoint's config and the loaded components by name."""
+
+    params: dict
+    device: torch.device
+    dtype: torch.dtype
+    config: object
+    modules: dict
+
+
+def load_stage(args: dict, *components: str) -> Stage:
+    """Read the model's parameters and load ``components`` of its checkpoint onto its device."""
+    params = model_parameters(args)
+    device = model_device(args, params)
+    dtype = model_dtype(device, params)
+    config = read_config(params["checkpoint"])
+    modules = {c: load_component(params["checkpoint"], c, config, device, dtype) for c in components}
+    return Stage(params, device, dtype, config, modules)
+
+
+@dataclass
+class RefinerCall:
+    """The refiner model's request as tensors on its device (both repository flavours)."""
+
+    plan: torch.Tensor            # [1, n] int64
+    noise: torch.Tensor           # [1, C, h, w], the frame's starting noise
+    anchor: torch.Tensor | None   # [1, C, h, w]
+    history: list                 # [1, C, h, w] each, most recent first
+
+
+def refiner_call(config, plan, seed: int, frame_index: int, anchor, history, device,
+                 dtype) -> RefinerCall:
+    """Check and convert the refiner's inputs (numpy arrays; anchor and history may be None)."""
+    codebook = config.refiner.codebook_size
+    if plan.min() < 0 or plan.max() >= codebook:
+        raise HeliosError("plan_tokens", f"must be in [0, {codebook - 1}]")
+    shape = (1, config.refiner.latent_channels, config.latent_height, config.latent_width)
+    as_device = lambda a: torch.from_numpy(a).to(device, dtype)  # noqa: E731
+    return RefinerCall(
+        torch.from_numpy(plan.astype("int64")).to(device)[None],
+        frame_noise(seed, frame_index, shape).to(device, dtype),
+        None if anchor is None else as_device(anchor)[None],
+        [] if history is None else [h[None] for h in as_device(history)])
 
 
 # Names of the helios model's inputs for each field of a request.

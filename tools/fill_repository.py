@@ -12,7 +12,6 @@ that keeps one is an error, so a new placeholder cannot slip through unset.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shutil
 import sys
@@ -36,7 +35,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         device = "cuda"
         speculative = False  # TensorRT-LLM's draft-target decoding is not wired to helios yet
     latent = (cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
-    blocks = max_streams * math.ceil(cfg.max_ar_positions() / cfg.kv_block_size)
+    blocks = max_streams * cfg.kv_blocks_per_stream()
     gpu = device == "cuda"
     return {
         "checkpoint": str(checkpoint.resolve()),

@@ -197,9 +197,9 @@ def main(argv=None) -> int:
     ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
-    check_numpy()
     if args.run:
-        return run_around(args)
+        return run_around(args)  # TritonServer.start checks numpy
+    check_numpy()
     backends = prepare_backends(ROOT / ".triton" / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
                        args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs)

@@ -3,20 +3,14 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import load_component, read_config
 from helios.pipeline import encode_image
-from helios.serving import model_device, model_dtype, model_parameters
+from helios.serving import load_stage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        device = model_device(args, params)
-        dtype = model_dtype(device, params)
-        ckpt = params["checkpoint"]
-        self.config = read_config(ckpt)
-        self.vae = load_component(ckpt, "vae", self.config, device, dtype)
-        self.refiner = load_component(ckpt, "refiner", self.config, device, dtype)
+        stage = load_stage(args, "vae", "refiner")
+        self.config, self.vae, self.refiner = stage.config, stage.modules["vae"], stage.modules["refiner"]
 
     def execute(self, requests):
         responses = []

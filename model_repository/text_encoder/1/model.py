@@ -4,16 +4,13 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import load_component
-from helios.serving import model_device, model_dtype, model_parameters
+from helios.serving import load_stage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.device = model_device(args, params)
-        self.model = load_component(params["checkpoint"], "text_encoder", device=self.device,
-                                    dtype=model_dtype(self.device, params))
+        stage = load_stage(args, "text_encoder")
+        self.device, self.model = stage.device, stage.modules["text_encoder"]
 
     @torch.no_grad()
     def execute(self, requests):

@@ -3,17 +3,14 @@
 import torch
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import load_component
-from helios.serving import model_device, model_dtype, model_parameters
+from helios.serving import load_stage
 from helios.vae import to_uint8
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.device = model_device(args, params)
-        self.dtype = model_dtype(self.device, params)
-        self.model = load_component(params["checkpoint"], "vae", device=self.device, dtype=self.dtype)
+        stage = load_stage(args, "vae")
+        self.device, self.dtype, self.model = stage.device, stage.dtype, stage.modules["vae"]
 
     @torch.no_grad()
     def execute(self, requests):
