@@ -175,8 +175,11 @@ class ARScheduler:
             return
         self.iterations += 1
         for job in live:
+            job.remaining -= len(out[job.seq_id])
+        if self.on_iteration is not None:  # before the tokens go out: a client that has a
+            self.on_iteration(self.stats())  # token sees the metrics of the round that made it
+        for job in live:
             toks = out[job.seq_id]
-            job.remaining -= len(toks)
             try:
                 job.emit(toks)
             except Exception:

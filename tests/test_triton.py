@@ -148,11 +148,15 @@ def test_cancelled_ar_request_frees_its_kv_blocks(server, how):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     client.async_stream_infer("ar_backbone", _ar_inputs(480), request_id="long-one",
                               enable_empty_final_response=True)
-    r, e = results.get(timeout=30)
-    assert e is None and r.as_numpy("output_ids").shape == (1, 1, 1)
-    text = live_metrics(server)
-    assert _metric(text, "helios_ar_active_sequences") == 1
-    assert _metric(text, "helios_kv_cache_blocks", state="used") > 0
+    try:
+        r, e = results.get(timeout=30)
+        assert e is None and r.as_numpy("output_ids").shape == (1, 1, 1)
+        text = live_metrics(server)
+        assert _metric(text, "helios_ar_active_sequences") == 1
+        assert _metric(text, "helios_kv_cache_blocks", state="used") > 0
+    except BaseException:  # leave no live sequence behind for the next test
+        client.stop_stream(cancel_requests=True)
+        raise
     if how == "client_cancel":
         client.stop_stream(cancel_requests=True)
     else:
