@@ -125,6 +125,54 @@ def refiner_flops(cfg) -> float:
     return rf.num_steps * step + context, n, nc
 
 
+def time_forwards(ar, device) -> dict[str, list[float]]:
+    """Time every model forward of the AR runtime (synchronised), keyed by what it is: a
+    draft step (1 new token), a target verification (k + 1 tokens), a plain target step."""
+    times: dict[str, list[float]] = {"draft_step": [], "verify": [], "plain_step": []}
+    forward, static = ar._forward, ar._static_step
+
+    def timed(kind, fn, *a):
+        sync(device)
+        t = time.perf_counter()
+        out = fn(*a)
+        sync(device)
+        if kind is not None:
+            times[kind].append(time.perf_counter() - t)
+        return out
+
+    def _forward(model, cache, seq_ids, inputs, keep_last):
+        n = max(x.shape[0] for x in inputs)
+        if model is ar.draft:
+            kind = "draft_step" if n == 1 else None     # a draft's first step feeds its context
+        else:
+            kind = "verify" if max(keep_last) > 1 else ("plain_step" if n == 1 else None)
+        return timed(kind, forward, model, cache, seq_ids, inputs, keep_last)
+
+    ar._forward = _forward
+    ar._static_step = lambda seq_ids: timed("plain_step", static, seq_ids)
+    return times
+
+
+def speculative_table(cfg, forwards: dict, med: dict) -> dict:
+    """FPS at acceptance 0.5 / 0.7 / 0.9 from the measured costs of a draft step and a
+    k-token verification: with per-token acceptance a, a round of k drafts emits
+    (1 - a^(k+1)) / (1 - a) tokens on average and costs k draft steps + one verification."""
+    k = cfg.speculative_tokens
+    draft = statistics.median(forwards["draft_step"]) * 1e3
+    verify = statistics.median(forwards["verify"]) * 1e3
+    plain = statistics.median(forwards["plain_step"]) * 1e3 if forwards["plain_step"] else None
+    n = cfg.plan_tokens_per_frame
+    other = med["refiner"] + med["vae_decoder"]
+    rows = []
+    for a in (0.5, 0.7, 0.9):
+        per_round = (1 - a ** (k + 1)) / (1 - a)
+        ar_ms = n / per_round * (k * draft + verify)
+        rows.append({"acceptance": a, "tokens_per_round": per_round, "ar_ms_per_latent_frame": ar_ms,
+                     "fps": cfg.frames_per_latent / ((ar_ms + other) / 1e3)})
+    return {"k": k, "draft_step_ms": draft, "verify_ms": verify, "plain_step_ms": plain,
+            "refiner_plus_vae_ms": other, "table": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -134,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     ap.add_argument("--tag", default="", help="name of this variant in the JSON file name")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
+    ap.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
     args = ap.parse_args(argv)
     if args.no_cuda_graphs:
         os.environ["HELIOS_CUDA_GRAPHS"] = "0"
@@ -146,12 +195,13 @@ def main(argv=None) -> int:
     parts = random_model(cfg, device, dtype)
     sync(device)
     build_s = time.perf_counter() - t0
-    pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1)
+    pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram)
+    forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
     spec = args.speculative == "on"
     # Warm-up: one short video (kernels selected, allocator warm), not measured.
     pipe.generate_video(prompt, num_frames=2 * cfg.frames_per_latent, seed=1, speculative=spec)
-    for v in pipe.times.values():
+    for v in list(pipe.times.values()) + list(forwards.values()):
         v.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,7 +230,11 @@ def main(argv=None) -> int:
         "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
         "build_s": build_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
         "refiner_tokens": n_tokens, "refiner_context_tokens": n_ctx, "ceilings": ceil,
+        "low_vram": args.low_vram,
     }
+    if spec:
+        result["speculative_costs"] = speculative_table(cfg, forwards, med)
+        result["speculative_costs"]["measured_acceptance"] = pipe.ar.acceptance_rate()
     if ceil:
         ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
         rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
@@ -209,6 +263,15 @@ def main(argv=None) -> int:
     if ceil:
         print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
               f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if spec:
+        c = result["speculative_costs"]
+        print(f"speculative: draft step {c['draft_step_ms']:.2f} ms, verification of "
+              f"{c['k']} drafts {c['verify_ms']:.2f} ms (plain step {c['plain_step_ms']:.2f} ms); "
+              f"measured acceptance {c['measured_acceptance']:.2f}")
+        print(f"{'acceptance':>10} {'tokens/round':>12} {'AR ms/latent':>12} {'FPS':>6}")
+        for row in c["table"]:
+            print(f"{row['acceptance']:>10.2f} {row['tokens_per_round']:>12.2f} "
+                  f"{row['ar_ms_per_latent_frame']:>12.1f} {row['fps']:>6.2f}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"fps_{cfg.name}_{device.type}{'_' + args.tag if args.tag else ''}.json"

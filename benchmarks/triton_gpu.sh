@@ -10,7 +10,7 @@ out="${1:?usage: triton_gpu.sh OUT [SECONDS]}"; seconds="${2:-10}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-if [ -f .carry/triton-server.tar.xz ]; then
+if [ -f .carry/triton-server.tar.xz ] && [ ! -d /tmp/site ]; then
     tar -xJf .carry/triton-server.tar.xz -C /tmp          # -> /tmp/site
     export PYTHONPATH="/tmp/site:$PWD:$PWD/client:${PYTHONPATH:-}"
 fi

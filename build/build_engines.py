@@ -6,8 +6,10 @@
 Optimisation profiles come from the checkpoint's config: prompt length 3 .. max_prompt_bytes+2,
 refiner context length plan tokens .. plan + (1 + history_frames) compressed frames, refiner
 batch 1 .. max-streams. bf16 kernels (fp32 I/O); --fp8 adds FP8 kernels where the graph has
-Q/DQ nodes. The refiner graph is the plugin variant: importing
-plugins/trt_context_attention.py registers helios::ContextAttention before parsing.
+Q/DQ nodes. The refiner graph is the plugin variant: plugins/trt_context_attention.py
+registers helios::ContextAttention before parsing, by default with its ahead-of-time
+implementation (the Triton kernel compiled to PTX and embedded in the plan), so that Triton's
+C++ tensorrt_plan backend runs the engine without Python.
 
 Verified where: written against the TensorRT 10 Python API; not run here (TensorRT's builder is
 not installable on the development machines). The ONNX it reads is tested against PyTorch in
@@ -87,8 +89,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-streams", type=int, default=4)
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--timing-cache", type=Path, default=None)
+    ap.add_argument("--jit-plugin", action="store_true",
+                    help="the Python-callback plugin instead of the embedded PTX (such an "
+                         "engine only runs in a Python process, not in Triton's tensorrt_plan)")
     args = ap.parse_args(argv)
-    import plugins.trt_context_attention  # noqa: F401,PLC0415  registers helios::ContextAttention
+    import plugins.trt_context_attention as plugin  # noqa: PLC0415  registers helios::ContextAttention
+
+    plugin.use_jit() if args.jit_plugin else plugin.use_aot()
 
     shapes = profiles(read_config(args.checkpoint), args.max_streams)
     for engine, onnx_name in (("text_encoder", "text_encoder"), ("refiner_step", "refiner_step.plugin"),

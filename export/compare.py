@@ -91,7 +91,9 @@ def _compare_plugin_graph_in_process(path: Path, feed: dict, outputs: dict, atol
     from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork,  # noqa: PLC0415
                                         NetworkFromOnnxPath, Profile, TrtRunner)
 
-    import plugins.trt_context_attention  # noqa: F401,PLC0415  registers helios::ContextAttention
+    import plugins.trt_context_attention as plugin  # noqa: PLC0415  registers helios::ContextAttention
+
+    plugin.use_aot()  # the implementation the served engine embeds
 
     profile = Profile()
     for k, v in feed.items():

@@ -1,4 +1,4 @@
-"""``helios`` command line: init, info, generate.
+"""``helios`` command line: init, info, generate, train, eval.
 
 Every bad input ends as one line on stderr naming the field and the allowed range, exit 2.
 """
@@ -16,11 +16,23 @@ from pathlib import Path
 from .errors import HeliosError
 
 EXIT_BAD_INPUT = 2
+_STAGES = ("vae", "refiner", "ar", "draft")  # helios.train.STAGES, without importing torch
+# Fine-tuning on a folder of videos takes fewer steps than training from scratch.
+FINETUNE_STEPS = {"vae": 200, "refiner": 300, "ar": 300, "draft": 100}
+
+
+# The trained tiny checkpoint that ships with the source tree (issue 7).
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "helios-tiny"
 
 
 def default_checkpoint() -> Path:
-    """$HELIOS_CHECKPOINT, else checkpoints/tiny under the working directory."""
-    return Path(os.environ.get("HELIOS_CHECKPOINT", "checkpoints/tiny"))
+    """$HELIOS_CHECKPOINT, else the shipped trained tiny checkpoint, else (an installed
+    package without the source tree) checkpoints/tiny under the working directory."""
+    if "HELIOS_CHECKPOINT" in os.environ:
+        return Path(os.environ["HELIOS_CHECKPOINT"])
+    if (SHIPPED_CHECKPOINT / "model_index.json").is_file():
+        return SHIPPED_CHECKPOINT
+    return Path("checkpoints/tiny")
 
 
 def _float(name):
@@ -73,6 +85,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
     p.add_argument("--no-speculative", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="train every stage, or fine-tune a checkpoint on videos")
+    p.add_argument("--out", required=True, help="output checkpoint folder (resumes if it exists)")
+    p.add_argument("--config", default="tiny", help="configuration when starting from scratch")
+    p.add_argument("--init", default=None, help="checkpoint to start from (fine-tuning)")
+    p.add_argument("--data", default=None,
+                   help="folder of videos with .txt caption sidecars or a captions.csv "
+                        "(default: synthetic captioned clips)")
+    p.add_argument("--stages", default=",".join(_STAGES), help="comma-separated subset of "
+                   + ",".join(_STAGES))
+    p.add_argument("--steps", default="", help="steps per stage, e.g. vae=200,ar=300")
+    p.add_argument("--bank-clips", type=_int("bank_clips"), default=None,
+                   help="clips encoded into the latent bank for the refiner/AR/draft stages")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=_int("seed"), default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="prompt adherence, flicker, drift, speculative acceptance")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--prompts", type=_int("prompts"), default=24, help="held-out prompts")
+    p.add_argument("--frames", type=_int("frames"), default=32, help="frames per video")
+    p.add_argument("--long-seconds", type=_float("long_seconds"), default=60.0,
+                   help="length of the drift video (0 skips it)")
+    p.add_argument("--seed", type=_int("seed"), default=0)
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -146,6 +185,73 @@ def cmd_generate(args) -> None:
           f"to {args.output} in {dt:.1f} s ({writer.frames_written / dt:.1f} frames/s{spec})")
 
 
+def _steps(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in _STAGES or not value.isdigit() or int(value) < 1:
+            raise HeliosError("steps", f"must be STAGE=N pairs with STAGE in {list(_STAGES)} and "
+                                       f"N >= 1, got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def cmd_train(args) -> None:
+    import torch  # noqa: PLC0415
+
+    from .train import Trainer, TrainSettings  # noqa: PLC0415
+
+    stages = [s for s in args.stages.split(",") if s]
+    bad = [s for s in stages if s not in _STAGES]
+    if bad or not stages:
+        raise HeliosError("stages", f"must be a comma-separated subset of {list(_STAGES)}, "
+                                    f"got {args.stages!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise HeliosError("device", "must be 'cpu' here: CUDA is not available")
+    settings = TrainSettings()
+    init = args.init
+    if args.data is not None:
+        settings.steps.update(FINETUNE_STEPS)
+        init = init or str(default_checkpoint())
+    settings.steps.update(_steps(args.steps))
+    if args.bank_clips is not None:
+        settings.bank_clips = args.bank_clips
+    trainer = Trainer(args.out, args.config, init=init, data=args.data, device=args.device,
+                      seed=args.seed, settings=settings, progress=not args.no_progress)
+    rejected = getattr(trainer.source, "rejected", [])
+    if args.data is not None:
+        print(f"data: {len(trainer.source.clips)} videos used, {len(rejected)} skipped",
+              file=sys.stderr)
+        for name, why in rejected:
+            print(f"helios: skipped {name}: {why}", file=sys.stderr)
+    losses = trainer.run(stages)
+    for stage, values in losses.items():
+        k = max(1, len(values) // 10)
+        print(f"{stage}: loss {sum(values[:k]) / k:.4f} -> {sum(values[-k:]) / k:.4f} "
+              f"over {len(values)} steps")
+    print(f"wrote checkpoint to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate, table, write_json  # noqa: PLC0415
+    from .pipeline import HeliosPipeline  # noqa: PLC0415
+
+    for name, value, low in (("prompts", args.prompts, 1), ("frames", args.frames, 8)):
+        if value < low:
+            raise HeliosError(name, f"must be an integer >= {low}, got {value}")
+    if not 0 <= args.long_seconds <= 120:
+        raise HeliosError("long_seconds", f"must be in [0, 120], got {args.long_seconds}")
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    pipe = HeliosPipeline.from_checkpoint(ckpt, device=args.device)
+    result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
+                      progress=not args.no_progress)
+    result["checkpoint"] = str(ckpt)
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     try:
@@ -153,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed its one-line message
         return EXIT_BAD_INPUT if e.code else 0
     try:
-        {"init": cmd_init, "info": cmd_info, "generate": cmd_generate}[args.command](args)
+        {"init": cmd_init, "info": cmd_info, "generate": cmd_generate, "train": cmd_train,
+         "eval": cmd_eval}[args.command](args)
     except HeliosError as e:
         print(f"helios: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

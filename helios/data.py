@@ -73,8 +73,36 @@ def _mask(shape: str, h: int, w: int, cy: float, cx: float, r: float) -> np.ndar
     return (y >= top) & (y <= base) & (np.abs(x - cx) <= half)
 
 
-def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0) -> np.ndarray:
-    """uint8 [T, size, size, 3]; start positions vary with the seed, the motion never does."""
+SPEED = 1.0 / 128   # of the frame size per frame, for the four moving directions
+BOUNCE_PERIOD = 24   # frames
+GROW_PERIOD = 32     # frames: a growing object restarts small after this many
+
+
+def object_state(o: ObjectSpec, t: int, cy: float, cx: float, r: float, size: int):
+    """(y, x, radius) of an object at frame ``t``. Motion is stationary: a constant speed
+    that wraps around the frame, a periodic bounce, a sawtooth growth, so that a video of
+    any length keeps doing what its caption says."""
+    step = SPEED * size * t
+    y, x, rad = cy, cx, r
+    if o.motion == "left":
+        x -= step
+    elif o.motion == "right":
+        x += step
+    elif o.motion == "up":
+        y -= step
+    elif o.motion == "down":
+        y += step
+    elif o.motion == "bouncing":
+        y += size * 0.15 * abs(np.sin(np.pi * t / BOUNCE_PERIOD))
+    elif o.motion == "growing":
+        rad = r * (1 + 0.8 * (t % GROW_PERIOD) / GROW_PERIOD)
+    return y % size, x % size, rad
+
+
+def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0,
+                start: int = 0) -> np.ndarray:
+    """uint8 [T, size, size, 3] of frames ``start`` .. ``start + T - 1``; start positions vary
+    with the seed, the motion never does."""
     rng = np.random.default_rng(seed)
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     frames[:] = BACKGROUNDS[spec.background]
@@ -86,22 +114,13 @@ def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0)
         if len(spec.objects) == 2:  # keep two objects apart: left and right halves
             cx = size * (0.3 if i == 0 else 0.7)
         starts.append((cy, cx, r))
-    span = size * 0.25  # distance travelled over the clip
     for t in range(num_frames):
-        u = t / max(1, num_frames - 1)
         for o, (cy, cx, r) in zip(spec.objects, starts):
-            y, x, rad = cy, cx, r
-            if o.motion == "left":
-                x -= span * u
-            elif o.motion == "right":
-                x += span * u
-            elif o.motion == "up":
-                y -= span * u
-            elif o.motion == "down":
-                y += span * u
-            elif o.motion == "bouncing":
-                y += span * 0.6 * abs(np.sin(2 * np.pi * u))
-            elif o.motion == "growing":
-                rad = r * (1 + 0.8 * u)
-            frames[t][_mask(o.shape, size, size, y, x, rad)] = COLORS[o.color]
+            y, x, rad = object_state(o, start + t, cy, cx, r, size)
+            mask = np.zeros((size, size), bool)
+            for dy in (-size, 0, size):       # an object crossing an edge shows on both sides
+                for dx in (-size, 0, size):
+                    if -rad * 2 < y + dy < size + rad * 2 and -rad * 2 < x + dx < size + rad * 2:
+                        mask |= _mask(o.shape, size, size, y + dy, x + dx, rad)
+            frames[t][mask] = COLORS[o.color]
     return frames

@@ -112,6 +112,7 @@ class PlanTokenizer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         p = cfg.patch_size * cfg.history_pool
+        self.pool = cfg.history_pool
         self.patch = nn.Conv2d(cfg.latent_channels, d, p, p)
         self.queries = nn.Parameter(torch.zeros(cfg.plan_tokens_per_frame, d))
         self.key = nn.Linear(d, d)
@@ -119,7 +120,12 @@ class PlanTokenizer(nn.Module):
         self.out = nn.Linear(d, d)
 
     def features(self, latent):
-        x = self.patch(latent).flatten(2).transpose(1, 2)              # [B, M, d]
+        t = self.patch(latent)
+        _, d, gh, gw = t.shape
+        # Positions on the refiner's grid, as the history tokens have them: plan tokens can
+        # then say where things are, not only what they are.
+        pos = pos_embed_2d(gh, gw, d, self.pool, latent.device).to(t.dtype)
+        x = t.flatten(2).transpose(1, 2) + pos
         attn = torch.softmax(self.queries @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1]), -1)
         return self.out(attn @ self.value(x))                          # [B, n, d]
 
@@ -170,11 +176,14 @@ class Refiner(nn.Module):
         _, d, gh, gw = t.shape
         return t.flatten(2).transpose(1, 2) + pos_embed_2d(gh, gw, d, 1, x.device).to(t.dtype)
 
-    def embed_context(self, plan_tokens, anchor=None, history=()):
+    def embed_context(self, plan_tokens, anchor=None, history=(), plan_embeds=None):
         """plan_tokens [B, n]; anchor [B, C, h, w] or None; history: recent latent frames, the
-        most recent first, at most ``history_frames`` -> context tokens [B, Nc, d]."""
+        most recent first, at most ``history_frames`` -> context tokens [B, Nc, d].
+        ``plan_embeds`` [B, n, d] replaces the codebook rows of ``plan_tokens`` (training
+        passes the plan tokenizer's straight-through features)."""
         cfg = self.config
-        parts = [self.plan_embed(plan_tokens) + self.plan_pos]
+        plan = self.plan_embed(plan_tokens) if plan_embeds is None else plan_embeds
+        parts = [plan + self.plan_pos]
         frames = ([(0, anchor)] if anchor is not None else []) + \
             [(1 + j, f) for j, f in enumerate(list(history)[:cfg.history_frames])]
         for slot, f in frames:
@@ -199,9 +208,9 @@ class Refiner(nn.Module):
         return self.time_embed(timestep_embedding(sigma).to(dtype))
 
     # ---- the fast path: context K/V once per frame, then a few steps -------------------
-    def encode_context(self, plan_tokens, anchor=None, history=()):
+    def encode_context(self, plan_tokens, anchor=None, history=(), plan_embeds=None):
         """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D]."""
-        x = self.embed_context(plan_tokens, anchor, history)
+        x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
         c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
         kv = []
         for block in self.blocks:

@@ -47,17 +47,13 @@ _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=
                                 (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))]
 
 
-@triton.autotune(_CONFIGS, key=["NQ", "NC", "NS", "HEAD_DIM"])
 @triton.jit
-def _context_attention_kernel(
-        Q, KC, VC, KS, VS, O,
-        sqb, sqh, sqn, sqd, skcb, skch, skcn, skcd, svcb, svch, svcn, svcd,
-        sksb, sksh, sksn, sksd, svsb, svsh, svsn, svsd, sob, soh, son, sod,
-        H, NQ, NC, NS, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+def _tile(Q, KC, VC, KS, VS, O, b, h, pid_m,
+          sqb, sqh, sqn, sqd, skcb, skch, skcn, skcd, svcb, svch, svcn, svcd,
+          sksb, sksh, sksn, sksd, svsb, svsh, svsn, svsd, sob, soh, son, sod,
+          NQ, NC, NS, qk_scale,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One BLOCK_M tile of queries of one (batch, head): context keys, then its own."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < NQ
@@ -73,6 +69,57 @@ def _context_attention_kernel(
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rows)
+
+
+@triton.autotune(_CONFIGS, key=["NQ", "NC", "NS", "HEAD_DIM"])
+@triton.jit
+def _context_attention_kernel(
+        Q, KC, VC, KS, VS, O,
+        sqb, sqh, sqn, sqd, skcb, skch, skcn, skcd, svcb, svch, svcn, svcd,
+        sksb, sksh, sksn, sksd, svsb, svsh, svsn, svsd, sob, soh, son, sod,
+        H, NQ, NC, NS, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Any strides (the PyTorch runtime passes views)."""
+    bh = tl.program_id(1)
+    _tile(Q, KC, VC, KS, VS, O, bh // H, bh % H, tl.program_id(0),
+          sqb, sqh, sqn, sqd, skcb, skch, skcn, skcd, svcb, svch, svcn, svcd,
+          sksb, sksh, sksn, sksd, svsb, svsh, svsn, svsd, sob, soh, son, sod,
+          NQ, NC, NS, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM)
+
+
+@triton.jit
+def context_attention_aot_kernel(
+        Q, KC, VC, KS, VS, NQ, NC, NS, O,
+        H: tl.constexpr, QK_SCALE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The TensorRT plugin's entry point: TensorRT launches a compiled kernel with its
+    parameters ordered inputs, scalars, outputs, and hands it dense tensors, so the strides
+    follow from the sizes; heads, scale and tiles are compile-time constants."""
+    bh = tl.program_id(1)
+    d = HEAD_DIM
+    _tile(Q, KC, VC, KS, VS, O, bh // H, bh % H, tl.program_id(0),
+          H * NQ * d, NQ * d, d, 1, H * NC * d, NC * d, d, 1, H * NC * d, NC * d, d, 1,
+          H * NS * d, NS * d, d, 1, H * NS * d, NS * d, d, 1, H * NQ * d, NQ * d, d, 1,
+          NQ, NC, NS, QK_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM)
+
+
+# The tile the AOT kernel is compiled with: the autotuner's pick at all three measured shapes on
+# the H100 (benchmarks/RESULTS.md), 14b at 720p included.
+AOT_BLOCK_M, AOT_BLOCK_N, AOT_NUM_WARPS, AOT_NUM_STAGES = 64, 64, 4, 3
+
+
+def context_attention_dense(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> torch.Tensor:
+    """The AOT kernel launched from PyTorch with the plugin's argument order and tile: what
+    the TensorRT engine runs, testable without TensorRT (dense inputs only)."""
+    b, h, nq, d = q.shape
+    o = torch.empty_like(q)
+    grid = (triton.cdiv(nq, AOT_BLOCK_M), b * h)
+    context_attention_aot_kernel[grid](
+        q.contiguous(), k_ctx.contiguous(), v_ctx.contiguous(), k_self.contiguous(),
+        v_self.contiguous(), nq, k_ctx.shape[2], k_self.shape[2], o,
+        H=h, QK_SCALE=scale * LOG2E, BLOCK_M=AOT_BLOCK_M, BLOCK_N=AOT_BLOCK_N, HEAD_DIM=d,
+        num_warps=AOT_NUM_WARPS, num_stages=AOT_NUM_STAGES)
+    return o
 
 
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None,
@@ -101,3 +148,23 @@ def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = Non
         *q.stride(), *k_ctx.stride(), *v_ctx.stride(), *k_self.stride(), *v_self.stride(),
         *o.stride(), h, nq, k_ctx.shape[2], k_self.shape[2], scale * LOG2E, HEAD_DIM=d)
     return o
+
+
+def compile_aot(dtype: str, heads: int, head_dim: int, scale: float):
+    """The AOT kernel compiled to PTX for the TensorRT plugin: (compiled kernel, entry name).
+    dtype is Triton's name ("bf16", "fp16", "fp32")."""
+    ptr = f"*{dtype}"
+    src = triton.compiler.ASTSource(
+        fn=context_attention_aot_kernel,
+        signature={"Q": ptr, "KC": ptr, "VC": ptr, "KS": ptr, "VS": ptr,
+                   "NQ": "i32", "NC": "i32", "NS": "i32", "O": ptr},
+        constexprs={"H": heads, "QK_SCALE": scale * LOG2E, "BLOCK_M": AOT_BLOCK_M,
+                    "BLOCK_N": AOT_BLOCK_N, "HEAD_DIM": head_dim})
+    compiled = triton.compile(src, options={"num_warps": AOT_NUM_WARPS,
+                                            "num_stages": AOT_NUM_STAGES})
+    # TensorRT passes exactly the parameters above; a kernel that wanted Triton's scratch
+    # buffers would read garbage pointers.
+    for key in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(compiled.metadata, key, 0):
+            raise RuntimeError(f"the AOT kernel needs {key}, which TensorRT does not provide")
+    return compiled, compiled.metadata.name

@@ -40,3 +40,37 @@ def test_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"^k_ctx must have shape \[1, 2, N, 32\], got \[1, 3, 4, 32\]$"):
         context_attention(q, torch.zeros(1, 3, 4, 32, device="cuda", dtype=torch.bfloat16),
                           q[:, :, :4], q, q)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_aot_entry_point_matches_reference(shape):
+    """The kernel the TensorRT engine embeds: dense inputs, TensorRT's argument order
+    (inputs, scalars, output), heads and scale compiled in."""
+    from plugins.context_attention import context_attention_dense
+
+    b, h, nq, nc, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(1 + hash(shape) % 2**31)
+    r = lambda n: torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, kc, vc, ks, vs = r(nq), r(nc), r(nc), r(nq), r(nq)
+    out = context_attention_dense(q, kc, vc, ks, vs, scale=0.1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), torch.cat([kc, ks], 2).double(), torch.cat([vc, vs], 2).double(), scale=0.1)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
+
+
+def test_aot_kernel_compiles_to_ptx_with_the_plugin_signature():
+    """What the plugin's aot_impl hands TensorRT: PTX whose entry takes the 9 parameters
+    TensorRT passes (5 inputs, 3 int32 scalars, 1 output) and no Triton scratch buffers."""
+    import re
+
+    from plugins.context_attention import compile_aot
+
+    compiled, name = compile_aot("bf16", 16, 128, 128 ** -0.5)
+    ptx = compiled.asm["ptx"]
+    entry = re.search(rf"\.entry {re.escape(name)}\((.*?)\)", ptx, re.S)
+    assert entry is not None
+    params = re.findall(r"\.param \.(\w+)", entry.group(1))
+    # Newer Triton appends two scratch pointers to every kernel; they must be unused here.
+    assert params[:9] == ["u64"] * 5 + ["u32"] * 3 + ["u64"], params
+    assert compiled.metadata.shared > 0

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 5's GPU measurements on a lent GPU machine (no internet), in two parts that each fit
+# one 10-minute command:
+#   bash benchmarks/gpu_session.sh OUT server      GPU kernel tests, then the 14b config through
+#                                                  Triton: client FPS / first frame at 1 and 4
+#                                                  streams (benchmarks/triton_gpu.sh)
+#   bash benchmarks/gpu_session.sh OUT inprocess   speculative-decoding costs and --low-vram
+#                                                  (benchmarks/fps.py)
+# The server needs numpy < 2 (tritonserver 2.51's python backend corrupts BYTES tensors under
+# numpy 2), and the machine's Python has numpy 2: a venv whose own site-packages hold numpy
+# 1.26 (and tritonclient) from .whl/, with the machine's packages (torch, ...) behind them
+# through a .pth file. The Triton server files come from .carry/triton-server.tar.xz.
+set -uo pipefail
+out="${1:?usage: gpu_session.sh OUT server|inprocess}"; part="${2:?server|inprocess}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+server_python() {
+    local base; base="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
+    python3 -m venv --without-pip /tmp/v
+    local own; own="$(/tmp/v/bin/python -c 'import site; print(site.getsitepackages()[0])')"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" .whl/*.whl
+    echo "$base" > "$own/machine-packages.pth"
+    tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*
+    export PYTHONPATH="/tmp/site:$PWD:$PWD/client"
+    /tmp/v/bin/python -c 'import numpy, torch; print("server python: numpy", numpy.__version__, "torch", torch.__version__)'
+}
+
+if [ "$part" = server ]; then
+    python3 -m pytest -q tests/test_context_attention_kernel.py tests/test_cuda_graphs.py 2>&1 \
+        | tail -5 | tee "$out/gpu_tests.txt"
+    server_python
+    if [ -d .carry/bytes_repo ]; then   # the BYTES round trip that crashed under numpy 2
+        timeout 120 /tmp/v/bin/python tools/triton_server.py --repository .carry/bytes_repo \
+            --log-file "$out/bytes_server.log" --run /tmp/v/bin/python .carry/bytes_check.py \
+            2>&1 | tail -4 | tee "$out/bytes_check.txt"
+        grep -h "echo: python" "$out/bytes_server.log" | tail -1
+    fi
+    PATH="/tmp/v/bin:$PATH" timeout 420 bash benchmarks/triton_gpu.sh "$out" "${HELIOS_SECONDS:-10}"
+    tail -30 "$out/server.log" > "$out/server_tail.log" 2>/dev/null
+else
+    timeout 200 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative on \
+        --out "$out" --tag spec_costs 2>&1 | tail -14
+    timeout 330 python3 benchmarks/fps.py --config 14b --device cuda --seconds 0.5 --low-vram \
+        --out "$out" --tag low_vram 2>&1 | tail -10
+fi

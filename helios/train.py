@@ -1,0 +1,503 @@
+"""Training of every stage, and fine-tuning of a checkpoint on a folder of videos.
+
+The stages train in order, each on what the previous ones produce:
+
+    vae       encoder + decoder on windows of 8 frames (two latent frames; the second
+              decodes with the first as its previous latent, as in streaming)
+    refiner   the plan tokenizer (its codebook is the refiner's plan-token embedding) with
+              the refiner it conditions: flow matching on latent frames with the anchor and
+              history the pipeline gives it, then the few-step schedule (the 3-step Euler
+              sampler unrolled and trained end to end on the clean frame)
+    ar        the text encoder with the AR backbone: next plan token after the text prefix,
+              on the two kinds of window the pipeline's AR segments show
+    draft     the draft model (and the text encoder's draft projection) distilled from the
+              AR backbone's next-token distribution
+
+Each stage writes its component folders into the output checkpoint as it finishes, so the
+folder is a loadable checkpoint all along. Training state (weights, optimiser, step) is saved
+under ``<out>/train_state`` every ``save_every`` steps; running the same command again resumes.
+Every random draw comes from (seed, stage, step), so a resumed run draws what an
+uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import (COMPONENTS, build_component, init_checkpoint, load_component, read_config,
+                         save_component, write_index)
+from .config import HeliosConfig, get_config
+from .data import render_clip, sample_spec
+from .errors import HeliosError
+from .schedule import RefinerHistory
+from .text_encoder import tokenize
+from .vae import from_uint8
+
+STAGES = ("vae", "refiner", "ar", "draft")
+CLIP_LATENTS = 12          # latent frames per clip in the latent bank (48 video frames)
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+@dataclass
+class TrainSettings:
+    steps: dict = field(default_factory=lambda: {"vae": 1200, "refiner": 1600, "ar": 1500,
+                                                 "draft": 500})
+    batch: dict = field(default_factory=lambda: {"vae": 8, "refiner": 48, "ar": 32, "draft": 32})
+    lr: dict = field(default_factory=lambda: {"vae": 1e-3, "refiner": 5e-4, "ar": 1e-3,
+                                              "draft": 1e-3})
+    bank_clips: int = 1200           # clips encoded into the latent bank
+    fewstep_fraction: float = 0.3    # last part of the refiner stage: the unrolled sampler
+    kl_weight: float = 1e-3
+    save_every: int = 100
+
+
+# ---- data ----------------------------------------------------------------------------------
+class SyntheticClips:
+    """Captioned synthetic clips (helios.data), never the held-out combinations."""
+
+    def __init__(self, cfg: HeliosConfig):
+        self.size = cfg.height
+
+    def sample(self, rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, str]:
+        spec = sample_spec(rng, max_objects=2 if rng.random() < 0.25 else 1)
+        frames = render_clip(spec, num_frames, self.size, seed=int(rng.integers(2**31)))
+        return frames, spec.caption
+
+
+class FolderClips:
+    """Videos of a folder with their captions, resized to the configuration.
+
+    A caption is the sidecar ``<video>.txt``, or a row of ``captions.csv`` (columns ``file``
+    and ``caption``). Files that cannot be decoded, have no caption, or are shorter than one
+    latent frame are listed in ``rejected`` with the reason and never used.
+    """
+
+    def __init__(self, folder: str | Path, cfg: HeliosConfig):
+        import av  # noqa: PLC0415
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise HeliosError("data", f"must be a folder of videos, {str(folder)!r} is not one")
+        table = {}
+        if (folder / "captions.csv").is_file():
+            with open(folder / "captions.csv", newline="") as f:
+                table = {row["file"]: row["caption"] for row in csv.DictReader(f)}
+        self.clips: list[tuple[np.ndarray, str]] = []
+        self.names: list[str] = []
+        self.rejected: list[tuple[str, str]] = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in VIDEO_SUFFIXES:
+                continue
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else table.get(path.name)
+            if not caption:
+                self.rejected.append((path.name, "no caption (.txt sidecar or captions.csv row)"))
+                continue
+            try:
+                tokenize(caption, cfg.text_encoder.max_prompt_bytes)
+            except HeliosError as e:
+                self.rejected.append((path.name, f"caption: {e}"))
+                continue
+            try:
+                frames = self._read(path, cfg, av)
+            except Exception as e:  # PyAV raises many FFmpeg error types: all mean unreadable
+                self.rejected.append((path.name, f"cannot decode: {type(e).__name__}: {e}"))
+                continue
+            if len(frames) < cfg.frames_per_latent:
+                self.rejected.append((path.name, f"{len(frames)} frames, fewer than one latent "
+                                                 f"frame ({cfg.frames_per_latent})"))
+                continue
+            self.clips.append((frames, caption))
+            self.names.append(path.name)
+        if not self.clips:
+            raise HeliosError("data", f"has no usable video in {str(folder)!r} "
+                                      f"({len(self.rejected)} rejected)")
+
+    @staticmethod
+    def _read(path: Path, cfg: HeliosConfig, av) -> np.ndarray:
+        with av.open(str(path)) as c:
+            frames = [f.to_ndarray(format="rgb24", width=cfg.width, height=cfg.height)
+                      for f in c.decode(video=0)]
+        if not frames:
+            raise ValueError("no video frames")
+        return np.stack(frames)
+
+    def sample(self, rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, str]:
+        frames, caption = self.clips[int(rng.integers(len(self.clips)))]
+        start = int(rng.integers(max(1, len(frames) - num_frames + 1)))
+        window = frames[start:start + num_frames]
+        if len(window) < num_frames:  # a short clip holds its last frame
+            pad = np.repeat(window[-1:], num_frames - len(window), axis=0)
+            window = np.concatenate([window, pad])
+        return window, caption
+
+
+# ---- the loop shared by the stages ---------------------------------------------------------
+class _Run:
+    """Optimiser, warmup + cosine schedule, resumable state, progress bar and loss log."""
+
+    def __init__(self, trainer: "Trainer", stage: str, modules: dict, params, steps: int,
+                 lr: float):
+        self.t, self.stage, self.modules, self.steps = trainer, stage, modules, steps
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+        warm = min(50, max(1, steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) *
+            (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+        self.path = trainer.state_dir / f"{stage}.pt"
+        self.step = 0
+        self.history: list[float] = []
+        if self.path.is_file():
+            state = torch.load(self.path, map_location=trainer.device, weights_only=True)
+            for name, m in modules.items():
+                m.load_state_dict(state["modules"][name])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            trainer.log(f"{stage}: resuming at step {self.step} of {steps}")
+
+    def save(self) -> None:
+        state = {"modules": {n: m.state_dict() for n, m in self.modules.items()},
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "step": self.step}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.t.seed, STAGES.index(self.stage), self.step])
+
+    def __iter__(self):
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.stage, unit="step",
+                   disable=not self.t.progress, dynamic_ncols=True)
+        while self.step < self.steps:
+            yield self.step
+            self.step += 1
+            if self.step % self.t.settings.save_every == 0 or self.step == self.steps:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(self.history[-20:]):.4f}")
+        bar.close()
+
+    def backward(self, loss: torch.Tensor, **parts: float) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise HeliosError("training", f"{self.stage} loss became {value} at step {self.step}")
+        self.history.append(value)
+        self.t.losses.setdefault(self.stage, []).append(value)
+        if self.step % 10 == 0 or self.step == self.steps - 1:
+            self.t.record({"stage": self.stage, "step": self.step, "loss": value,
+                           "lr": self.sched.get_last_lr()[0], **parts})
+
+
+class _CausalAttention:
+    """The ``cache`` argument of ARBackbone.forward for training: causal attention over the
+    whole (right-padded) sequence, grouped-query heads repeated."""
+
+    def attend(self, layer_idx, q, k, v):
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                              v.repeat_interleave(g, 1), is_causal=True)
+
+
+class Trainer:
+    def __init__(self, out: str | Path, config: str = "tiny", init: str | Path | None = None,
+                 data: str | Path | None = None, device: str = "cpu", seed: int = 0,
+                 settings: TrainSettings | None = None, progress: bool = True):
+        self.out = Path(out)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.settings = settings or TrainSettings()
+        self.progress = progress
+        self.state_dir = self.out / "train_state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.losses: dict[str, list[float]] = {}
+        if (self.out / "model_index.json").is_file():      # resuming: the output is the state
+            self.cfg = read_config(self.out)
+        elif init is not None:                              # fine-tuning from a checkpoint
+            self.cfg = read_config(init)
+            for name in COMPONENTS:
+                save_component(load_component(init, name, self.cfg), self.cfg, name, self.out)
+            write_index(self.cfg, self.out)
+        else:
+            self.cfg = get_config(config)
+            init_checkpoint(self.cfg, self.out, seed=seed)
+        self.source = FolderClips(data, self.cfg) if data is not None else SyntheticClips(self.cfg)
+        for name, why in getattr(self.source, "rejected", []):
+            self.log(f"skipped {name}: {why}")
+        self.models = {n: load_component(self.out, n, self.cfg, self.device, torch.float32)
+                       for n in COMPONENTS}
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        tqdm.write(line) if self.progress else None
+        self.record({"message": line})
+
+    def record(self, entry: dict) -> None:
+        with open(self.state_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), **entry}) + "\n")
+
+    def _done(self) -> set:
+        p = self.state_dir / "done.json"
+        return set(json.loads(p.read_text())) if p.is_file() else set()
+
+    def _finish(self, stage: str, names: tuple) -> None:
+        for n in names:
+            save_component(self.models[n], self.cfg, n, self.out)
+        done = self._done() | {stage}
+        (self.state_dir / "done.json").write_text(json.dumps(sorted(done)) + "\n")
+        self.log(f"{stage}: done, wrote {', '.join(names)}")
+
+    def run(self, stages=STAGES) -> dict:
+        for s in stages:
+            if s not in STAGES:
+                raise HeliosError("stages", f"must be among {list(STAGES)}, got {s!r}")
+        for s in STAGES:
+            if s in stages and s not in self._done():
+                getattr(self, f"train_{s}")()
+                self.models[s if s != "ar" else "ar_backbone"].eval()
+        return {s: v for s, v in self.losses.items()}
+
+    # ---- stage 1: the VAE --------------------------------------------------------------
+    def vae_loss(self, frames: torch.Tensor):
+        """frames [B, 8, 3, H, W] in [-1, 1] -> (loss, reconstruction, kl)."""
+        vae, f = self.models["vae"], self.cfg.frames_per_latent
+        mean, logvar = vae.encoder(frames.reshape(-1, f, *frames.shape[2:]))
+        logvar = logvar.clamp(-10, 4)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = z.view(frames.shape[0], 2, *z.shape[1:])
+        first = vae.decoder(z[:, 0], torch.zeros_like(z[:, 0]))
+        second = vae.decoder(z[:, 1], z[:, 0])
+        recon = torch.cat([first, second], dim=1)
+        rec = (recon - frames).abs().mean() + F.mse_loss(recon, frames)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return rec + self.settings.kl_weight * kl, rec.item(), kl.item()
+
+    def _video_batch(self, rng, batch: int, num_frames: int):
+        clips, captions = zip(*(self.source.sample(rng, num_frames) for _ in range(batch)))
+        return from_uint8(torch.from_numpy(np.stack(clips))).to(self.device), list(captions)
+
+    def train_vae(self) -> None:
+        s = self.settings
+        vae = self.models["vae"].train()
+        run = _Run(self, "vae", {"vae": vae}, vae.parameters(), s.steps["vae"], s.lr["vae"])
+        for _ in run:
+            frames, _ = self._video_batch(run.rng(), s.batch["vae"], 2 * self.cfg.frames_per_latent)
+            loss, rec, kl = self.vae_loss(frames)
+            run.backward(loss, reconstruction=rec, kl=kl)
+        self._finish("vae", ("vae",))
+
+    # ---- the latent bank: clips encoded once for the later stages ----------------------
+    @torch.no_grad()
+    def bank(self) -> tuple[torch.Tensor, list[str]]:
+        """Latent frames [N, 12, C, h, w] of N clips and their captions (cached on disk)."""
+        path = self.state_dir / "bank.pt"
+        if path.is_file():
+            b = torch.load(path, weights_only=True)
+            return b["latents"].to(self.device), b["captions"]
+        vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
+        rng = np.random.default_rng([self.seed, 99])
+        latents, captions = [], []
+        for _ in tqdm(range(self.settings.bank_clips), desc="latent bank", unit="clip",
+                      disable=not self.progress, dynamic_ncols=True):
+            frames, caption = self._video_batch(rng, 1, CLIP_LATENTS * f)
+            latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
+            captions += caption
+        latents = torch.stack(latents)
+        torch.save({"latents": latents, "captions": captions}, path)
+        self.log(f"latent bank: {len(captions)} clips, latent std {latents.std():.3f}")
+        return latents.to(self.device), captions
+
+    # ---- stage 2: plan tokenizer + refiner, then the few-step schedule -----------------
+    @staticmethod
+    def _context(latents, i: int, noise_scale: float, gen=None):
+        """Anchor and recent history of latent frame ``i`` exactly as RefinerHistory keeps
+        them, with a little noise: at inference they are the refiner's own outputs."""
+        hist = RefinerHistory(2)
+        for j in range(i):
+            hist.push(j)
+        def pick(j):
+            x = latents[:, j]
+            return x + noise_scale * torch.randn(x.shape, generator=gen, device=x.device)
+        anchor = None if hist.anchor is None else pick(hist.anchor)
+        return anchor, [pick(j) for j in hist.recent]
+
+    def plan_features(self, x0):
+        """Straight-through plan embeddings, their token ids and the VQ loss."""
+        refiner = self.models["refiner"]
+        feats = refiner.plan_tokenizer.features(x0)
+        book = refiner.plan_embed.weight
+        ids = torch.cdist(feats.detach(), book.detach()[None].expand(x0.shape[0], -1, -1)).argmin(-1)
+        q = book[ids]
+        vq = F.mse_loss(q, feats.detach()) + 0.25 * F.mse_loss(feats, q.detach())
+        return feats + (q - feats).detach(), ids, vq
+
+    def refiner_loss(self, latents, rng, fewstep: bool):
+        """latents [B, T, C, h, w] -> loss (flow matching, or the unrolled sampler's error)."""
+        refiner = self.models["refiner"]
+        i = int(rng.integers(latents.shape[1]))
+        x0 = latents[:, i]
+        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        anchor, recent = self._context(latents, i, 0.05, gen)
+        plan, ids, vq = self.plan_features(x0)
+        kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        if fewstep:   # the sampler of Refiner.render, unrolled, trained on its final output
+            x, sig = noise, refiner.sigmas()
+            for a, b in zip(sig[:-1], sig[1:]):
+                x = x + (b - a) * refiner(x, a, kv)
+            err = F.mse_loss(x, x0)
+            return err + vq, err.item(), vq.item(), ids
+        # Flow matching at sigmas spread like the shifted schedule's (logit-normal, shifted).
+        u = torch.sigmoid(torch.randn(x0.shape[0], generator=gen, device=self.device))
+        shift = refiner.config.shift
+        sigma = shift * u / (1 + (shift - 1) * u)
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        v = refiner(xt, sigma, kv)
+        err = F.mse_loss(v, noise - x0)
+        return err + vq, err.item(), vq.item(), ids
+
+    def train_refiner(self) -> None:
+        s = self.settings
+        refiner = self.models["refiner"].train()
+        latents, _ = self.bank()
+        steps = s.steps["refiner"]
+        switch = int(steps * (1 - s.fewstep_fraction))
+        run = _Run(self, "refiner", {"refiner": refiner}, refiner.parameters(), steps,
+                   s.lr["refiner"])
+        used = torch.zeros(refiner.config.codebook_size, device=self.device)
+        for step in run:
+            rng = run.rng()
+            idx = torch.from_numpy(rng.integers(latents.shape[0], size=s.batch["refiner"]))
+            loss, err, vq, ids = self.refiner_loss(latents[idx.to(self.device)], rng, step >= switch)
+            run.backward(loss, error=err, vq=vq, fewstep=step >= switch)
+            used.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=self.device))
+            if step % 50 == 49 and step < switch:
+                self._restart_dead_codes(used, latents, rng)
+                used.zero_()
+        self._finish("refiner", ("refiner",))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, used, latents, rng) -> None:
+        """Codebook rows no frame chose lately move onto features of random frames."""
+        refiner = self.models["refiner"]
+        dead = (used == 0).nonzero().flatten()
+        if len(dead) == 0:
+            return
+        idx = torch.from_numpy(rng.integers(latents.shape[0], size=64))
+        frames = latents[idx.to(self.device), torch.from_numpy(rng.integers(latents.shape[1], size=64))]
+        feats = refiner.plan_tokenizer.features(frames).flatten(0, 1)
+        pick = torch.from_numpy(rng.integers(feats.shape[0], size=len(dead))).to(self.device)
+        refiner.plan_embed.weight[dead] = feats[pick]
+        self.record({"stage": "refiner", "restarted_codes": len(dead)})
+
+    @torch.no_grad()
+    def plans(self) -> torch.Tensor:
+        """Plan tokens [N, 12, n] of the bank's latent frames (the AR training data)."""
+        refiner = self.models["refiner"].eval()
+        latents, _ = self.bank()
+        out = [refiner.plan_tokenizer(latents[i], refiner.plan_embed.weight)
+               for i in range(latents.shape[0])]
+        plans = torch.stack(out)
+        self.record({"stage": "ar", "codebook_used": int(plans.unique().numel())})
+        return plans
+
+    # ---- stage 3: text encoder + AR backbone -------------------------------------------
+    def ar_batch(self, plans, captions, rng, batch: int):
+        """Teacher-forcing batch of the two windows the pipeline's AR segments show: a video's
+        start (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11).
+        -> (byte ids, byte lengths, token ids [B, T] after the prefix)."""
+        cfg = self.cfg
+        window, n = cfg.ar_context_frames, cfg.plan_tokens_per_frame
+        keep = window - max(1, window // 2)
+        idx = rng.integers(plans.shape[0], size=batch)
+        starts = np.where(rng.random(batch) < 0.5, 0, window - keep)
+        starts = np.minimum(starts, plans.shape[1] - window)
+        bos = cfg.ar_backbone.bos_token_id
+        toks = torch.stack([torch.cat([torch.tensor([bos], device=plans.device),
+                                       plans[i, st:st + window].flatten()])
+                            for i, st in zip(idx, starts)])
+        byte_ids = [tokenize(captions[i], cfg.text_encoder.max_prompt_bytes) for i in idx]
+        return byte_ids, toks
+
+    def _prefix(self, byte_ids, draft: bool = False):
+        te = self.models["text_encoder"]
+        lengths = torch.tensor([len(b) for b in byte_ids], device=self.device)
+        ids = torch.zeros(len(byte_ids), int(lengths.max()), dtype=torch.long, device=self.device)
+        for r, b in enumerate(byte_ids):
+            ids[r, :len(b)] = torch.tensor(b)
+        ar, dr = te(ids, lengths)
+        return (dr if draft else ar), lengths
+
+    def ar_logits(self, model, prefix, lengths, toks):
+        """Logits over each row [prefix_i, toks] (right-padded); -> logits at the positions
+        that predict toks[1:], [B, T-1, V]."""
+        b, t = toks.shape
+        lmax = int(lengths.max())
+        total = lmax + t
+        emb_tok = model.model.embed_tokens(toks)
+        x = torch.stack([torch.cat([prefix[r, :li], emb_tok[r], prefix.new_zeros(lmax - li, prefix.shape[-1])])
+                         for r, li in enumerate(lengths.tolist())])
+        pos = torch.arange(total, device=self.device)[None].expand(b, -1)
+        logits = model(x, pos, _CausalAttention())
+        gather = lengths[:, None] + torch.arange(t - 1, device=self.device)[None]  # bos.. last-1
+        return logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def train_ar(self) -> None:
+        s = self.settings
+        te, ar = self.models["text_encoder"].train(), self.models["ar_backbone"].train()
+        plans, (_, captions) = self.plans(), self.bank()
+        params = list(te.parameters()) + list(ar.parameters())
+        run = _Run(self, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
+                   s.lr["ar"])
+        for _ in run:
+            byte_ids, toks = self.ar_batch(plans, captions, run.rng(), s.batch["ar"])
+            prefix, lengths = self._prefix(byte_ids)
+            logits = self.ar_logits(ar, prefix, lengths, toks)
+            loss = F.cross_entropy(logits.flatten(0, 1), toks[:, 1:].flatten())
+            run.backward(loss)
+        self._finish("ar", ("text_encoder", "ar_backbone"))
+
+    # ---- stage 4: the draft, distilled -------------------------------------------------
+    def train_draft(self) -> None:
+        s = self.settings
+        te, ar, draft = (self.models[n] for n in ("text_encoder", "ar_backbone", "draft"))
+        te.eval(), ar.eval(), draft.train()
+        for p in list(te.parameters()) + list(ar.parameters()):
+            p.requires_grad_(False)
+        te.draft_proj.requires_grad_(True)
+        plans, (_, captions) = self.plans(), self.bank()
+        run = _Run(self, "draft", {"draft": draft, "draft_proj": te.draft_proj},
+                   list(draft.parameters()) + list(te.draft_proj.parameters()), s.steps["draft"],
+                   s.lr["draft"])
+        k = self.cfg.ar_backbone.codebook_size
+        for _ in run:
+            byte_ids, toks = self.ar_batch(plans, captions, run.rng(), s.batch["draft"])
+            with torch.no_grad():
+                prefix, lengths = self._prefix(byte_ids)
+                teacher = self.ar_logits(ar, prefix, lengths, toks)[..., :k]
+            dprefix, _ = self._prefix(byte_ids, draft=True)
+            student = self.ar_logits(draft, dprefix, lengths, toks)[..., :k]
+            loss = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                            log_target=True, reduction="batchmean") / toks.shape[1]
+            run.backward(loss)
+        for p in list(te.parameters()) + list(ar.parameters()):
+            p.requires_grad_(True)
+        self._finish("draft", ("draft", "text_encoder"))
