@@ -24,12 +24,12 @@ server_python() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" .whl/*.whl
     echo "$base" > "$own/machine-packages.pth"
     tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*
-    export PYTHONPATH="/tmp/site:$PWD:$PWD/client"
+    export PYTHONPATH="$PWD/benchmarks/diag:/tmp/site:$PWD:$PWD/client"
     /tmp/v/bin/python -c 'import numpy, torch; print("server python: numpy", numpy.__version__, "torch", torch.__version__)'
 }
 
 if [ "$part" = server ]; then
-    python3 -m pytest -q tests/test_context_attention_kernel.py tests/test_cuda_graphs.py 2>&1 \
+    [ -n "${HELIOS_SKIP_TESTS:-}" ] || python3 -m pytest -q tests/test_context_attention_kernel.py tests/test_cuda_graphs.py 2>&1 \
         | tail -5 | tee "$out/gpu_tests.txt"
     server_python
     if [ -d .carry/bytes_repo ]; then   # the BYTES round trip that crashed under numpy 2
@@ -38,7 +38,16 @@ if [ "$part" = server ]; then
             2>&1 | tail -4 | tee "$out/bytes_check.txt"
         grep -h "echo: python" "$out/bytes_server.log" | tail -1
     fi
-    PATH="/tmp/v/bin:$PATH" timeout 420 bash benchmarks/triton_gpu.sh "$out" "${HELIOS_SECONDS:-10}"
+    if [ -n "${HELIOS_SMOKE:-}" ]; then   # the tiny model on the GPU through Triton first
+        /tmp/v/bin/python -m helios init --config tiny --out /tmp/cktiny --seed 0 > /dev/null
+        /tmp/v/bin/python tools/fill_repository.py --checkpoint /tmp/cktiny --out /tmp/repotiny \
+            --device cuda --max-streams 4 --speculative off > /dev/null
+        /tmp/v/bin/python tools/triton_server.py --repository /tmp/repotiny \
+            --log-file "$out/tiny_server.log" --run bash benchmarks/diag/run_with_dump.sh 120 \
+            /tmp/v/bin/python benchmarks/client_fps.py --seconds 4 --concurrency 1 4 \
+            --out "$out/tiny" 2>&1 | tail -12
+    fi
+    PATH="/tmp/v/bin:$PATH" timeout "${HELIOS_TIMEOUT:-420}" bash benchmarks/triton_gpu.sh "$out" "${HELIOS_SECONDS:-10}"
     tail -30 "$out/server.log" > "$out/server_tail.log" 2>/dev/null
 else
     timeout 200 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative on \

@@ -19,6 +19,8 @@ python3 -m helios init --config 14b --out /tmp/ck14b --seed 0 --dtype bfloat16 -
 echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
     --max-streams 4 --speculative off > /dev/null
+# A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
+    bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" \
     python3 benchmarks/client_fps.py --seconds "$seconds" --concurrency 1 4 --out "$out"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/gpu.txt"
