@@ -41,14 +41,26 @@ if [ "$part" = server ]; then
     if [ -n "${HELIOS_SMOKE:-}" ]; then   # the tiny model on the GPU through Triton first
         /tmp/v/bin/python -m helios init --config tiny --out /tmp/cktiny --seed 0 > /dev/null
         /tmp/v/bin/python tools/fill_repository.py --checkpoint /tmp/cktiny --out /tmp/repotiny \
-            --device cuda --max-streams 4 --speculative off > /dev/null
+            --device cuda --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" > /dev/null
         /tmp/v/bin/python tools/triton_server.py --repository /tmp/repotiny \
-            --log-file "$out/tiny_server.log" --run bash benchmarks/diag/run_with_dump.sh 120 \
+            --log-file "$out/tiny_server.log" --run bash benchmarks/diag/run_with_dump.sh "${SMOKE_LIMIT:-120}" \
             /tmp/v/bin/python benchmarks/client_fps.py --seconds 4 --concurrency 1 4 \
-            --out "$out/tiny" 2>&1 | tail -12
+            --out "$out/tiny" 2>&1 | tail -12 | tee "$out/tiny_client.txt"
     fi
     PATH="/tmp/v/bin:$PATH" timeout "${HELIOS_TIMEOUT:-420}" bash benchmarks/triton_gpu.sh "$out" "${HELIOS_SECONDS:-10}"
     tail -30 "$out/server.log" > "$out/server_tail.log" 2>/dev/null
+elif [ "$part" = diag ]; then   # the tiny model through Triton on the GPU, stacks on a stall
+    server_python
+    /tmp/v/bin/python -m helios init --config tiny --out /tmp/cktiny --seed 0 > /dev/null
+    /tmp/v/bin/python tools/fill_repository.py --checkpoint /tmp/cktiny --out /tmp/repotiny \
+        --device cuda --max-streams 4 --speculative off --instance-kind KIND_CPU > /dev/null
+    /tmp/v/bin/python tools/triton_server.py --repository /tmp/repotiny \
+        --log-file "$out/diag_server.log" --run bash benchmarks/diag/run_with_dump.sh \
+        "${SMOKE_LIMIT:-60}" /tmp/v/bin/python benchmarks/client_fps.py --seconds 2 \
+        --concurrency 1 --out "$out/diag" 2>&1 | tail -5
+    ls /tmp/helios-stacks | head
+    for f in /tmp/helios-stacks/*.txt; do [ "$(wc -l < "$f")" -gt 1 ] && cat "$f"; done > "$out/stacks.txt"
+    wc -l "$out/stacks.txt"
 else
     timeout 200 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative on \
         --out "$out" --tag spec_costs 2>&1 | tail -14

@@ -18,7 +18,7 @@ t0=$(date +%s)
 python3 -m helios init --config 14b --out /tmp/ck14b --seed 0 --dtype bfloat16 --device cuda
 echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
-    --max-streams 4 --speculative off > /dev/null
+    --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
     bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" \

@@ -10,6 +10,7 @@ reference and the dispatch between them.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ def _load_kernel():
     global _kernel, _kernel_checked
     if not _kernel_checked:
         _kernel_checked = True
+        if os.environ.get("HELIOS_ATTENTION_KERNEL", "1") == "0":  # A/B switch: SDPA instead
+            return None
         try:
             from plugins.context_attention import context_attention as kernel  # noqa: PLC0415
             _kernel = kernel

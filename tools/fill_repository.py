@@ -29,7 +29,8 @@ PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
 def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
-           kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None) -> dict[str, str]:
+           kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
+           instance_kind: str = "auto") -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -41,7 +42,9 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "checkpoint": str(checkpoint.resolve()),
         "device": device,
         "dtype": "auto",
-        "instance_kind": "KIND_GPU" if gpu else "KIND_CPU",
+        # KIND_CPU with device=cuda: the torch code still runs on the GPU (model_device), but
+        # Triton's python backend treats the instance as a CPU one (no CUDA IPC pool).
+        "instance_kind": ("KIND_GPU" if gpu else "KIND_CPU") if instance_kind == "auto" else instance_kind,
         # TensorRT-LLM takes the prompt table in FP16; the torch runtime keeps FP32.
         "table_dtype": "TYPE_FP16" if flavour == "tensorrt" else "TYPE_FP32",
         "engine_dir": str((engine_dir or ROOT / "engines").resolve()),
@@ -107,13 +110,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-streams", type=int, default=8, help="concurrent AR streams (KV pool)")
     ap.add_argument("--speculative", choices=["on", "off"], default="on")
     ap.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.5)
+    ap.add_argument("--instance-kind", choices=["auto", "KIND_GPU", "KIND_CPU"], default="auto",
+                    help="auto: KIND_GPU on cuda; KIND_CPU keeps device=cuda for the torch code")
     for name, default in (("text-encoder", 1), ("refiner", 1), ("vae-decoder", 1), ("helios-video", 2)):
         ap.add_argument(f"--{name}-instances", type=int, default=default)
     args = ap.parse_args(argv)
     instances = {k: getattr(args, f"{k}_instances") for k in
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
-                  instances, args.kv_cache_free_gpu_mem_fraction, args.flavour, args.engine_dir)
+                  instances, args.kv_cache_free_gpu_mem_fraction, args.flavour, args.engine_dir,
+                  args.instance_kind)
     for path in fill(args.out, vals, flavour=args.flavour):
         print(f"filled {path}")
     return 0
