@@ -109,7 +109,7 @@ def _compare_plugin_graph_in_process(path: Path, feed: dict, outputs: dict, atol
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/tiny"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("weights/helios-tiny"))
     ap.add_argument("--onnx", type=Path, default=Path("build-out/onnx"))
     ap.add_argument("--work", type=Path, default=Path("build-out/polygraphy"))
     ap.add_argument("--trt", action="store_true", help="also compare TensorRT (where it exists)")

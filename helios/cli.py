@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out.mp4")
     p.add_argument("--config", default=None, help="expected configuration of the checkpoint")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint folder (default: $HELIOS_CHECKPOINT or checkpoints/tiny)")
+                   help="checkpoint folder (default: $HELIOS_CHECKPOINT, else the shipped weights/helios-tiny)")
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--temperature", type=_float("temperature"), default=0.7)
     p.add_argument("--top-k", type=_int("top_k"), default=0)

@@ -104,8 +104,8 @@ class DiTBlock(nn.Module):
 
 
 class PlanTokenizer(nn.Module):
-    """Latent frame -> plan tokens: n learned queries pool the frame, each is snapped to the
-    nearest row of the refiner's plan-token embedding (the codebook). Used for
+    """Latent frame -> plan tokens: n learned queries pool the frame, one region each, and
+    each is snapped to the nearest row of the refiner's plan-token embedding (the codebook). Used for
     image-to-video (the given image's plan tokens enter the AR context) and for training."""
 
     def __init__(self, cfg: RefinerConfig):
@@ -119,6 +119,18 @@ class PlanTokenizer(nn.Module):
         self.value = nn.Linear(d, d)
         self.out = nn.Linear(d, d)
 
+    def region_mask(self, gh: int, gw: int, device) -> torch.Tensor:
+        """[n, gh*gw] additive mask: plan token j pools only region j of a rows x cols split of
+        the frame (2 x 4 for 8 tokens), so each token says what is where in its region."""
+        n = self.queries.shape[0]
+        rows = 2 if n % 2 == 0 else 1
+        cols = n // rows
+        y = torch.arange(gh, device=device)[:, None] * rows // gh
+        x = torch.arange(gw, device=device)[None, :] * cols // gw
+        region = (y * cols + x).flatten()                               # [gh*gw]
+        inside = region[None, :] == torch.arange(n, device=device)[:, None]
+        return torch.zeros(inside.shape, device=device).masked_fill(~inside, float("-inf"))
+
     def features(self, latent):
         t = self.patch(latent)
         _, d, gh, gw = t.shape
@@ -126,8 +138,11 @@ class PlanTokenizer(nn.Module):
         # then say where things are, not only what they are.
         pos = pos_embed_2d(gh, gw, d, self.pool, latent.device).to(t.dtype)
         x = t.flatten(2).transpose(1, 2) + pos
-        attn = torch.softmax(self.queries @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1]), -1)
-        return self.out(attn @ self.value(x))                          # [B, n, d]
+        logits = self.queries @ self.key(x).transpose(1, 2) / math.sqrt(d)
+        attn = torch.softmax(logits + self.region_mask(gh, gw, latent.device), -1)
+        # On the sphere of radius sqrt(d), where training keeps the codebook rows too: the
+        # nearest row is then the most similar direction, and no code can win by its norm.
+        return F.normalize(self.out(attn @ self.value(x)), dim=-1) * math.sqrt(d)  # [B, n, d]
 
     def forward(self, latent, codebook: torch.Tensor) -> torch.Tensor:
         f = self.features(latent).float()

@@ -50,7 +50,7 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 @dataclass
 class TrainSettings:
-    steps: dict = field(default_factory=lambda: {"vae": 1200, "refiner": 1600, "ar": 1500,
+    steps: dict = field(default_factory=lambda: {"vae": 1200, "refiner": 2400, "ar": 2000,
                                                  "draft": 500})
     batch: dict = field(default_factory=lambda: {"vae": 8, "refiner": 48, "ar": 32, "draft": 32})
     lr: dict = field(default_factory=lambda: {"vae": 1e-3, "refiner": 5e-4, "ar": 1e-3,
@@ -239,6 +239,8 @@ class Trainer:
             self.cfg = get_config(config)
             init_checkpoint(self.cfg, self.out, seed=seed)
         self.source = FolderClips(data, self.cfg) if data is not None else SyntheticClips(self.cfg)
+        if data is not None:  # a few videos: a bank of windows of them, not 1200 clips
+            self.settings.bank_clips = min(self.settings.bank_clips, max(16, 8 * len(self.source.clips)))
         for name, why in getattr(self.source, "rejected", []):
             self.log(f"skipped {name}: {why}")
         self.models = {n: load_component(self.out, n, self.cfg, self.device, torch.float32)
@@ -275,12 +277,13 @@ class Trainer:
         return {s: v for s, v in self.losses.items()}
 
     # ---- stage 1: the VAE --------------------------------------------------------------
-    def vae_loss(self, frames: torch.Tensor):
+    def vae_loss(self, frames: torch.Tensor, gen: torch.Generator | None = None):
         """frames [B, 8, 3, H, W] in [-1, 1] -> (loss, reconstruction, kl)."""
         vae, f = self.models["vae"], self.cfg.frames_per_latent
         mean, logvar = vae.encoder(frames.reshape(-1, f, *frames.shape[2:]))
         logvar = logvar.clamp(-10, 4)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        eps = torch.randn(mean.shape, generator=gen, device=mean.device)
+        z = mean + eps * (0.5 * logvar).exp()
         z = z.view(frames.shape[0], 2, *z.shape[1:])
         first = vae.decoder(z[:, 0], torch.zeros_like(z[:, 0]))
         second = vae.decoder(z[:, 1], z[:, 0])
@@ -298,8 +301,10 @@ class Trainer:
         vae = self.models["vae"].train()
         run = _Run(self, "vae", {"vae": vae}, vae.parameters(), s.steps["vae"], s.lr["vae"])
         for _ in run:
-            frames, _ = self._video_batch(run.rng(), s.batch["vae"], 2 * self.cfg.frames_per_latent)
-            loss, rec, kl = self.vae_loss(frames)
+            rng = run.rng()
+            frames, _ = self._video_batch(rng, s.batch["vae"], 2 * self.cfg.frames_per_latent)
+            gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+            loss, rec, kl = self.vae_loss(frames, gen)
             run.backward(loss, reconstruction=rec, kl=kl)
         self._finish("vae", ("vae",))
 
@@ -355,6 +360,8 @@ class Trainer:
         x0 = latents[:, i]
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
         anchor, recent = self._context(latents, i, 0.05, gen)
+        if rng.random() < 0.3:  # as for the first frame: the plan alone must describe it
+            anchor, recent = None, []
         plan, ids, vq = self.plan_features(x0)
         kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
@@ -387,12 +394,27 @@ class Trainer:
             rng = run.rng()
             idx = torch.from_numpy(rng.integers(latents.shape[0], size=s.batch["refiner"]))
             loss, err, vq, ids = self.refiner_loss(latents[idx.to(self.device)], rng, step >= switch)
+            if step == 0 and not self._codebook_trained():  # rows start on real features
+                self._restart_dead_codes(torch.zeros_like(used), latents, rng)
             run.backward(loss, error=err, vq=vq, fewstep=step >= switch)
+            self._normalize_codebook()
             used.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=self.device))
-            if step % 50 == 49 and step < switch:
+            if step % 25 == 24 and step < switch:
                 self._restart_dead_codes(used, latents, rng)
                 used.zero_()
         self._finish("refiner", ("refiner",))
+
+    def _codebook_trained(self) -> bool:
+        """A trained codebook lives on the features' sphere; a random one does not."""
+        book = self.models["refiner"].plan_embed.weight
+        return bool(torch.allclose(book.norm(dim=-1), torch.full_like(book[:, 0], book.shape[1] ** 0.5),
+                                   rtol=1e-3))
+
+    @torch.no_grad()
+    def _normalize_codebook(self) -> None:
+        """Codebook rows on the sphere the plan tokenizer's features live on."""
+        book = self.models["refiner"].plan_embed.weight
+        book.copy_(F.normalize(book, dim=-1) * math.sqrt(book.shape[1]))
 
     @torch.no_grad()
     def _restart_dead_codes(self, used, latents, rng) -> None:
@@ -401,11 +423,14 @@ class Trainer:
         dead = (used == 0).nonzero().flatten()
         if len(dead) == 0:
             return
-        idx = torch.from_numpy(rng.integers(latents.shape[0], size=64))
-        frames = latents[idx.to(self.device), torch.from_numpy(rng.integers(latents.shape[1], size=64))]
+        n = max(64, len(dead) // 4)
+        idx = torch.from_numpy(rng.integers(latents.shape[0], size=n))
+        frames = latents[idx.to(self.device), torch.from_numpy(rng.integers(latents.shape[1], size=n))]
         feats = refiner.plan_tokenizer.features(frames).flatten(0, 1)
         pick = torch.from_numpy(rng.integers(feats.shape[0], size=len(dead))).to(self.device)
-        refiner.plan_embed.weight[dead] = feats[pick]
+        jitter = 0.05 * torch.randn(len(dead), feats.shape[1], device=self.device)
+        refiner.plan_embed.weight[dead] = feats[pick] + jitter
+        self._normalize_codebook()
         self.record({"stage": "refiner", "restarted_codes": len(dead)})
 
     @torch.no_grad()

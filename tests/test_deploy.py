@@ -166,3 +166,17 @@ def test_hpa_metric_is_exposed_by_the_adapter_from_live_server_metrics(overlay, 
     assert queried == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
     for name in queried:
         assert re.search(rf'^{name}\{{model="helios",version="1"\}} ', text, re.M), name
+
+
+@pytest.mark.parametrize("dockerfile", sorted((ROOT / "build").glob("Dockerfile.*")),
+                         ids=lambda p: p.name)
+def test_dockerfiles_copy_only_what_exists_and_their_scripts_parse(dockerfile):
+    """Every COPY source is in the tree, every shell script the images run parses (bash -n):
+    what can be checked of an image without Docker."""
+    text = dockerfile.read_text()
+    assert text.splitlines()[-1].startswith("ENTRYPOINT")
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for src in shlex.split(line)[:-1]:
+            assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} does not exist"
+    for script in ("build/entrypoint.sh", "build/build_all.sh", "build/build_trtllm.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / script)], check=True)

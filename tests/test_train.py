@@ -1,0 +1,137 @@
+"""Training (issue 7): every stage learns on the CPU, a run resumes exactly, fine-tuning reads a
+folder of mp4 files and reports the bad ones, and the shipped checkpoint follows its prompts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helios.checkpoint import load_component, read_config
+from helios.cli import SHIPPED_CHECKPOINT, main
+from helios.data import ClipSpec, ObjectSpec, render_clip
+from helios.train import STAGES, Trainer, TrainSettings
+
+
+def _settings(steps: int, **kw) -> TrainSettings:
+    return TrainSettings(steps={s: steps for s in STAGES},
+                         batch={"vae": 2, "refiner": 8, "ar": 8, "draft": 8},
+                         bank_clips=12, save_every=kw.pop("save_every", 1000), **kw)
+
+
+def test_a_few_steps_lower_every_stage_loss(tmp_path):
+    torch.manual_seed(0)
+    losses = Trainer(tmp_path / "ckpt", settings=_settings(30), progress=False).run()
+    assert set(losses) == set(STAGES)
+    for stage, values in losses.items():
+        first, last = np.mean(values[:5]), np.mean(values[-5:])
+        assert last < first, (stage, first, last)
+    # The output folder is a complete checkpoint with the trained components.
+    cfg = read_config(tmp_path / "ckpt")
+    for name in ("vae", "refiner", "ar_backbone", "draft", "text_encoder"):
+        load_component(tmp_path / "ckpt", name, cfg)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    straight = Trainer(tmp_path / "a", settings=_settings(6), progress=False)
+    straight.run(["vae"])
+    calls, vae_loss = [], Trainer.vae_loss
+
+    def killed_at_step_4(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return vae_loss(self, *a)
+
+    monkeypatch.setattr(Trainer, "vae_loss", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tmp_path / "b", settings=_settings(6, save_every=3), progress=False).run(["vae"])
+    monkeypatch.undo()
+    resumed = Trainer(tmp_path / "b", settings=_settings(6, save_every=3), progress=False)
+    resumed.run(["vae"])
+    log = (tmp_path / "b" / "train_state" / "log.jsonl").read_text()
+    assert "vae: resuming at step 3 of 6" in log
+    a, b = straight.models["vae"].state_dict(), resumed.models["vae"].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _write_clip(path, spec, seed):
+    from helios.video import Mp4Writer
+
+    with Mp4Writer(path, 24, 128, 128) as w:
+        w.write(render_clip(spec, 12, seed=seed))
+
+
+def test_fine_tuning_on_a_folder_reports_bad_files(tmp_path, tiny_checkpoint, capsys):
+    data = tmp_path / "videos"
+    data.mkdir()
+    for i, (shape, color) in enumerate([("circle", "red"), ("square", "blue"), ("triangle", "green")]):
+        spec = ClipSpec((ObjectSpec(shape, color, "right"),), "dark")
+        _write_clip(data / f"clip{i}.mp4", spec, i)
+        (data / f"clip{i}.txt").write_text(spec.caption + "\n")
+    (data / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 4)
+    (data / "broken.txt").write_text("a broken file\n")
+    _write_clip(data / "uncaptioned.mp4", ClipSpec((ObjectSpec("circle", "cyan", "up"),), "light"), 9)
+    out = tmp_path / "tuned"
+    code = main(["train", "--data", str(data), "--init", str(tiny_checkpoint), "--out", str(out),
+                 "--steps", "vae=2,refiner=2,ar=2,draft=2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "data: 3 videos used, 2 skipped" in err
+    assert "helios: skipped broken.mp4: cannot decode" in err
+    assert "helios: skipped uncaptioned.mp4: no caption (.txt sidecar or captions.csv row)" in err
+    cfg = read_config(out)
+    tuned = load_component(out, "vae", cfg).state_dict()
+    base = load_component(tiny_checkpoint, "vae", cfg).state_dict()
+    assert any(not torch.equal(tuned[k], base[k]) for k in tuned)
+
+
+def test_train_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x"), "--stages", "vae,unet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "helios: error: stages must be a comma-separated subset of "
+        "['vae', 'refiner', 'ar', 'draft'], got 'vae,unet'")
+    assert main(["train", "--out", str(tmp_path / "x"), "--steps", "vae=0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "helios: error: steps must be STAGE=N pairs with STAGE in ['vae', 'refiner', 'ar', "
+        "'draft'] and N >= 1, got 'vae=0'")
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "helios: error: data must be a folder of videos" in capsys.readouterr().err
+
+
+# ---- the shipped checkpoint ------------------------------------------------------------------
+shipped = pytest.mark.skipif(not (SHIPPED_CHECKPOINT / "model_index.json").is_file(),
+                             reason="the trained checkpoint is not in this tree")
+
+
+@shipped
+def test_shipped_checkpoint_is_small_and_the_default():
+    from helios.cli import default_checkpoint
+
+    size = sum(f.stat().st_size for f in SHIPPED_CHECKPOINT.rglob("*") if f.is_file())
+    assert size < 50 * 2**20
+    assert default_checkpoint() == SHIPPED_CHECKPOINT
+
+
+@shipped
+def test_shipped_checkpoint_follows_held_out_prompts():
+    from helios.evaluate import adherence, held_out_prompts
+    from helios.pipeline import HeliosPipeline
+
+    pipe = HeliosPipeline.from_checkpoint(SHIPPED_CHECKPOINT)
+    result = adherence(pipe, held_out_prompts(10), num_frames=32)
+    assert result["color_adherence"] >= 0.9, result["videos"]
+    assert result["motion_adherence"] >= 0.8, result["videos"]
+
+
+def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--prompts", "2", "--frames", "8",
+                 "--long-seconds", "1", "--json", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| colour adherence |" in text and "| speculative acceptance |" in text
+    result = json.loads(out.read_text())
+    assert result["adherence"]["prompts"] == 2 and "color_shift" in result["drift"]
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--prompts", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "helios: error: prompts must be an integer >= 1, got 0"
