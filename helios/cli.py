@@ -16,9 +16,9 @@ from pathlib import Path
 from .errors import HeliosError
 
 EXIT_BAD_INPUT = 2
-_STAGES = ("vae", "refiner", "ar", "draft")  # helios.train.STAGES, without importing torch
+_STAGES = ("vae", "refiner", "decoder", "ar", "draft")  # helios.train.STAGES, without importing torch
 # Fine-tuning on a folder of videos takes fewer steps than training from scratch.
-FINETUNE_STEPS = {"vae": 200, "refiner": 300, "ar": 300, "draft": 100}
+FINETUNE_STEPS = {"vae": 200, "refiner": 300, "decoder": 100, "ar": 300, "draft": 100}
 
 
 # The trained tiny checkpoint that ships with the source tree (issue 7).

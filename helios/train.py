@@ -3,11 +3,13 @@
 The stages train in order, each on what the previous ones produce:
 
     vae       encoder + decoder on windows of 8 frames (two latent frames; the second
-              decodes with the first as its previous latent, as in streaming)
+              decodes with the first as its previous latent, as in streaming); latent detail
+              finer than a history token is penalised
     refiner   the plan tokenizer (its codebook is the refiner's plan-token embedding) with
               the refiner it conditions: flow matching on latent frames with the anchor and
               history the pipeline gives it, then the few-step schedule (the 3-step Euler
               sampler unrolled and trained end to end on the clean frame)
+    decoder   the VAE decoder again, on the refiner's 3-step renderings (and encoder latents)
     ar        the text encoder with the AR backbone: next plan token after the text prefix,
               on the two kinds of window the pipeline's AR segments show
     draft     the draft model (and the text encoder's draft projection) distilled from the
@@ -43,21 +45,28 @@ from .schedule import RefinerHistory
 from .text_encoder import tokenize
 from .vae import from_uint8
 
-STAGES = ("vae", "refiner", "ar", "draft")
+STAGES = ("vae", "refiner", "decoder", "ar", "draft")
+_OUTPUT = {"vae": "vae", "refiner": "refiner", "decoder": "vae", "ar": "ar_backbone", "draft": "draft"}
 CLIP_LATENTS = 12          # latent frames per clip in the latent bank (48 video frames)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
 @dataclass
 class TrainSettings:
-    steps: dict = field(default_factory=lambda: {"vae": 1200, "refiner": 2400, "ar": 2000,
-                                                 "draft": 500})
-    batch: dict = field(default_factory=lambda: {"vae": 8, "refiner": 48, "ar": 32, "draft": 32})
-    lr: dict = field(default_factory=lambda: {"vae": 1e-3, "refiner": 5e-4, "ar": 1e-3,
-                                              "draft": 1e-3})
+    steps: dict = field(default_factory=lambda: {"vae": 1200, "refiner": 2400, "decoder": 500,
+                                                 "ar": 2000, "draft": 500})
+    batch: dict = field(default_factory=lambda: {"vae": 8, "refiner": 48, "decoder": 8, "ar": 32,
+                                                 "draft": 32})
+    lr: dict = field(default_factory=lambda: {"vae": 1e-3, "refiner": 5e-4, "decoder": 5e-4,
+                                              "ar": 1e-3, "draft": 1e-3})
     bank_clips: int = 1200           # clips encoded into the latent bank
     fewstep_fraction: float = 0.3    # last part of the refiner stage: the unrolled sampler
     kl_weight: float = 1e-3
+    # Latent detail finer than a history token (4 latent pixels in tiny) is penalised: the
+    # refiner sees history and plan at that grain, and the first run showed that a latent
+    # whose energy sat at finer scales (55 % of it) could not be rendered by the refiner,
+    # whose MSE-optimal output then decoded to a faint ghost.
+    smooth_weight: float = 1.0
     save_every: int = 100
 
 
@@ -206,6 +215,12 @@ class _Run:
                            "lr": self.sched.get_last_lr()[0], **parts})
 
 
+def smooth(z: torch.Tensor, scale: int) -> torch.Tensor:
+    """z averaged over scale x scale cells and brought back bilinearly: its coarse part."""
+    coarse = F.avg_pool2d(z, scale)
+    return F.interpolate(coarse, size=z.shape[-2:], mode="bilinear", align_corners=False)
+
+
 class _CausalAttention:
     """The ``cache`` argument of ARBackbone.forward for training: causal attention over the
     whole (right-padded) sequence, grouped-query heads repeated."""
@@ -273,7 +288,7 @@ class Trainer:
         for s in STAGES:
             if s in stages and s not in self._done():
                 getattr(self, f"train_{s}")()
-                self.models[s if s != "ar" else "ar_backbone"].eval()
+                self.models[_OUTPUT[s]].eval()
         return {s: v for s, v in self.losses.items()}
 
     # ---- stage 1: the VAE --------------------------------------------------------------
@@ -290,7 +305,14 @@ class Trainer:
         recon = torch.cat([first, second], dim=1)
         rec = (recon - frames).abs().mean() + F.mse_loss(recon, frames)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return rec + self.settings.kl_weight * kl, rec.item(), kl.item()
+        rough = F.mse_loss(mean, smooth(mean, self.smooth_scale()))
+        loss = rec + self.settings.kl_weight * kl + self.settings.smooth_weight * rough
+        return loss, rec.item(), kl.item(), rough.item()
+
+    def smooth_scale(self) -> int:
+        """Latent pixels per history token: the finest detail the refiner's history sees."""
+        rf = self.cfg.refiner
+        return rf.patch_size * rf.history_pool
 
     def _video_batch(self, rng, batch: int, num_frames: int):
         clips, captions = zip(*(self.source.sample(rng, num_frames) for _ in range(batch)))
@@ -304,8 +326,8 @@ class Trainer:
             rng = run.rng()
             frames, _ = self._video_batch(rng, s.batch["vae"], 2 * self.cfg.frames_per_latent)
             gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
-            loss, rec, kl = self.vae_loss(frames, gen)
-            run.backward(loss, reconstruction=rec, kl=kl)
+            loss, rec, kl, rough = self.vae_loss(frames, gen)
+            run.backward(loss, reconstruction=rec, kl=kl, roughness=rough)
         self._finish("vae", ("vae",))
 
     # ---- the latent bank: clips encoded once for the later stages ----------------------
@@ -433,6 +455,42 @@ class Trainer:
         self._normalize_codebook()
         self.record({"stage": "refiner", "restarted_codes": len(dead)})
 
+    # ---- stage 3: the VAE decoder on what it decodes at inference -----------------------
+    def decoder_loss(self, frames: torch.Tensor, rng) -> torch.Tensor:
+        """frames [B, 8, 3, H, W]: two latent frames, decoded as in streaming from the
+        refiner's 3-step renderings of them (half the batches) or from encoder latents."""
+        vae, refiner, f = self.models["vae"], self.models["refiner"], self.cfg.frames_per_latent
+        b = frames.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        with torch.no_grad():
+            z = vae.encode(frames.reshape(-1, f, *frames.shape[2:]))
+            z = z.view(b, 2, *z.shape[1:])
+            if rng.random() < 0.5:
+                ids = refiner.plan_tokenizer(z.flatten(0, 1), refiner.plan_embed.weight).view(b, 2, -1)
+                noise = torch.randn(z.shape, generator=gen, device=self.device)
+                first = refiner.render(noise[:, 0], ids[:, 0])
+                second = refiner.render(noise[:, 1], ids[:, 1], anchor=first)
+                z = torch.stack([first, second], dim=1)
+        recon = torch.cat([vae.decoder(z[:, 0], torch.zeros_like(z[:, 0])),
+                           vae.decoder(z[:, 1], z[:, 0])], dim=1)
+        return (recon - frames).abs().mean() + F.mse_loss(recon, frames)
+
+    def train_decoder(self) -> None:
+        """The refiner's few steps give the conditional mean of a latent frame, smoother than
+        the encoder's latents; the decoder learns to render those sharply (the encoder, and so
+        the latents the refiner and AR were trained on, stay as they are)."""
+        s = self.settings
+        vae = self.models["vae"]
+        self.models["refiner"].eval()
+        vae.encoder.eval(), vae.decoder.train()
+        run = _Run(self, "decoder", {"vae": vae}, vae.decoder.parameters(), s.steps["decoder"],
+                   s.lr["decoder"])
+        for _ in run:
+            rng = run.rng()
+            frames, _ = self._video_batch(rng, s.batch["decoder"], 2 * self.cfg.frames_per_latent)
+            run.backward(self.decoder_loss(frames, rng))
+        self._finish("decoder", ("vae",))
+
     @torch.no_grad()
     def plans(self) -> torch.Tensor:
         """Plan tokens [N, 12, n] of the bank's latent frames (the AR training data)."""
@@ -444,7 +502,7 @@ class Trainer:
         self.record({"stage": "ar", "codebook_used": int(plans.unique().numel())})
         return plans
 
-    # ---- stage 3: text encoder + AR backbone -------------------------------------------
+    # ---- stage 4: text encoder + AR backbone -------------------------------------------
     def ar_batch(self, plans, captions, rng, batch: int):
         """Teacher-forcing batch of the two windows the pipeline's AR segments show: a video's
         start (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11).
@@ -500,7 +558,7 @@ class Trainer:
             run.backward(loss)
         self._finish("ar", ("text_encoder", "ar_backbone"))
 
-    # ---- stage 4: the draft, distilled -------------------------------------------------
+    # ---- stage 5: the draft, distilled -------------------------------------------------
     def train_draft(self) -> None:
         s = self.settings
         te, ar, draft = (self.models[n] for n in ("text_encoder", "ar_backbone", "draft"))

@@ -15,7 +15,7 @@ from helios.train import STAGES, Trainer, TrainSettings
 
 def _settings(steps: int, **kw) -> TrainSettings:
     return TrainSettings(steps={s: steps for s in STAGES},
-                         batch={"vae": 2, "refiner": 8, "ar": 8, "draft": 8},
+                         batch={"vae": 2, "refiner": 8, "decoder": 2, "ar": 8, "draft": 8},
                          bank_clips=12, save_every=kw.pop("save_every", 1000), **kw)
 
 
@@ -75,7 +75,7 @@ def test_fine_tuning_on_a_folder_reports_bad_files(tmp_path, tiny_checkpoint, ca
     _write_clip(data / "uncaptioned.mp4", ClipSpec((ObjectSpec("circle", "cyan", "up"),), "light"), 9)
     out = tmp_path / "tuned"
     code = main(["train", "--data", str(data), "--init", str(tiny_checkpoint), "--out", str(out),
-                 "--steps", "vae=2,refiner=2,ar=2,draft=2", "--no-progress"])
+                 "--steps", "vae=2,refiner=2,decoder=2,ar=2,draft=2", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "data: 3 videos used, 2 skipped" in err
@@ -91,11 +91,11 @@ def test_train_rejects_bad_arguments(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x"), "--stages", "vae,unet"]) == 2
     assert capsys.readouterr().err.strip() == (
         "helios: error: stages must be a comma-separated subset of "
-        "['vae', 'refiner', 'ar', 'draft'], got 'vae,unet'")
+        "['vae', 'refiner', 'decoder', 'ar', 'draft'], got 'vae,unet'")
     assert main(["train", "--out", str(tmp_path / "x"), "--steps", "vae=0"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "helios: error: steps must be STAGE=N pairs with STAGE in ['vae', 'refiner', 'ar', "
-        "'draft'] and N >= 1, got 'vae=0'")
+        "helios: error: steps must be STAGE=N pairs with STAGE in ['vae', 'refiner', 'decoder', "
+        "'ar', 'draft'] and N >= 1, got 'vae=0'")
     assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nowhere")]) == 2
     assert "helios: error: data must be a folder of videos" in capsys.readouterr().err
 
