@@ -24,7 +24,7 @@ server_python() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" .whl/*.whl
     echo "$base" > "$own/machine-packages.pth"
     tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*
-    export PYTHONPATH="$PWD/benchmarks/diag:/tmp/site:$PWD:$PWD/client"
+    export PYTHONPATH="/tmp/site:$PWD:$PWD/client"
     /tmp/v/bin/python -c 'import numpy, torch; print("server python: numpy", numpy.__version__, "torch", torch.__version__)'
 }
 
@@ -49,18 +49,34 @@ if [ "$part" = server ]; then
     fi
     PATH="/tmp/v/bin:$PATH" timeout "${HELIOS_TIMEOUT:-420}" bash benchmarks/triton_gpu.sh "$out" "${HELIOS_SECONDS:-10}"
     tail -30 "$out/server.log" > "$out/server_tail.log" 2>/dev/null
-elif [ "$part" = diag ]; then   # the tiny model through Triton on the GPU, stacks on a stall
+elif [ "$part" = decoupled ]; then   # decoupled streams, direct and through BLS (diag/)
+    server_python
+    timeout 120 /tmp/v/bin/python tools/triton_server.py --repository benchmarks/diag/decoupled_repo \
+        --log-file "$out/decoupled_server.log" --run /tmp/v/bin/python benchmarks/diag/decoupled_check.py \
+        2>&1 | tee "$out/decoupled.txt"
+elif [ "$part" = diag ]; then   # the tiny model through Triton on this machine, variants
+    # DIAG="name:device:instance-kind:cuda-graphs ..." ; stacks of every stub on a stall.
     server_python
     /tmp/v/bin/python -m helios init --config tiny --out /tmp/cktiny --seed 0 > /dev/null
-    /tmp/v/bin/python tools/fill_repository.py --checkpoint /tmp/cktiny --out /tmp/repotiny \
-        --device cuda --max-streams 4 --speculative off --instance-kind KIND_CPU > /dev/null
-    /tmp/v/bin/python tools/triton_server.py --repository /tmp/repotiny \
-        --log-file "$out/diag_server.log" --run bash benchmarks/diag/run_with_dump.sh \
-        "${SMOKE_LIMIT:-60}" /tmp/v/bin/python benchmarks/client_fps.py --seconds 2 \
-        --concurrency 1 --out "$out/diag" 2>&1 | tail -5
-    ls /tmp/helios-stacks | head
-    for f in /tmp/helios-stacks/*.txt; do [ "$(wc -l < "$f")" -gt 1 ] && cat "$f"; done > "$out/stacks.txt"
-    wc -l "$out/stacks.txt"
+    for v in ${DIAG:-cpu:cpu:auto:on gpu:cuda:KIND_GPU:on nographs:cuda:KIND_GPU:off}; do
+        IFS=: read -r name device kind graphs <<< "$v"
+        rm -rf "/tmp/repo_$name"
+        /tmp/v/bin/python tools/fill_repository.py --checkpoint /tmp/cktiny --out "/tmp/repo_$name" \
+            --device "$device" --max-streams 4 --speculative off --instance-kind "$kind" > /dev/null
+        sed -i "s/key: \"cuda_graphs\" value: { string_value: \"on\" }/key: \"cuda_graphs\" value: { string_value: \"$graphs\" }/" \
+            "/tmp/repo_$name/ar_backbone/config.pbtxt"
+        echo "== $v"
+        t0=$(date +%s)
+        PATH="/tmp/v/bin:$(dirname "$(find /tmp/v -name py-spy -type f | head -1)"):$PATH" \
+        DUMP_FILE="$out/stubs_$name.txt" HELIOS_STACKS_DIR="/tmp/helios-stacks/$name" timeout 200 /tmp/v/bin/python tools/triton_server.py \
+            --repository "/tmp/repo_$name" --log-verbose 1 --log-file "$out/diag_$name.log" \
+            --run bash benchmarks/diag/run_with_dump.sh "${SMOKE_LIMIT:-45}" /tmp/v/bin/python \
+            benchmarks/client_fps.py --seconds 2 --concurrency 1 --out "$out/diag_$name" 2>&1 | tail -4
+        echo "   $(( $(date +%s) - t0 )) s"
+        for f in /tmp/helios-stacks/"$name"/*.txt; do
+            [ "$(wc -l < "$f")" -gt 1 ] && { echo "### $f"; cat "$f"; }
+        done > "$out/stacks_$name.txt" 2>/dev/null
+    done
 else
     timeout 200 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative on \
         --out "$out" --tag spec_costs 2>&1 | tail -14

@@ -126,8 +126,10 @@ class RefinerConfig:
     latent_channels: int = 16
     patch_size: int = 2
     # History frames are embedded with a coarser patch (patch_size * history_pool): the
-    # "compressed" history of the architecture brief.
-    history_pool: int = 2
+    # "compressed" history of the architecture brief. The tiny model keeps full resolution:
+    # its 64 tokens a frame are cheap, and a coarser history could not carry a small object's
+    # edges from one latent frame to the next (docs/training.md, run 2).
+    history_pool: int = 1
     history_frames: int = 2
     codebook_size: int = 256
     plan_tokens_per_frame: int = 8

@@ -33,6 +33,8 @@ def dominant_object(frames: np.ndarray) -> dict:
     own = [m & (np.linalg.norm(f.astype(np.float32) - _RGB[votes.argmax()], axis=-1) < 60)
            for f, m in zip(frames, masks)]
     ys, xs = np.nonzero(own[0])
+    if len(ys) == 0:  # foreground, but none of it near the dominant named colour
+        return {"color": color, "shape": None, "motion": None}
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = own[0].sum() / box  # square ~1, circle ~0.79, triangle ~0.5
     shape = SHAPES[int(np.argmin([abs(fill - 0.785), abs(fill - 1.0), abs(fill - 0.5)]))]

@@ -12,13 +12,17 @@ alongside every job already running, so a running stream never runs out of block
 from __future__ import annotations
 
 import collections
+import faulthandler
 import itertools
 import logging
 import math
+import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .ar_runtime import ARRuntime
@@ -28,6 +32,24 @@ from .schedule import frame_noise
 from .sampling import SamplingParams
 
 log = logging.getLogger("helios.serving")
+
+
+def enable_stack_dumps(folder: str) -> None:
+    """On SIGUSR2, write the Python stack of every thread of this process to
+    ``folder/<pid>.txt``: what a stalled stage model is waiting on. Every Triton model of the
+    repository imports this module, so ``HELIOS_STACKS_DIR=DIR tritonserver ...`` arms all the
+    stub processes (``pkill -USR2 -f triton_python_backend_stub``), where py-spy would need
+    ptrace rights that containers rarely grant."""
+    os.makedirs(folder, exist_ok=True)
+    out = open(os.path.join(folder, f"{os.getpid()}.txt"), "w")  # noqa: SIM115  kept open
+    out.write(f"pid {os.getpid()}\n")
+    out.flush()
+    faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)
+    faulthandler.enable(file=out, all_threads=True)   # and on a crash (SIGSEGV, SIGABRT, ...)
+
+
+if os.environ.get("HELIOS_STACKS_DIR"):
+    enable_stack_dumps(os.environ["HELIOS_STACKS_DIR"])
 
 
 @dataclass
@@ -191,6 +213,17 @@ class ARScheduler:
 
 
 # ---- helpers for the Triton python-backend models (no triton import here) -------------------
+def requested_outputs(wanted, arrays: dict) -> dict:
+    """The entries of {output name: array} named in ``wanted`` (a request's
+    ``requested_output_names()``; empty means all), each a fresh C-order
+    array that owns its memory. A response must not carry outputs its BLS caller did not
+    request: tritonserver 2.51's python-backend stub under Python 3.12 then crashes (SIGSEGV in
+    libpython, seen on the GPU machine when ar_backbone answered the helios model's BLS stream
+    with output_ids and sequence_length; benchmarks/diag/decoupled_check.py reproduces it)."""
+    wanted = set(wanted) or set(arrays)
+    return {k: np.array(v, order="C", copy=True) for k, v in arrays.items() if k in wanted}
+
+
 def model_parameters(args: dict) -> dict[str, str]:
     """The ``parameters`` of a model's config.pbtxt as a plain {key: string} dict."""
     import json  # noqa: PLC0415

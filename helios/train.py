@@ -62,11 +62,11 @@ class TrainSettings:
     bank_clips: int = 1200           # clips encoded into the latent bank
     fewstep_fraction: float = 0.3    # last part of the refiner stage: the unrolled sampler
     kl_weight: float = 1e-3
-    # Latent detail finer than a history token (4 latent pixels in tiny) is penalised: the
-    # refiner sees history and plan at that grain, and the first run showed that a latent
-    # whose energy sat at finer scales (55 % of it) could not be rendered by the refiner,
-    # whose MSE-optimal output then decoded to a faint ghost.
-    smooth_weight: float = 1.0
+    # The refiner's loss weighs each latent pixel by 1 + salient_weight * (how far it is from
+    # its channel's median over the frame, relative to the frame's largest such distance):
+    # a small object is a few percent of a frame, and an unweighted MSE renders it as a
+    # faint ghost over a perfect background (runs 1-3, docs/training.md).
+    salient_weight: float = 9.0
     save_every: int = 100
 
 
@@ -215,10 +215,12 @@ class _Run:
                            "lr": self.sched.get_last_lr()[0], **parts})
 
 
-def smooth(z: torch.Tensor, scale: int) -> torch.Tensor:
-    """z averaged over scale x scale cells and brought back bilinearly: its coarse part."""
-    coarse = F.avg_pool2d(z, scale)
-    return F.interpolate(coarse, size=z.shape[-2:], mode="bilinear", align_corners=False)
+def salience(x0: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, h, w] of latent frames [B, C, h, w], mean 1: pixels far
+    from their channel's median over the frame (objects, not background) count more."""
+    dev = (x0 - x0.flatten(2).median(-1).values[..., None, None]).abs().mean(1, keepdim=True)
+    w = 1 + weight * dev / dev.amax((2, 3), keepdim=True).clamp_min(1e-6)
+    return w / w.mean((2, 3), keepdim=True)
 
 
 class _CausalAttention:
@@ -305,14 +307,8 @@ class Trainer:
         recon = torch.cat([first, second], dim=1)
         rec = (recon - frames).abs().mean() + F.mse_loss(recon, frames)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        rough = F.mse_loss(mean, smooth(mean, self.smooth_scale()))
-        loss = rec + self.settings.kl_weight * kl + self.settings.smooth_weight * rough
-        return loss, rec.item(), kl.item(), rough.item()
-
-    def smooth_scale(self) -> int:
-        """Latent pixels per history token: the finest detail the refiner's history sees."""
-        rf = self.cfg.refiner
-        return rf.patch_size * rf.history_pool
+        loss = rec + self.settings.kl_weight * kl
+        return loss, rec.item(), kl.item()
 
     def _video_batch(self, rng, batch: int, num_frames: int):
         clips, captions = zip(*(self.source.sample(rng, num_frames) for _ in range(batch)))
@@ -326,9 +322,28 @@ class Trainer:
             rng = run.rng()
             frames, _ = self._video_batch(rng, s.batch["vae"], 2 * self.cfg.frames_per_latent)
             gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
-            loss, rec, kl, rough = self.vae_loss(frames, gen)
-            run.backward(loss, reconstruction=rec, kl=kl, roughness=rough)
+            loss, rec, kl = self.vae_loss(frames, gen)
+            run.backward(loss, reconstruction=rec, kl=kl)
+        self._unit_latent(np.random.default_rng([self.seed, 98]))
         self._finish("vae", ("vae",))
+
+    @torch.no_grad()
+    def _unit_latent(self, rng) -> None:
+        """Rescale the latent to unit standard deviation (the role of diffusers' VAE
+        ``scaling_factor``), inside the weights: the encoder's mean output times s, its
+        log-variance plus 2 ln s, the decoder's input weights over s; the VAE computes the same
+        frames. The refiner's flow matching assumes data on the scale of its unit noise: the
+        KL-regularised latent came out at std 0.18, where 3 steps leave mostly noise."""
+        vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
+        frames, _ = self._video_batch(rng, 16, f)
+        scale = 1.0 / float(vae.encode(frames).std())
+        c = self.cfg.vae.latent_channels
+        out = vae.encoder.conv_out
+        out.weight[:c] *= scale
+        out.bias[:c] *= scale
+        out.bias[c:] += 2 * math.log(scale)
+        vae.decoder.conv_in.weight /= scale
+        self.log(f"vae: latent rescaled by {scale:.3f} to unit standard deviation")
 
     # ---- the latent bank: clips encoded once for the later stages ----------------------
     @torch.no_grad()
@@ -387,11 +402,12 @@ class Trainer:
         plan, ids, vq = self.plan_features(x0)
         kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        weight = salience(x0, self.settings.salient_weight)
         if fewstep:   # the sampler of Refiner.render, unrolled, trained on its final output
             x, sig = noise, refiner.sigmas()
             for a, b in zip(sig[:-1], sig[1:]):
                 x = x + (b - a) * refiner(x, a, kv)
-            err = F.mse_loss(x, x0)
+            err = (weight * (x - x0) ** 2).mean()
             return err + vq, err.item(), vq.item(), ids
         # Flow matching at sigmas spread like the shifted schedule's (logit-normal, shifted).
         u = torch.sigmoid(torch.randn(x0.shape[0], generator=gen, device=self.device))
@@ -400,7 +416,7 @@ class Trainer:
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
         v = refiner(xt, sigma, kv)
-        err = F.mse_loss(v, noise - x0)
+        err = (weight * (v - (noise - x0)) ** 2).mean()
         return err + vq, err.item(), vq.item(), ids
 
     def train_refiner(self) -> None:

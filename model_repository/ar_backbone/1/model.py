@@ -16,7 +16,8 @@ from helios.ar_runtime import ARRuntime
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.sampling import SamplingParams
-from helios.serving import ARJob, ARScheduler, model_device, model_dtype, model_parameters
+from helios.serving import (ARJob, ARScheduler, model_device, model_dtype, model_parameters,
+                            requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -161,12 +162,12 @@ class TritonPythonModel:
                                 seed % (2**63)).validate()
         streaming = bool(_scalar(request, "streaming", False))
         kept: list[int] = []
+        wanted = request.requested_output_names()  # asked here: the request is gone by the emits
 
         def respond(toks):
-            out = np.array(toks, np.int32).reshape(1, 1, -1)
-            return pb_utils.InferenceResponse([
-                pb_utils.Tensor("output_ids", out),
-                pb_utils.Tensor("sequence_length", np.array([[out.shape[-1]]], np.int32))])
+            out = requested_outputs(wanted, {"output_ids": np.array([[toks]], np.int32),
+                                             "sequence_length": np.array([[len(toks)]], np.int32)})
+            return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
 
         def emit(toks):
             if streaming:

@@ -19,7 +19,7 @@ from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
 from helios.schedule import validate_request
-from helios.serving import HELIOS_INPUT_NAMES, model_parameters
+from helios.serving import HELIOS_INPUT_NAMES, model_parameters, requested_outputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -172,6 +172,7 @@ class TritonPythonModel:
                                  f"seed {req.sampling.seed}")
         stages = TritonStages(self.config, self.speculative)
         sent, final = 0, False
+        wanted = request.requested_output_names()
 
         def cancelled():
             # Never ask after the final response: its response factory is gone by then, and
@@ -181,10 +182,11 @@ class TritonPythonModel:
         try:
             for chunk in stream_video(self.config, req, stages, cancelled=cancelled):
                 final = chunk.final
-                sender.send(pb_utils.InferenceResponse([
-                    _t("FRAMES", chunk.frames),
-                    _t("FRAME_OFFSET", np.array([chunk.offset], np.int32)),
-                    _t("FINAL", np.array([final]))]), flags=FINAL if final else 0)
+                out = requested_outputs(wanted, {"FRAMES": chunk.frames,
+                                                  "FRAME_OFFSET": np.array([chunk.offset], np.int32),
+                                                  "FINAL": np.array([final])})
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]),
+                            flags=FINAL if final else 0)
                 sent += len(chunk.frames)
                 if sent % (4 * req.fps) < len(chunk.frames) or final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
