@@ -23,6 +23,7 @@ server_python() {
     local own; own="$(/tmp/v/bin/python -c 'import site; print(site.getsitepackages()[0])')"
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" .whl/*.whl
     echo "$base" > "$own/machine-packages.pth"
+    ln -sf "$own"/bin/* /tmp/v/bin/       # perf_analyzer (tritonclient), py-spy
     tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*
     export PYTHONPATH="/tmp/site:$PWD:$PWD/client"
     /tmp/v/bin/python -c 'import numpy, torch; print("server python: numpy", numpy.__version__, "torch", torch.__version__)'
@@ -67,7 +68,7 @@ elif [ "$part" = diag ]; then   # the tiny model through Triton on this machine,
             "/tmp/repo_$name/ar_backbone/config.pbtxt"
         echo "== $v"
         t0=$(date +%s)
-        PATH="/tmp/v/bin:$(dirname "$(find /tmp/v -name py-spy -type f | head -1)"):$PATH" \
+        PATH="/tmp/v/bin:$PATH" \
         DUMP_FILE="$out/stubs_$name.txt" HELIOS_STACKS_DIR="/tmp/helios-stacks/$name" timeout 200 /tmp/v/bin/python tools/triton_server.py \
             --repository "/tmp/repo_$name" --log-verbose 1 --log-file "$out/diag_$name.log" \
             --run bash benchmarks/diag/run_with_dump.sh "${SMOKE_LIMIT:-45}" /tmp/v/bin/python \

@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     firsts = first_response_ms(profile) if profile.exists() else []
-    # For a decoupled model perf_analyzer's latency is send -> first response (first chunk).
-    print(f"\n{'concurrency':>11} {'videos/s':>9} {'frames/s':>9} {'first chunk p50 ms':>19} "
+    # Latency is request sent -> final response (the whole video); first chunks: profile.json.
+    print(f"\n{'concurrency':>11} {'videos/s':>9} {'frames/s':>9} {'video p50 ms':>19} "
           f"{'p99 ms':>9}")
     frames = _frames_per_video(args.input_data)
     for r in sorted(rows, key=lambda r: int(r["Concurrency"])):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 14b configuration through Triton on a GPU machine: random bf16 weights written as a
 # checkpoint, the repository filled for CUDA, tritonserver started, then FPS and first-frame
-# latency at the client for 1 and 4 concurrent gRPC streams. Output (JSON, logs) in $1.
+# latency at the client for 1 and 4 concurrent gRPC streams, then perf_analyzer in streaming
+# mode at concurrency 1 and 4 (2 s videos). Output (JSON, CSV, logs) in $1.
 #   bash benchmarks/triton_gpu.sh OUT [SECONDS]
 # The server comes from the nvidia-pytriton wheel: either installed, or (on the lent GPU
 # machines, which have no internet) the files of .carry/triton-server.tar.xz.
@@ -21,6 +22,8 @@ python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --de
     --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
-    bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" \
-    python3 benchmarks/client_fps.py --seconds "$seconds" --concurrency 1 4 --out "$out"
+    bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" bash -c "
+    python3 benchmarks/client_fps.py --seconds $seconds --concurrency 1 4 --out $out &&
+    python3 benchmarks/perf_analyzer.py --concurrency 1:4:3 --requests-per-window 4 \
+        --input-data benchmarks/perf_input_gpu.json --out $out/perf"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/gpu.txt"

@@ -67,6 +67,11 @@ class TrainSettings:
     # a small object is a few percent of a frame, and an unweighted MSE renders it as a
     # faint ghost over a perfect background (runs 1-3, docs/training.md).
     salient_weight: float = 9.0
+    # Share of refiner steps whose history frames are the refiner's own 3-step renderings (of
+    # those frames' plan tokens, on true history) instead of encoder latents: at inference the
+    # history is its own output, and a refiner trained only on true history copied its
+    # rendered history and lost the motion its plan tokens describe (run 4, docs/training.md).
+    rendered_history: float = 0.5
     save_every: int = 100
 
 
@@ -380,18 +385,37 @@ class Trainer:
         anchor = None if hist.anchor is None else pick(hist.anchor)
         return anchor, [pick(j) for j in hist.recent]
 
-    def plan_features(self, x0):
-        """Straight-through plan embeddings, their token ids and the VQ loss."""
+    @torch.no_grad()
+    def _rendered_context(self, latents, i: int, gen):
+        """Anchor and recent history of frame ``i`` as the refiner itself renders them: each
+        history frame from its plan tokens and its own true history, 3 steps from noise."""
+        refiner = self.models["refiner"]
+        hist = RefinerHistory(2)
+        for j in range(i):
+            hist.push(j)
+        def render(j):
+            ids = refiner.plan_tokenizer(latents[:, j], refiner.plan_embed.weight)
+            anchor, recent = self._context(latents, j, 0.05, gen)
+            noise = torch.randn(latents[:, j].shape, generator=gen, device=self.device)
+            return refiner.render(noise, ids, anchor, recent)
+        return render(hist.anchor), [render(j) for j in hist.recent]
+
+    def plan_features(self, x0, frozen: bool = False):
+        """Straight-through plan embeddings, their token ids and the VQ loss (with a frozen
+        codebook: its rows, and no VQ loss)."""
         refiner = self.models["refiner"]
         feats = refiner.plan_tokenizer.features(x0)
         book = refiner.plan_embed.weight
         ids = torch.cdist(feats.detach(), book.detach()[None].expand(x0.shape[0], -1, -1)).argmin(-1)
         q = book[ids]
+        if frozen:
+            return q.detach(), ids, feats.new_zeros(())
         vq = F.mse_loss(q, feats.detach()) + 0.25 * F.mse_loss(feats, q.detach())
         return feats + (q - feats).detach(), ids, vq
 
-    def refiner_loss(self, latents, rng, fewstep: bool):
-        """latents [B, T, C, h, w] -> loss (flow matching, or the unrolled sampler's error)."""
+    def refiner_loss(self, latents, rng, fewstep: bool, frozen: bool = False):
+        """latents [B, T, C, h, w] -> loss (flow matching, or the unrolled sampler's error).
+        ``frozen``: the codebook and plan tokenizer stay as they are (a fine-tuning run)."""
         refiner = self.models["refiner"]
         i = int(rng.integers(latents.shape[1]))
         x0 = latents[:, i]
@@ -399,7 +423,9 @@ class Trainer:
         anchor, recent = self._context(latents, i, 0.05, gen)
         if rng.random() < 0.3:  # as for the first frame: the plan alone must describe it
             anchor, recent = None, []
-        plan, ids, vq = self.plan_features(x0)
+        elif i > 0 and rng.random() < self.settings.rendered_history:
+            anchor, recent = self._rendered_context(latents, i, gen)
+        plan, ids, vq = self.plan_features(x0, frozen)
         kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weight = salience(x0, self.settings.salient_weight)
@@ -425,21 +451,34 @@ class Trainer:
         latents, _ = self.bank()
         steps = s.steps["refiner"]
         switch = int(steps * (1 - s.fewstep_fraction))
+        # Fine-tuning (the checkpoint's codebook is trained): the plan tokenizer and codebook
+        # stay fixed, so that the AR backbone's and the draft's tokens keep their meaning.
+        # Asked before _Run restores a resumed state, which is on the sphere either way.
+        frozen = self._codebook_trained()
+        for m in (refiner.plan_tokenizer, refiner.plan_embed):
+            m.requires_grad_(not frozen)
+        if frozen:
+            self.log("refiner: codebook and plan tokenizer frozen (fine-tuning)")
         run = _Run(self, "refiner", {"refiner": refiner}, refiner.parameters(), steps,
                    s.lr["refiner"])
         used = torch.zeros(refiner.config.codebook_size, device=self.device)
         for step in run:
             rng = run.rng()
             idx = torch.from_numpy(rng.integers(latents.shape[0], size=s.batch["refiner"]))
-            loss, err, vq, ids = self.refiner_loss(latents[idx.to(self.device)], rng, step >= switch)
-            if step == 0 and not self._codebook_trained():  # rows start on real features
+            loss, err, vq, ids = self.refiner_loss(latents[idx.to(self.device)], rng, step >= switch,
+                                                   frozen)
+            if step == 0 and not frozen:  # rows start on real features
                 self._restart_dead_codes(torch.zeros_like(used), latents, rng)
             run.backward(loss, error=err, vq=vq, fewstep=step >= switch)
+            if frozen:
+                continue
             self._normalize_codebook()
             used.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=self.device))
             if step % 25 == 24 and step < switch:
                 self._restart_dead_codes(used, latents, rng)
                 used.zero_()
+        for m in (refiner.plan_tokenizer, refiner.plan_embed):
+            m.requires_grad_(True)
         self._finish("refiner", ("refiner",))
 
     def _codebook_trained(self) -> bool:

@@ -2,6 +2,8 @@
 
 import threading
 
+import numpy as np
+
 import torch
 
 from helios.ar_backbone import ARBackbone
@@ -9,7 +11,7 @@ from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
 from helios.sampling import SamplingParams
 from helios.schedule import codebook_bias
-from helios.serving import ARJob, ARScheduler
+from helios.serving import ARJob, ARScheduler, requested_outputs
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, codebook_size=32, max_position_embeddings=256)
@@ -107,3 +109,15 @@ def test_server_refuses_numpy_2(monkeypatch):
     with pytest.raises(SystemExit, match=r"^numpy 2\.4\.6 is installed; the python backend of "
                                          r"tritonserver 2\.51 corrupts BYTES tensors with numpy 2"):
         check_numpy()
+
+
+def test_requested_outputs_keeps_what_was_asked_as_owning_arrays():
+    """Stage models answer a BLS caller with its requested outputs only (an unrequested one
+    crashes tritonserver 2.51's stub under Python 3.12; benchmarks/diag/decoupled_check.py)."""
+    base = np.arange(6, dtype=np.int32)
+    arrays = {"output_ids": base.reshape(1, 1, -1)[..., 1:], "sequence_length": np.array([[5]], np.int32)}
+    out = requested_outputs(["output_ids"], arrays)
+    assert list(out) == ["output_ids"]
+    assert out["output_ids"].base is None and out["output_ids"].flags.c_contiguous
+    assert out["output_ids"].tolist() == [[[1, 2, 3, 4, 5]]]
+    assert list(requested_outputs([], arrays)) == ["output_ids", "sequence_length"]  # none named: all

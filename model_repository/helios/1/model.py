@@ -180,19 +180,24 @@ class TritonPythonModel:
             return not final and sender.is_cancelled()
 
         try:
+            last = False
             for chunk in stream_video(self.config, req, stages, cancelled=cancelled):
-                final = chunk.final
+                last = chunk.final
                 out = requested_outputs(wanted, {"FRAMES": chunk.frames,
                                                   "FRAME_OFFSET": np.array([chunk.offset], np.int32),
-                                                  "FINAL": np.array([final])})
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]),
-                            flags=FINAL if final else 0)
+                                                  "FINAL": np.array([chunk.final])})
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
                 sent += len(chunk.frames)
-                if sent % (4 * req.fps) < len(chunk.frames) or final:
+                if sent % (4 * req.fps) < len(chunk.frames) or chunk.final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
-            if not final:
+            if not last:
                 pb_utils.Logger.log_info(f"helios {rid}: cancelled after {sent} frames")
-                sender.send(flags=FINAL)
+            # The final flag goes out alone, once the schedule has ended: the last chunk (FINAL
+            # true) leaves while the ar_backbone BLS stream still owes its own final response,
+            # and a BLS stream that outlives its parent request's final response crashes the
+            # stub (tritonserver 2.51, Python 3.12: SIGSEGV, seen on the GPU machine).
+            final = True
+            sender.send(flags=FINAL)
         except Exception as e:  # one failed stream must not take the others down
             pb_utils.Logger.log_error(f"helios {rid}: {e}")
             try:
