@@ -2,7 +2,7 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
-CKPT     ?= checkpoints/tiny
+CKPT     ?= weights/helios-tiny
 REPO     ?= .triton/model_repository
 PYTRITON := 0.7.0
 # Extra options of tools/fill_repository.py, e.g. FILL_ARGS="--device cuda --max-streams 4"
@@ -11,7 +11,7 @@ PROMPT   ?= a red circle moving left on a dark background
 
 .PHONY: setup repository serve demo perf test clean
 
-setup: $(VENV)/.installed $(CKPT)/model_index.json
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,6 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml client/
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps nvidia-pytriton==$(PYTRITON)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client
 	touch $@
-
-$(CKPT)/model_index.json: $(VENV)/.installed
-	$(VENV)/bin/helios init --config tiny --out $(CKPT) --seed 0
 
 repository: setup
 	$(PY) tools/fill_repository.py --checkpoint $(CKPT) --out $(REPO) $(FILL_ARGS)
@@ -46,4 +43,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) checkpoints .triton out.mp4
+	rm -rf $(VENV) .triton out.mp4

@@ -1,12 +1,12 @@
 #!/bin/sh
 # Container entrypoint: fill the model repository for the mounted checkpoint, then become
 # tritonserver (exec: it is PID 1 and gets SIGTERM directly, so running streams can finish).
-#   HELIOS_CHECKPOINT     checkpoint folder (default: the tiny one baked into the CPU image)
+#   HELIOS_CHECKPOINT     checkpoint folder (default: the trained tiny one baked into the CPU image)
 #   HELIOS_FILL_ARGS      options of tools/fill_repository.py, e.g. "--device cuda --max-streams 4"
 #   HELIOS_EXIT_TIMEOUT_S seconds running streams get after SIGTERM (keep it below the pod's
 #                         terminationGracePeriodSeconds)
 set -eu
-CHECKPOINT="${HELIOS_CHECKPOINT:-/opt/helios/checkpoints/tiny}"
+CHECKPOINT="${HELIOS_CHECKPOINT:-/opt/helios/weights/helios-tiny}"
 if [ ! -f "$CHECKPOINT/model_index.json" ]; then
     echo "helios: no checkpoint at $CHECKPOINT (mount one or set HELIOS_CHECKPOINT)" >&2
     exit 2

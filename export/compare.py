@@ -91,7 +91,9 @@ def _compare_plugin_graph_in_process(path: Path, feed: dict, outputs: dict, atol
     from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork,  # noqa: PLC0415
                                         NetworkFromOnnxPath, Profile, TrtRunner)
 
-    import plugins.trt_context_attention  # noqa: F401,PLC0415  registers helios::ContextAttention
+    import plugins.trt_context_attention as plugin  # noqa: PLC0415  registers helios::ContextAttention
+
+    plugin.use_aot()  # the implementation the served engine embeds
 
     profile = Profile()
     for k, v in feed.items():
@@ -107,7 +109,7 @@ def _compare_plugin_graph_in_process(path: Path, feed: dict, outputs: dict, atol
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/tiny"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("weights/helios-tiny"))
     ap.add_argument("--onnx", type=Path, default=Path("build-out/onnx"))
     ap.add_argument("--work", type=Path, default=Path("build-out/polygraphy"))
     ap.add_argument("--trt", action="store_true", help="also compare TensorRT (where it exists)")

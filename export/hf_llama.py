@@ -1,6 +1,6 @@
 """Write the AR backbone and the draft model as standalone HuggingFace Llama checkpoints.
 
-    python export/hf_llama.py --checkpoint checkpoints/tiny --out build-out/hf
+    python export/hf_llama.py --checkpoint weights/helios-tiny --out build-out/hf
 
 The component folders of a Helios checkpoint already are Llama checkpoints (config.json with
 architectures LlamaForCausalLM, safetensors with transformers' names): this copies them out
@@ -41,7 +41,7 @@ def export_llama(checkpoint: Path, out: Path) -> dict[str, Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/tiny"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("weights/helios-tiny"))
     ap.add_argument("--out", type=Path, default=Path("build-out/hf"))
     args = ap.parse_args(argv)
     for name, path in export_llama(args.checkpoint, args.out).items():

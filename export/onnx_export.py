@@ -1,7 +1,7 @@
 """ONNX export of the stages that TensorRT builds as engines: text_encoder, one refiner
 denoising step (two variants), vae_decoder.
 
-    python export/onnx_export.py --checkpoint checkpoints/tiny --out build-out/onnx
+    python export/onnx_export.py --checkpoint weights/helios-tiny --out build-out/onnx
 
 Writes, opset 17, tensor names of the Triton contract where the stage has one:
   text_encoder.onnx        input_ids INT32 [1, L], input_lengths INT32 [1]
@@ -127,7 +127,7 @@ def export_all(checkpoint: Path, out: Path) -> dict[str, Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/tiny"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("weights/helios-tiny"))
     ap.add_argument("--out", type=Path, default=Path("build-out/onnx"))
     args = ap.parse_args(argv)
     import onnx  # noqa: PLC0415

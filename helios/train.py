@@ -72,6 +72,7 @@ class TrainSettings:
     # history is its own output, and a refiner trained only on true history copied its
     # rendered history and lost the motion its plan tokens describe (run 4, docs/training.md).
     rendered_history: float = 0.5
+    change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     save_every: int = 100
 
 
@@ -609,9 +610,22 @@ class Trainer:
             byte_ids, toks = self.ar_batch(plans, captions, run.rng(), s.batch["ar"])
             prefix, lengths = self._prefix(byte_ids)
             logits = self.ar_logits(ar, prefix, lengths, toks)
-            loss = F.cross_entropy(logits.flatten(0, 1), toks[:, 1:].flatten())
+            target = toks[:, 1:]
+            per_token = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            loss = (self.change_weights(target) * per_token.view(target.shape)).mean()
             run.backward(loss)
         self._finish("ar", ("text_encoder", "ar_backbone"))
+
+    def change_weights(self, target: torch.Tensor) -> torch.Tensor:
+        """[B, T] weights, mean 1, of the plan tokens after begin-of-video: a token that
+        differs from the same slot of the previous frame counts ``change_weight`` times more.
+        Motion lives in those few changes (a moving object's region token flips every
+        latent frame or two, the other seven stay); unweighted, the AR learned "repeat the
+        last frame" and made static videos (run 5, docs/training.md)."""
+        n = self.cfg.plan_tokens_per_frame
+        w = torch.ones(target.shape, device=target.device)
+        w[:, n:] += (self.settings.change_weight - 1) * (target[:, n:] != target[:, :-n]).float()
+        return w / w.mean()
 
     # ---- stage 5: the draft, distilled -------------------------------------------------
     def train_draft(self) -> None:

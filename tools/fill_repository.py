@@ -1,6 +1,6 @@
 """Fill the model repository templates (``${name}`` placeholders) for one deployment.
 
-    python tools/fill_repository.py --checkpoint checkpoints/tiny --out .triton/model_repository
+    python tools/fill_repository.py --checkpoint weights/helios-tiny --out .triton/model_repository
     python tools/fill_repository.py --checkpoint /models/helios-14b --device cuda --out /repo \\
         --refiner-instances 1 --max-streams 4 --speculative off
 
@@ -100,7 +100,7 @@ def fill(out: Path, vals: dict[str, str], templates: Path = TEMPLATES,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "tiny")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "helios-tiny")
     ap.add_argument("--out", type=Path, default=ROOT / ".triton" / "model_repository")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--flavour", choices=["torch", "tensorrt"], default="torch",

@@ -1,28 +1,4 @@
-"""count_thread, with responses made as the ar_backbone model makes them: a reshaped numpy
-array (a view of another) and a second output tensor."""
-import queue
-import threading
+"""See benchmarks/diag/count_models.py."""
+from benchmarks.diag.count_models import count_model
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.jobs = queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
-
-    def _work(self):
-        while True:
-            n, sender = self.jobs.get()
-            for i in range(n):
-                out = np.array([i, i], np.int32).reshape(1, 1, -1)
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("I", out[0, 0, :1]),
-                                                        pb_utils.Tensor("L", np.array([[2]], np.int32))]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def execute(self, requests):
-        for request in requests:
-            n = int(pb_utils.get_input_tensor_by_name(request, "N").as_numpy()[0])
-            self.jobs.put((n, request.get_response_sender()))
-        return None
+TritonPythonModel = count_model("view")
