@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements on a lent GPU machine (no internet), in two parts that each fit
-# one 10-minute command:
+# Issue 5's GPU measurements on a lent GPU machine (no internet), in parts that each fit one
+# 10-minute command:
 #   bash benchmarks/gpu_session.sh OUT server      GPU kernel tests, then the 14b config through
 #                                                  Triton: client FPS / first frame at 1 and 4
-#                                                  streams (benchmarks/triton_gpu.sh)
+#                                                  streams, perf_analyzer (benchmarks/triton_gpu.sh)
 #   bash benchmarks/gpu_session.sh OUT inprocess   speculative-decoding costs and --low-vram
 #                                                  (benchmarks/fps.py)
+#   bash benchmarks/gpu_session.sh OUT decoupled   which decoupled / BLS response paths the
+#                                                  stub survives (benchmarks/diag/)
+#   bash benchmarks/gpu_session.sh OUT diag        the tiny model through Triton in variants
+#                                                  (DIAG=...), thread stacks of every stub on a stall
 # The server needs numpy < 2 (tritonserver 2.51's python backend corrupts BYTES tensors under
 # numpy 2), and the machine's Python has numpy 2: a venv whose own site-packages hold numpy
 # 1.26 (and tritonclient) from .whl/, with the machine's packages (torch, ...) behind them
 # through a .pth file. The Triton server files come from .carry/triton-server.tar.xz.
 set -uo pipefail
-out="${1:?usage: gpu_session.sh OUT server|inprocess}"; part="${2:?server|inprocess}"
+out="${1:?usage: gpu_session.sh OUT server|inprocess|decoupled|diag}"
+part="${2:?server|inprocess|decoupled|diag}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

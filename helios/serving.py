@@ -38,14 +38,14 @@ def enable_stack_dumps(folder: str) -> None:
     """On SIGUSR2, write the Python stack of every thread of this process to
     ``folder/<pid>.txt``: what a stalled stage model is waiting on. Every Triton model of the
     repository imports this module, so ``HELIOS_STACKS_DIR=DIR tritonserver ...`` arms all the
-    stub processes (``pkill -USR2 -f triton_python_backend_stub``), where py-spy would need
-    ptrace rights that containers rarely grant."""
+    stub processes (``pkill -USR2 -f triton_python_backend_stub``) with nothing to install and
+    no ptrace rights (py-spy needs both). A crash (SIGSEGV, SIGABRT, ...) writes there too."""
     os.makedirs(folder, exist_ok=True)
     out = open(os.path.join(folder, f"{os.getpid()}.txt"), "w")  # noqa: SIM115  kept open
     out.write(f"pid {os.getpid()}\n")
     out.flush()
     faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)
-    faulthandler.enable(file=out, all_threads=True)   # and on a crash (SIGSEGV, SIGABRT, ...)
+    faulthandler.enable(file=out, all_threads=True)
 
 
 if os.environ.get("HELIOS_STACKS_DIR"):
