@@ -278,9 +278,12 @@ class RefinerCall:
     history: list                 # [1, C, h, w] each, most recent first
 
 
-def refiner_call(config, plan, seed: int, frame_index: int, anchor, history, device,
-                 dtype) -> RefinerCall:
-    """Check and convert the refiner's inputs (numpy arrays; anchor and history may be None)."""
+def refiner_call(config, get: Callable, device, dtype) -> RefinerCall:
+    """Check and convert a refiner request's inputs; ``get(name)`` returns the input as a numpy
+    array, or None when it is absent (anchor and history may be). Both refiner models (torch
+    and TensorRT flavours) read their requests through this."""
+    plan, anchor, history = get("plan_tokens"), get("anchor"), get("history")
+    seed, frame_index = int(get("seed").reshape(-1)[0]), int(get("frame_index").reshape(-1)[0])
     codebook = config.refiner.codebook_size
     if plan.min() < 0 or plan.max() >= codebook:
         raise HeliosError("plan_tokens", f"must be in [0, {codebook - 1}]")

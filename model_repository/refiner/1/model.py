@@ -23,11 +23,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                call = refiner_call(st.config, _input(request, "plan_tokens"),
-                                    int(_input(request, "seed").reshape(-1)[0]),
-                                    int(_input(request, "frame_index").reshape(-1)[0]),
-                                    _input(request, "anchor"), _input(request, "history"),
-                                    st.device, st.dtype)
+                call = refiner_call(st.config, lambda name: _input(request, name), st.device,
+                                    st.dtype)
             except HeliosError as e:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
