@@ -138,7 +138,15 @@ class HeliosPipeline:
         modules = [m for m in (self.ar_backbone, self.draft) if m is not None]
         try:
             remaining = n
-            while remaining:
+            if self.low_vram:  # the weights move once per segment, not once per token
+                rounds = []
+                with self._active(*modules):
+                    while remaining:
+                        rounds.append(self.ar.decode_round({seq: remaining}, speculative,
+                                                           self.config.speculative_tokens)[seq])
+                        remaining -= len(rounds[-1])
+                yield from rounds
+            while remaining:  # (after a --low-vram segment: nothing left)
                 with self._active(*modules):
                     new = self.ar.decode_round({seq: remaining}, speculative,
                                                self.config.speculative_tokens)[seq]
