@@ -136,22 +136,22 @@ class HeliosPipeline:
         speculative = speculative and self.draft is not None
         self.ar.add_sequence(seq, prefix, tokens, params, draft_prefix, bias)
         modules = [m for m in (self.ar_backbone, self.draft) if m is not None]
-        try:
+
+        def rounds():
             remaining = n
-            if self.low_vram:  # the weights move once per segment, not once per token
-                rounds = []
-                with self._active(*modules):
-                    while remaining:
-                        rounds.append(self.ar.decode_round({seq: remaining}, speculative,
-                                                           self.config.speculative_tokens)[seq])
-                        remaining -= len(rounds[-1])
-                yield from rounds
-            while remaining:  # (after a --low-vram segment: nothing left)
-                with self._active(*modules):
-                    new = self.ar.decode_round({seq: remaining}, speculative,
-                                               self.config.speculative_tokens)[seq]
+            while remaining:
+                new = self.ar.decode_round({seq: remaining}, speculative,
+                                           self.config.speculative_tokens)[seq]
                 remaining -= len(new)
                 yield new
+
+        try:
+            if self.low_vram:  # the weights move once per segment, not once per token
+                with self._active(*modules):
+                    decoded = list(rounds())
+                yield from decoded
+            else:
+                yield from rounds()
         finally:
             self.ar.free(seq)  # also when the consumer stops early (cancellation)
 

@@ -3,8 +3,8 @@
 The stages train in order, each on what the previous ones produce:
 
     vae       encoder + decoder on windows of 8 frames (two latent frames; the second
-              decodes with the first as its previous latent, as in streaming); latent detail
-              finer than a history token is penalised
+              decodes with the first as its previous latent, as in streaming); then the
+              latent is rescaled to unit standard deviation inside the weights
     refiner   the plan tokenizer (its codebook is the refiner's plan-token embedding) with
               the refiner it conditions: flow matching on latent frames with the anchor and
               history the pipeline gives it, then the few-step schedule (the 3-step Euler
@@ -378,29 +378,31 @@ class Trainer:
     def _context(latents, i: int, noise_scale: float, gen=None):
         """Anchor and recent history of latent frame ``i`` exactly as RefinerHistory keeps
         them, with a little noise: at inference they are the refiner's own outputs."""
-        hist = RefinerHistory(2)
-        for j in range(i):
-            hist.push(j)
         def pick(j):
             x = latents[:, j]
             return x + noise_scale * torch.randn(x.shape, generator=gen, device=x.device)
-        anchor = None if hist.anchor is None else pick(hist.anchor)
-        return anchor, [pick(j) for j in hist.recent]
+        return Trainer._history(i, pick)
+
+    @staticmethod
+    def _history(i: int, frame):
+        """(anchor, recent history) of latent frame ``i``, the slots RefinerHistory keeps,
+        each made by ``frame(j)`` from the index of the frame it holds."""
+        hist = RefinerHistory(2)
+        for j in range(i):
+            hist.push(j)
+        return (None if hist.anchor is None else frame(hist.anchor)), [frame(j) for j in hist.recent]
 
     @torch.no_grad()
     def _rendered_context(self, latents, i: int, gen):
         """Anchor and recent history of frame ``i`` as the refiner itself renders them: each
         history frame from its plan tokens and its own true history, 3 steps from noise."""
         refiner = self.models["refiner"]
-        hist = RefinerHistory(2)
-        for j in range(i):
-            hist.push(j)
         def render(j):
             ids = refiner.plan_tokenizer(latents[:, j], refiner.plan_embed.weight)
             anchor, recent = self._context(latents, j, 0.05, gen)
             noise = torch.randn(latents[:, j].shape, generator=gen, device=self.device)
             return refiner.render(noise, ids, anchor, recent)
-        return render(hist.anchor), [render(j) for j in hist.recent]
+        return self._history(i, render)
 
     def plan_features(self, x0, frozen: bool = False):
         """Straight-through plan embeddings, their token ids and the VQ loss (with a frozen

@@ -3,7 +3,6 @@
 import threading
 
 import numpy as np
-
 import torch
 
 from helios.ar_backbone import ARBackbone

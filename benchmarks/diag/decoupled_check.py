@@ -41,9 +41,8 @@ def stream(model, target=None, n=5, timeout=15.0):
           f"in {time.perf_counter() - t0:.2f} s", flush=True)
 
 
-for m in ("count_inline", "count_thread", "count_metric", "count_torch",
-          "count_cancel", "count_view", "count_extra"):
+MODELS = [f"count_{way}" for way in ("inline", "thread", "metric", "torch", "cancel", "view", "extra")]
+for m in MODELS:
     stream(m)
-for m in ("count_inline", "count_thread", "count_metric", "count_torch",
-          "count_cancel", "count_view", "count_extra"):
+for m in MODELS:
     stream("relay", m)
