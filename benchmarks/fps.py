@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helios.checkpoint import COMPONENTS, random_component  # noqa: E402
+from helios.ar_runtime import ARRuntime  # noqa: E402
 from helios.config import get_config  # noqa: E402
+from helios.fp8 import quantize_ar  # noqa: E402
 from helios.pipeline import HeliosPipeline  # noqa: E402
+from helios.sampling import SamplingParams  # noqa: E402
 from helios.schedule import validate_request  # noqa: E402
 
 
@@ -173,6 +176,85 @@ def speculative_table(cfg, forwards: dict, med: dict) -> dict:
             "refiner_plus_vae_ms": other, "table": rows}
 
 
+@torch.no_grad()
+def fp8_error(cfg, model, device, seed=0) -> dict:
+    """Quantize ``model``'s projections to FP8 in place; return how far its next-token logits
+    move: relative L2 error and top-1 agreement over 64 positions of a random context."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    prefix = (torch.randn(32, cfg.ar_backbone.hidden_size, generator=gen) * 0.02).to(device, dtype)
+    tokens = torch.randint(0, cfg.ar_backbone.codebook_size, (64,), generator=gen).tolist()
+
+    def logits():
+        rt = ARRuntime(model, num_blocks=8, block_size=64, device=device)
+        rt.add_sequence(0, prefix, [], SamplingParams())
+        rows = []
+        for t in tokens:  # one position at a time, as decoding feeds them
+            rows.append(rt.logits(0))
+            rt.seqs[0].tokens.append(t)
+        return torch.stack(rows).float()
+
+    ref = logits()
+    saved = quantize_ar(model)
+    out = logits()
+    return {"relative_l2": float((out - ref).norm() / ref.norm()),
+            "max_abs": float((out - ref).abs().max()),
+            "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "positions": len(tokens), "bytes_saved": saved}
+
+
+def step_gpu_ms(pipe, device, reps=30) -> dict:
+    """GPU time of pieces on their own (CUDA events): one replay of the captured AR decode
+    step, and the refiner's context encoding and one denoising step at the full history."""
+    out = {}
+    runner = pipe.ar._static.get(1)
+    if device.type != "cuda":
+        return out
+
+    def timed(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end))
+        return statistics.median(ts[3:])
+
+    if runner is not None and runner.graph is not None:
+        out["ar_graph_replay"] = timed(runner.graph.replay)
+    cfg, rf = pipe.config, pipe.refiner
+    shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    z = torch.randn(shape, device=device, dtype=pipe.dtype)
+    plan = torch.zeros(1, cfg.plan_tokens_per_frame, dtype=torch.long, device=device)
+    hist = [z] * cfg.refiner.history_frames
+    with torch.no_grad():
+        out["refiner_context"] = timed(lambda: rf.encode_context(plan, z, hist))
+        kv = rf.encode_context(plan, z, hist)
+        step = getattr(rf, "_compiled_step", None) or rf
+        sigma = torch.tensor(0.5, device=device)
+        out["refiner_step"] = timed(lambda: step(z, sigma, kv))
+        out["vae_decoder"] = timed(lambda: pipe.vae.decode(z, z))
+    return out
+
+
+def profile_frames(pipe, prompt, out_dir, spec) -> str:
+    """torch.profiler over a short video (2 latent frames): the top operators by GPU time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pipe.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        pipe.generate_video(prompt, num_frames=2 * pipe.config.frames_per_latent, seed=3,
+                            speculative=spec)
+    key = "self_cuda_time_total" if pipe.device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=30)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "profile.txt").write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -183,9 +265,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="name of this variant in the JSON file name")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
     ap.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="eager refiner and VAE decoder (HELIOS_COMPILE=0)")
+    ap.add_argument("--ar-fp8", action="store_true",
+                    help="FP8 AR weights; reports their logit error against bf16 first")
+    ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
     if args.no_cuda_graphs:
         os.environ["HELIOS_CUDA_GRAPHS"] = "0"
+    if args.no_compile:
+        os.environ["HELIOS_COMPILE"] = "0"
 
     device = torch.device(args.device)
     cfg = get_config(args.config)
@@ -195,6 +284,7 @@ def main(argv=None) -> int:
     parts = random_model(cfg, device, dtype)
     sync(device)
     build_s = time.perf_counter() - t0
+    fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram)
     forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
@@ -217,6 +307,7 @@ def main(argv=None) -> int:
             first = time.perf_counter() - t
     wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    pieces = step_gpu_ms(pipe, device)
 
     med = {k: statistics.median(v) * 1e3 for k, v in pipe.times.items() if v}
     n = cfg.plan_tokens_per_frame
@@ -233,7 +324,9 @@ def main(argv=None) -> int:
         "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
         "build_s": build_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
         "refiner_tokens": n_tokens, "refiner_context_tokens": n_ctx, "ceilings": ceil,
-        "low_vram": args.low_vram,
+        "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
+        "gpu_ms_alone": pieces,
+        "ar_step_compiled": bool(pipe.ar._static.get(1) and pipe.ar._static[1].compiled),
     }
     if spec:
         result["speculative_costs"] = speculative_table(cfg, forwards, med)
@@ -266,6 +359,14 @@ def main(argv=None) -> int:
     if ceil:
         print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
               f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if pieces:
+        print("GPU time alone (CUDA events): " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()))
+    if fp8:
+        print(f"FP8 AR weights: logits relative L2 error {fp8['relative_l2']:.4f}, max abs "
+              f"{fp8['max_abs']:.3f}, top-1 agreement {fp8['top1_agreement']:.3f} over "
+              f"{fp8['positions']} positions; {fp8['bytes_saved'] / 1e9:.1f} GB saved")
+    if args.profile:
+        print(profile_frames(pipe, prompt, args.out, spec)[:6000])
     if spec:
         c = result["speculative_costs"]
         print(f"speculative: draft step {c['draft_step_ms']:.2f} ms, verification of "

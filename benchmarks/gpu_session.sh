@@ -6,6 +6,8 @@
 #                                                  streams, perf_analyzer (benchmarks/triton_gpu.sh)
 #   bash benchmarks/gpu_session.sh OUT inprocess   speculative-decoding costs and --low-vram
 #                                                  (benchmarks/fps.py)
+#   bash benchmarks/gpu_session.sh OUT speed       in-process 14b: eager vs compiled vs FP8 AR
+#                                                  weights (benchmarks/fps.py, VARIANTS=...)
 #   bash benchmarks/gpu_session.sh OUT decoupled   which decoupled / BLS response paths the
 #                                                  stub survives (benchmarks/diag/)
 #   bash benchmarks/gpu_session.sh OUT diag        the tiny model through Triton in variants
@@ -15,8 +17,8 @@
 # 1.26 (and tritonclient) from .whl/, with the machine's packages (torch, ...) behind them
 # through a .pth file. The Triton server files come from .carry/triton-server.tar.xz.
 set -uo pipefail
-out="${1:?usage: gpu_session.sh OUT server|inprocess|decoupled|diag}"
-part="${2:?server|inprocess|decoupled|diag}"
+out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
+part="${2:?server|speed|inprocess|decoupled|diag}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -82,6 +84,17 @@ elif [ "$part" = diag ]; then   # the tiny model through Triton on this machine,
         for f in /tmp/helios-stacks/"$name"/*.txt; do
             [ "$(wc -l < "$f")" -gt 1 ] && { echo "### $f"; cat "$f"; }
         done > "$out/stacks_$name.txt" 2>/dev/null
+    done
+elif [ "$part" = speed ]; then   # in-process before/after of the compile and FP8 options
+    timeout 150 python3 -m pytest -q tests/test_fp8.py tests/test_cuda_graphs.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+    for v in ${VARIANTS:-eager:--no-compile compiled:--profile fp8:--ar-fp8}; do
+        IFS=: read -r tag flags <<< "$v"
+        echo "== $tag ($flags)"
+        t0=$(date +%s)
+        timeout "${VARIANT_LIMIT:-240}" python3 benchmarks/fps.py --config 14b --device cuda \
+            --seconds "${HELIOS_SECONDS:-2}" --out "$out" --tag "$tag" $flags > "$out/fps_$tag.txt" 2>&1
+        echo "   rc $? in $(( $(date +%s) - t0 )) s"
+        grep -v "^ " "$out/fps_$tag.txt" | grep -iv "warn" | tail -14
     done
 else
     timeout 200 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 --speculative on \

@@ -81,6 +81,38 @@ class _ContextAttentionNode(torch.autograd.Function):
         return out
 
 
+def _cuda_context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> torch.Tensor:
+    kernel = _load_kernel()
+    if kernel is not None:
+        b, h, n, d = q.shape
+        # [B, N, H, D] memory viewed as [B, H, N, D]: the block's transpose(1, 2).reshape
+        # after attention is then free.
+        out = q.new_empty(b, n, h, d).transpose(1, 2)
+        return kernel(q, k_ctx, v_ctx, k_self, v_self, scale, out=out)
+    # Without the kernel: the fused SDPA kernels over the concatenation (one copy of K/V per
+    # call), far faster on a GPU than the float32 reference below.
+    return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
+                                          torch.cat([v_ctx, v_self], 2), scale=scale)
+
+
+# One opaque operator for torch.compile: the compiled refiner step fuses everything around
+# attention and calls the kernel as it is (dynamo does not trace into the autotuned launch).
+@torch.library.custom_op("helios::context_attention", mutates_args=())
+def _context_attention_op(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
+                          k_self: torch.Tensor, v_self: torch.Tensor, scale: float) -> torch.Tensor:
+    out = _cuda_context_attention(q, k_ctx, v_ctx, k_self, v_self, scale)
+    b, h, n, d = q.shape
+    if out.stride() != (n * h * d, d, h * d, 1):  # the SDPA fallback: same layout as the kernel's
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out
+
+
+@_context_attention_op.register_fake
+def _(q, k_ctx, v_ctx, k_self, v_self, scale):
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
+
+
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
     if torch.onnx.is_in_onnx_export():
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -89,11 +121,6 @@ def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = Non
         return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
                                               torch.cat([v_ctx, v_self], 2), scale=scale)
     if q.is_cuda:
-        kernel = _load_kernel()
-        if kernel is not None:
-            return kernel(q, k_ctx, v_ctx, k_self, v_self, scale)
-        # Until the kernel exists: the fused SDPA kernels over the concatenation (one copy of
-        # K/V per call), far faster on a GPU than the float32 reference below.
-        return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
-                                              torch.cat([v_ctx, v_self], 2), scale=scale)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _context_attention_op(q, k_ctx, v_ctx, k_self, v_self, float(scale))
     return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .accel import accelerate
 from .ar_runtime import ARRuntime
 from .checkpoint import load_component, read_config
 from .config import HeliosConfig
+from .fp8 import quantize_ar
 from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, validate_request
 from .text_encoder import tokenize
@@ -60,7 +62,8 @@ class HeliosPipeline:
     """The four stages in one process; implements the stage functions of ``orchestrator``."""
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
-                 device="cpu", low_vram: bool = False, max_streams: int = 8):
+                 device="cpu", low_vram: bool = False, max_streams: int = 8,
+                 ar_fp8: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -70,6 +73,10 @@ class HeliosPipeline:
         home = "cpu" if self.low_vram else self.device
         for m in self.modules():
             m.to(home).eval()
+        self.accelerated = [] if self.low_vram else accelerate(self.device, refiner, vae)
+        if ar_fp8:  # e4m3 weights for the AR backbone's projections (helios/fp8.py)
+            quantize_ar(ar_backbone)
+            self.accelerated.append("AR weights fp8")
         # CUDA graphs for the decode step on a GPU; not with --low-vram, where the weights move
         # between steps and a captured graph would read freed memory.
         graphs = (self.device.type == "cuda" and not self.low_vram

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel import CompiledOrEager
 from .attention import context_attention
 from .config import RefinerConfig
 
@@ -272,12 +273,23 @@ class Refiner(nn.Module):
         ts = [1 - i / steps for i in range(steps + 1)]
         return [shift * t / (1 + (shift - 1) * t) for t in ts]
 
+    def compile_steps(self) -> None:
+        """Run the denoising steps through torch.compile (used on CUDA): the norms, QK-norm,
+        modulation and gates fuse into few kernels around the matmuls, and attention stays the
+        custom kernel (an opaque operator, ``helios::context_attention``). The first frame
+        compiles; a new context length compiles once more, with that length symbolic."""
+        self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
+
     @torch.no_grad()
     def render(self, noise, plan_tokens, anchor=None, history=(), num_steps: int | None = None):
         """Noise [B, C, h, w] -> clean latent frame, conditioned on plan tokens and history."""
         kv = self.encode_context(plan_tokens, anchor, history)
         x = noise
         sig = self.sigmas(num_steps)
-        for s, s_next in zip(sig[:-1], sig[1:]):
-            x = x + (s_next - s) * self(x, s, kv)
+        step = getattr(self, "_compiled_step", None)
+        # The compiled step takes sigma as a tensor: a Python float would compile once per value.
+        sig_t = torch.tensor(sig, device=noise.device) if step is not None else sig
+        for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
+            v = step(x, sig_t[i], kv) if step is not None else self(x, s, kv)
+            x = x + (s_next - s) * v
         return x

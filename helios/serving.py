@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .accel import accelerate
 from .ar_runtime import ARRuntime
 from .checkpoint import load_component, read_config
 from .errors import HeliosError
@@ -265,6 +266,9 @@ def load_stage(args: dict, *components: str) -> Stage:
     dtype = model_dtype(device, params)
     config = read_config(params["checkpoint"])
     modules = {c: load_component(params["checkpoint"], c, config, device, dtype) for c in components}
+    done = accelerate(device, modules.get("refiner"), modules.get("vae"))
+    if done:
+        log.info("%s: %s", "+".join(components), ", ".join(done))
     return Stage(params, device, dtype, config, modules)
 
 

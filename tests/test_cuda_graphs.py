@@ -1,5 +1,6 @@
-"""On a GPU: the CUDA-graph decode step (captured once, replayed) gives the logits of the
-general eager path, step after step, for one and several streams. Skips without CUDA."""
+"""On a GPU: the CUDA-graph decode step (captured once, replayed; compiled or not) gives the
+logits of the general eager path, step after step, for one and several streams; the compiled
+refiner renders what the eager one does. Skips without CUDA."""
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from helios.schedule import codebook_bias
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_graph_decode_matches_eager(batch):
+@pytest.mark.parametrize("batch,compiled", [(1, False), (3, False), (1, True), (3, True)])
+def test_cuda_graph_decode_matches_eager(batch, compiled):
     cfg = get_config("tiny").ar_backbone
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -22,7 +23,7 @@ def test_cuda_graph_decode_matches_eager(batch):
     model.init_weights(torch.Generator().manual_seed(0))
     model = model.to(dev, torch.bfloat16).eval()
     graph = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
-                      max_positions=256)
+                      max_positions=256, compile_steps=compiled)
     eager = ARRuntime(model, num_blocks=64, block_size=16, device=dev, static_decode=False)
     ids = list(range(batch))
     for rt in (graph, eager):
@@ -43,6 +44,26 @@ def test_cuda_graph_decode_matches_eager(batch):
                 graph.seqs[i].tokens.append(tok % cfg.codebook_size)
                 eager.seqs[i].tokens.append(tok % cfg.codebook_size)
     assert graph._static[batch].graph is not None
+    assert graph._static[batch].compiled == compiled
+
+
+def test_compiled_refiner_renders_what_the_eager_one_does():
+    from helios.checkpoint import random_component
+
+    cfg = get_config("tiny")
+    dev = torch.device("cuda")
+    rf = random_component(cfg, "refiner", dev, torch.bfloat16, 3)
+    shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(shape, generator=g).to(dev, torch.bfloat16) for _ in range(4)]
+    plan = torch.randint(0, cfg.refiner.codebook_size, (1, cfg.plan_tokens_per_frame), generator=g).to(dev)
+    cases = [(None, []), (z[1], []), (z[1], [z[2], z[3]])]  # context lengths change: recompiles
+    eager = [rf.render(z[0], plan, a, h) for a, h in cases]
+    rf.compile_steps()
+    for (a, h), e in zip(cases, eager):
+        out = rf.render(z[0], plan, a, h)
+        assert ((out.float() - e.float()).norm() / e.float().norm()).item() < 2e-2
+    assert rf._compiled_step.compiled
 
 
 def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkeypatch):
@@ -53,6 +74,7 @@ def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkey
     from helios.pipeline import HeliosPipeline
 
     monkeypatch.setenv("HELIOS_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("HELIOS_COMPILE", "0")  # --low-vram runs eager: so must the reference
     ckpt = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
     prompt = "a red circle moving left on a dark background"
     resident = HeliosPipeline.from_checkpoint(ckpt, device="cuda")

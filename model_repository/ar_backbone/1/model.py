@@ -6,6 +6,7 @@ tokens of one iteration (streaming) or all of them (non-streaming); a request wi
 ends the running request that has the same request id.
 """
 
+import json
 import time
 
 import numpy as np
@@ -48,6 +49,12 @@ class TritonPythonModel:
         runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
                             cuda_graphs=params.get("cuda_graphs", "on") == "on",
                             max_positions=self.config.max_ar_positions())
+        # Every batch size up to max_batch_size compiled and captured before the first request.
+        t0 = time.perf_counter()
+        runtime.prepare_static(range(1, json.loads(args["model_config"])["max_batch_size"] + 1))
+        if runtime.cuda_graphs:
+            pb_utils.Logger.log_info(f"ar_backbone: decode steps captured in "
+                                     f"{time.perf_counter() - t0:.1f} s")
         self.check_period = float(params.get("cancellation_check_period_ms", "100")) / 1000
         self._metrics()
         self.scheduler = ARScheduler(runtime, int(params.get("num_draft_tokens", "4")),

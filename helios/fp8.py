@@ -1,0 +1,112 @@
+"""FP8 weights for the AR backbone (the ``--ar-fp8`` option of the torch runtime).
+
+A decode step reads every weight once for one token per stream, so it is bound by weight bytes:
+e4m3 weights (1 byte) with one float32 scale per output channel halve them against bf16.
+Activations stay bf16. At batch sizes up to ``GEMV_MAX_ROWS`` (decode steps) a Triton-lang
+kernel reads the FP8 weight tile, widens it to bf16 in registers and accumulates in float32:
+the weight is never materialised in bf16. Larger batches (prefill) dequantize the weight once
+per call and run the ordinary matmul. ``torch._scaled_mm`` measured no gain at batch 1
+(ARCHITECTURE.md section 4: it pads the activation to a full tile and quantizes it).
+
+The per-channel scale is amax / 448 (e4m3's largest normal), so every row uses the full range.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3_MAX = 448.0
+GEMV_MAX_ROWS = 16
+
+try:  # the kernel exists where triton does (CUDA machines); the reference path runs anywhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+if triton is not None:
+    @triton.autotune(
+        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+         for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 5),
+                            (64, 128, 4, 4), (64, 256, 8, 3))],
+        key=["N", "K"])
+    @triton.jit
+    def _fp8_gemv_kernel(X, W, S, Y, M, N, K, sxm, swn, sym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Y[m, n] = sum_k X[m, k] * W[n, k] * S[n]; one program per BLOCK_N outputs, all rows."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :],
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :],
+                        mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        s = tl.load(S + offs_n, mask=offs_n < N, other=0.0)
+        y = acc * s[None, :]
+        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], y.to(Y.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, M <= GEMV_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N]."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fp8_gemv_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
+                           y.stride(0), BLOCK_M=16)
+    return y
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (e4m3 [N, K], float32 scale [N]) with amax per output channel at 448."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(1).clamp(min=1e-12) / E4M3_MAX
+    return (wf / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+class FP8Linear(nn.Module):
+    """A bias-free nn.Linear with e4m3 weights and per-output-channel scales."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("FP8Linear takes the AR backbone's bias-free projections")
+        q, s = quantize_weight(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", s)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.is_cuda and triton is not None and rows <= GEMV_MAX_ROWS:
+            y = fp8_gemv(x.reshape(rows, -1), self.weight, self.scale)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized(x.dtype))
+
+
+def quantize_ar(model: nn.Module) -> int:
+    """Replace the projections of every decoder layer (attention q/k/v/o, MLP gate/up/down) by
+    FP8Linear, in place; embeddings, norms and the head stay as they are (the head is 0.4 % of
+    the 14b AR's bytes and sets the logits directly). Returns the bytes saved."""
+    saved = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    fp8 = FP8Linear(child).to(child.weight.device)
+                    saved += child.weight.numel() * child.weight.element_size() \
+                        - fp8.weight.numel() - fp8.scale.numel() * 4
+                    setattr(parent, name, fp8)
+    return saved
