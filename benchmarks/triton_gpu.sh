@@ -3,7 +3,7 @@
 # checkpoint, the repository filled for CUDA, tritonserver started, then FPS and first-frame
 # latency at the client for 1 and 4 concurrent gRPC streams, then perf_analyzer in streaming
 # mode at concurrency 1 and 4 (2 s videos). Output (JSON, CSV, logs) in $1.
-#   bash benchmarks/triton_gpu.sh OUT [SECONDS]
+#   bash benchmarks/triton_gpu.sh OUT [SECONDS]       (FILL_ARGS=--ar-fp8: FP8 AR weights)
 # The server comes from the nvidia-pytriton wheel: either installed, or (on the lent GPU
 # machines, which have no internet) the files of .carry/triton-server.tar.xz.
 set -euo pipefail
@@ -19,7 +19,7 @@ t0=$(date +%s)
 python3 -m helios init --config 14b --out /tmp/ck14b --seed 0 --dtype bfloat16 --device cuda
 echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
-    --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" > /dev/null
+    --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" ${FILL_ARGS:-} > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
     bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" bash -c "

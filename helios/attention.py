@@ -120,7 +120,11 @@ def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = Non
             return _ContextAttentionNode.apply(q, k_ctx, v_ctx, k_self, v_self, float(scale))
         return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
                                               torch.cat([v_ctx, v_self], 2), scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        # Training: the kernel has no backward; SDPA over the concatenation has one.
+        return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
+                                              torch.cat([v_ctx, v_self], 2), scale=scale)
     if q.is_cuda:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return _context_attention_op(q, k_ctx, v_ctx, k_self, v_self, float(scale))
     return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)

@@ -228,12 +228,19 @@ class Refiner(nn.Module):
         """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D]."""
         x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
         c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
+        return (getattr(self, "_compiled_context", None) or self._context_kv)(x, c0)
+
+    def _context_kv(self, x, c0):
         kv = []
         for block in self.blocks:
             mods = block.mods(c0)
             q, k, v = block.qkv_heads(x, mods)
             kv.append((k, v))
-            x = block.finish(x, F.scaled_dot_product_attention(q, k, v), mods)
+            if q.is_cuda:  # the custom kernel with an empty context: full self-attention
+                attn = context_attention(q, k[:, :, :0], v[:, :, :0], k, v)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v)
+            x = block.finish(x, attn, mods)
         return kv
 
     def forward(self, x_t, sigma, context_kv):
@@ -274,11 +281,13 @@ class Refiner(nn.Module):
         return [shift * t / (1 + (shift - 1) * t) for t in ts]
 
     def compile_steps(self) -> None:
-        """Run the denoising steps through torch.compile (used on CUDA): the norms, QK-norm,
-        modulation and gates fuse into few kernels around the matmuls, and attention stays the
-        custom kernel (an opaque operator, ``helios::context_attention``). The first frame
-        compiles; a new context length compiles once more, with that length symbolic."""
+        """Run the context encoding and the denoising steps through torch.compile (used on
+        CUDA): the norms, QK-norm, modulation and gates fuse into few kernels around the
+        matmuls, and attention stays the custom kernel (an opaque operator,
+        ``helios::context_attention``). The first frame compiles; a new context length
+        compiles once more, with that length symbolic."""
         self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
+        self._compiled_context = CompiledOrEager(self._context_kv, "refiner context", fullgraph=True)
 
     @torch.no_grad()
     def render(self, noise, plan_tokens, anchor=None, history=(), num_steps: int | None = None):

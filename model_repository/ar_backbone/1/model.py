@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from helios.ar_runtime import ARRuntime
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
+from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
 from helios.serving import (ARJob, ARScheduler, model_device, model_dtype, model_parameters,
                             requested_outputs)
@@ -41,6 +42,8 @@ class TritonPythonModel:
         ckpt = params["checkpoint"]
         self.config = read_config(ckpt)
         model = load_component(ckpt, "ar_backbone", self.config, self.device, dtype)
+        if params.get("weight_quantization", "none") == "fp8":
+            quantize_ar(model)
         speculative = params.get("speculative_decoding_mode", "none") == "draft_target"
         draft = load_component(ckpt, "draft", self.config, self.device, dtype) if speculative else None
         self.vocab_size = model.config.vocab_size
@@ -62,7 +65,8 @@ class TritonPythonModel:
         self._update_metrics(self.scheduler.stats())
         pb_utils.Logger.log_info(
             f"ar_backbone: {num_blocks} KV blocks of {block} tokens on {self.device}, "
-            f"speculative decoding {'on' if speculative else 'off'}")
+            f"speculative decoding {'on' if speculative else 'off'}, weights "
+            f"{params.get('weight_quantization', 'none')}")
 
     def _pool_blocks(self, model, draft, block, params, dtype) -> int:
         """max_tokens_in_paged_kv_cache, or on a GPU the kv_cache_free_gpu_mem_fraction of the
