@@ -76,7 +76,10 @@ class _StaticDecode:
         paged gather, the masked softmax) fuse into a few around its 7 GEMVs. In a CUDA graph
         each kernel still costs a few microseconds of GPU time, 40 layers x 60 of them about
         as much as the weights' bandwidth floor. Falls back to eager if compilation fails."""
-        run = CompiledOrEager(self._forward, "AR decode step", dynamic=False)
+        # The batch dimension is symbolic: one compilation serves every batch size.
+        for t in (self.ids, self.view.block_table, self.view.positions):
+            torch._dynamo.mark_dynamic(t, 0)
+        run = CompiledOrEager(self._forward, "AR decode step")
         run()
         self._run, self.compiled = run, run.compiled
 

@@ -195,8 +195,16 @@ class StaticDecodeView:
         read = self.block_table[:, self._key_block] * bs + self._key_offset            # [B, L]
         keys = self.cache.k[layer][read].transpose(1, 2)
         values = self.cache.v[layer][read].transpose(1, 2)
-        mask = (self._key_pos[None, :] <= pos[:, None])[:, None, :]                    # [B, 1, L]
-        return _masked_attention(q, keys, values, mask)
+        mask = self._key_pos[None, :] <= pos[:, None]                                   # [B, L]
+        # One query per row: plain matmuls and a softmax (which compile into a few small
+        # fused kernels), each KV head serving its group of query heads without repeating it.
+        b, h, _, d = q.shape
+        kvh = keys.shape[1]
+        qg = q.reshape(b, kvh, h // kvh, d).float()
+        scores = (qg @ keys.float().transpose(-1, -2)) / math.sqrt(d)                 # [B, KVH, G, L]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = torch.softmax(scores, -1) @ values.float()                                 # [B, KVH, G, D]
+        return out.to(q.dtype).view(b, h, 1, d)
 
 
 class ContiguousKVCache:
