@@ -21,7 +21,8 @@ echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
     --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" ${FILL_ARGS:-} > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
-python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" --run \
+python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" \
+    --ready-timeout "${READY_TIMEOUT:-480}" --run \
     bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" bash -c "
     python3 benchmarks/client_fps.py --seconds $seconds --concurrency 1 4 --out $out &&
     python3 benchmarks/perf_analyzer.py --concurrency 1:4:3 --requests-per-window 4 \

@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     ap.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
     ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--ready-timeout", type=float, default=300,
+                    help="seconds to wait for every model to load (a GPU compiles at load)")
     ap.add_argument("--exit-timeout-secs", type=int, default=30,
                     help="on SIGTERM, how long running streams may take to finish")
     ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
@@ -212,7 +214,7 @@ def run_around(args) -> int:
     print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:
-        server.start()
+        server.start(args.ready_timeout)
     except Exception as e:
         tail = args.log_file.read_text()[-3000:] if args.log_file.exists() else ""
         print(f"{tail}\ntritonserver did not start: {e}", file=sys.stderr)
