@@ -101,10 +101,10 @@ class ARRuntime:
     def __init__(self, model: ARBackbone, draft: ARBackbone | None = None, *,
                  num_blocks: int = 256, block_size: int = 16, device=None,
                  static_decode: bool = False, cuda_graphs: bool = False,
-                 max_positions: int | None = None, compile_steps: bool | None = None):
+                 max_positions: int | None = None, compile_steps: bool = False):
         """``static_decode``: plain decode steps run in fixed shapes (``StaticDecodeView``);
         with ``cuda_graphs`` (CUDA only) they are captured once per batch size and replayed,
-        compiled first with ``compile_steps`` (default: ``helios.accel.compile_enabled``).
+        compiled first with ``compile_steps`` (minutes per model at 14b: opt-in).
         ``max_positions`` bounds a sequence's length on that path (default: the model's)."""
         self.model = model
         self.draft = draft
@@ -121,7 +121,7 @@ class ARRuntime:
         self.stats = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0,
                       "draft_forwards": 0}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.compile_steps = compile_enabled(self.device) if compile_steps is None else compile_steps
+        self.compile_steps = compile_steps and compile_enabled(self.device)
         self.static_decode = static_decode or self.cuda_graphs
         max_positions = max_positions or model.config.max_position_embeddings
         self._static_blocks = math.ceil(max_positions / block_size)

@@ -63,7 +63,7 @@ class HeliosPipeline:
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
-                 ar_fp8: bool = False):
+                 ar_fp8: bool = False, compile_ar: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -83,7 +83,8 @@ class HeliosPipeline:
                   and os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0")
         self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * config.kv_blocks_per_stream(),
                             block_size=config.kv_block_size, device=self.device,
-                            cuda_graphs=graphs, max_positions=config.max_ar_positions())
+                            cuda_graphs=graphs, max_positions=config.max_ar_positions(),
+                            compile_steps=compile_ar)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)

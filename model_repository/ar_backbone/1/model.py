@@ -51,7 +51,8 @@ class TritonPythonModel:
         num_blocks = self._pool_blocks(model, draft, block, params, dtype)
         runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
                             cuda_graphs=params.get("cuda_graphs", "on") == "on",
-                            max_positions=self.config.max_ar_positions())
+                            max_positions=self.config.max_ar_positions(),
+                            compile_steps=params.get("torch_compile", "off") == "on")
         # Every batch size up to max_batch_size compiled and captured before the first request.
         t0 = time.perf_counter()
         runtime.prepare_static(range(1, json.loads(args["model_config"])["max_batch_size"] + 1))
