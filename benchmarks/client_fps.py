@@ -29,10 +29,14 @@ PROMPTS = ["a red circle moving left on a dark background", "a blue square movin
 def one_stream(url, prompt, seconds, seed, out: dict):
     t0 = time.perf_counter()
     first, frames = None, 0
-    for chunk in HeliosClient(url, timeout_s=600).stream(prompt, duration_s=seconds, seed=seed):
-        frames += len(chunk.frames)
-        if first is None:
-            first = time.perf_counter() - t0
+    try:
+        for chunk in HeliosClient(url, timeout_s=600).stream(prompt, duration_s=seconds, seed=seed):
+            frames += len(chunk.frames)
+            if first is None:
+                first = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - a failed stream is reported, the others still count
+        out.update(error=f"{type(e).__name__}: {e}", frames=frames)
+        return
     total = time.perf_counter() - t0
     out.update(frames=frames, first_chunk_s=first, total_s=total, fps=frames / total)
 
@@ -68,20 +72,28 @@ def main(argv=None) -> int:
             t.start()
         for t in threads:
             t.join()
+        ok = [r for r in results if "fps" in r]
         rows.append({"concurrency": n, "streams": results, "gpu_memory_used_mib": gpu_memory_mib(),
-                     "fps_min": min(r["fps"] for r in results),
-                     "fps_median": statistics.median(r["fps"] for r in results),
-                     "first_chunk_median_s": statistics.median(r["first_chunk_s"] for r in results)})
+                     "failed": n - len(ok),
+                     "fps_min": min((r["fps"] for r in ok), default=float("nan")),
+                     "fps_median": statistics.median(r["fps"] for r in ok) if ok else float("nan"),
+                     "first_chunk_median_s": statistics.median(r["first_chunk_s"] for r in ok)
+                     if ok else float("nan")})
+        for r in results:
+            if "error" in r:
+                print(f"stream failed at concurrency {n}: {r['error']}", file=sys.stderr)
+        if args.out:  # after every concurrency level, so that a later failure keeps these
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "client_fps.json").write_text(json.dumps(
+                {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows},
+                indent=2) + "\n")
     print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22} "
-          f"{'GPU MiB':>8}")
+          f"{'GPU MiB':>8} {'failed':>6}")
     for r in rows:
         print(f"{r['concurrency']:>7} {r['fps_min']:>14.2f} / {r['fps_median']:<13.2f} "
-              f"{r['first_chunk_median_s'] * 1e3:>22.0f} {r['gpu_memory_used_mib'] or 0:>8}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "client_fps.json").write_text(json.dumps(
-            {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows}, indent=2) + "\n")
-    return 0
+              f"{r['first_chunk_median_s'] * 1e3:>22.0f} {r['gpu_memory_used_mib'] or 0:>8} "
+              f"{r['failed']:>6}")
+    return 1 if any(r["failed"] for r in rows) else 0
 
 
 if __name__ == "__main__":
