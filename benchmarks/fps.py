@@ -317,7 +317,8 @@ def main(argv=None) -> int:
     n = cfg.plan_tokens_per_frame
     latent_frames = len(pipe.times["refiner"])
     ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
-    ar_bytes = sum(p.numel() * p.element_size() for p in parts["ar_backbone"].parameters())
+    ar = parts["ar_backbone"]  # FP8 weights are buffers: count those too
+    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
     flops, n_tokens, n_ctx = refiner_flops(cfg)
     result = {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
