@@ -16,6 +16,9 @@
 # numpy 2), and the machine's Python has numpy 2: a venv whose own site-packages hold numpy
 # 1.26 (and tritonclient) from .whl/, with the machine's packages (torch, ...) behind them
 # through a .pth file. The Triton server files come from .carry/triton-server.tar.xz.
+# What travels is limited to 64 MiB: with the 13 MB checkpoint in the tree, the server part
+# fits only with py-spy and tritonclient's duplicate perf_client binary left out of .whl/
+# (and perf_analyzer too, 7 MB, if the tree grows further).
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
 part="${2:?server|speed|inprocess|decoupled|diag}"

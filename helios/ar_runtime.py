@@ -47,7 +47,7 @@ class _StaticDecode:
     from Python)."""
 
     def __init__(self, model: ARBackbone, cache: PagedKVCache, batch: int, max_blocks: int,
-                 capture: bool, compile: bool = False):
+                 capture: bool, compile_step: bool = False):
         self.view = StaticDecodeView(cache, batch, max_blocks)
         self.ids = torch.zeros(batch, dtype=torch.long, device=cache.k.device)
         self.model = model
@@ -62,7 +62,7 @@ class _StaticDecode:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                if compile:
+                if compile_step:
                     self._compile()
                 for _ in range(2):
                     self._run()
