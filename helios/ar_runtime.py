@@ -53,7 +53,6 @@ class _StaticDecode:
         self.model = model
         self.graph = None
         self.logits = None
-        self.compiled = False
         self._run = self._forward
         if capture:
             # Warm up on a side stream (compilation, kernel selection, allocator), then
@@ -79,9 +78,12 @@ class _StaticDecode:
         # The batch dimension is symbolic: one compilation serves every batch size.
         for t in (self.ids, self.view.block_table, self.view.positions):
             torch._dynamo.mark_dynamic(t, 0)
-        run = CompiledOrEager(self._forward, "AR decode step")
-        run()
-        self._run, self.compiled = run, run.compiled
+        self._run = CompiledOrEager(self._forward, "AR decode step")
+        self._run()
+
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self._run, CompiledOrEager) and self._run.compiled
 
     def _forward(self):
         x = self.model.model.embed_tokens(self.ids)[:, None]

@@ -81,30 +81,26 @@ class _ContextAttentionNode(torch.autograd.Function):
         return out
 
 
-def _cuda_context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> torch.Tensor:
-    kernel = _load_kernel()
-    if kernel is not None:
-        b, h, n, d = q.shape
-        # [B, N, H, D] memory viewed as [B, H, N, D]: the block's transpose(1, 2).reshape
-        # after attention is then free.
-        out = q.new_empty(b, n, h, d).transpose(1, 2)
-        return kernel(q, k_ctx, v_ctx, k_self, v_self, scale, out=out)
-    # Without the kernel: the fused SDPA kernels over the concatenation (one copy of K/V per
-    # call), far faster on a GPU than the float32 reference below.
+def _sdpa_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> torch.Tensor:
+    """The same attention through SDPA, which needs the keys/values concatenated (one copy)."""
     return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
                                           torch.cat([v_ctx, v_self], 2), scale=scale)
 
 
 # One opaque operator for torch.compile: the compiled refiner step fuses everything around
 # attention and calls the kernel as it is (dynamo does not trace into the autotuned launch).
+# The output is [B, N, H, D] memory viewed as [B, H, N, D]: the block's transpose(1, 2).reshape
+# after attention is then free.
 @torch.library.custom_op("helios::context_attention", mutates_args=())
 def _context_attention_op(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                           k_self: torch.Tensor, v_self: torch.Tensor, scale: float) -> torch.Tensor:
-    out = _cuda_context_attention(q, k_ctx, v_ctx, k_self, v_self, scale)
     b, h, n, d = q.shape
-    if out.stride() != (n * h * d, d, h * d, 1):  # the SDPA fallback: same layout as the kernel's
-        out = out.transpose(1, 2).contiguous().transpose(1, 2)
-    return out
+    out = q.new_empty(b, n, h, d).transpose(1, 2)
+    kernel = _load_kernel()
+    if kernel is not None:
+        return kernel(q, k_ctx, v_ctx, k_self, v_self, scale, out=out)
+    # Without the kernel: SDPA's fused kernels, far faster on a GPU than the reference below.
+    return out.copy_(_sdpa_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale))
 
 
 @_context_attention_op.register_fake
@@ -114,17 +110,14 @@ def _(q, k_ctx, v_ctx, k_self, v_self, scale):
 
 
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.onnx.is_in_onnx_export():
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         if EXPORT_AS_CUSTOM_NODE:
             return _ContextAttentionNode.apply(q, k_ctx, v_ctx, k_self, v_self, float(scale))
-        return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
-                                              torch.cat([v_ctx, v_self], 2), scale=scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _sdpa_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale)
     if q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
-        # Training: the kernel has no backward; SDPA over the concatenation has one.
-        return F.scaled_dot_product_attention(q, torch.cat([k_ctx, k_self], 2),
-                                              torch.cat([v_ctx, v_self], 2), scale=scale)
+        # Training: the kernel has no backward; SDPA has one.
+        return _sdpa_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale)
     if q.is_cuda:
         return _context_attention_op(q, k_ctx, v_ctx, k_self, v_self, float(scale))
     return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)

@@ -63,7 +63,7 @@ class HeliosPipeline:
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
-                 ar_fp8: bool = False, compile_ar: bool = True):
+                 ar_fp8: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -84,7 +84,7 @@ class HeliosPipeline:
         self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * config.kv_blocks_per_stream(),
                             block_size=config.kv_block_size, device=self.device,
                             cuda_graphs=graphs, max_positions=config.max_ar_positions(),
-                            compile_steps=compile_ar)
+                            compile_steps=True)  # if HELIOS_COMPILE allows (helios/accel.py)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)

@@ -166,6 +166,7 @@ class Refiner(nn.Module):
         self.final_modulation = nn.Linear(d, 2 * d)
         self.final_proj = nn.Linear(d, p * p * c)
         self.plan_tokenizer = PlanTokenizer(cfg)
+        self._compiled_step = self._compiled_context = None  # compile_steps() sets them
 
     def init_weights(self, generator: torch.Generator):
         d = self.config.hidden_size
@@ -228,7 +229,7 @@ class Refiner(nn.Module):
         """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D]."""
         x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
         c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
-        return (getattr(self, "_compiled_context", None) or self._context_kv)(x, c0)
+        return (self._compiled_context or self._context_kv)(x, c0)
 
     def _context_kv(self, x, c0):
         kv = []
@@ -289,16 +290,18 @@ class Refiner(nn.Module):
         self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
         self._compiled_context = CompiledOrEager(self._context_kv, "refiner context", fullgraph=True)
 
+    def step(self, x_t, sigma, context_kv):
+        """One denoising step, compiled if ``compile_steps`` was called (``forward`` otherwise)."""
+        return (self._compiled_step or self)(x_t, sigma, context_kv)
+
     @torch.no_grad()
     def render(self, noise, plan_tokens, anchor=None, history=(), num_steps: int | None = None):
         """Noise [B, C, h, w] -> clean latent frame, conditioned on plan tokens and history."""
         kv = self.encode_context(plan_tokens, anchor, history)
         x = noise
         sig = self.sigmas(num_steps)
-        step = getattr(self, "_compiled_step", None)
-        # The compiled step takes sigma as a tensor: a Python float would compile once per value.
-        sig_t = torch.tensor(sig, device=noise.device) if step is not None else sig
+        # Sigma goes in as a tensor: the compiled step would compile once per Python float.
+        sig_t = torch.tensor(sig, device=noise.device)
         for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
-            v = step(x, sig_t[i], kv) if step is not None else self(x, s, kv)
-            x = x + (s_next - s) * v
+            x = x + (s_next - s) * self.step(x, sig_t[i], kv)
         return x
