@@ -42,6 +42,21 @@ class ClipSpec:
         return " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
 
 
+def drop_attribute_words(caption: str, rng: np.random.Generator, p: float) -> str:
+    """The caption with each colour word left out, and each shape word replaced by "shape",
+    with probability ``p`` apiece: "a red circle moving left" may become "a circle moving
+    left" or "a red shape moving left". Training the AR on such captions makes the motion
+    words name a motion on their own, whatever shape and colour they come with: the
+    held-out prompts are unseen (shape, colour, motion) triples. Words of other captions
+    (user data) are left alone."""
+    out = []
+    for word in caption.split(" "):
+        if word in COLORS and rng.random() < p:
+            continue
+        out.append("shape" if word in SHAPES and rng.random() < p else word)
+    return " ".join(out)
+
+
 def is_held_out(obj: ObjectSpec) -> bool:
     """About one in seven (shape, colour, motion) combinations never appears in training."""
     key = f"{obj.shape}/{obj.color}/{obj.motion}".encode()

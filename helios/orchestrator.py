@@ -12,6 +12,10 @@ Stage functions (``Stages``):
         token lists, n tokens in all; closing it early stops and frees the AR sequence
     refine(plan, index, seed, anchor, recent) -> latent [1, C, h, w]
     decode(latent, prev_latent or None) -> uint8 [4, H, W, 3]
+    prefetch(iterator) -> iterator (optional): runs the plan-token stream ahead of rendering
+
+``ar_stream`` should send its AR request when called, not when first iterated: the next
+segment's request then goes out before the current segment's last frame is rendered.
 """
 
 from __future__ import annotations
@@ -38,12 +42,11 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
                  cancelled: Callable[[], bool] | None = None) -> Iterator[VideoChunk]:
     """Yield the video of ``req`` chunk by chunk (4 frames per latent frame, the last one
     trimmed to ``req.num_frames``). Stops early, releasing the AR stream, when ``cancelled()``
-    turns true or the consumer closes the generator."""
-    n = cfg.plan_tokens_per_frame
-    seed = req.sampling.seed
-    num_latent = cfg.num_latent_frames(req.num_frames)
-    bos = cfg.ar_backbone.bos_token_id
-    bias = codebook_bias(cfg.ar_backbone)
+    turns true or the consumer closes the generator.
+
+    The plan tokens come from ``plan_stream``; a ``stages.prefetch(iterator)``, where the
+    stages have one, runs it ahead of the rendering (the in-process pipeline overlaps the AR
+    with the refiner that way)."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
     history = RefinerHistory(cfg.refiner.history_frames)
     plans: list[list[int]] = []
@@ -62,24 +65,55 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         latent, plan = stages.encode_image(req.image)
         plans.append(list(plan))
         yield chunk(latent)
-    for seg in ar_segments(cfg, num_latent, len(plans)):
-        if cancelled is not None and cancelled():
-            return
+    if cancelled is not None and cancelled():
+        return
+    first = len(plans)
+    upcoming = plan_stream(cfg, req, stages, prefix, draft_prefix, plans)
+    prefetch = getattr(stages, "prefetch", None)
+    if prefetch is not None:
+        upcoming = prefetch(upcoming)
+    try:
+        for index, plan in enumerate(upcoming, start=first):
+            latent = stages.refine(plan, index, req.sampling.seed, history.anchor, history.recent)
+            yield chunk(latent)
+            if cancelled is not None and cancelled():
+                return
+    finally:
+        upcoming.close()
+
+
+def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, draft_prefix,
+                plans: list[list[int]]) -> Iterator[list[int]]:
+    """The plan tokens of each latent frame after ``plans`` (the given ones: image-to-video),
+    one AR segment after another; appends them to ``plans`` as they come.
+
+    The last frame of a segment is held back until the next segment's AR request has gone
+    out (its context is plan tokens only, known once the last token arrives), so the AR never
+    waits for the refiner to finish the frames it already described."""
+    n = cfg.plan_tokens_per_frame
+    bos = cfg.ar_backbone.bos_token_id
+    bias = codebook_bias(cfg.ar_backbone)
+    held = None
+    for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), len(plans)):
         context = [bos] + [t for p in plans[len(plans) - seg.kept:] for t in p]
-        params = dataclasses.replace(req.sampling, seed=derive_seed(seed, AR_SEED, seg.index))
+        params = dataclasses.replace(req.sampling, seed=derive_seed(req.sampling.seed, AR_SEED,
+                                                                    seg.index))
         tokens = stages.ar_stream(prefix, draft_prefix, context, seg.new * n, params, bias,
                                   req.speculative)
         try:
+            if held is not None:
+                yield held
             buf: list[int] = []
-            for new in tokens:
+            last = seg.first_frame + seg.new
+            for new in tokens:  # to the end: the stream ends its AR request itself
                 buf += list(new)
                 while len(buf) >= n:
                     plans.append(buf[:n])
                     buf = buf[n:]
-                    latent = stages.refine(plans[-1], len(plans) - 1, seed,
-                                           history.anchor, history.recent)
-                    yield chunk(latent)
-                    if cancelled is not None and cancelled():
-                        return
+                    if len(plans) < last:
+                        yield plans[-1]
+            held = plans[-1]
         finally:
             tokens.close()
+    if held is not None:
+        yield held

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -63,7 +65,7 @@ class HeliosPipeline:
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
-                 ar_fp8: bool = False):
+                 ar_fp8: bool = False, overlap: bool | None = None):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -85,6 +87,15 @@ class HeliosPipeline:
                             block_size=config.kv_block_size, device=self.device,
                             cuda_graphs=graphs, max_positions=config.max_ar_positions(),
                             compile_steps=True)  # if HELIOS_COMPILE allows (helios/accel.py)
+        self._ar_lock = threading.Lock()  # one ARRuntime, possibly several prefetch threads
+        # The AR backbone (memory-bound) decodes the next frames' plan tokens in a thread, on
+        # a CUDA stream of its own, while the refiner (compute-bound) renders: by default on
+        # a GPU, not with --low-vram (one stage at a time on the GPU is the point there).
+        if overlap is None:
+            overlap = (self.device.type == "cuda" and not self.low_vram
+                       and os.environ.get("HELIOS_OVERLAP", "1") != "0")
+        self.overlap = overlap and not self.low_vram
+        self._ar_cuda_stream = None
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)
@@ -142,14 +153,16 @@ class HeliosPipeline:
         """Stream ``n`` plan tokens after the context prefix + tokens (one AR segment)."""
         seq = ("stream", next(_ids))
         speculative = speculative and self.draft is not None
-        self.ar.add_sequence(seq, prefix, tokens, params, draft_prefix, bias)
+        with self._ar_lock:
+            self.ar.add_sequence(seq, prefix, tokens, params, draft_prefix, bias)
         modules = [m for m in (self.ar_backbone, self.draft) if m is not None]
 
         def rounds():
             remaining = n
             while remaining:
-                new = self.ar.decode_round({seq: remaining}, speculative,
-                                           self.config.speculative_tokens)[seq]
+                with self._ar_lock:
+                    new = self.ar.decode_round({seq: remaining}, speculative,
+                                               self.config.speculative_tokens)[seq]
                 remaining -= len(new)
                 yield new
 
@@ -161,7 +174,18 @@ class HeliosPipeline:
             else:
                 yield from rounds()
         finally:
-            self.ar.free(seq)  # also when the consumer stops early (cancellation)
+            with self._ar_lock:
+                self.ar.free(seq)  # also when the consumer stops early (cancellation)
+
+    def prefetch(self, plans: Iterator[list[int]]) -> Iterator[list[int]]:
+        """The plan-token stream run ahead in a thread (``overlap``), else as it is."""
+        if not self.overlap:
+            return plans
+        if self.device.type == "cuda" and self._ar_cuda_stream is None:
+            # High priority: a decode step is a chain of small launches that the refiner's
+            # large matrix products would otherwise keep waiting.
+            self._ar_cuda_stream = torch.cuda.Stream(self.device, priority=-1)
+        return _Prefetch(plans, self._ar_cuda_stream, depth=self.config.ar_context_frames)
 
     @torch.no_grad()
     def refine(self, plan, index, seed, anchor, recent):
@@ -208,6 +232,64 @@ class HeliosPipeline:
     def generate_video(self, prompt: str, **kwargs) -> np.ndarray:
         """The whole video at once: uint8 [T, H, W, 3]."""
         return np.concatenate([c.frames for c in self.generate(prompt, **kwargs)])
+
+
+class _Prefetch:
+    """Iterates ``source`` in a thread, up to ``depth`` items ahead of the consumer, on
+    ``stream`` (a CUDA stream, or None). Errors reach the consumer at the item where they
+    happened; close() stops the thread and closes ``source`` there."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, stream, depth: int):
+        self.items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        if stream is not None:  # what the consumer's stream wrote so far (the prompt prefix)
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        self.thread = threading.Thread(target=self._run, args=(source, stream), daemon=True,
+                                       name="helios-ar-prefetch")
+        self.thread.start()
+
+    def _run(self, source, stream):
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        error = None
+        with ctx, torch.no_grad():
+            try:
+                for item in source:
+                    if not self._put((item, None)):
+                        return
+            except BaseException as e:  # handed to the consumer
+                error = e
+            finally:
+                source.close()
+        self._put((self._END, error))
+
+    def _put(self, entry) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.items.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.stop.is_set():
+            raise StopIteration
+        item, error = self.items.get()
+        if item is self._END:
+            self.stop.set()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
 
 
 class _LatentRecorder:

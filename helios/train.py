@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .checkpoint import (COMPONENTS, build_component, init_checkpoint, load_component, read_config,
                          save_component, write_index)
 from .config import HeliosConfig, get_config
-from .data import render_clip, sample_spec
+from .data import drop_attribute_words, render_clip, sample_spec
 from .errors import HeliosError
 from .schedule import RefinerHistory
 from .text_encoder import tokenize
@@ -73,6 +73,9 @@ class TrainSettings:
     # rendered history and lost the motion its plan tokens describe (run 4, docs/training.md).
     rendered_history: float = 0.5
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
+    # AR captions of synthetic clips lose each colour / shape word with this probability
+    # (data.drop_attribute_words): motion words then have to work alone (run 8).
+    caption_dropout: float = 0.25
     save_every: int = 100
 
 
@@ -576,7 +579,9 @@ class Trainer:
         toks = torch.stack([torch.cat([torch.tensor([bos], device=plans.device),
                                        plans[i, st:st + window].flatten()])
                             for i, st in zip(idx, starts)])
-        byte_ids = [tokenize(captions[i], cfg.text_encoder.max_prompt_bytes) for i in idx]
+        p = self.settings.caption_dropout if isinstance(self.source, SyntheticClips) else 0.0
+        byte_ids = [tokenize(drop_attribute_words(captions[i], rng, p) if p > 0 else captions[i],
+                             cfg.text_encoder.max_prompt_bytes) for i in idx]
         return byte_ids, toks
 
     def _prefix(self, byte_ids, draft: bool = False):

@@ -57,9 +57,10 @@ def test_long_video_keeps_memory_bounded(pipe):
     for _ in pipe.latents(req):
         count += 1
         peak = max(peak, free0 - pipe.ar.cache.num_free_blocks)
-        (seq,) = pipe.ar.seqs
-        frames = (len(pipe.ar.tokens(seq)) - 1) / cfg.plan_tokens_per_frame
-        assert frames <= cfg.ar_context_frames
+        assert len(pipe.ar.seqs) <= 1  # none between two segments
+        for seq in pipe.ar.seqs:
+            frames = (len(pipe.ar.tokens(seq)) - 1) / cfg.plan_tokens_per_frame
+            assert frames <= cfg.ar_context_frames
     assert count == n_latent
     assert 0 < peak <= bound
     assert pipe.ar.cache.num_free_blocks == free0
@@ -94,3 +95,48 @@ def test_image_to_video_starts_from_the_image(pipe):
     assert np.array_equal(video[:4], expected)
     other = pipe.generate_video(PROMPT, num_frames=8, seed=0, image=255 - image)
     assert not np.array_equal(video[:4], other[:4])
+
+
+def _overlapped(pipe):
+    from helios.pipeline import HeliosPipeline
+    return HeliosPipeline(pipe.config, pipe.text_encoder, pipe.ar_backbone, pipe.draft,
+                          pipe.refiner, pipe.vae, overlap=True)
+
+
+def test_overlapped_ar_gives_the_same_video(pipe):
+    """The AR running ahead in a thread (the GPU default) changes no frame, across AR
+    segments (44 latent frames: four segments) and for image-to-video."""
+    fast = _overlapped(pipe)
+    assert fast.overlap and not pipe.overlap
+    n = 4 * (2 * pipe.config.ar_context_frames + 3)
+    assert np.array_equal(fast.generate_video(PROMPT, num_frames=n, seed=5),
+                          pipe.generate_video(PROMPT, num_frames=n, seed=5))
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(fast.generate_video(PROMPT, num_frames=40, seed=2, image=image),
+                          pipe.generate_video(PROMPT, num_frames=40, seed=2, image=image))
+
+
+def test_overlapped_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
+    import threading
+    fast = _overlapped(pipe)
+    free0 = fast.ar.cache.num_free_blocks
+    stream = fast.generate(PROMPT, num_frames=80, seed=0)
+    next(stream)
+    stream.close()
+    assert fast.ar.cache.num_free_blocks == free0 and not fast.ar.seqs
+    assert not [t for t in threading.enumerate() if t.name == "helios-ar-prefetch"]
+
+
+def test_overlapped_ar_error_reaches_the_consumer(pipe, monkeypatch):
+    fast = _overlapped(pipe)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("KV cache full")
+    monkeypatch.setattr(fast.ar, "decode_round", broken)
+    stream = fast.generate(PROMPT, num_frames=8, seed=0)
+    try:
+        next(stream)
+        raise AssertionError("no error")
+    except RuntimeError as e:
+        assert str(e) == "KV cache full"
+    assert not fast.ar.seqs

@@ -74,24 +74,11 @@ class TritonStages:
         if self.speculative:  # the deployment decides; the request's flag is for in-process use
             inputs.append(_t("draft_prompt_embedding_table", draft_prefix[None]))
         request_id = uuid.uuid4().hex
+        # Sent now, not when the tokens are first asked for (orchestrator.plan_stream).
         responses = pb_utils.InferenceRequest(
             model_name="ar_backbone", inputs=inputs, request_id=request_id,
             requested_output_names=["output_ids"]).exec(decoupled=True)
-        received = 0
-        try:
-            for response in responses:
-                if response.has_error():
-                    raise RuntimeError(f"ar_backbone: {response.error().message()}")
-                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-                if out is not None:
-                    toks = out.as_numpy().reshape(-1).tolist()
-                    received += len(toks)
-                    yield toks
-        finally:
-            if received < n:  # closed early (client gone): end the AR request, free its blocks
-                self._stop(request_id)
-                for _ in responses:
-                    pass
+        return _TokenStream(responses, n, lambda: self._stop(request_id))
 
     def _stop(self, request_id):
         stop = pb_utils.InferenceRequest(
@@ -119,6 +106,40 @@ class TritonStages:
         prev = torch.zeros_like(latent) if prev_latent is None else prev_latent
         inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
         return _call("vae_decoder", inputs, ["frames"])["frames"]
+
+
+class _TokenStream:
+    """The token lists of one ar_backbone BLS stream. close() before all ``n`` tokens came
+    (the client went away) ends the AR request, freeing its KV blocks, and takes the
+    stream's remaining responses; it does so even if no token was asked for yet."""
+
+    def __init__(self, responses, n, stop):
+        self.responses, self.n, self.stop = iter(responses), n, stop
+        self.received, self.closed = 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self.closed:
+            response = next(self.responses)  # StopIteration after the final response
+            if response.has_error():
+                raise RuntimeError(f"ar_backbone: {response.error().message()}")
+            out = pb_utils.get_output_tensor_by_name(response, "output_ids")
+            if out is not None:
+                toks = out.as_numpy().reshape(-1).tolist()
+                self.received += len(toks)
+                return toks
+        raise StopIteration
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.received < self.n:
+            self.stop()
+        for _ in self.responses:
+            pass
 
 
 def _scalar(request, name):
