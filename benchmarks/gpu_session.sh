@@ -18,7 +18,8 @@
 # through a .pth file. The Triton server files come from .carry/triton-server.tar.xz.
 # What travels is limited to 64 MiB: with the 13 MB checkpoint in the tree, the server part
 # fits only with py-spy and tritonclient's duplicate perf_client binary left out of .whl/
-# (and perf_analyzer too, 7 MB, if the tree grows further).
+# (and perf_analyzer too, 7 MB, if the tree grows further): WHL_DIR names such a trimmed
+# folder instead of .whl.
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
 part="${2:?server|speed|inprocess|decoupled|diag}"
@@ -31,7 +32,7 @@ server_python() {
     local base; base="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
     python3 -m venv --without-pip /tmp/v
     local own; own="$(/tmp/v/bin/python -c 'import site; print(site.getsitepackages()[0])')"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$own" "${WHL_DIR:-.whl}"/*.whl
     echo "$base" > "$own/machine-packages.pth"
     ln -sf "$own"/bin/* /tmp/v/bin/       # perf_analyzer (tritonclient), py-spy
     tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*

@@ -3,7 +3,8 @@
 # checkpoint, the repository filled for CUDA, tritonserver started, then FPS and first-frame
 # latency at the client for 1 and 4 concurrent gRPC streams, then perf_analyzer in streaming
 # mode at concurrency 1 and 4 (2 s videos). Output (JSON, CSV, logs) in $1.
-#   bash benchmarks/triton_gpu.sh OUT [SECONDS]       (FILL_ARGS=--ar-fp8: FP8 AR weights)
+#   bash benchmarks/triton_gpu.sh OUT [SECONDS]       (FILL_ARGS=--ar-fp8: FP8 AR weights;
+#                                                      MPS=0: stage processes time-slice the GPU)
 # The server comes from the nvidia-pytriton wheel: either installed, or (on the lent GPU
 # machines, which have no internet) the files of .carry/triton-server.tar.xz.
 set -euo pipefail
@@ -21,10 +22,11 @@ echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
     --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" ${FILL_ARGS:-} > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
-python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" \
+mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
+python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" "${mps[@]}" \
     --ready-timeout "${READY_TIMEOUT:-480}" --run \
     bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" bash -c "
     python3 benchmarks/client_fps.py --seconds $seconds --concurrency 1 4 --out $out &&
-    python3 benchmarks/perf_analyzer.py --concurrency 1:4:3 --requests-per-window 4 \
-        --input-data benchmarks/perf_input_gpu.json --out $out/perf"
+    { ! command -v perf_analyzer > /dev/null || python3 benchmarks/perf_analyzer.py --concurrency 1:4:3 --requests-per-window 4 \
+        --input-data benchmarks/perf_input_gpu.json --out $out/perf; }"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/gpu.txt"

@@ -96,6 +96,10 @@ class HeliosPipeline:
                        and os.environ.get("HELIOS_OVERLAP", "1") != "0")
         self.overlap = overlap and not self.low_vram
         self._ar_cuda_stream = None
+        if self.overlap:
+            # Compiled and captured here, on this thread: a capture in the prefetch thread
+            # while this one compiles and runs the refiner never finished (14b on the H100).
+            self.ar.prepare_static([1])
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)

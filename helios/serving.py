@@ -160,6 +160,14 @@ class ARScheduler:
             self._live[job.seq_id] = job
 
     def _loop(self) -> None:
+        dev = self.runtime.device
+        if dev.type == "cuda":  # high priority: the refiner's kernels share the GPU (MPS)
+            with torch.cuda.stream(torch.cuda.Stream(dev, priority=-1)):
+                self._rounds()
+        else:
+            self._rounds()
+
+    def _rounds(self) -> None:
         while True:
             self._round()
             if self.on_iteration is not None:  # after every pass: frees show up at once

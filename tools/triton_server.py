@@ -11,6 +11,12 @@ and starts the server binary on a filled model repository.
 With ``--run`` the server starts in the background, the command runs once it is ready (with
 HELIOS_GRPC_URL / HELIOS_HTTP_URL set), and the server stops after it; the exit code is the
 command's.
+
+``--mps`` (GPU): every python-backend model instance is a process with its own CUDA context,
+and the GPU time-slices between contexts, so the AR backbone and the refiner never run at the
+same time. Under CUDA MPS they share the GPU and their kernels run side by side. The flag
+starts an MPS control daemon of this server's own (its pipe and log folders under
+.triton/mps, not the system's) and, with ``--run``, quits it when the server stops.
 """
 
 from __future__ import annotations
@@ -115,6 +121,28 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
     return argv, env
 
 
+class MPS:
+    """A CUDA MPS control daemon for the server's processes (see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
+                    "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+        self.control = shutil.which("nvidia-cuda-mps-control")
+        if self.control is None:
+            raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the "
+                             "NVIDIA driver)")
+
+    def start(self) -> "MPS":
+        for d in self.env.values():
+            Path(d).mkdir(parents=True, exist_ok=True)
+        subprocess.run([self.control, "-d"], env=dict(os.environ, **self.env), check=True)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run([self.control], input=b"quit\n", env=dict(os.environ, **self.env),
+                       check=False, timeout=30)
+
+
 def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
@@ -146,8 +174,10 @@ class TritonServer:
     """Start tritonserver in the background; ``with TritonServer(...) as s:`` stops it after."""
 
     def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
-                 log_file: Path | None = None, backends: Path | None = None):
+                 log_file: Path | None = None, backends: Path | None = None,
+                 env: dict | None = None):
         self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
+        self.extra_env = env or {}
         self.backends = prepare_backends(backends or ROOT / ".triton" / "backends")
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
@@ -158,6 +188,7 @@ class TritonServer:
             if port_in_use(port):  # else the readiness probe could be answered by another server
                 raise RuntimeError(f"port {port} is already in use")
         argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends)
+        env.update(self.extra_env)
         out = open(self.log_file, "w") if self.log_file else None
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -197,20 +228,31 @@ def main(argv=None) -> int:
     ap.add_argument("--exit-timeout-secs", type=int, default=30,
                     help="on SIGTERM, how long running streams may take to finish")
     ap.add_argument("--log-file", type=Path, default=ROOT / ".triton" / "server.log")
+    ap.add_argument("--mps", action="store_true",
+                    help="run the server's processes under CUDA MPS (GPU; see above)")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
+    mps = MPS(ROOT / ".triton" / "mps") if args.mps else None
     if args.run:
-        return run_around(args)  # TritonServer.start checks numpy
+        if mps is None:
+            return run_around(args)  # TritonServer.start checks numpy
+        mps.start()
+        try:
+            return run_around(args, mps.env)
+        finally:
+            mps.stop()
     check_numpy()
     backends = prepare_backends(ROOT / ".triton" / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
                        args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs)
+    if mps is not None:  # stays up after the server (exec); `echo quit | nvidia-cuda-mps-control`
+        env.update(mps.start().env)
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
 
 
-def run_around(args) -> int:
+def run_around(args, env: dict | None = None) -> int:
     server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
-                          args.metrics_port, log_file=args.log_file)
+                          args.metrics_port, log_file=args.log_file, env=env)
     print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:
