@@ -272,16 +272,16 @@ def main(argv=None) -> int:
                     help="eager refiner and VAE decoder (HELIOS_COMPILE=0)")
     ap.add_argument("--ar-fp8", action="store_true",
                     help="FP8 AR weights; reports their logit error against bf16 first")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="AR and refiner one after the other (default on CUDA: AR in a thread on its own stream)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
     if args.no_cuda_graphs:
         os.environ["HELIOS_CUDA_GRAPHS"] = "0"
     if args.no_compile:
         os.environ["HELIOS_COMPILE"] = "0"
-    if args.no_overlap:
-        os.environ["HELIOS_OVERLAP"] = "0"
+    if args.overlap:
+        os.environ["HELIOS_OVERLAP"] = "1"
 
     device = torch.device(args.device)
     cfg = get_config(args.config)

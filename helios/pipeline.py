@@ -89,11 +89,12 @@ class HeliosPipeline:
                             compile_steps=True)  # if HELIOS_COMPILE allows (helios/accel.py)
         self._ar_lock = threading.Lock()  # one ARRuntime, possibly several prefetch threads
         # The AR backbone (memory-bound) decodes the next frames' plan tokens in a thread, on
-        # a CUDA stream of its own, while the refiner (compute-bound) renders: by default on
-        # a GPU, not with --low-vram (one stage at a time on the GPU is the point there).
+        # a CUDA stream of its own, while the refiner (compute-bound) renders. Opt-in
+        # (HELIOS_OVERLAP=1 or overlap=True), never with --low-vram: with the compiled
+        # refiner the 14b warm-up video did not finish on the H100 (session 5,
+        # benchmarks/RESULTS.md), and a decode step needs the whole GPU's bandwidth anyway.
         if overlap is None:
-            overlap = (self.device.type == "cuda" and not self.low_vram
-                       and os.environ.get("HELIOS_OVERLAP", "1") != "0")
+            overlap = os.environ.get("HELIOS_OVERLAP", "0") == "1"
         self.overlap = overlap and not self.low_vram
         self._ar_cuda_stream = None
         if self.overlap:

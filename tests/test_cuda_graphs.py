@@ -87,8 +87,8 @@ def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkey
 
 
 def test_overlapped_pipeline_gives_the_frames_of_the_sequential_one(tmp_path, monkeypatch):
-    """On a GPU the AR decodes in a thread on its own high-priority stream while the refiner
-    renders (the default): 40 frames (two AR segments, graph-replayed decode steps) equal
+    """The AR decoding in a thread on its own high-priority stream while the refiner renders
+    (overlap=True): 40 frames (two AR segments, graph-replayed decode steps) equal
     those of the AR and refiner one after the other on one stream."""
     from helios.checkpoint import init_checkpoint
     from helios.pipeline import HeliosPipeline
@@ -96,8 +96,8 @@ def test_overlapped_pipeline_gives_the_frames_of_the_sequential_one(tmp_path, mo
     monkeypatch.setenv("HELIOS_COMPILE", "0")  # the same refiner kernels in both
     ckpt = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
     prompt = "a red circle moving left on a dark background"
-    overlapped = HeliosPipeline.from_checkpoint(ckpt, device="cuda")
-    sequential = HeliosPipeline.from_checkpoint(ckpt, device="cuda", overlap=False)
+    overlapped = HeliosPipeline.from_checkpoint(ckpt, device="cuda", overlap=True)
+    sequential = HeliosPipeline.from_checkpoint(ckpt, device="cuda")
     assert overlapped.overlap and not sequential.overlap and overlapped.ar.cuda_graphs
     a = overlapped.generate_video(prompt, num_frames=40, seed=3)
     b = sequential.generate_video(prompt, num_frames=40, seed=3)

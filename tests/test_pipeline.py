@@ -104,7 +104,7 @@ def _overlapped(pipe):
 
 
 def test_overlapped_ar_gives_the_same_video(pipe):
-    """The AR running ahead in a thread (the GPU default) changes no frame, across AR
+    """The AR running ahead in a thread (overlap=True) changes no frame, across AR
     segments (44 latent frames: four segments) and for image-to-video."""
     fast = _overlapped(pipe)
     assert fast.overlap and not pipe.overlap
