@@ -25,13 +25,13 @@ def held_out_prompts(n: int, seed: int = 0) -> list[ClipSpec]:
     """``n`` distinct single-object clip descriptions made only of held-out combinations."""
     rng = np.random.default_rng([seed, 7])
     specs, seen = [], set()
-    while len(specs) < n:
+    for _ in range(50 * n + 1000):  # bounded: there may be fewer combinations than asked for
+        if len(specs) == n:
+            break
         spec = sample_spec(rng, held_out=True, max_objects=1)
         if spec.caption not in seen:
             seen.add(spec.caption)
             specs.append(spec)
-        if len(seen) > 10 * n + 100:  # fewer held-out combinations than asked for
-            break
     return specs
 
 

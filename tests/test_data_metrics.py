@@ -62,3 +62,14 @@ def test_flicker_and_drift():
     d = drift(np.concatenate([clip, clip]))
     assert d["color_shift"] < 0.01
     assert abs(d["sharpness_first"] - d["sharpness_last"]) < 1e-6
+
+
+def test_held_out_prompts_asked_for_more_than_exist_returns_them_all():
+    from helios.data import is_held_out
+    from helios.evaluate import held_out_prompts
+
+    every = held_out_prompts(1000)  # used to loop forever
+    assert 0 < len(every) < 1000
+    assert len({s.caption for s in every}) == len(every)
+    assert all(is_held_out(o) for s in every for o in s.objects)
+    assert [s.caption for s in held_out_prompts(24)] == [s.caption for s in every[:24]]
