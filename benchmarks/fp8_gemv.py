@@ -3,7 +3,8 @@
 For 1 and 4 rows (streams) and every projection of a decoder layer: the median time
 (triton.testing.do_bench: L2 flushed between calls, one kernel at a time) of F.linear on bf16
 weights and of helios.fp8.fp8_gemv on e4m3 weights, with the bandwidth each reaches on its
-weight bytes; the last rows sum one decoder layer.
+weight bytes; the last rows sum one decoder layer. One kernel at a time with a cold L2 is not
+how a graph-replayed decode step runs them: benchmarks/fps.py measures that.
 
     python benchmarks/fp8_gemv.py --out OUT        prints the table, writes OUT/fp8_gemv.json
 """

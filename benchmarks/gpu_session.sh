@@ -19,7 +19,9 @@
 # What travels is limited to 64 MiB: with the 13 MB checkpoint in the tree, the server part
 # fits only with py-spy and tritonclient's duplicate perf_client binary left out of .whl/
 # (and perf_analyzer too, 7 MB, if the tree grows further): WHL_DIR names such a trimmed
-# folder instead of .whl.
+# folder instead of .whl (session 5: .whl_srv = numpy, python_rapidjson and the tritonclient
+# wheel re-zipped without bin/perf_client and bin/perf_analyzer, their RECORD lines removed;
+# triton_gpu.sh then skips perf_analyzer).
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
 part="${2:?server|speed|inprocess|decoupled|diag}"

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="", help="steps per stage, e.g. vae=200,ar=300")
     p.add_argument("--bank-clips", type=_int("bank_clips"), default=None,
                    help="clips encoded into the latent bank for the refiner/AR/draft stages")
+    p.add_argument("--caption-dropout", type=_float("caption_dropout"), default=None,
+                   help="AR stage: chance that each colour / shape word of a synthetic caption "
+                        "is left out (default 0.25)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -216,6 +219,10 @@ def cmd_train(args) -> None:
     settings.steps.update(_steps(args.steps))
     if args.bank_clips is not None:
         settings.bank_clips = args.bank_clips
+    if args.caption_dropout is not None:
+        if not 0 <= args.caption_dropout <= 1:
+            raise HeliosError("caption_dropout", f"must be in [0, 1], got {args.caption_dropout}")
+        settings.caption_dropout = args.caption_dropout
     trainer = Trainer(args.out, args.config, init=init, data=args.data, device=args.device,
                       seed=args.seed, settings=settings, progress=not args.no_progress)
     rejected = getattr(trainer.source, "rejected", [])

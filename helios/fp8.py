@@ -3,8 +3,8 @@
 A decode step reads every weight once for one token per stream, so it is bound by weight bytes:
 e4m3 weights (1 byte) with one float32 scale per output channel halve them against bf16.
 Activations stay bf16. At batch sizes up to ``GEMV_MAX_ROWS`` (decode steps) a Triton-lang
-kernel reads the FP8 weight tile, widens it to bf16 in registers and accumulates in float32:
-the weight is never materialised in bf16. Larger batches (prefill) dequantize the weight once
+kernel reads the FP8 weight tile, widens it in registers and accumulates in float32 (an FMA
+kernel for one row, a tensor-core kernel for more): the weight is never materialised in bf16. Larger batches (prefill) dequantize the weight once
 per call and run the ordinary matmul. ``torch._scaled_mm`` measured no gain at batch 1
 (ARCHITECTURE.md section 4: it pads the activation to a full tile and quantizes it).
 
@@ -54,6 +54,44 @@ if triton is not None:
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+    @triton.autotune(
+        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+         for n, k, w, s in ((8, 256, 2, 4), (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3),
+                            (32, 256, 4, 3), (16, 1024, 8, 2), (32, 512, 8, 3), (4, 512, 2, 4))],
+        key=["N", "K", "BLOCK_M"])
+    @triton.jit
+    def _fp8_gemv_fma_kernel(X, W, S, Y, M, N, K, sxm, swn, sym,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The same product without tensor cores, for a row or few: each thread widens its
+        contiguous weight bytes to float32 and multiplies them into a [rows, BLOCK_N, BLOCK_K]
+        accumulator that is summed over k once, at the end (no layout change of the weight
+        tile for an MMA, no shuffle per step)."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :],
+                        mask=n_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :],
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
+            acc += w[None, :, :] * x[:, None, :]
+        s = tl.load(S + offs_n, mask=n_ok, other=0.0)
+        y = tl.sum(acc, axis=2) * s[None, :]
+        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], y.to(Y.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+# One row (one stream's decode step) takes the FMA kernel: inside the 14b's graph-replayed
+# decode step it made the step 1.1 ms faster than the tensor-core kernel (9.1 vs 10.3 ms, H100,
+# session 5), though the two time alike one kernel at a time (benchmarks/fp8_gemv.py, L2
+# flushed). At 4 rows it was 1.7x slower there, so more rows take the tensor-core kernel.
+FMA_MAX_ROWS = 1
+
+
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= GEMV_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N]."""
     m, k = x.shape
@@ -61,8 +99,12 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torc
     x = x.contiguous()
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fp8_gemv_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
-                           y.stride(0), BLOCK_M=16)
+    if m <= FMA_MAX_ROWS:
+        _fp8_gemv_fma_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
+                                   y.stride(0), BLOCK_M=triton.next_power_of_2(m))
+    else:
+        _fp8_gemv_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
+                               y.stride(0), BLOCK_M=16)
     return y
 
 

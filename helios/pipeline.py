@@ -98,8 +98,8 @@ class HeliosPipeline:
         self.overlap = overlap and not self.low_vram
         self._ar_cuda_stream = None
         if self.overlap:
-            # Compiled and captured here, on this thread: a capture in the prefetch thread
-            # while this one compiles and runs the refiner never finished (14b on the H100).
+            # Compiled and captured here, before any prefetch thread exists: a graph capture
+            # must not run while another thread uses the GPU.
             self.ar.prepare_static([1])
 
     def modules(self):
