@@ -15,9 +15,10 @@ command's.
 ``--mps`` (GPU): every python-backend model instance is a process with its own CUDA context,
 and the GPU time-slices between contexts, so the AR backbone and the refiner never run at the
 same time. Under CUDA MPS they share the GPU and their kernels can run side by side (on the
-H100 the session-5 server, requests sent ahead and MPS together, gained 7 % at one
-stream: docs/serving.md says why no more). The flag starts an MPS control daemon of this server's own (its pipe and log folders under
-.triton/mps, not the system's) and, with ``--run``, quits it when the server stops.
+H100 the session-5 server, requests sent ahead and MPS together, gained 7 % at one stream:
+docs/serving.md says why no more). The flag starts an MPS control daemon of this server's
+own (its pipe and log folders under .triton/mps, not the system's) and, with ``--run``, quits
+it when the server stops.
 """
 
 from __future__ import annotations
