@@ -47,8 +47,8 @@ def drop_attribute_words(caption: str, rng: np.random.Generator, p: float) -> st
     with probability ``p`` apiece: "a red circle moving left" may become "a circle moving
     left" or "a red shape moving left". Training the AR on such captions makes the motion
     words name a motion on their own, whatever shape and colour they come with: the
-    held-out prompts are unseen (shape, colour, motion) triples. Words of other captions
-    (user data) are left alone."""
+    held-out prompts are unseen (shape, colour, motion) triples. Only the synthetic
+    vocabulary's colour and shape words are touched."""
     out = []
     for word in caption.split(" "):
         if word in COLORS and rng.random() < p:

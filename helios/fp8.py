@@ -4,9 +4,10 @@ A decode step reads every weight once for one token per stream, so it is bound b
 e4m3 weights (1 byte) with one float32 scale per output channel halve them against bf16.
 Activations stay bf16. At batch sizes up to ``GEMV_MAX_ROWS`` (decode steps) a Triton-lang
 kernel reads the FP8 weight tile, widens it in registers and accumulates in float32 (an FMA
-kernel for one row, a tensor-core kernel for more): the weight is never materialised in bf16. Larger batches (prefill) dequantize the weight once
-per call and run the ordinary matmul. ``torch._scaled_mm`` measured no gain at batch 1
-(ARCHITECTURE.md section 4: it pads the activation to a full tile and quantizes it).
+kernel for one row, a tensor-core kernel for more): the weight is never materialised in bf16.
+Larger batches (prefill) dequantize the weight once per call and run the ordinary matmul.
+``torch._scaled_mm`` measured no gain at batch 1 (ARCHITECTURE.md section 4: it pads the
+activation to a full tile and quantizes it).
 
 The per-channel scale is amax / 448 (e4m3's largest normal), so every row uses the full range.
 """
@@ -52,7 +53,6 @@ if triton is not None:
         y = acc * s[None, :]
         tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], y.to(Y.dtype.element_ty),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
 
     @triton.autotune(
         [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)

@@ -73,3 +73,16 @@ def test_held_out_prompts_asked_for_more_than_exist_returns_them_all():
     assert len({s.caption for s in every}) == len(every)
     assert all(is_held_out(o) for s in every for o in s.objects)
     assert [s.caption for s in held_out_prompts(24)] == [s.caption for s in every[:24]]
+
+
+def test_caption_dropout_leaves_out_colour_and_shape_words_only():
+    from helios.data import drop_attribute_words
+
+    caption = "a red circle moving left and a blue square growing on a dark background"
+    rng = np.random.default_rng(0)
+    assert drop_attribute_words(caption, rng, 0.0) == caption
+    assert drop_attribute_words(caption, rng, 1.0) == \
+        "a shape moving left and a shape growing on a dark background"
+    some = [drop_attribute_words(caption, np.random.default_rng(s), 0.5) for s in range(20)]
+    assert len(set(some)) > 3 and all("moving left" in c and "growing" in c for c in some)
+    assert some == [drop_attribute_words(caption, np.random.default_rng(s), 0.5) for s in range(20)]

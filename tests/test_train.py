@@ -137,3 +137,9 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert result["adherence"]["prompts"] == 2 and "color_shift" in result["drift"]
     assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--prompts", "0"]) == 2
     assert capsys.readouterr().err.strip() == "helios: error: prompts must be an integer >= 1, got 0"
+
+
+def test_train_refuses_a_caption_dropout_outside_0_1(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x"), "--caption-dropout", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "helios: error: caption_dropout must be in [0, 1], got 1.5"
