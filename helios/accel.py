@@ -3,8 +3,9 @@
 On CUDA, unless ``HELIOS_COMPILE=0``: cuDNN times its convolution algorithms per shape and
 keeps the fastest (the VAE decoder is all convolutions), and torch.compile fuses the
 elementwise work of the refiner's context encoding and denoising steps and of the VAE decoder
-(norms, modulation, activations) into few kernels around the matmuls and convolutions. Shapes are fixed per
-configuration, so each compiles on its first call (the servers' warm-up request) and stays.
+(norms, modulation, activations) into few kernels around the matmuls and convolutions. Shapes
+are fixed per configuration, so each compiles on its first call (the servers' warm-up
+request) and stays.
 """
 
 from __future__ import annotations

@@ -101,6 +101,10 @@ class HeliosPipeline:
             # Compiled and captured here, before any prefetch thread exists: a graph capture
             # must not run while another thread uses the GPU.
             self.ar.prepare_static([1])
+            if self.device.type == "cuda":
+                # High priority: a decode step is a chain of small launches that the
+                # refiner's large matrix products would otherwise keep waiting.
+                self._ar_cuda_stream = torch.cuda.Stream(self.device, priority=-1)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)
@@ -186,10 +190,6 @@ class HeliosPipeline:
         """The plan-token stream run ahead in a thread (``overlap``), else as it is."""
         if not self.overlap:
             return plans
-        if self.device.type == "cuda" and self._ar_cuda_stream is None:
-            # High priority: a decode step is a chain of small launches that the refiner's
-            # large matrix products would otherwise keep waiting.
-            self._ar_cuda_stream = torch.cuda.Stream(self.device, priority=-1)
         return _Prefetch(plans, self._ar_cuda_stream, depth=self.config.ar_context_frames)
 
     @torch.no_grad()

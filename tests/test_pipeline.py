@@ -1,6 +1,7 @@
 """The streaming pipeline: determinism, streaming, bounded memory, image-to-video."""
 
 import numpy as np
+import pytest
 import torch
 
 from helios.schedule import ar_segments, validate_request
@@ -134,9 +135,6 @@ def test_overlapped_ar_error_reaches_the_consumer(pipe, monkeypatch):
         raise RuntimeError("KV cache full")
     monkeypatch.setattr(fast.ar, "decode_round", broken)
     stream = fast.generate(PROMPT, num_frames=8, seed=0)
-    try:
+    with pytest.raises(RuntimeError, match="^KV cache full$"):
         next(stream)
-        raise AssertionError("no error")
-    except RuntimeError as e:
-        assert str(e) == "KV cache full"
     assert not fast.ar.seqs
