@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from helios.checkpoint import COMPONENTS, random_component  # noqa: E402
 from helios.ar_runtime import ARRuntime  # noqa: E402
-from helios.config import get_config  # noqa: E402
+from helios.config import get_config, with_plan_tokens  # noqa: E402
 from helios.fp8 import quantize_ar  # noqa: E402
 from helios.pipeline import HeliosPipeline  # noqa: E402
 from helios.sampling import SamplingParams  # noqa: E402
@@ -274,6 +274,8 @@ def main(argv=None) -> int:
                     help="FP8 AR weights; reports their logit error against bf16 first")
     ap.add_argument("--overlap", action="store_true",
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
+    ap.add_argument("--plan-tokens", type=int, default=None,
+                    help="plan tokens per latent frame instead of the config's")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
     if args.no_cuda_graphs:
@@ -285,6 +287,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     cfg = get_config(args.config)
+    if args.plan_tokens:
+        cfg = with_plan_tokens(cfg, args.plan_tokens)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceil = ceilings(device)
     t0 = time.perf_counter()

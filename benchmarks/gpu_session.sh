@@ -92,9 +92,11 @@ elif [ "$part" = diag ]; then   # the tiny model through Triton on this machine,
         done > "$out/stacks_$name.txt" 2>/dev/null
     done
 elif [ "$part" = speed ]; then   # in-process before/after of the compile and FP8 options
-    timeout 150 python3 -m pytest -q tests/test_fp8.py tests/test_cuda_graphs.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+    [ -n "${HELIOS_SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q tests/test_fp8.py tests/test_cuda_graphs.py 2>&1 \
+        | tail -4 | tee "$out/gpu_tests.txt"
     for v in ${VARIANTS:-eager:--no-compile compiled:--profile fp8:--ar-fp8}; do
         IFS=: read -r tag flags <<< "$v"
+        flags="${flags//,/ }"   # VARIANTS="p4fp8:--plan-tokens=4,--ar-fp8": commas separate flags
         echo "== $tag ($flags)"
         t0=$(date +%s)
         timeout "${VARIANT_LIMIT:-240}" python3 benchmarks/fps.py --config 14b --device cuda \

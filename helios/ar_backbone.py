@@ -132,17 +132,19 @@ class ARBackbone(nn.Module):
         return h
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, run_layer=None) -> torch.Tensor:
         """inputs_embeds [B, T, hidden], positions [B, T] -> logits [B, T, vocab] (float32).
 
         ``cache`` must have been prepared for exactly these B sequences and T new positions.
         With ``last_only`` only the logits of the last position of each row are computed.
+        ``run_layer(i, layer, h, cos, sin)``, if given, runs each decoder layer instead of
+        ``layer(h, cos, sin, cache)`` (the compiled decode step, ``ar_runtime``).
         """
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, cache)
+        for i, layer in enumerate(self.model.layers):
+            h = run_layer(i, layer, h, cos, sin) if run_layer else layer(h, cos, sin, cache)
         h = self.model.norm(h)
         if last_only:
             h = h[:, -1:]

@@ -13,6 +13,7 @@ Every sequence samples with its own generator and its own logit bias (TensorRT-L
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -69,25 +70,39 @@ class _StaticDecode:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._run()
+        elif compile_step:
+            self._compile()
 
     def _compile(self) -> None:
-        """torch.compile the step: a layer's ~60 small kernels (norms in float32, RoPE, the
-        paged gather, the masked softmax) fuse into a few around its 7 GEMVs. In a CUDA graph
-        each kernel still costs a few microseconds of GPU time, 40 layers x 60 of them about
-        as much as the weights' bandwidth floor. Falls back to eager if compilation fails."""
-        # The batch dimension is symbolic: one compilation serves every batch size.
-        for t in (self.ids, self.view.block_table, self.view.positions):
-            torch._dynamo.mark_dynamic(t, 0)
-        self._run = CompiledOrEager(self._forward, "AR decode step")
+        """torch.compile the step's decoder layer: its ~60 small kernels (norms in float32,
+        RoPE, the paged gather, the masked softmax) fuse into a few around its 7 GEMVs. In a
+        CUDA graph each kernel still costs a few microseconds of GPU time, 40 layers x 60 of
+        them about as much as the weights' bandwidth floor. One layer is compiled and serves
+        all of them (their weights and their ``LayerSlot`` are inputs, not constants): at 14b
+        compiling the whole 40-layer step took minutes, and in a Triton stub over 7 (session
+        6). The cache writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes, larger batches once more in dynamic ones.
+        Falls back to eager if compilation fails."""
+        self._slots = self.view.layer_slots()
+        self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer")
+        self._run = self._forward_compiled
         self._run()
 
     @property
     def compiled(self) -> bool:
-        return isinstance(self._run, CompiledOrEager) and self._run.compiled
+        return self._run == self._forward_compiled and self._layer.compiled
 
     def _forward(self):
         x = self.model.model.embed_tokens(self.ids)[:, None]
         return self.model(x, self.view.positions, self.view)        # [B, 1, vocab]
+
+    def _forward_compiled(self):
+        x = self.model.model.embed_tokens(self.ids)[:, None]
+        logits = self.model(x, self.view.positions, self.view,
+                            run_layer=lambda i, layer, h, cos, sin:
+                            self._layer(layer, h, cos, sin, self._slots[i]))
+        for slot in self._slots:  # the new position's keys, eagerly: see LayerSlot
+            slot.write()
+        return logits
 
     def __call__(self, seq_ids: list, token_ids: list[int]) -> torch.Tensor:
         self.view.load(seq_ids)
@@ -99,14 +114,21 @@ class _StaticDecode:
         return self.logits[:, 0]
 
 
+def _decoder_layer(layer, h, cos, sin, slot):
+    """The compiled unit of the decode step (``_StaticDecode._compile``)."""
+    return layer(h, cos, sin, slot)
+
+
 class ARRuntime:
     def __init__(self, model: ARBackbone, draft: ARBackbone | None = None, *,
                  num_blocks: int = 256, block_size: int = 16, device=None,
                  static_decode: bool = False, cuda_graphs: bool = False,
-                 max_positions: int | None = None, compile_steps: bool = False):
+                 max_positions: int | None = None, compile_steps: bool | Collection[int] = False):
         """``static_decode``: plain decode steps run in fixed shapes (``StaticDecodeView``);
         with ``cuda_graphs`` (CUDA only) they are captured once per batch size and replayed,
-        compiled first with ``compile_steps`` (minutes per model at 14b: opt-in).
+        compiled first with ``compile_steps``: True for every batch size, or the batch sizes
+        to compile (the others stay eager inside their graphs). At 14b each compilation takes
+        minutes: batch 1 compiles in static shapes, any larger batch once more in dynamic ones.
         ``max_positions`` bounds a sequence's length on that path (default: the model's)."""
         self.model = model
         self.draft = draft
@@ -123,7 +145,7 @@ class ARRuntime:
         self.stats = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0,
                       "draft_forwards": 0}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.compile_steps = compile_steps and compile_enabled(self.device)
+        self.compile_steps = compile_steps if compile_enabled(self.device) else False
         self.static_decode = static_decode or self.cuda_graphs
         max_positions = max_positions or model.config.max_position_embeddings
         self._static_blocks = math.ceil(max_positions / block_size)
@@ -226,7 +248,7 @@ class ARRuntime:
         if runner is None:
             runner = self._static[batch] = _StaticDecode(
                 self.model, self.cache, batch, self._static_blocks, self.cuda_graphs,
-                self.compile_steps)
+                self.compile_steps is True or batch in (self.compile_steps or ()))
         return runner
 
     def prepare_static(self, batch_sizes) -> None:

@@ -219,7 +219,12 @@ def _tiny() -> HeliosConfig:
 
 def _14b() -> HeliosConfig:
     codebook = 8192
-    plan = 8  # ARCHITECTURE.md section 4: about 8 full-size decode steps fit per latent frame
+    # 4 plan tokens per latent frame (8 until session 6). ARCHITECTURE.md section 4 allows at
+    # most 8 full-size decode steps per latent frame next to the refiner. Measured on the H100,
+    # 8 tokens cost 110 ms of the 167 ms a latent frame has at 24 FPS (bf16, about 8.6 rounds
+    # of 12.9 ms), and the refiner needs 75-89 ms, so 8 cannot reach 24 FPS. With 4, the AR
+    # takes 55-66 ms. Parameter counts are unchanged (benchmarks/RESULTS.md, session 6).
+    plan = 4
     max_prompt = 512
     context_frames = 16
     max_pos = max_prompt + 3 + context_frames * plan + 5
@@ -253,6 +258,13 @@ def _14b() -> HeliosConfig:
 
 
 CONFIGS = {"tiny": _tiny, "14b": _14b}
+
+
+def with_plan_tokens(cfg: HeliosConfig, n: int) -> HeliosConfig:
+    """``cfg`` with ``n`` plan tokens per latent frame (the AR's output and the refiner's
+    conditioning change together; parameter counts do not)."""
+    return dataclasses.replace(cfg, plan_tokens_per_frame=n,
+                               refiner=dataclasses.replace(cfg.refiner, plan_tokens_per_frame=n))
 
 
 def get_config(name: str) -> HeliosConfig:

@@ -255,6 +255,22 @@ def model_dtype(device: torch.device, params: dict) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def compile_batches(value: str) -> bool | frozenset[int]:
+    """The ``torch_compile`` parameter of ``ar_backbone``: "off", "on" (every batch size), or
+    the batch sizes to compile, comma-separated ("1": one stream's steps compiled, the
+    batched ones captured eagerly, which saves the minutes a dynamic-shape compile takes)."""
+    v = value.strip().lower()
+    if v in ("off", "on"):
+        return v == "on"
+    try:
+        sizes = frozenset(int(x) for x in v.split(","))
+    except ValueError:
+        sizes = frozenset({0})
+    if min(sizes) < 1:
+        raise HeliosError("torch_compile", f"must be off, on or batch sizes >= 1 such as 1,2, got {value!r}")
+    return sizes
+
+
 @dataclass
 class Stage:
     """What a stage model's ``initialize`` needs: its parameters, device, dtype, the

@@ -204,3 +204,31 @@ def test_static_decode_equals_the_general_path():
     assert runs[True][0] == runs[False][0]
     for a, b in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_one_compiled_decoder_layer_serves_every_layer():
+    """The compiled decode step compiles one decoder layer and runs all of them through it
+    (each layer's weights and LayerSlot index are inputs, not constants; the cache is written
+    outside it), and decodes what the general path decodes."""
+    from torch._dynamo.utils import counters
+
+    model = _model(CFG, 7)
+    runs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        rt = ARRuntime(model, num_blocks=40, block_size=4, static_decode=compiled, max_positions=64)
+        rt.compile_steps = compiled  # CUDA only by default (helios/accel.py)
+        for i in range(3):
+            rt.add_sequence(i, _prefix(3 + 2 * i, CFG.hidden_size, 30 + i), [CFG.bos_token_id],
+                            SamplingParams(temperature=0.8, seed=i), bias=BIAS)
+        logits = []
+        for _ in range(7):  # the prefill, then decode steps across several 4-position blocks
+            rt.step([0, 1, 2])
+            logits.append(torch.stack([rt.logits(i) for i in range(3)]))
+        runs[compiled] = ([rt.tokens(i) for i in range(3)], logits)
+    assert rt._static[3].compiled and CFG.num_hidden_layers == 3
+    assert counters["stats"]["unique_graphs"] == 1
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

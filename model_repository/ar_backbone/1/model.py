@@ -18,8 +18,8 @@ from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
-from helios.serving import (ARJob, ARScheduler, model_device, model_dtype, model_parameters,
-                            requested_outputs)
+from helios.serving import (ARJob, ARScheduler, compile_batches, model_device, model_dtype,
+                            model_parameters, requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -52,7 +52,7 @@ class TritonPythonModel:
         runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
                             cuda_graphs=params.get("cuda_graphs", "on") == "on",
                             max_positions=self.config.max_ar_positions(),
-                            compile_steps=params.get("torch_compile", "off") == "on")
+                            compile_steps=compile_batches(params.get("torch_compile", "off")))
         # Every batch size up to max_batch_size compiled and captured before the first request.
         t0 = time.perf_counter()
         runtime.prepare_static(range(1, json.loads(args["model_config"])["max_batch_size"] + 1))
