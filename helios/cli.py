@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--long-seconds", type=_float("long_seconds"), default=60.0,
                    help="length of the drift video (0 skips it)")
     p.add_argument("--seed", type=_int("seed"), default=0)
+    p.add_argument("--true-plans", action="store_true",
+                   help="also score videos made from the ground-truth clips' plan tokens (no AR)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
@@ -251,7 +253,7 @@ def cmd_eval(args) -> None:
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     pipe = HeliosPipeline.from_checkpoint(ckpt, device=args.device)
     result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, true_plans=args.true_plans)
     result["checkpoint"] = str(ckpt)
     print(table(result))
     if args.json:

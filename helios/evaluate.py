@@ -49,6 +49,7 @@ def adherence(pipe, specs: list[ClipSpec], num_frames: int = 32, seed: int = 0,
                      "motion": got["motion"], "color_ok": got["color"] == want.color,
                      "shape_ok": got["shape"] == want.shape,
                      "motion_ok": got["motion"] == want.motion, "flicker": flicker(video)})
+    by_motion = _by_motion(specs, [r["motion_ok"] for r in rows])
     drafted = pipe.ar.stats["draft_tokens"] - stats0["draft_tokens"]
     accepted = pipe.ar.stats["accepted_tokens"] - stats0["accepted_tokens"]
     return {"prompts": len(rows),
@@ -57,7 +58,76 @@ def adherence(pipe, specs: list[ClipSpec], num_frames: int = 32, seed: int = 0,
             "motion_adherence": float(np.mean([r["motion_ok"] for r in rows])),
             "flicker": float(np.mean([r["flicker"] for r in rows])),
             "speculative_acceptance": accepted / drafted if drafted else float("nan"),
-            "draft_tokens": drafted, "videos": rows}
+            "draft_tokens": drafted, "motion_by_prompt": by_motion, "videos": rows}
+
+
+def _by_motion(specs: list[ClipSpec], ok: list[bool]) -> dict:
+    """Motion accuracy per motion the prompts ask for."""
+    out = {}
+    for spec, good in zip(specs, ok):
+        n, k = out.get(spec.objects[0].motion, (0, 0))
+        out[spec.objects[0].motion] = (n + 1, k + good)
+    return {m: k / n for m, (n, k) in sorted(out.items())}
+
+
+class _TruePlans:
+    """A pipeline's stages with the AR backbone replaced by given plan tokens, handed out in
+    order whatever segment asks for them."""
+
+    def __init__(self, pipe, tokens: list[int]):
+        self.pipe, self.tokens, self.cursor = pipe, tokens, 0
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
+        yield self.tokens[self.cursor:self.cursor + n]
+        self.cursor += n
+
+
+def true_plan_tokens(pipe, clip: np.ndarray) -> list[int]:
+    """The plan tokens of a uint8 [T, H, W, 3] clip (T a multiple of the frames per latent):
+    the VAE's latent frames read by the refiner's plan tokenizer."""
+    import torch  # noqa: PLC0415
+
+    from .vae import from_uint8  # noqa: PLC0415
+
+    f = pipe.config.frames_per_latent
+    with torch.no_grad():
+        frames = from_uint8(torch.from_numpy(clip)[None])[0]
+        latents = pipe.vae.encode(frames.view(-1, f, *frames.shape[1:]).to(pipe.device, pipe.dtype))
+        tokens = pipe.refiner.plan_tokenizer(latents, pipe.refiner.plan_embed.weight)
+    return tokens.flatten().tolist()
+
+
+def true_plan_adherence(pipe, specs: list[ClipSpec], num_frames: int = 32, seed: int = 0,
+                        progress: bool = False) -> dict:
+    """What the refiner and VAE make of a perfect plan. Each prompt's ground-truth clip is
+    rendered, and its plan tokens replace the AR's. The video comes out of the same
+    schedule, seeds and refiner history as ``adherence``. This bounds what a better AR
+    backbone could reach; the gap to ``adherence`` is the AR's."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from .data import render_clip  # noqa: PLC0415
+    from .orchestrator import stream_video  # noqa: PLC0415
+    from .schedule import validate_request  # noqa: PLC0415
+
+    cfg = pipe.config
+    truth_ok, color_ok, motion_ok = [], [], []
+    for i, spec in enumerate(tqdm(specs, desc="true plans", unit="video", disable=not progress)):
+        clip = render_clip(spec, num_frames, size=cfg.height, seed=seed + i)
+        want = spec.objects[0]
+        truth_ok.append(dominant_object(clip)["motion"] == want.motion)
+        req = validate_request(cfg, spec.caption, num_frames=num_frames, seed=seed + i)
+        stages = _TruePlans(pipe, true_plan_tokens(pipe, clip))
+        got = dominant_object(np.concatenate([c.frames for c in stream_video(cfg, req, stages)]))
+        color_ok.append(got["color"] == want.color)
+        motion_ok.append(got["motion"] == want.motion)
+    return {"prompts": len(specs),
+            "ground_truth_motion_adherence": float(np.mean(truth_ok)),
+            "color_adherence": float(np.mean(color_ok)),
+            "motion_adherence": float(np.mean(motion_ok)),
+            "motion_by_prompt": _by_motion(specs, motion_ok)}
 
 
 def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
@@ -83,9 +153,11 @@ def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
 
 
 def evaluate(pipe, prompts: int = 24, num_frames: int = 32, long_seconds: float = 60.0,
-             seed: int = 0, progress: bool = False) -> dict:
+             seed: int = 0, progress: bool = False, true_plans: bool = False) -> dict:
     specs = held_out_prompts(prompts, seed)
     result = {"adherence": adherence(pipe, specs, num_frames, seed, progress)}
+    if true_plans:
+        result["true_plans"] = true_plan_adherence(pipe, specs, num_frames, seed, progress)
     if long_seconds > 0:
         result["drift"] = long_video_drift(pipe, specs[0].caption, long_seconds, seed, progress)
     return result
@@ -101,7 +173,16 @@ def table(result: dict) -> str:
              f"| motion adherence | {a['motion_adherence']:.1%} |",
              f"| flicker (mean abs frame change) | {a['flicker']:.4f} |",
              f"| speculative acceptance | {'n/a' if math.isnan(acc) else f'{acc:.2f}'} "
-             f"({a['draft_tokens']} draft tokens) |"]
+             f"({a['draft_tokens']} draft tokens) |",
+             "| motion adherence by prompt motion | "
+             + ", ".join(f"{m} {v:.0%}" for m, v in a["motion_by_prompt"].items()) + " |"]
+    if "true_plans" in result:
+        t = result["true_plans"]
+        lines += [f"| ground-truth clips: motion adherence | {t['ground_truth_motion_adherence']:.1%} |",
+                  f"| true plan tokens (no AR): colour / motion adherence | "
+                  f"{t['color_adherence']:.1%} / {t['motion_adherence']:.1%} |",
+                  "| true plan tokens: motion by prompt motion | "
+                  + ", ".join(f"{m} {v:.0%}" for m, v in t["motion_by_prompt"].items()) + " |"]
     if "drift" in result:
         d = result["drift"]
         lines += [f"| drift over {d['seconds']:g} s: colour shift first vs last second | "

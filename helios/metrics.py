@@ -42,14 +42,19 @@ def dominant_object(frames: np.ndarray) -> dict:
                       if m.sum() else (np.nan, np.nan, 0) for m in own])
     dy, dx = track[-1, 0] - track[0, 0], track[-1, 1] - track[0, 1]
     growth = track[-1, 2] / max(track[0, 2], 1)
-    vertical = np.nanmax(track[:, 0]) - np.nanmin(track[:, 0])
+    # Bouncing: out vertically and at least halfway back. A video that ends mid-bounce
+    # (32 frames against a 24-frame period) still has a net vertical displacement, so this
+    # comes before the direction test.
+    excursion = np.abs(track[:, 0] - track[0, 0])
+    peak = int(np.nanargmax(excursion)) if np.isfinite(excursion).any() else 0
+    came_back = np.nanmin(excursion[peak:]) < 0.5 * excursion[peak]
     size = frames.shape[1]
     if growth > 1.8:
         motion = "growing"
+    elif excursion[peak] > 0.08 * size and came_back:
+        motion = "bouncing"
     elif max(abs(dx), abs(dy)) > 0.08 * size:
         motion = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-    elif vertical > 0.08 * size:
-        motion = "bouncing"  # it moved vertically and came back
     else:
         motion = "static"
     return {"color": color, "shape": shape, "motion": motion}

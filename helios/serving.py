@@ -258,7 +258,7 @@ def model_dtype(device: torch.device, params: dict) -> torch.dtype:
 def compile_batches(value: str) -> bool | frozenset[int]:
     """The ``torch_compile`` parameter of ``ar_backbone``: "off", "on" (every batch size), or
     the batch sizes to compile, comma-separated ("1": one stream's steps compiled, the
-    batched ones captured eagerly, which saves the minutes a dynamic-shape compile takes)."""
+    batched ones captured eagerly, which saves their dynamic-shape compilation)."""
     v = value.strip().lower()
     if v in ("off", "on"):
         return v == "on"

@@ -2,6 +2,7 @@
 clips score as correct, clips paired with another clip's caption score as wrong."""
 
 import numpy as np
+import pytest
 
 from helios.data import COLORS, MOTIONS, SHAPES, ObjectSpec, is_held_out, render_clip, sample_spec
 from helios.metrics import dominant_object, drift, flicker
@@ -26,17 +27,18 @@ def test_held_out_combinations_never_appear_in_training():
     assert all(is_held_out(o) for o in sample_spec(np.random.default_rng(2), held_out=True).objects)
 
 
-def _single_object_cases(n=60, seed=5):
+def _single_object_cases(n=60, seed=5, frames=24):
     rng = np.random.default_rng(seed)
     cases = []
     while len(cases) < n:
         spec = sample_spec(rng, max_objects=1)
-        cases.append((spec, render_clip(spec, 24, seed=len(cases))))
+        cases.append((spec, render_clip(spec, frames, seed=len(cases))))
     return cases
 
 
-def test_metrics_score_ground_truth_as_correct():
-    cases = _single_object_cases()
+@pytest.mark.parametrize("frames", [24, 32])  # 32: helios eval's length, mid-bounce at the end
+def test_metrics_score_ground_truth_as_correct(frames):
+    cases = _single_object_cases(frames=frames)
     got = [dominant_object(frames) for _, frames in cases]
     truth = [spec.objects[0] for spec, _ in cases]
     color = np.mean([g["color"] == t.color for g, t in zip(got, truth)])
@@ -86,3 +88,30 @@ def test_caption_dropout_leaves_out_colour_and_shape_words_only():
     some = [drop_attribute_words(caption, np.random.default_rng(s), 0.5) for s in range(20)]
     assert len(set(some)) > 3 and all("moving left" in c and "growing" in c for c in some)
     assert some == [drop_attribute_words(caption, np.random.default_rng(s), 0.5) for s in range(20)]
+
+
+def test_true_plans_replay_the_tokens_they_are_given(pipe):
+    """helios eval --true-plans swaps the AR for given plan tokens. Replaying the tokens the
+    AR decoded (across two AR segments) gives the AR's frames exactly."""
+    from helios.evaluate import _TruePlans
+    from helios.orchestrator import stream_video
+    from helios.schedule import validate_request
+
+    cfg = pipe.config
+    req = validate_request(cfg, "a red circle moving left on a dark background",
+                           num_frames=(cfg.ar_context_frames + 2) * cfg.frames_per_latent, seed=3)
+    decoded = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def ar_stream(self, *args):
+            for tokens in pipe.ar_stream(*args):
+                decoded.extend(tokens)
+                yield tokens
+
+    want = np.concatenate([c.frames for c in stream_video(cfg, req, Recording())])
+    got = np.concatenate([c.frames for c in stream_video(cfg, req, _TruePlans(pipe, list(decoded)))])
+    assert len(decoded) == (cfg.ar_context_frames + 2) * cfg.plan_tokens_per_frame
+    assert np.array_equal(got, want)

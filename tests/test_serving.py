@@ -3,14 +3,16 @@
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from helios.ar_backbone import ARBackbone
 from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
+from helios.errors import HeliosError
 from helios.sampling import SamplingParams
 from helios.schedule import codebook_bias
-from helios.serving import ARJob, ARScheduler, requested_outputs
+from helios.serving import ARJob, ARScheduler, compile_batches, requested_outputs
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, codebook_size=32, max_position_embeddings=256)
@@ -120,3 +122,12 @@ def test_requested_outputs_keeps_what_was_asked_as_owning_arrays():
     assert out["output_ids"].base is None and out["output_ids"].flags.c_contiguous
     assert out["output_ids"].tolist() == [[[1, 2, 3, 4, 5]]]
     assert list(requested_outputs([], arrays)) == ["output_ids", "sequence_length"]  # none named: all
+
+
+def test_torch_compile_parameter():
+    assert compile_batches("off") is False and compile_batches("on") is True
+    assert compile_batches(" 1,3 ") == {1, 3}
+    for bad in ("0", "yes", "1,,2"):
+        with pytest.raises(HeliosError) as e:
+            compile_batches(bad)
+        assert str(e.value) == f"torch_compile must be off, on or batch sizes >= 1 such as 1,2, got {bad!r}"

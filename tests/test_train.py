@@ -9,7 +9,7 @@ import torch
 
 from helios.checkpoint import load_component, read_config
 from helios.cli import SHIPPED_CHECKPOINT, main
-from helios.data import ClipSpec, ObjectSpec, render_clip
+from helios.data import MOTIONS, ClipSpec, ObjectSpec, render_clip
 from helios.train import STAGES, Trainer, TrainSettings
 
 
@@ -130,11 +130,14 @@ def test_shipped_checkpoint_gets_the_colour_of_held_out_prompts():
 def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--prompts", "2", "--frames", "8",
-                 "--long-seconds", "1", "--json", str(out), "--no-progress"]) == 0
+                 "--long-seconds", "1", "--true-plans", "--json", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "| colour adherence |" in text and "| speculative acceptance |" in text
+    assert "| true plan tokens (no AR): colour / motion adherence |" in text
     result = json.loads(out.read_text())
     assert result["adherence"]["prompts"] == 2 and "color_shift" in result["drift"]
+    assert result["true_plans"]["prompts"] == 2
+    assert set(result["true_plans"]["motion_by_prompt"]) <= set(MOTIONS)
     assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--prompts", "0"]) == 2
     assert capsys.readouterr().err.strip() == "helios: error: prompts must be an integer >= 1, got 0"
 
