@@ -19,22 +19,29 @@ log = logging.getLogger("helios.accel")
 
 
 class CompiledOrEager:
-    """``fn`` through torch.compile; if compiling fails (it happens at the first call), a
+    """``fn`` through torch.compile; if compiling fails (usually at the first call; in a
+    process with an ASCII locale already when torch.compile loads Inductor's templates), a
     warning names the piece and ``fn`` runs eagerly from then on: same numbers, less speed."""
 
     def __init__(self, fn, name: str, **compile_kw):
         self.fn, self.name = fn, name
-        self.run = torch.compile(fn, **compile_kw)
         self.compiled = True
+        try:
+            self.run = torch.compile(fn, **compile_kw)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        log.warning("%s stays eager, torch.compile failed: %s: %s", self.name,
+                    type(e).__name__, e)
+        self.compiled = False
 
     def __call__(self, *args, **kwargs):
         if self.compiled:
             try:
                 return self.run(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any compiler failure; eager is exact
-                log.warning("%s stays eager, torch.compile failed: %s: %s", self.name,
-                            type(e).__name__, e)
-                self.compiled = False
+                self._fail(e)
         return self.fn(*args, **kwargs)
 
 

@@ -36,3 +36,16 @@ def test_a_piece_that_cannot_compile_runs_eagerly_with_a_warning(caplog):
     assert torch.equal(out, torch.full((3,), 2.0))
     assert not piece.compiled
     assert "test piece stays eager, torch.compile failed" in caplog.text
+
+
+def test_a_piece_whose_compiler_cannot_load_runs_eagerly(caplog, monkeypatch):
+    """torch.compile itself can fail: in a process with an ASCII locale, loading Inductor's
+    templates raises UnicodeDecodeError (seen in a Triton python-backend stub)."""
+    def broken(*args, **kwargs):
+        raise UnicodeDecodeError("ascii", b"\xe2", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="helios.accel"):
+        piece = CompiledOrEager(lambda x: x + 1, "test piece")
+    assert not piece.compiled and torch.equal(piece(torch.zeros(2)), torch.ones(2))
+    assert "test piece stays eager, torch.compile failed: UnicodeDecodeError" in caplog.text
