@@ -117,8 +117,9 @@ def test_shipped_checkpoint_is_small_and_the_default():
 @shipped
 def test_shipped_checkpoint_gets_the_colour_of_held_out_prompts():
     """Colour target (>= 90 %) met. The motion target (>= 80 %) is not: the shipped
-    checkpoint moves the object the prompt's way for 44 % of the held-out prompts
-    (docs/training.md), so motion is measured by ``helios eval``, not asserted here."""
+    checkpoint moves the object the prompt's way for 40 % of the held-out prompts, and the
+    refiner alone, given perfect plan tokens, for 62 % (docs/training.md), so motion is
+    measured by ``helios eval``, not asserted here."""
     from helios.evaluate import adherence, held_out_prompts
     from helios.pipeline import HeliosPipeline
 
