@@ -80,8 +80,8 @@ class _StaticDecode:
         them about as much as the weights' bandwidth floor. One layer is compiled and serves
         all of them (their weights and their ``LayerSlot`` are inputs, not constants): at 14b
         compiling the whole 40-layer step took minutes, and in a Triton stub over 7 (session
-        6). The cache writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes, larger batches once more in dynamic ones.
-        Falls back to eager if compilation fails."""
+        6). The cache writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes,
+        larger batches once more in dynamic ones. Falls back to eager if compilation fails."""
         self._slots = self.view.layer_slots()
         self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer")
         self._run = self._forward_compiled
@@ -100,8 +100,9 @@ class _StaticDecode:
         logits = self.model(x, self.view.positions, self.view,
                             run_layer=lambda i, layer, h, cos, sin:
                             self._layer(layer, h, cos, sin, self._slots[i]))
+        write_rows = self.view.write_rows()
         for slot in self._slots:  # the new position's keys, eagerly: see LayerSlot
-            slot.write()
+            slot.write(write_rows)
         return logits
 
     def __call__(self, seq_ids: list, token_ids: list[int]) -> torch.Tensor:

@@ -199,14 +199,16 @@ class StaticDecodeView:
         c = self.cache
         return c.k.view(-1, *c.k.shape[2:]), c.v.view(-1, *c.v.shape[2:]), c.k.shape[1]
 
-    def write(self, layer, k, v) -> None:
-        """The new position's keys and values [B, KVH, 1, D] into the cache."""
+    def write(self, layer, k, v, write_rows=None) -> None:
+        """The new position's keys and values [B, KVH, 1, D] into the cache. ``write_rows``:
+        ``write_rows()`` computed once for a step's layers (it is the same for all of them)."""
         pool_k, pool_v, rows = self._pool()
-        rows_new = layer * rows + self._write_rows()
+        rows_new = layer * rows + (self.write_rows() if write_rows is None else write_rows)
         pool_k.index_copy_(0, rows_new, k[:, :, 0])
         pool_v.index_copy_(0, rows_new, v[:, :, 0])
 
-    def _write_rows(self):
+    def write_rows(self):
+        """Each row's new position as a row of one layer's cache, [B]."""
         bs = self.cache.block_size
         pos = self.positions[:, 0]
         return self.block_table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs  # [B]
@@ -252,8 +254,8 @@ class LayerSlot:
         self.k, self.v = k, v
         return self.view.read(self.index, q, k, v)
 
-    def write(self) -> None:
-        self.view.write(self.index, self.k, self.v)
+    def write(self, write_rows) -> None:
+        self.view.write(self.index, self.k, self.v, write_rows)
         self.k = self.v = None
 
 
