@@ -264,11 +264,12 @@ def compile_batches(value: str) -> bool | frozenset[int]:
         return v == "on"
     try:
         sizes = frozenset(int(x) for x in v.split(","))
+        if min(sizes) >= 1:
+            return sizes
     except ValueError:
-        sizes = frozenset({0})
-    if min(sizes) < 1:
-        raise HeliosError("torch_compile", f"must be off, on or batch sizes >= 1 such as 1,2, got {value!r}")
-    return sizes
+        pass
+    raise HeliosError("torch_compile",
+                      f"must be off, on or batch sizes >= 1 such as 1,2, got {value!r}")
 
 
 @dataclass
