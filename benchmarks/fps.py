@@ -209,7 +209,9 @@ def fp8_error(cfg, model, device, seed=0) -> dict:
 
 def step_gpu_ms(pipe, device, reps=30) -> dict:
     """GPU time of pieces on their own (CUDA events): one replay of the captured AR decode
-    step, and the refiner's context encoding and one denoising step at the full history."""
+    step; the refiner's context encoding and one denoising step at the full history, each
+    launched from Python; and a whole render at the full history (one graph replay when
+    captured)."""
     out = {}
     runner = pipe.ar._static.get(1)
     if device.type != "cuda":
@@ -238,6 +240,7 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
         kv = rf.encode_context(plan, z, hist)
         sigma = torch.tensor(0.5, device=device)
         out["refiner_step"] = timed(lambda: rf.step(z, sigma, kv))
+        out["refiner_render"] = timed(lambda: rf.render(z, plan, z, hist))
         out["vae_decoder"] = timed(lambda: pipe.vae.decode(z, z))
     return out
 

@@ -5,7 +5,8 @@ keeps the fastest (the VAE decoder is all convolutions), and torch.compile fuses
 elementwise work of the refiner's context encoding and denoising steps and of the VAE decoder
 (norms, modulation, activations) into few kernels around the matmuls and convolutions. Shapes
 are fixed per configuration, so each compiles on its first call (the servers' warm-up
-request) and stays.
+request) and stays. Unless ``HELIOS_CUDA_GRAPHS=0`` too, each refiner render then replays as
+one CUDA graph per input shape.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def accelerate(device, refiner=None, vae=None) -> list[str]:
     if refiner is not None:
         refiner.compile_steps()
         done.append("refiner steps compiled")
+        if os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0":
+            refiner.capture_renders()
+            done.append("refiner renders captured as CUDA graphs")
     if vae is not None:
         # Wrapped through the instance's forward, so the module's state_dict keys stay as they are.
         vae.decoder.forward = CompiledOrEager(vae.decoder.forward, "VAE decoder")

@@ -66,6 +66,38 @@ def test_compiled_refiner_renders_what_the_eager_one_does():
     assert rf._compiled_step.compiled
 
 
+def test_captured_refiner_renders_what_the_uncaptured_one_does():
+    """capture_renders: one CUDA graph per context shape, replayed with new inputs each time
+    (noise, plan, anchor, every history frame), gives the compiled refiner's uncaptured
+    frames; the same shape is captured once."""
+    from helios.checkpoint import random_component
+
+    cfg = get_config("tiny")
+    dev = torch.device("cuda")
+    rf = random_component(cfg, "refiner", dev, torch.bfloat16, 3)
+    rf.compile_steps()
+    shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(n_hist):
+        z = [torch.randn(shape, generator=g).to(dev, torch.bfloat16) for _ in range(2 + n_hist)]
+        plan = torch.randint(0, cfg.refiner.codebook_size, (1, cfg.plan_tokens_per_frame),
+                             generator=g).to(dev)
+        return z[0], plan, z[1], z[2:]
+
+    cases = [inputs(n) for n in (0, 2, 2, 1, 2)]  # the repeated shape replays with new inputs
+    cases[0] = cases[0][:2] + (None, [])           # the first frame: no anchor
+    plain = [rf.render(*c) for c in cases]
+    rf.capture_renders()
+    captured = [rf.render(*c) for c in cases]
+    for e, out in zip(plain, captured):
+        assert ((out.float() - e.float()).norm() / e.float().norm()).item() < 1e-2
+    assert not torch.equal(captured[1], captured[2])
+    assert len(rf._render_graphs) == 3
+    rf.warm_up(shape, torch.bfloat16, dev)  # every context of a stream: 1 more shape
+    assert len(rf._render_graphs) == 4
+
+
 def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkeypatch):
     """--low-vram moves each stage onto the GPU only while it runs (the AR backbone once per
     segment, not once per token): 40 frames (two AR segments) come out as with every stage

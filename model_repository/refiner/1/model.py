@@ -1,5 +1,7 @@
 """refiner: plan tokens + history -> one latent frame (helios.refiner.Refiner.render)."""
 
+import time
+
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -16,6 +18,13 @@ class TritonPythonModel:
     def initialize(self, args):
         self.stage = load_stage(args, "refiner")
         self.model = self.stage.modules["refiner"]
+        st, cfg = self.stage, self.stage.config
+        if st.device.type == "cuda":  # every context a stream meets compiled and captured now
+            t0 = time.perf_counter()
+            self.model.warm_up((1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width),
+                               st.dtype, st.device)
+            pb_utils.Logger.log_info(f"refiner: every history length compiled and captured in "
+                                     f"{time.perf_counter() - t0:.1f} s")
 
     @torch.no_grad()
     def execute(self, requests):
