@@ -372,10 +372,13 @@ class _RenderGraph:
         self.noise, self.plan = noise.clone(), plan_tokens.clone()
         self.anchor = None if anchor is None else anchor.clone()
         self.history = [h.clone() for h in history]
-        sig_t = torch.tensor(sig, device=noise.device)
+        # Held by the instance like the buffers above: the graph reads this memory at every
+        # replay, and a freed tensor's memory goes to the next allocation.
+        self.sig_t = torch.tensor(sig, device=noise.device)
 
         def run():
-            return refiner._render(self.noise, self.plan, self.anchor, self.history, sig, sig_t)
+            return refiner._render(self.noise, self.plan, self.anchor, self.history, sig,
+                                   self.sig_t)
 
         # Warm up on a side stream (compilation, the attention kernel's autotuning, the
         # allocator), then capture.
