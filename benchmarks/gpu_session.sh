@@ -21,7 +21,7 @@
 # (and perf_analyzer too, 7 MB, if the tree grows further): WHL_DIR names such a trimmed
 # folder instead of .whl (session 5: .whl_srv = numpy, python_rapidjson and the tritonclient
 # wheel re-zipped without bin/perf_client and bin/perf_analyzer, their RECORD lines removed;
-# triton_gpu.sh then skips perf_analyzer).
+# triton_gpu.sh then skips perf_analyzer unless .carry/perf_analyzer.xz brings it alone).
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
 part="${2:?server|speed|inprocess|decoupled|diag}"
@@ -38,6 +38,11 @@ server_python() {
     echo "$base" > "$own/machine-packages.pth"
     ln -sf "$own"/bin/* /tmp/v/bin/       # perf_analyzer (tritonclient), py-spy
     tar -xJf .carry/triton-server.tar.xz -C /tmp    # -> /tmp/site/nvidia_pytriton*
+    if [ -f .carry/perf_analyzer.xz ]; then   # tritonclient's perf_analyzer alone (xz: 4.7 MB);
+        # benchmarks/perf_analyzer.py links its libraries from the server wheel's copies
+        python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+            .carry/perf_analyzer.xz /tmp/v/bin/perf_analyzer && chmod +x /tmp/v/bin/perf_analyzer
+    fi
     export PYTHONPATH="/tmp/site:$PWD:$PWD/client"
     /tmp/v/bin/python -c 'import numpy, torch; print("server python: numpy", numpy.__version__, "torch", torch.__version__)'
 }
