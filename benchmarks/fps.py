@@ -325,7 +325,8 @@ def main(argv=None) -> int:
             first = time.perf_counter() - t
     wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    pieces = step_gpu_ms(pipe, device)
+    # With --low-vram the stages visit the GPU only while they run: no piece alone to time.
+    pieces = {} if pipe.low_vram else step_gpu_ms(pipe, device)
 
     med = {k: statistics.median(v) * 1e3 for k, v in pipe.times.items() if v}
     n = cfg.plan_tokens_per_frame
