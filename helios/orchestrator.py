@@ -13,6 +13,8 @@ Stage functions (``Stages``):
     refine(plan, index, seed, anchor, recent) -> latent [1, C, h, w]
     decode(latent, prev_latent or None) -> uint8 [4, H, W, 3]
     prefetch(iterator) -> iterator (optional): runs the plan-token stream ahead of rendering
+    refine_and_decode(refine_args, decode_args) -> (latent, frames) (optional): both at once,
+        as ``refine(*refine_args)`` and ``decode(*decode_args)``
 
 ``ar_stream`` should send its AR request when called, not when first iterated: the next
 segment's request then goes out before the current segment's last frame is rendered.
@@ -52,14 +54,16 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     plans: list[list[int]] = []
     state = {"prev": None, "emitted": 0}
 
-    def chunk(latent) -> VideoChunk:
-        frames = stages.decode(latent, state["prev"])
+    def emit(latent, frames) -> VideoChunk:
         frames = frames[:req.num_frames - state["emitted"]]
         out = VideoChunk(frames, state["emitted"], req.num_frames)
         state["emitted"] += len(frames)
         state["prev"] = latent
-        history.push(latent)
         return out
+
+    def chunk(latent) -> VideoChunk:
+        history.push(latent)
+        return emit(latent, stages.decode(latent, state["prev"]))
 
     if req.image is not None:
         latent, plan = stages.encode_image(req.image)
@@ -72,12 +76,32 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     prefetch = getattr(stages, "prefetch", None)
     if prefetch is not None:
         upcoming = prefetch(upcoming)
+    both = getattr(stages, "refine_and_decode", None)
+    # With refine_and_decode, a latent frame is decoded while the next one renders (its
+    # chunk goes out one rendering later). The first frame is decoded at once, for the
+    # first chunk's latency. The refiner's inputs and the decoder's are those of the
+    # sequential order, so the frames are the same.
+    pending = None  # rendered, in the history, not decoded yet
     try:
         for index, plan in enumerate(upcoming, start=first):
-            latent = stages.refine(plan, index, req.sampling.seed, history.anchor, history.recent)
-            yield chunk(latent)
+            refine = (plan, index, req.sampling.seed, history.anchor, history.recent)
+            if pending is None:
+                latent = stages.refine(*refine)
+            else:
+                latent, frames = both(refine, (pending, state["prev"]))
+                yield emit(pending, frames)
+                pending = None
+                if cancelled is not None and cancelled():
+                    return
+            if both is None or index == first:
+                yield chunk(latent)
+            else:
+                history.push(latent)
+                pending = latent
             if cancelled is not None and cancelled():
                 return
+        if pending is not None:
+            yield emit(pending, stages.decode(pending, state["prev"]))
     finally:
         upcoming.close()
 

@@ -138,3 +138,41 @@ def test_overlapped_ar_error_reaches_the_consumer(pipe, monkeypatch):
     with pytest.raises(RuntimeError, match="^KV cache full$"):
         next(stream)
     assert not fast.ar.seqs
+
+
+class _DecodeBesideRefine:
+    """A pipeline's stages with ``refine_and_decode`` (as the Triton helios model has it),
+    recording the order of the calls."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def refine(self, plan, index, *rest):
+        self.calls.append(("refine", index))
+        return self.pipe.refine(plan, index, *rest)
+
+    def refine_and_decode(self, refine, decode):
+        self.calls.append(("both", refine[1]))
+        return self.pipe.refine(*refine), self.pipe.decode(*decode)
+
+
+def test_decoding_beside_the_next_rendering_gives_the_same_chunks(pipe):
+    """stream_video with refine_and_decode: each latent frame after the first is decoded
+    while the next one renders, and every chunk equals the sequential one, for text- and
+    image-to-video, to the last (trimmed) chunk."""
+    from helios.orchestrator import stream_video
+
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for kwargs in ({}, {"image": image}):
+        req = validate_request(pipe.config, PROMPT, num_frames=22, seed=4, **kwargs)
+        stages = _DecodeBesideRefine(pipe)
+        both = list(stream_video(pipe.config, req, stages))
+        plain = list(pipe.run(req))
+        assert [(c.offset, c.final) for c in both] == [(c.offset, c.final) for c in plain]
+        assert all(np.array_equal(a.frames, b.frames) for a, b in zip(both, plain))
+        first = 1 if kwargs else 0  # the image is latent frame 0
+        assert stages.calls == [("refine", first), ("refine", first + 1)] + \
+            [("both", i) for i in range(first + 2, 6)]

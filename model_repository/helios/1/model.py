@@ -8,6 +8,7 @@ BLS call of another thread receives its response can crash the stub (seen: SIGSE
 pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
 """
 
+import asyncio
 import faulthandler
 import uuid
 
@@ -28,6 +29,10 @@ def _call(model, inputs, outputs):
     """One BLS request; returns {output name: numpy array} or raises with the stage's error."""
     response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
                                          requested_output_names=outputs).exec()
+    return _outputs(model, response, outputs)
+
+
+def _outputs(model, response, outputs):
     if response.has_error():
         raise RuntimeError(f"{model}: {response.error().message()}")
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
@@ -40,10 +45,13 @@ def _t(name, array):
 class TritonStages:
     """The stage functions of helios.orchestrator over the stage models of this server."""
 
-    def __init__(self, config, speculative: bool):
+    def __init__(self, config, speculative: bool, loop=None):
         self.config = config
         self.speculative = speculative
         self.vocab_size = config.ar_backbone.vocab_size
+        self._loop = loop
+        if loop is None:  # decode after each rendering (orchestrator.stream_video)
+            self.refine_and_decode = None
 
     def encode_prompt(self, prompt):
         out = _call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
@@ -90,7 +98,7 @@ class TritonStages:
         for _ in stop.exec(decoupled=True):
             pass
 
-    def refine(self, plan, index, seed, anchor, recent):
+    def _refine_request(self, plan, index, seed, anchor, recent):
         inputs = [_t("plan_tokens", np.array(plan, np.int32)),
                   _t("seed", np.array([seed], np.int64)),
                   _t("frame_index", np.array([index], np.int32))]
@@ -98,14 +106,36 @@ class TritonStages:
             inputs.append(_t("anchor", anchor[0].float().numpy()))
         if recent:
             inputs.append(_t("history", torch.cat(recent).float().numpy()))
-        return torch.from_numpy(_call("refiner", inputs, ["latent"])["latent"])[None]
+        return "refiner", inputs, ["latent"]
 
-    def decode(self, latent, prev_latent):
+    def _decode_request(self, latent, prev_latent):
         # prev_latent always goes (zeros before the first frame, which is what the decoder
         # assumes without one): a TensorRT engine has no optional inputs.
         prev = torch.zeros_like(latent) if prev_latent is None else prev_latent
         inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
-        return _call("vae_decoder", inputs, ["frames"])["frames"]
+        return "vae_decoder", inputs, ["frames"]
+
+    def refine(self, plan, index, seed, anchor, recent):
+        return torch.from_numpy(_call(*self._refine_request(plan, index, seed, anchor, recent))["latent"])[None]
+
+    def decode(self, latent, prev_latent):
+        return _call(*self._decode_request(latent, prev_latent))["frames"]
+
+    def refine_and_decode(self, refine, decode):
+        """Both BLS requests in flight at once (``async_exec``: the stub waits for each in a
+        thread of its own): the decoder's GPU work, the copies of its 4 frames and the
+        host's share of both calls then hide behind the next frame's rendering. Every input
+        tensor is made before either request goes out."""
+        r, d = self._refine_request(*refine), self._decode_request(*decode)
+        latent, frames = self._loop.run_until_complete(_in_flight_together(r, d))
+        return torch.from_numpy(latent["latent"])[None], frames["frames"]
+
+
+async def _in_flight_together(*calls):
+    requests = [pb_utils.InferenceRequest(model_name=m, inputs=i, requested_output_names=o)
+                for m, i, o in calls]
+    responses = await asyncio.gather(*(r.async_exec() for r in requests))
+    return [_outputs(m, response, o) for (m, _, o), response in zip(calls, responses)]
 
 
 class _TokenStream:
@@ -153,6 +183,10 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
+        # "on": a latent frame is decoded while the next one renders (TritonStages.refine_and_decode)
+        self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "on") == "on" else None
+        pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
+                                 f"{'while the next one renders' if self.loop else 'after rendering'}")
 
     def _request(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
@@ -191,7 +225,7 @@ class TritonPythonModel:
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
-        stages = TritonStages(self.config, self.speculative)
+        stages = TritonStages(self.config, self.speculative, self.loop)
         sent, final = 0, False
         wanted = request.requested_output_names()
 
