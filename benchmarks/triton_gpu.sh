@@ -19,7 +19,7 @@ if [ -f .carry/triton-server.tar.xz ] && [ ! -d /tmp/site ]; then
     export PYTHONPATH="/tmp/site:$PWD:$PWD/client:${PYTHONPATH:-}"
 fi
 t0=$(date +%s)
-if [ ! -f /tmp/ck14b/config.json ]; then   # a second run in the same call reuses it
+if [ ! -f /tmp/ck14b/model_index.json ]; then   # a second run in the same call reuses it
     python3 -m helios init --config 14b --out /tmp/ck14b --seed 0 --dtype bfloat16 --device cuda
     echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 fi
