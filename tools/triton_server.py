@@ -137,7 +137,15 @@ class MPS:
     def start(self) -> "MPS":
         for d in self.env.values():
             Path(d).mkdir(parents=True, exist_ok=True)
-        subprocess.run([self.control, "-d"], env=dict(os.environ, **self.env), check=True)
+        env = dict(os.environ, **self.env)
+        if subprocess.run([self.control, "-d"], env=env).returncode != 0:
+            # "An instance of this daemon is already running": a previous run's daemon that did
+            # not quit (see stop). Its MPS server may still hold dead clients' memory (seen on
+            # the H100: 32 GiB after the server had stopped), so it is quit, not reused.
+            print("MPS control daemon of a previous run still running: quitting it", file=sys.stderr)
+            self.stop()
+            time.sleep(2)
+            subprocess.run([self.control, "-d"], env=env, check=True)
         return self
 
     def stop(self) -> None:
