@@ -3,9 +3,12 @@ stage functions implemented as BLS calls; one response per chunk.
 
 Each instance serves one stream at a time, inside ``execute``, on the stub's main thread;
 concurrent streams run in separate instances (instance_group count), and requests beyond them
-wait in Triton's queue. No threads: with tritonserver 2.51 a Python thread that runs while a
-BLS call of another thread receives its response can crash the stub (seen: SIGSEGV in
-pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
+wait in Triton's queue. No threads of our own: with tritonserver 2.51 a Python thread that
+runs while a BLS call of another thread receives its response can crash the stub (seen:
+SIGSEGV in pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
+The one concurrency here, ``refine_and_decode``, makes every tensor first and then only waits
+while the stub's own executor threads run the two requests (``async_exec``); it ran without a
+crash on the H100 (1 and 4 streams, perf_analyzer at concurrency 1 and 4) and in the tests.
 """
 
 import asyncio
