@@ -140,8 +140,8 @@ class MPS:
         env = dict(os.environ, **self.env)
         if subprocess.run([self.control, "-d"], env=env).returncode != 0:
             # "An instance of this daemon is already running": a previous run's daemon that did
-            # not quit (see stop). Its MPS server may still hold dead clients' memory (seen on
-            # the H100: 32 GiB after the server had stopped), so it is quit, not reused.
+            # not quit (see stop). It is quit, not reused: a machine left that way still showed
+            # 32 GiB in use on the H100 after the next server had stopped.
             print("MPS control daemon of a previous run still running: quitting it", file=sys.stderr)
             self.stop()
             time.sleep(2)

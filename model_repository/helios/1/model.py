@@ -119,7 +119,8 @@ class TritonStages:
         return "vae_decoder", inputs, ["frames"]
 
     def refine(self, plan, index, seed, anchor, recent):
-        return torch.from_numpy(_call(*self._refine_request(plan, index, seed, anchor, recent))["latent"])[None]
+        latent = _call(*self._refine_request(plan, index, seed, anchor, recent))["latent"]
+        return torch.from_numpy(latent)[None]
 
     def decode(self, latent, prev_latent):
         return _call(*self._decode_request(latent, prev_latent))["frames"]
@@ -135,6 +136,7 @@ class TritonStages:
 
 
 async def _in_flight_together(*calls):
+    """BLS requests (model, inputs, output names) sent together; their outputs, in order."""
     requests = [pb_utils.InferenceRequest(model_name=m, inputs=i, requested_output_names=o)
                 for m, i, o in calls]
     responses = await asyncio.gather(*(r.async_exec() for r in requests))
