@@ -1,5 +1,6 @@
 """The AR scheduler behind the Triton ar_backbone model, without a server."""
 
+import os
 import threading
 
 import numpy as np
@@ -131,3 +132,32 @@ def test_torch_compile_parameter():
         with pytest.raises(HeliosError) as e:
             compile_batches(bad)
         assert str(e.value) == f"torch_compile must be off, on or batch sizes >= 1 such as 1,2, got {bad!r}"
+
+
+def test_mps_start_quits_a_daemon_left_by_a_previous_run(tmp_path, monkeypatch, capsys):
+    """--mps: when `nvidia-cuda-mps-control -d` refuses because a previous run's daemon is
+    still up, start() quits that daemon and starts its own (a stand-in control program that
+    behaves like the driver's: one daemon per pipe folder, "quit" on stdin ends it)."""
+    from tools.triton_server import MPS
+
+    calls, up = tmp_path / "calls.txt", tmp_path / "daemon_up"
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    control.write_text(f"""#!/bin/sh
+if [ "$1" = -d ]; then
+    echo "-d $CUDA_MPS_PIPE_DIRECTORY" >> {calls}
+    [ -e {up} ] && {{ echo "An instance of this daemon is already running"; exit 1; }}
+    touch {up}
+else
+    read cmd; echo "$cmd" >> {calls}; [ "$cmd" = quit ] && rm -f {up}
+fi
+""")
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{control.parent}:{os.environ['PATH']}")
+    up.touch()  # the previous run's daemon
+    mps = MPS(tmp_path / "mps").start()
+    pipe = tmp_path / "mps" / "pipe"
+    assert calls.read_text().splitlines() == [f"-d {pipe}", "quit", f"-d {pipe}"]
+    assert up.exists() and "previous run still running: quitting it" in capsys.readouterr().err
+    mps.stop()
+    assert not up.exists()
