@@ -25,10 +25,8 @@ if [ ! -f /tmp/ck14b/model_index.json ]; then   # a second run in the same call 
 fi
 rm -rf /tmp/repo14b
 python3 tools/fill_repository.py --checkpoint /tmp/ck14b --out /tmp/repo14b --device cuda \
-    --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" ${FILL_ARGS:-} > /dev/null
-# OVERLAP_DECODE=off: the helios model decodes each latent frame after rendering it (A/B)
-sed -i "s/key: \"overlap_decode\" value: { string_value: \"on\" }/key: \"overlap_decode\" value: { string_value: \"${OVERLAP_DECODE:-on}\" }/" \
-    /tmp/repo14b/helios/config.pbtxt
+    --max-streams 4 --speculative off --instance-kind "${INSTANCE_KIND:-auto}" \
+    --overlap-decode "${OVERLAP_DECODE:-auto}" ${FILL_ARGS:-} > /dev/null
 # A client that is still waiting after CLIENT_LIMIT seconds gets the stubs' stacks dumped.
 mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" "${mps[@]}" \

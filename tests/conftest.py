@@ -50,7 +50,9 @@ def free_ports(n):
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
-    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5))
+    # overlap_decode on, as on a GPU (on a CPU it is off by default): the tests that compare
+    # Triton's frames with in-process ones then cover its concurrent BLS requests.
+    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5, overlap_decode="on"))
     http, grpc, metrics = free_ports(3)
     srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
                        backends=tmp / "backends")

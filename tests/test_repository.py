@@ -63,3 +63,16 @@ def test_tensorrt_flavour_uses_engines(tiny_checkpoint, tmp_path):
     # The refiner engine's context tensors match the checkpoint's refiner.
     ctx = {t.name: list(t.dims) for t in parsed["refiner_step"].input}["context_k"]
     assert ctx == [4, -1, 4, -1, 32]
+
+
+@pytest.mark.parametrize("device,option,expected", [("cuda", "auto", "on"), ("cpu", "auto", "off"),
+                                                    ("cpu", "on", "on"), ("cuda", "off", "off")])
+def test_overlap_decode_follows_the_device_unless_given(tiny_checkpoint, tmp_path, device, option,
+                                                        expected):
+    """helios decodes beside the next rendering on a GPU, where it pays, and not on a CPU,
+    where the two stages would share the same cores; --overlap-decode overrides either."""
+    (path,) = [p for p in fill(tmp_path / "repo", values(
+        tiny_checkpoint, device, 4, False, INSTANCES, 0.3, overlap_decode=option))
+        if p.parent.name == "helios"]
+    cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    assert cfg.parameters["overlap_decode"].string_value == expected

@@ -30,7 +30,8 @@ PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
            kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
-           instance_kind: str = "auto", ar_fp8: bool = False) -> dict[str, str]:
+           instance_kind: str = "auto", ar_fp8: bool = False,
+           overlap_decode: str = "auto") -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -67,6 +68,10 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "speculative_decoding_mode": "draft_target" if speculative else "none",
         "num_draft_tokens": str(cfg.speculative_tokens),
         "speculative": "on" if speculative else "off",
+        # Decoding beside the next rendering pays on a GPU (+8 % at one stream on the H100)
+        # and costs on a CPU, where both stages share the same cores (tiny, 2 cores: 66 ->
+        # 26-39 FPS at one stream): docs/serving.md.
+        "overlap_decode": ("on" if gpu else "off") if overlap_decode == "auto" else overlap_decode,
         "text_encoder_instances": str(instances["text_encoder"]),
         "refiner_instances": str(instances["refiner"]),
         "vae_decoder_instances": str(instances["vae_decoder"]),
@@ -112,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", choices=["on", "off"], default="on")
     ap.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.5)
     ap.add_argument("--ar-fp8", action="store_true", help="torch flavour: FP8 AR weights")
+    ap.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
+                    help="helios decodes a latent frame while the next renders (auto: on with cuda)")
     ap.add_argument("--instance-kind", choices=["auto", "KIND_GPU", "KIND_CPU"], default="auto",
                     help="auto: KIND_GPU on cuda; KIND_CPU keeps device=cuda for the torch code")
     for name, default in (("text-encoder", 1), ("refiner", 1), ("vae-decoder", 1), ("helios-video", 2)):
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                   instances, args.kv_cache_free_gpu_mem_fraction, args.flavour, args.engine_dir,
-                  args.instance_kind, args.ar_fp8)
+                  args.instance_kind, args.ar_fp8, args.overlap_decode)
     for path in fill(args.out, vals, flavour=args.flavour):
         print(f"filled {path}")
     return 0

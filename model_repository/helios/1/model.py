@@ -189,7 +189,7 @@ class TritonPythonModel:
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
         # "on": a latent frame is decoded while the next one renders (TritonStages.refine_and_decode)
-        self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "on") == "on" else None
+        self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "off") == "on" else None
         pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
                                  f"{'while the next one renders' if self.loop else 'after rendering'}")
 
