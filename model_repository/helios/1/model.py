@@ -48,13 +48,10 @@ def _t(name, array):
 class TritonStages:
     """The stage functions of helios.orchestrator over the stage models of this server."""
 
-    def __init__(self, config, speculative: bool, loop=None):
+    def __init__(self, config, speculative: bool):
         self.config = config
         self.speculative = speculative
         self.vocab_size = config.ar_backbone.vocab_size
-        self._loop = loop
-        if loop is None:  # decode after each rendering (orchestrator.stream_video)
-            self.refine_and_decode = None
 
     def encode_prompt(self, prompt):
         out = _call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
@@ -125,6 +122,16 @@ class TritonStages:
     def decode(self, latent, prev_latent):
         return _call(*self._decode_request(latent, prev_latent))["frames"]
 
+
+
+class OverlappedStages(TritonStages):
+    """``overlap_decode`` on: the stage functions plus ``refine_and_decode``, with which
+    orchestrator.stream_video decodes a latent frame while the next one renders."""
+
+    def __init__(self, config, speculative: bool, loop: asyncio.AbstractEventLoop):
+        super().__init__(config, speculative)
+        self._loop = loop
+
     def refine_and_decode(self, refine, decode):
         """Both BLS requests in flight at once (``async_exec``: the stub waits for each in a
         thread of its own): the decoder's GPU work, the copies of its 4 frames and the
@@ -188,7 +195,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
-        # "on": a latent frame is decoded while the next one renders (TritonStages.refine_and_decode)
+        # "on": a latent frame is decoded while the next one renders (OverlappedStages)
         self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "off") == "on" else None
         pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
                                  f"{'while the next one renders' if self.loop else 'after rendering'}")
@@ -230,7 +237,8 @@ class TritonPythonModel:
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
-        stages = TritonStages(self.config, self.speculative, self.loop)
+        stages = (OverlappedStages(self.config, self.speculative, self.loop) if self.loop
+                  else TritonStages(self.config, self.speculative))
         sent, final = 0, False
         wanted = request.requested_output_names()
 
