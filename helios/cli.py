@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train every stage, or fine-tune a checkpoint on videos")
     p.add_argument("--out", required=True, help="output checkpoint folder (resumes if it exists)")
-    p.add_argument("--config", default="tiny", help="configuration when starting from scratch")
+    p.add_argument("--config", default=None,
+                   help="configuration (default: tiny from scratch, the --init checkpoint's "
+                        "with --init; a different one with --init takes the tensors whose "
+                        "names and shapes match, the rest start random)")
     p.add_argument("--init", default=None, help="checkpoint to start from (fine-tuning)")
     p.add_argument("--data", default=None,
                    help="folder of videos with .txt caption sidecars or a captions.csv "

@@ -131,15 +131,34 @@ class RefinerConfig:
     # edges from one latent frame to the next (docs/training.md, run 2).
     history_pool: int = 1
     history_frames: int = 2
+    # Rows of the learned codebook (the region tokens' vocabulary).
     codebook_size: int = 256
     plan_tokens_per_frame: int = 8
     num_steps: int = 3
     # Flow-matching timestep shift of the distilled few-step schedule.
     shift: float = 3.0
+    # Geometry tokens after the region tokens of each frame: the salient mass's centre row,
+    # centre column and size, measured on the latent frame (not learned) and quantised into
+    # this many bins each. Their ids follow the codebook's: the AR's plan vocabulary is
+    # ``plan_vocab_size``. () for none. Why: docs/training.md, run 14.
+    geometry_bins: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "geometry_bins", tuple(self.geometry_bins))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def region_tokens(self) -> int:
+        """Plan tokens of a frame that are codebook rows (the rest are geometry tokens)."""
+        return self.plan_tokens_per_frame - len(self.geometry_bins)
+
+    @property
+    def plan_vocab_size(self) -> int:
+        """Plan-token ids the refiner reads: the codebook's rows, then every geometry bin."""
+        return self.codebook_size + sum(self.geometry_bins)
 
 
 @dataclass(frozen=True)
@@ -214,7 +233,18 @@ class HeliosConfig:
 
 
 def _tiny() -> HeliosConfig:
-    return HeliosConfig()
+    # 8 region tokens (a 2 x 4 split) + 3 geometry tokens a frame. An object moves 4 pixels a
+    # latent frame (1/32 of the frame), so 32 position bins make a moving object's position
+    # token change every latent frame, by one bin, whatever the object looks like.
+    geometry = (32, 32, 8)
+    plan = 8 + len(geometry)
+    vocab = 256 + sum(geometry)
+    return HeliosConfig(
+        plan_tokens_per_frame=plan,
+        ar_backbone=ARConfig(codebook_size=vocab),
+        draft=ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=172, codebook_size=vocab),
+        refiner=RefinerConfig(plan_tokens_per_frame=plan, geometry_bins=geometry))
 
 
 def _14b() -> HeliosConfig:

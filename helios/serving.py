@@ -313,7 +313,7 @@ def refiner_call(config, get: Callable, device, dtype) -> RefinerCall:
     and TensorRT flavours) read their requests through this."""
     plan, anchor, history = get("plan_tokens"), get("anchor"), get("history")
     seed, frame_index = int(get("seed").reshape(-1)[0]), int(get("frame_index").reshape(-1)[0])
-    codebook = config.refiner.codebook_size
+    codebook = config.refiner.plan_vocab_size
     if plan.min() < 0 or plan.max() >= codebook:
         raise HeliosError("plan_tokens", f"must be in [0, {codebook - 1}]")
     shape = (1, config.refiner.latent_channels, config.latent_height, config.latent_width)

@@ -243,7 +243,7 @@ class _CausalAttention:
 
 
 class Trainer:
-    def __init__(self, out: str | Path, config: str = "tiny", init: str | Path | None = None,
+    def __init__(self, out: str | Path, config: str | None = None, init: str | Path | None = None,
                  data: str | Path | None = None, device: str = "cpu", seed: int = 0,
                  settings: TrainSettings | None = None, progress: bool = True):
         self.out = Path(out)
@@ -256,14 +256,17 @@ class Trainer:
         self.losses: dict[str, list[float]] = {}
         if (self.out / "model_index.json").is_file():      # resuming: the output is the state
             self.cfg = read_config(self.out)
-        elif init is not None:                              # fine-tuning from a checkpoint
+        elif init is not None and config is None:           # fine-tuning from a checkpoint
             self.cfg = read_config(init)
             for name in COMPONENTS:
                 save_component(load_component(init, name, self.cfg), self.cfg, name, self.out)
             write_index(self.cfg, self.out)
         else:
-            self.cfg = get_config(config)
+            self.cfg = get_config(config or "tiny")
             init_checkpoint(self.cfg, self.out, seed=seed)
+            self._fresh_geometry()
+            if init is not None:                            # another config: what fits
+                self._load_matching(init)
         self.source = FolderClips(data, self.cfg) if data is not None else SyntheticClips(self.cfg)
         if data is not None:  # a few videos: a bank of windows of them, not 1200 clips
             self.settings.bank_clips = min(self.settings.bank_clips, max(16, 8 * len(self.source.clips)))
@@ -271,6 +274,43 @@ class Trainer:
             self.log(f"skipped {name}: {why}")
         self.models = {n: load_component(self.out, n, self.cfg, self.device, torch.float32)
                        for n in COMPONENTS}
+
+    def _fresh_geometry(self) -> None:
+        """A new checkpoint's geometry rows start on the grid places they name."""
+        refiner = load_component(self.out, "refiner", self.cfg)
+        p = self.cfg.refiner.patch_size
+        refiner.init_geometry_embed(self.cfg.latent_height // p, self.cfg.latent_width // p)
+        save_component(refiner, self.cfg, "refiner", self.out)
+
+    def _load_matching(self, init: str | Path) -> None:
+        """Start a checkpoint of this config from ``init``, a checkpoint of another one: every
+        tensor whose name and shape match is copied, the rest keep their fresh values (for
+        example a refiner that gains geometry tokens keeps its trained blocks, codebook and
+        plan tokenizer). A tensor that differs only in its number of rows takes the rows both
+        have: the region tokens' positions of a refiner with more plan tokens a frame, the
+        codebook's rows of an AR whose vocabulary grew."""
+        other = read_config(init)
+        for name in COMPONENTS:
+            module = load_component(self.out, name, self.cfg)
+            src = load_component(init, name, other).state_dict()
+            own = module.state_dict()
+            fits, rows = {}, []
+            for k, v in src.items():
+                if k not in own:
+                    continue
+                if own[k].shape == v.shape:
+                    fits[k] = v
+                elif own[k].dim() == v.dim() >= 1 and own[k].shape[1:] == v.shape[1:]:
+                    n = min(len(v), len(own[k]))
+                    fits[k] = torch.cat([v[:n], own[k][n:]])
+                    rows.append(f"{k} (rows 0..{n - 1})")
+            module.load_state_dict(fits, strict=False)
+            save_component(module, self.cfg, name, self.out)
+            fresh = sorted(set(own) - set(fits))
+            self.log(f"init {name}: {len(fits)} of {len(own)} tensors from {init}"
+                     + (f"; partly: {', '.join(rows)}" if rows else "")
+                     + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
+                        if fresh else ""))
 
     # ---- bookkeeping -------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -415,6 +455,7 @@ class Trainer:
         book = refiner.plan_embed.weight
         ids = torch.cdist(feats.detach(), book.detach()[None].expand(x0.shape[0], -1, -1)).argmin(-1)
         q = book[ids]
+        ids = torch.cat([ids, refiner.plan_tokenizer.geometry(x0)], dim=1)
         if frozen:
             return q.detach(), ids, feats.new_zeros(())
         vq = F.mse_loss(q, feats.detach()) + 0.25 * F.mse_loss(feats, q.detach())
@@ -480,7 +521,8 @@ class Trainer:
             if frozen:
                 continue
             self._normalize_codebook()
-            used.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=self.device))
+            regions = ids[:, :refiner.config.region_tokens].flatten()
+            used.index_add_(0, regions, torch.ones(regions.numel(), device=self.device))
             if step % 25 == 24 and step < switch:
                 self._restart_dead_codes(used, latents, rng)
                 used.zero_()

@@ -26,7 +26,7 @@ def test_checkpoint_round_trip(tiny_checkpoint, tmp_path):
         assert (tiny_checkpoint / name / "config.json").read_text() == \
             (tmp_path / name / "config.json").read_text()
     hf = json.loads((tiny_checkpoint / "ar_backbone" / "config.json").read_text())
-    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 259
+    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 256 + 32 + 32 + 8 + 3
 
 
 def test_init_is_deterministic_by_seed(tmp_path):
@@ -88,7 +88,7 @@ def test_wrong_shape_and_mixed_dtype(damaged):
     sd["lm_head.weight"] = torch.zeros(10, 128)
     save_file(sd, str(f))
     _expect(damaged, "checkpoint ar_backbone: tensor 'lm_head.weight' has shape [10, 128], "
-                     "expected [259, 128]")
+                     "expected [331, 128]")
     sd["lm_head.weight"] = torch.zeros(259, 128, dtype=torch.float16)
     save_file(sd, str(f))
     _expect(damaged, "checkpoint ar_backbone: tensor 'lm_head.weight' is F16, the others are F32")

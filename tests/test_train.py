@@ -147,3 +147,65 @@ def test_train_refuses_a_caption_dropout_outside_0_1(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x"), "--caption-dropout", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == \
         "helios: error: caption_dropout must be in [0, 1], got 1.5"
+
+
+# ---- geometry tokens and starting from a checkpoint of another config -----------------------
+def _geometry_of(spec, seed=3, latents=8):
+    from helios.refiner import geometry_tokens
+    from helios.vae import from_uint8
+
+    vae = load_component(SHIPPED_CHECKPOINT, "vae").eval()
+    frames = torch.from_numpy(render_clip(spec, 4 * latents, seed=seed))
+    with torch.no_grad():
+        z = vae.encode(from_uint8(frames.view(latents, 4, *frames.shape[1:])))
+    g = geometry_tokens(z, (32, 32, 8), 0)
+    return g[:, 0], g[:, 1] - 32, g[:, 2] - 64
+
+
+@shipped
+@pytest.mark.parametrize("motion", ["left", "up", "static", "growing"])
+def test_geometry_tokens_follow_the_object_of_a_real_clip(motion):
+    """On the shipped VAE's latents of synthetic clips: a leftward object's column bin falls
+    by one every latent frame (it moves 4 pixels, one bin of 32), an upward one's row bin;
+    a resting object's bins stay; a growing object's size bin climbs until it restarts."""
+    row, col, size = _geometry_of(ClipSpec((ObjectSpec("square", "red", motion),), "dark"))
+    step = lambda t: ((torch.diff(t) + 16) % 32 - 16).tolist()  # noqa: E731  (wraps around)
+    if motion == "left":
+        assert step(col) == [-1] * 7 and step(row) == [0] * 7
+    elif motion == "up":
+        assert step(row) == [-1] * 7 and step(col) == [0] * 7
+    elif motion == "static":
+        assert step(row) == step(col) == [0] * 7 and torch.diff(size).tolist() == [0] * 7
+    else:  # its centre jitters by a bin as its edge crosses latent pixels
+        assert all(abs(s) <= 1 for s in step(row) + step(col))
+        assert size[7] > size[0] + 2 and (torch.diff(size) >= 0).all()
+
+
+def test_a_checkpoint_of_another_config_starts_from_what_fits(tmp_path):
+    """``helios train --config tiny --init OLD``, OLD without geometry tokens: the refiner keeps
+    OLD's blocks and codebook and the first 8 rows of its plan positions; its geometry rows
+    start on the places they name; the AR keeps the rows of the codebook ids."""
+    from helios.checkpoint import init_checkpoint, save_component
+    from helios.config import HeliosConfig
+    from helios.refiner import pos_embed_2d
+
+    old = init_checkpoint(HeliosConfig(), tmp_path / "old", seed=5)
+    Trainer(tmp_path / "new", "tiny", init=old, settings=_settings(1), progress=False)
+    cfg = read_config(tmp_path / "new")
+    assert cfg.refiner.geometry_bins == (32, 32, 8) and cfg.plan_tokens_per_frame == 11
+    a = load_component(old, "refiner").state_dict()
+    b = load_component(tmp_path / "new", "refiner", cfg).state_dict()
+    for k in ("blocks.0.qkv.weight", "plan_embed.weight", "plan_tokenizer.queries"):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    torch.testing.assert_close(b["plan_pos"][:8], a["plan_pos"], rtol=0, atol=0)
+    # Column bin 5 of 32 on the 8-wide grid sits at column (5 + 0.5) / 4 - 0.5 of the grid.
+    d = cfg.refiner.hidden_size
+    col5 = pos_embed_2d(1, 32, d, 8 / 32, "cpu")[5, d // 2:]
+    torch.testing.assert_close(b["geometry_embed.weight"][32 + 5, d // 2:], col5)
+    assert b["geometry_embed.weight"][32 + 5, :d // 2].abs().max() == 0
+    ar_old = load_component(old, "ar_backbone").state_dict()["model.embed_tokens.weight"]
+    ar_new = load_component(tmp_path / "new", "ar_backbone", cfg).state_dict()["model.embed_tokens.weight"]
+    assert ar_new.shape[0] == 256 + 72 + 3
+    torch.testing.assert_close(ar_new[:256], ar_old[:256], rtol=0, atol=0)
+    log = (tmp_path / "new" / "train_state" / "log.jsonl").read_text()
+    assert "partly: plan_pos (rows 0..7); fresh: geometry_embed.weight" in log
