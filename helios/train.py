@@ -596,15 +596,26 @@ class Trainer:
         self._finish("decoder", ("vae",))
 
     @torch.no_grad()
-    def plans(self) -> torch.Tensor:
-        """Plan tokens [N, 12, n] of the bank's latent frames (the AR training data)."""
+    def plans(self) -> tuple[torch.Tensor, list[str]]:
+        """Plan tokens [N, 12, n] of the bank's latent frames and their captions (the AR
+        training data), cached in ``plans.pt`` beside the bank for as long as the plan
+        tokenizer and codebook stay the same: the AR stages then need neither the bank's
+        latents nor their tokenisation again."""
         refiner = self.models["refiner"].eval()
-        latents, _ = self.bank()
+        tokenizer = [refiner.plan_embed.weight, *refiner.plan_tokenizer.parameters()]
+        key = [round(float(t.double().sum()), 6) for t in tokenizer]
+        path = self.state_dir / "plans.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            if cached["tokenizer"] == key:
+                return cached["plans"].to(self.device), cached["captions"]
+        latents, captions = self.bank()
         out = [refiner.plan_tokenizer(latents[i], refiner.plan_embed.weight)
                for i in range(latents.shape[0])]
         plans = torch.stack(out)
+        torch.save({"plans": plans.cpu(), "captions": captions, "tokenizer": key}, path)
         self.record({"stage": "ar", "codebook_used": int(plans.unique().numel())})
-        return plans
+        return plans, captions
 
     # ---- stage 4: text encoder + AR backbone -------------------------------------------
     def ar_batch(self, plans, captions, rng, batch: int):
@@ -652,7 +663,7 @@ class Trainer:
     def train_ar(self) -> None:
         s = self.settings
         te, ar = self.models["text_encoder"].train(), self.models["ar_backbone"].train()
-        plans, (_, captions) = self.plans(), self.bank()
+        plans, captions = self.plans()
         params = list(te.parameters()) + list(ar.parameters())
         run = _Run(self, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
                    s.lr["ar"])
@@ -685,7 +696,7 @@ class Trainer:
         for p in list(te.parameters()) + list(ar.parameters()):
             p.requires_grad_(False)
         te.draft_proj.requires_grad_(True)
-        plans, (_, captions) = self.plans(), self.bank()
+        plans, captions = self.plans()
         run = _Run(self, "draft", {"draft": draft, "draft_proj": te.draft_proj},
                    list(draft.parameters()) + list(te.draft_proj.parameters()), s.steps["draft"],
                    s.lr["draft"])
