@@ -27,7 +27,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +89,19 @@ class SyntheticClips:
         self.size = cfg.height
 
     def sample(self, rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, str]:
-        spec = sample_spec(rng, max_objects=2 if rng.random() < 0.25 else 1)
-        frames = render_clip(spec, num_frames, self.size, seed=int(rng.integers(2**31)))
-        return frames, spec.caption
+        return synthetic_clip(rng, num_frames, self.size)
+
+
+def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.ndarray, str]:
+    """A random captioned clip (uint8 [T, size, size, 3], caption) of a training combination."""
+    spec = sample_spec(rng, max_objects=2 if rng.random() < 0.25 else 1)
+    return render_clip(spec, num_frames, size, seed=int(rng.integers(2**31))), spec.caption
+
+
+def _synthetic_bank_clip(job) -> tuple[np.ndarray, str]:
+    """Clip ``i`` of a synthetic latent bank (run in a worker process)."""
+    size, seed, i, num_frames = job
+    return synthetic_clip(np.random.default_rng([seed, 99, i]), num_frames, size)
 
 
 class FolderClips:
@@ -404,13 +416,24 @@ class Trainer:
             b = torch.load(path, weights_only=True)
             return b["latents"].to(self.device), b["captions"]
         vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
-        rng = np.random.default_rng([self.seed, 99])
+        n = self.settings.bank_clips
+        if isinstance(self.source, SyntheticClips):
+            # Clip i draws from (seed, 99, i) alone, so the bank is the same whatever the
+            # number of processes rendering it (numpy rendering is the slow part).
+            jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f) for i in range(n)]
+            pool = ProcessPoolExecutor(min(os.cpu_count() or 1, 16))
+            clips = pool.map(_synthetic_bank_clip, jobs, chunksize=8)
+        else:
+            rng = np.random.default_rng([self.seed, 99])
+            pool, clips = None, (self.source.sample(rng, CLIP_LATENTS * f) for _ in range(n))
         latents, captions = [], []
-        for _ in tqdm(range(self.settings.bank_clips), desc="latent bank", unit="clip",
-                      disable=not self.progress, dynamic_ncols=True):
-            frames, caption = self._video_batch(rng, 1, CLIP_LATENTS * f)
+        for clip, caption in tqdm(clips, total=n, desc="latent bank", unit="clip",
+                                  disable=not self.progress, dynamic_ncols=True):
+            frames = from_uint8(torch.from_numpy(clip)[None]).to(self.device)
             latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
-            captions += caption
+            captions.append(caption)
+        if pool is not None:
+            pool.shutdown()
         latents = torch.stack(latents)
         torch.save({"latents": latents, "captions": captions}, path)
         self.log(f"latent bank: {len(captions)} clips, latent std {latents.std():.3f}")
