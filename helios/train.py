@@ -74,6 +74,12 @@ class TrainSettings:
     # history is its own output, and a refiner trained only on true history copied its
     # rendered history and lost the motion its plan tokens describe (run 4, docs/training.md).
     rendered_history: float = 0.5
+    # Share of refiner steps (on frames with geometry tokens and a past) whose region tokens
+    # are those of one or two frames earlier, the geometry tokens the frame's own: the AR's
+    # region tokens lag behind its geometry tokens, and a refiner trained only on consistent
+    # tokens followed the stale regions and left a moving or growing object where it was
+    # (run 15, docs/training.md).
+    stale_regions: float = 0.3
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
     # (data.drop_attribute_words): motion words then have to work alone (run 8).
@@ -497,6 +503,11 @@ class Trainer:
         elif i > 0 and rng.random() < self.settings.rendered_history:
             anchor, recent = self._rendered_context(latents, i, gen)
         plan, ids, vq = self.plan_features(x0, frozen)
+        r = refiner.config.region_tokens
+        if refiner.config.geometry_bins and i > 0 and rng.random() < self.settings.stale_regions:
+            j = i - int(rng.integers(1, min(i, 2) + 1))
+            plan, old_ids, _ = self.plan_features(latents[:, j], frozen)
+            ids = torch.cat([old_ids[:, :r], ids[:, r:]], dim=1)
         kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weight = salience(x0, self.settings.salient_weight)

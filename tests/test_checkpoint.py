@@ -89,7 +89,7 @@ def test_wrong_shape_and_mixed_dtype(damaged):
     save_file(sd, str(f))
     _expect(damaged, "checkpoint ar_backbone: tensor 'lm_head.weight' has shape [10, 128], "
                      "expected [331, 128]")
-    sd["lm_head.weight"] = torch.zeros(259, 128, dtype=torch.float16)
+    sd["lm_head.weight"] = torch.zeros(331, 128, dtype=torch.float16)
     save_file(sd, str(f))
     _expect(damaged, "checkpoint ar_backbone: tensor 'lm_head.weight' is F16, the others are F32")
 
