@@ -35,7 +35,17 @@ class _Sequence:
     tokens: list[int]
     params: SamplingParams
     generator: torch.Generator
-    bias: torch.Tensor | None          # [vocab] added to the logits before sampling
+    # [slots, vocab] added to the logits before sampling: row j to the generated tokens
+    # j, j + slots, ... (one row: every token). Plan tokens of a frame come in slots.
+    bias: torch.Tensor | None
+    first: int = 0                     # len(tokens) when the sequence joined
+
+    def bias_rows(self, index: int, n: int = 1) -> torch.Tensor | None:
+        """The bias of the tokens at ``index`` .. ``index + n - 1`` of ``tokens``, [n, vocab]."""
+        if self.bias is None:
+            return None
+        rows = (torch.arange(index, index + n) - self.first) % self.bias.shape[0]
+        return self.bias[rows.to(self.bias.device)]
 
     @property
     def length(self) -> int:
@@ -164,7 +174,8 @@ class ARRuntime:
         gen = torch.Generator().manual_seed(params.seed)
         self.seqs[seq_id] = _Sequence(
             prefix.to(self.device, self.dtype), draft_prefix, list(tokens), params, gen,
-            None if bias is None else bias.float().to(self.device))
+            None if bias is None else bias.float().reshape(-1, bias.shape[-1]).to(self.device),
+            len(tokens))
         self.cache.add_sequence(seq_id)
         if self.draft_cache is not None:
             self.draft_cache.add_sequence(seq_id)
@@ -223,8 +234,12 @@ class ARRuntime:
         return out
 
     @staticmethod
-    def _biased(logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
-        return logits if seq.bias is None else logits + seq.bias
+    def _biased(logits: torch.Tensor, seq: _Sequence, index: int) -> torch.Tensor:
+        """Logits [V] or [n, V] of the tokens at ``index`` .. of ``seq.tokens``, biased."""
+        if seq.bias is None:
+            return logits
+        rows = seq.bias_rows(index, 1 if logits.dim() == 1 else logits.shape[0])
+        return logits + (rows[0] if logits.dim() == 1 else rows)
 
     # ---- decoding ----------------------------------------------------------------------
     @torch.no_grad()
@@ -280,7 +295,8 @@ class ARRuntime:
         new = {}
         for s, lg in zip(seq_ids, logits):
             seq = self.seqs[s]
-            tok = draw(probabilities(self._biased(lg[-1], seq), seq.params), seq.generator)
+            tok = draw(probabilities(self._biased(lg[-1], seq, len(seq.tokens)), seq.params),
+                       seq.generator)
             seq.tokens.append(tok)
             new[s] = [tok]
         return new
@@ -307,7 +323,8 @@ class ARRuntime:
             logits = self._forward(self.draft, self.draft_cache, [seq_ids[i] for i in rows],
                                    inputs, [1] * len(rows))
             for i, lg in zip(rows, logits):
-                q = probabilities(self._biased(lg[-1], seqs[i]), seqs[i].params)
+                q = probabilities(self._biased(lg[-1], seqs[i], len(seqs[i].tokens) + r),
+                                  seqs[i].params)
                 qs[i].append(q)
                 drafts[i].append(draw(q, seqs[i].generator))
         # Verify: one target forward over the uncached context and all draft tokens.
@@ -317,7 +334,7 @@ class ARRuntime:
         out = {}
         for i, s in enumerate(seq_ids):
             sq = seqs[i]
-            p = probabilities(self._biased(logits[i], sq), sq.params)  # [k+1, V]
+            p = probabilities(self._biased(logits[i], sq, len(sq.tokens)), sq.params)  # [k+1, V]
             q = torch.stack(qs[i]) if qs[i] else p[:0]
             emitted, accepted = speculative_accept(p, q, drafts[i], sq.generator)
             sq.tokens.extend(emitted)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import HeliosConfig
 from .schedule import (AR_SEED, RefinerHistory, VideoChunk, VideoRequest, ar_segments,
-                             codebook_bias, derive_seed)
+                             derive_seed, plan_bias)
 
 
 class Stages(Protocol):
@@ -116,7 +116,7 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     waits for the refiner to finish the frames it already described."""
     n = cfg.plan_tokens_per_frame
     bos = cfg.ar_backbone.bos_token_id
-    bias = codebook_bias(cfg.ar_backbone)
+    bias = plan_bias(cfg)
     held = None
     for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), len(plans)):
         context = [bos] + [t for p in plans[len(plans) - seg.kept:] for t in p]

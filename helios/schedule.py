@@ -100,6 +100,27 @@ def codebook_bias(ar_cfg) -> torch.Tensor:
     return bias
 
 
+def plan_bias(cfg: HeliosConfig) -> torch.Tensor:
+    """[slots, vocab] logit bias of a frame's plan tokens: with geometry tokens, each slot of
+    the frame is kept to its own ids (region slots to the codebook, the row slot to the row
+    bins, ...), so that a sampled region code never lands in a geometry slot, after which the
+    AR loses the frame layout (docs/training.md, run 16). Without: ``codebook_bias``, one
+    row. The AR runtime applies row j to the generated tokens j, j + slots, ...; generation
+    always starts at a frame's first slot."""
+    bias = codebook_bias(cfg.ar_backbone)
+    rf = cfg.refiner
+    if not rf.geometry_bins:
+        return bias[None]
+    rows = bias.repeat(cfg.plan_tokens_per_frame, 1)
+    rows[:rf.region_tokens, rf.codebook_size:] = -1e9
+    start = rf.codebook_size
+    for slot, n in enumerate(rf.geometry_bins, start=rf.region_tokens):
+        rows[slot, :start] = -1e9
+        rows[slot, start + n:] = -1e9
+        start += n
+    return rows
+
+
 def frame_noise(seed: int, index: int, shape) -> torch.Tensor:
     """The refiner's starting noise for latent frame ``index`` (float32, drawn on the CPU so
     that every device starts from the same numbers)."""

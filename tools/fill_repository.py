@@ -72,6 +72,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         # and costs on a CPU, where both stages share the same cores (tiny, 2 cores: 66 ->
         # 26-39 FPS at one stream): docs/serving.md.
         "overlap_decode": ("on" if gpu else "off") if overlap_decode == "auto" else overlap_decode,
+        "slot_bias": "off" if flavour == "tensorrt" else "on",
         "text_encoder_instances": str(instances["text_encoder"]),
         "refiner_instances": str(instances["refiner"]),
         "vae_decoder_instances": str(instances["vae_decoder"]),

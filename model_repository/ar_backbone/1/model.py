@@ -163,10 +163,14 @@ class TritonPythonModel:
             raise HeliosError("input_ids", f"must be >= 0, got {min(tokens)}")
         bias = _array(request, "embedding_bias")
         if bias is not None:
+            # vocab_size entries (TensorRT-LLM's embedding_bias), or slots x vocab_size: one
+            # row per plan-token slot of a frame (helios.schedule.plan_bias)
             bias = torch.from_numpy(bias.reshape(-1).astype(np.float32))
-            if bias.shape[0] != self.vocab_size:
+            if bias.shape[0] == 0 or bias.shape[0] % self.vocab_size:
                 raise HeliosError("embedding_bias", f"must have vocab_size = {self.vocab_size} "
-                                                    f"entries, got {bias.shape[0]}")
+                                                    f"entries or a multiple of it (one row per "
+                                                    f"slot), got {bias.shape[0]}")
+            bias = bias.view(-1, self.vocab_size)
         seed = int(_scalar(request, "random_seed", 0))
         params = SamplingParams(float(_scalar(request, "temperature", 1.0)),
                                 int(_scalar(request, "runtime_top_k", 0)),

@@ -48,9 +48,10 @@ def _t(name, array):
 class TritonStages:
     """The stage functions of helios.orchestrator over the stage models of this server."""
 
-    def __init__(self, config, speculative: bool):
+    def __init__(self, config, speculative: bool, slot_bias: bool = True):
         self.config = config
         self.speculative = speculative
+        self.slot_bias = slot_bias
         self.vocab_size = config.ar_backbone.vocab_size
 
     def encode_prompt(self, prompt):
@@ -64,6 +65,8 @@ class TritonStages:
         return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
 
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
+        if not self.slot_bias:  # one row: what any slot allows
+            bias = bias.reshape(-1, bias.shape[-1]).max(0).values
         rows = prefix.shape[0]
         ids = np.concatenate([np.arange(self.vocab_size, self.vocab_size + rows), tokens])
         inputs = [
@@ -72,7 +75,7 @@ class TritonStages:
             _t("request_output_len", np.array([[n]], np.int32)),
             _t("prompt_embedding_table", prefix[None]),
             _t("prompt_vocab_size", np.array([[rows]], np.int32)),
-            _t("embedding_bias", bias.numpy().astype(np.float32)[None]),
+            _t("embedding_bias", bias.numpy().astype(np.float32).reshape(1, -1)),
             _t("temperature", np.array([[params.temperature]], np.float32)),
             _t("runtime_top_k", np.array([[params.top_k]], np.int32)),
             _t("runtime_top_p", np.array([[params.top_p]], np.float32)),
@@ -128,8 +131,9 @@ class OverlappedStages(TritonStages):
     """``overlap_decode`` on: the stage functions plus ``refine_and_decode``, with which
     orchestrator.stream_video decodes a latent frame while the next one renders."""
 
-    def __init__(self, config, speculative: bool, loop: asyncio.AbstractEventLoop):
-        super().__init__(config, speculative)
+    def __init__(self, config, speculative: bool, slot_bias: bool,
+                 loop: asyncio.AbstractEventLoop):
+        super().__init__(config, speculative, slot_bias)
         self._loop = loop
 
     def refine_and_decode(self, refine, decode):
@@ -195,6 +199,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
+        self.slot_bias = params.get("slot_bias", "on") == "on"
         # "on": a latent frame is decoded while the next one renders (OverlappedStages)
         self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "off") == "on" else None
         pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
@@ -237,8 +242,8 @@ class TritonPythonModel:
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
-        stages = (OverlappedStages(self.config, self.speculative, self.loop) if self.loop
-                  else TritonStages(self.config, self.speculative))
+        stages = (OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop)
+                  if self.loop else TritonStages(self.config, self.speculative, self.slot_bias))
         sent, final = 0, False
         wanted = request.requested_output_names()
 
