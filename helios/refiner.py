@@ -121,7 +121,7 @@ def geometry_tokens(latent: torch.Tensor, bins: tuple, offset: int) -> torch.Ten
     both sides). Size is the square root of the salient area, in latent pixels, binned by 0.4
     from 2.4 (a small object is about 3.5 on the tiny VAE, a grown one 5.5). Measured on the
     tiny VAE's latents of synthetic clips, the centre is within 2-3 pixels of the true one
-    (docs/training.md, run 14).
+    (docs/training.md, "Geometry tokens").
     """
     by, bx, bs = bins
     b, _, h, w = latent.shape

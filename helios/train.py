@@ -76,9 +76,9 @@ class TrainSettings:
     rendered_history: float = 0.5
     # Share of refiner steps (on frames with geometry tokens and a past) whose region tokens
     # are those of one or two frames earlier, the geometry tokens the frame's own: the AR's
-    # region tokens lag behind its geometry tokens, and a refiner trained only on consistent
-    # tokens followed the stale regions and left a moving or growing object where it was
-    # (run 15, docs/training.md).
+    # region tokens can lag behind its geometry tokens, and the refiner should then place
+    # the object where the geometry tokens say. Runs 15 (without) and 16 (with) scored the
+    # same held-out motion; run 16 kept its 60 s video sharper (docs/training.md).
     stale_regions: float = 0.3
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
