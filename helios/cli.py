@@ -105,9 +105,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-dropout", type=_float("caption_dropout"), default=None,
                    help="AR stage: chance that each colour / shape word of a synthetic caption "
                         "is left out (default 0.25)")
-    p.add_argument("--foreign-regions", type=_float("foreign_regions"), default=None,
-                   help="refiner stage: share of frames with a past whose region tokens are "
-                        "another clip's, so that appearance comes from the history (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -231,11 +228,6 @@ def cmd_train(args) -> None:
         if not 0 <= args.caption_dropout <= 1:
             raise HeliosError("caption_dropout", f"must be in [0, 1], got {args.caption_dropout}")
         settings.caption_dropout = args.caption_dropout
-    if args.foreign_regions is not None:
-        if not 0 <= args.foreign_regions <= 1 - settings.stale_regions:
-            raise HeliosError("foreign_regions", f"must be in [0, {1 - settings.stale_regions:g}], "
-                                                 f"got {args.foreign_regions}")
-        settings.foreign_regions = args.foreign_regions
     trainer = Trainer(args.out, args.config, init=init, data=args.data, device=args.device,
                       seed=args.seed, settings=settings, progress=not args.no_progress)
     rejected = getattr(trainer.source, "rejected", [])

@@ -80,11 +80,6 @@ class TrainSettings:
     # the object where the geometry tokens say. Runs 15 (without) and 16 (with) scored the
     # same held-out motion; run 16 kept its 60 s video sharper (docs/training.md).
     stale_regions: float = 0.3
-    # Share of the other refiner steps with a past whose region tokens are another clip's (the
-    # batch rolled by one): what the object looks like must then come from the history. The
-    # AR's region codes drift in colour for held-out prompts (a red square turned magenta
-    # within 32 frames while its geometry tokens moved it left; docs/training.md, run 18).
-    foreign_regions: float = 0.0
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
     # (data.drop_attribute_words): motion words then have to work alone (run 8).
@@ -509,15 +504,10 @@ class Trainer:
             anchor, recent = self._rendered_context(latents, i, gen)
         plan, ids, vq = self.plan_features(x0, frozen)
         r = refiner.config.region_tokens
-        u = rng.random()
-        if refiner.config.geometry_bins and i > 0 and u < self.settings.stale_regions:
+        if refiner.config.geometry_bins and i > 0 and rng.random() < self.settings.stale_regions:
             j = i - int(rng.integers(1, min(i, 2) + 1))
             plan, old_ids, _ = self.plan_features(latents[:, j], frozen)
             ids = torch.cat([old_ids[:, :r], ids[:, r:]], dim=1)
-        elif refiner.config.geometry_bins and anchor is not None and \
-                u < self.settings.stale_regions + self.settings.foreign_regions:
-            plan = plan.roll(1, dims=0)
-            ids = torch.cat([ids[:, :r].roll(1, dims=0), ids[:, r:]], dim=1)
         kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weight = salience(x0, self.settings.salient_weight)
