@@ -40,13 +40,6 @@ class _Sequence:
     bias: torch.Tensor | None
     first: int = 0                     # len(tokens) when the sequence joined
 
-    def bias_rows(self, index: int, n: int = 1) -> torch.Tensor | None:
-        """The bias of the tokens at ``index`` .. ``index + n - 1`` of ``tokens``, [n, vocab]."""
-        if self.bias is None:
-            return None
-        rows = (torch.arange(index, index + n) - self.first) % self.bias.shape[0]
-        return self.bias[rows.to(self.bias.device)]
-
     @property
     def length(self) -> int:
         return self.prefix.shape[0] + len(self.tokens)
@@ -238,8 +231,11 @@ class ARRuntime:
         """Logits [V] or [n, V] of the tokens at ``index`` .. of ``seq.tokens``, biased."""
         if seq.bias is None:
             return logits
-        rows = seq.bias_rows(index, 1 if logits.dim() == 1 else logits.shape[0])
-        return logits + (rows[0] if logits.dim() == 1 else rows)
+        slots = seq.bias.shape[0]
+        if logits.dim() == 1:  # one token, every decode step: a row view, no index tensor
+            return logits + seq.bias[(index - seq.first) % slots]
+        rows = (torch.arange(logits.shape[0], device=logits.device) + index - seq.first) % slots
+        return logits + seq.bias[rows]
 
     # ---- decoding ----------------------------------------------------------------------
     @torch.no_grad()
