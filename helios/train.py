@@ -282,9 +282,7 @@ class Trainer:
         else:
             self.cfg = get_config(config or "tiny")
             init_checkpoint(self.cfg, self.out, seed=seed)
-            self._fresh_geometry()
-            if init is not None:                            # another config: what fits
-                self._load_matching(init)
+            self._start(init)
         self.source = FolderClips(data, self.cfg) if data is not None else SyntheticClips(self.cfg)
         if data is not None:  # a few videos: a bank of windows of them, not 1200 clips
             self.settings.bank_clips = min(self.settings.bank_clips, max(16, 8 * len(self.source.clips)))
@@ -293,42 +291,47 @@ class Trainer:
         self.models = {n: load_component(self.out, n, self.cfg, self.device, torch.float32)
                        for n in COMPONENTS}
 
-    def _fresh_geometry(self) -> None:
-        """A new checkpoint's geometry rows start on the grid places they name."""
-        refiner = load_component(self.out, "refiner", self.cfg)
-        p = self.cfg.refiner.patch_size
-        refiner.init_geometry_embed(self.cfg.latent_height // p, self.cfg.latent_width // p)
-        save_component(refiner, self.cfg, "refiner", self.out)
-
-    def _load_matching(self, init: str | Path) -> None:
-        """Start a checkpoint of this config from ``init``, a checkpoint of another one: every
-        tensor whose name and shape match is copied, the rest keep their fresh values (for
-        example a refiner that gains geometry tokens keeps its trained blocks, codebook and
-        plan tokenizer). A tensor that differs only in its number of rows takes the rows both
-        have: the region tokens' positions of a refiner with more plan tokens a frame, the
-        codebook's rows of an AR whose vocabulary grew."""
-        other = read_config(init)
+    def _start(self, init: str | Path | None) -> None:
+        """Finish a new checkpoint: its geometry rows start on the grid places they name, and
+        with ``init``, a checkpoint of another config, every tensor whose name and shape match
+        is copied from it, the rest keep their fresh values (for example a refiner that gains
+        geometry tokens keeps its trained blocks, codebook and plan tokenizer). A tensor that
+        differs only in its number of rows takes the rows both have: the region tokens'
+        positions of a refiner with more plan tokens a frame, the codebook's rows of an AR
+        whose vocabulary grew. Each component is read and written once, and only if it
+        changes."""
+        other = None if init is None else read_config(init)
         for name in COMPONENTS:
+            geometry = name == "refiner" and bool(self.cfg.refiner.geometry_bins)
+            if other is None and not geometry:
+                continue
             module = load_component(self.out, name, self.cfg)
-            src = load_component(init, name, other).state_dict()
-            own = module.state_dict()
-            fits, rows = {}, []
-            for k, v in src.items():
-                if k not in own:
-                    continue
-                if own[k].shape == v.shape:
-                    fits[k] = v
-                elif own[k].dim() == v.dim() >= 1 and own[k].shape[1:] == v.shape[1:]:
-                    n = min(len(v), len(own[k]))
-                    fits[k] = torch.cat([v[:n], own[k][n:]])
-                    rows.append(f"{k} (rows 0..{n - 1})")
-            module.load_state_dict(fits, strict=False)
+            if geometry:
+                p = self.cfg.refiner.patch_size
+                module.init_geometry_embed(self.cfg.latent_height // p, self.cfg.latent_width // p)
+            if other is not None:
+                self._load_matching(module, name, init, other)
             save_component(module, self.cfg, name, self.out)
-            fresh = sorted(set(own) - set(fits))
-            self.log(f"init {name}: {len(fits)} of {len(own)} tensors from {init}"
-                     + (f"; partly: {', '.join(rows)}" if rows else "")
-                     + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
-                        if fresh else ""))
+
+    def _load_matching(self, module, name: str, init: str | Path, other) -> None:
+        src = load_component(init, name, other).state_dict()
+        own = module.state_dict()
+        fits, rows = {}, []
+        for k, v in src.items():
+            if k not in own:
+                continue
+            if own[k].shape == v.shape:
+                fits[k] = v
+            elif own[k].dim() == v.dim() >= 1 and own[k].shape[1:] == v.shape[1:]:
+                n = min(len(v), len(own[k]))
+                fits[k] = torch.cat([v[:n], own[k][n:]])
+                rows.append(f"{k} (rows 0..{n - 1})")
+        module.load_state_dict(fits, strict=False)
+        fresh = sorted(set(own) - set(fits))
+        self.log(f"init {name}: {len(fits)} of {len(own)} tensors from {init}"
+                 + (f"; partly: {', '.join(rows)}" if rows else "")
+                 + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
+                    if fresh else ""))
 
     # ---- bookkeeping -------------------------------------------------------------------
     def log(self, line: str) -> None:

@@ -126,7 +126,6 @@ class TritonStages:
         return _call(*self._decode_request(latent, prev_latent))["frames"]
 
 
-
 class OverlappedStages(TritonStages):
     """``overlap_decode`` on: the stage functions plus ``refine_and_decode``, with which
     orchestrator.stream_video decodes a latent frame while the next one renders."""
