@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from helios.checkpoint import COMPONENTS, random_component  # noqa: E402
 from helios.ar_runtime import ARRuntime  # noqa: E402
 from helios.config import get_config, with_plan_tokens  # noqa: E402
-from helios.fp8 import quantize_ar  # noqa: E402
+from helios.fp8 import quantize_ar, quantize_refiner  # noqa: E402
 from helios.pipeline import HeliosPipeline  # noqa: E402
 from helios.sampling import SamplingParams  # noqa: E402
 from helios.schedule import validate_request  # noqa: E402
@@ -43,7 +43,8 @@ def sync(device):
 
 
 def ceilings(device) -> dict:
-    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    """Measured copy bandwidth (bytes read + written per second), bf16 matmul rate, and the
+    e4m3 matmul rate of ``_scaled_mm`` with row-wise scales (the refiner's FP8 path)."""
     if device.type != "cuda":
         return {}
     x = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
@@ -66,9 +67,22 @@ def ceilings(device) -> dict:
         sync(device)
         times.append(time.perf_counter() - t)
     rate = 2 * 8192**3 / statistics.median(times[2:])
-    del x, y, a, b
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    sa = torch.ones(8192, 1, device=device)
+    sb = torch.ones(1, 8192, device=device)
+    times = []
+    for _ in range(12):
+        sync(device)
+        t = time.perf_counter()
+        torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                         use_fast_accum=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    rate8 = 2 * 8192**3 / statistics.median(times[2:])
+    del x, y, a, b, a8, b8
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate}
+    return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate,
+            "fp8_matmul_flop_per_s": rate8}
 
 
 def random_model(cfg, device, dtype, seed=0):
@@ -118,8 +132,9 @@ class TimedPipeline(HeliosPipeline):
         return self._timed("vae_decoder", super().decode, *args)
 
 
-def refiner_flops(cfg) -> float:
-    """FLOPs of rendering one latent frame: context encoding + num_steps denoising steps."""
+def refiner_flops(cfg) -> tuple:
+    """FLOPs of rendering one latent frame (context encoding + num_steps denoising steps):
+    (all of them, the blocks' projections among them, noisy tokens, context tokens)."""
     rf = cfg.refiner
     d, layers = rf.hidden_size, rf.num_layers
     n = (cfg.latent_height // rf.patch_size) * (cfg.latent_width // rf.patch_size)
@@ -129,7 +144,8 @@ def refiner_flops(cfg) -> float:
     linear = lambda t: 2 * t * (4 * d * d + 2 * d * mlp)  # noqa: E731  qkv+proj, fc1+fc2
     step = layers * (linear(n) + 4 * n * (n + nc) * d)
     context = layers * (linear(nc) + 4 * nc * nc * d)
-    return rf.num_steps * step + context, n, nc
+    projections = layers * (rf.num_steps * linear(n) + linear(nc))
+    return rf.num_steps * step + context, projections, n, nc
 
 
 def time_forwards(ar, device) -> dict[str, list[float]]:
@@ -207,6 +223,26 @@ def fp8_error(cfg, model, device, seed=0) -> dict:
             "positions": len(tokens), "bytes_saved": saved}
 
 
+@torch.no_grad()
+def refiner_fp8_error(cfg, refiner, device, seed=0) -> dict:
+    """Quantize ``refiner``'s block matmuls to FP8 in place (helios/fp8.py); return how far a
+    rendered latent frame moves: relative L2 error over a full context (anchor and history),
+    the same noise and plan tokens before and after, eager (uncompiled) both times."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(refiner.parameters()).dtype
+    shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    noise, anchor = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2))
+    history = [torch.randn(shape, generator=gen).to(device, dtype)
+               for _ in range(cfg.refiner.history_frames)]
+    plan = torch.randint(0, cfg.refiner.codebook_size, (1, cfg.refiner.plan_tokens_per_frame),
+                         generator=gen).to(device)
+    ref = refiner.render(noise, plan, anchor, history).float()
+    saved = quantize_refiner(refiner)
+    out = refiner.render(noise, plan, anchor, history).float()
+    return {"relative_l2": float((out - ref).norm() / ref.norm()),
+            "max_abs": float((out - ref).abs().max()), "bytes_saved": saved}
+
+
 def step_gpu_ms(pipe, device, reps=30) -> dict:
     """GPU time of pieces on their own (CUDA events): one replay of the captured AR decode
     step; the refiner's context encoding and one denoising step at the full history, each
@@ -275,6 +311,9 @@ def main(argv=None) -> int:
                     help="eager refiner and VAE decoder (HELIOS_COMPILE=0)")
     ap.add_argument("--ar-fp8", action="store_true",
                     help="FP8 AR weights; reports their logit error against bf16 first")
+    ap.add_argument("--refiner-fp8", action="store_true",
+                    help="the refiner's block matmuls in FP8; reports the rendered latent's "
+                         "error against bf16 first")
     ap.add_argument("--overlap", action="store_true",
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
     ap.add_argument("--plan-tokens", type=int, default=None,
@@ -299,6 +338,7 @@ def main(argv=None) -> int:
     sync(device)
     build_s = time.perf_counter() - t0
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
+    rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram)
     forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
@@ -334,7 +374,7 @@ def main(argv=None) -> int:
     ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
     ar = parts["ar_backbone"]  # FP8 weights are buffers: count those too
     ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
-    flops, n_tokens, n_ctx = refiner_flops(cfg)
+    flops, projections, n_tokens, n_ctx = refiner_flops(cfg)
     result = {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
@@ -345,6 +385,7 @@ def main(argv=None) -> int:
         "build_s": build_s, "warmup_s": warm_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
         "refiner_tokens": n_tokens, "refiner_context_tokens": n_ctx, "ceilings": ceil,
         "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
+        "refiner_fp8": rf8,
         "gpu_ms_alone": pieces,
         "ar_step_compiled": bool(pipe.ar._static.get(1) and pipe.ar._static[1].compiled),
     }
@@ -354,6 +395,9 @@ def main(argv=None) -> int:
     if ceil:
         ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
         rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
+        if rf8:  # the projections at the FP8 rate, attention still at the bf16 one
+            rf_floor = (projections / ceil["fp8_matmul_flop_per_s"]
+                        + (flops - projections) / ceil["bf16_matmul_flop_per_s"]) * 1e3
         result["floors_ms"] = {"ar_round": ar_floor, "refiner": rf_floor}
         result["floor_ratio"] = {"ar_round": med["ar_round"] / ar_floor,
                                  "refiner": med["refiner"] / rf_floor}
@@ -379,13 +423,17 @@ def main(argv=None) -> int:
           + (f"; peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""))
     if ceil:
         print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-              f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+              f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s, fp8 matmul "
+              f"{ceil['fp8_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     if pieces:
         print("GPU time alone (CUDA events): " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()))
     if fp8:
         print(f"FP8 AR weights: logits relative L2 error {fp8['relative_l2']:.4f}, max abs "
               f"{fp8['max_abs']:.3f}, top-1 agreement {fp8['top1_agreement']:.3f} over "
               f"{fp8['positions']} positions; {fp8['bytes_saved'] / 1e9:.1f} GB saved")
+    if rf8:
+        print(f"FP8 refiner matmuls: rendered latent relative L2 error {rf8['relative_l2']:.4f}, "
+              f"max abs {rf8['max_abs']:.3f}; {rf8['bytes_saved'] / 1e9:.2f} GB saved")
     if args.profile:
         print(profile_frames(pipe, prompt, args.out, spec)[:6000])
     if spec:

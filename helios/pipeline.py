@@ -34,7 +34,7 @@ from .accel import accelerate
 from .ar_runtime import ARRuntime
 from .checkpoint import load_component, read_config
 from .config import HeliosConfig
-from .fp8 import quantize_ar
+from .fp8 import quantize_ar, quantize_refiner
 from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, validate_request
 from .text_encoder import tokenize
@@ -65,7 +65,7 @@ class HeliosPipeline:
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
-                 ar_fp8: bool = False, overlap: bool | None = None):
+                 ar_fp8: bool = False, overlap: bool | None = None, refiner_fp8: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -75,7 +75,11 @@ class HeliosPipeline:
         home = "cpu" if self.low_vram else self.device
         for m in self.modules():
             m.to(home).eval()
+        if refiner_fp8:  # e4m3 matmuls in the refiner's blocks, before compiling (helios/fp8.py)
+            quantize_refiner(refiner)
         self.accelerated = [] if self.low_vram else accelerate(self.device, refiner, vae)
+        if refiner_fp8:
+            self.accelerated.append("refiner matmuls fp8")
         if ar_fp8:  # e4m3 weights for the AR backbone's projections (helios/fp8.py)
             quantize_ar(ar_backbone)
             self.accelerated.append("AR weights fp8")

@@ -29,6 +29,7 @@ from .accel import accelerate
 from .ar_runtime import ARRuntime
 from .checkpoint import load_component, read_config
 from .errors import HeliosError
+from .fp8 import quantize_refiner
 from .schedule import frame_noise
 from .sampling import SamplingParams
 
@@ -291,6 +292,9 @@ def load_stage(args: dict, *components: str) -> Stage:
     dtype = model_dtype(device, params)
     config = read_config(params["checkpoint"])
     modules = {c: load_component(params["checkpoint"], c, config, device, dtype) for c in components}
+    if "refiner" in modules and params.get("weight_quantization", "none") == "fp8":
+        quantize_refiner(modules["refiner"])  # before compiling (helios/fp8.py)
+        log.info("refiner: block matmuls in fp8")
     done = accelerate(device, modules.get("refiner"), modules.get("vae"))
     if done:
         log.info("%s: %s", "+".join(components), ", ".join(done))

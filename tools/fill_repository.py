@@ -31,7 +31,7 @@ PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
            kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
            instance_kind: str = "auto", ar_fp8: bool = False,
-           overlap_decode: str = "auto") -> dict[str, str]:
+           overlap_decode: str = "auto", refiner_fp8: bool = False) -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -65,6 +65,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "kv_cache_block_size": str(cfg.kv_block_size),
         "cancellation_check_period_ms": "50",
         "ar_weight_quantization": "fp8" if ar_fp8 else "none",
+        "refiner_weight_quantization": "fp8" if refiner_fp8 else "none",
         "speculative_decoding_mode": "draft_target" if speculative else "none",
         "num_draft_tokens": str(cfg.speculative_tokens),
         "speculative": "on" if speculative else "off",
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", choices=["on", "off"], default="on")
     ap.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.5)
     ap.add_argument("--ar-fp8", action="store_true", help="torch flavour: FP8 AR weights")
+    ap.add_argument("--refiner-fp8", action="store_true",
+                    help="torch flavour: the refiner's block matmuls in FP8 (helios/fp8.py)")
     ap.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
                     help="helios decodes a latent frame while the next renders (auto: on with cuda)")
     ap.add_argument("--instance-kind", choices=["auto", "KIND_GPU", "KIND_CPU"], default="auto",
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                   instances, args.kv_cache_free_gpu_mem_fraction, args.flavour, args.engine_dir,
-                  args.instance_kind, args.ar_fp8, args.overlap_decode)
+                  args.instance_kind, args.ar_fp8, args.overlap_decode,
+                  args.refiner_fp8)
     for path in fill(args.out, vals, flavour=args.flavour):
         print(f"filled {path}")
     return 0
