@@ -19,6 +19,9 @@ class TritonPythonModel:
         self.stage = load_stage(args, "refiner")
         self.model = self.stage.modules["refiner"]
         st, cfg = self.stage, self.stage.config
+        quant = st.params.get("weight_quantization", "none")
+        pb_utils.Logger.log_info(f"refiner: block matmuls in "
+                                 f"{'fp8' if quant == 'fp8' else str(st.dtype).replace('torch.', '')}")
         if st.device.type == "cuda":  # every context a stream meets compiled and captured now
             t0 = time.perf_counter()
             self.model.warm_up((1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width),
