@@ -294,7 +294,6 @@ def load_stage(args: dict, *components: str) -> Stage:
     modules = {c: load_component(params["checkpoint"], c, config, device, dtype) for c in components}
     if "refiner" in modules and params.get("weight_quantization", "none") == "fp8":
         quantize_refiner(modules["refiner"])  # before compiling (helios/fp8.py)
-        log.info("refiner: block matmuls in fp8")
     done = accelerate(device, modules.get("refiner"), modules.get("vae"))
     if done:
         log.info("%s: %s", "+".join(components), ", ".join(done))

@@ -95,7 +95,7 @@ def test_fp8_matmul_linear_is_the_product_of_the_quantized_rows_and_weight():
     xq = (rows / sx).to(torch.float8_e4m3fn).float() * sx
     wq = fp8.weight.float() * fp8.scale.t()
     want = (xq @ wq.t() + lin.bias).view(3, 37, 384)
-    assert torch.allclose(out, want, rtol=1e-2, atol=1e-2 * want.abs().amax().item() / 100)
+    assert torch.allclose(out, want, rtol=1e-2, atol=1e-4 * want.abs().amax().item())
     # against the unquantized layer: close, row by row, whatever the row's magnitude
     ref = lin(x).detach()
     rel = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
