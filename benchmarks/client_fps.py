@@ -4,7 +4,10 @@ concurrent streams (helios-client's Python API).
     python benchmarks/client_fps.py --url localhost:8001 --seconds 10 --concurrency 1 4 --out OUT
 
 Per stream: frames received / (last chunk time - send time), and send -> first chunk. Each
-concurrency level starts all its streams together. Prints a table, writes client_fps.json.
+concurrency level starts all its streams together. With ``--metrics-url`` (Triton's metrics
+endpoint) each level also records the ``ar_backbone`` decode rounds it took
+(``helios_ar_iterations`` before and after): plan tokens / rounds is the average batch of
+the AR's rounds. Prints a table, writes client_fps.json.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
@@ -53,6 +57,17 @@ def gpu_memory_mib():
     return int(out[0]) if out else None
 
 
+def ar_rounds(metrics_url: str | None) -> int | None:
+    """The ar_backbone's decode rounds so far (its ``helios_ar_iterations`` gauge)."""
+    if not metrics_url:
+        return None
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("helios_ar_iterations{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("HELIOS_GRPC_URL", "localhost:8001"))
@@ -60,11 +75,14 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--warmup-seconds", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--metrics-url", default=None,
+                    help="Triton's metrics endpoint, e.g. http://localhost:8002/metrics")
     args = ap.parse_args(argv)
     one_stream(args.url, PROMPTS[0], args.warmup_seconds, 99, {})  # not measured
     rows = []
     for n in args.concurrency:
         results = [dict() for _ in range(n)]
+        rounds0 = ar_rounds(args.metrics_url)
         threads = [threading.Thread(target=one_stream, args=(args.url, PROMPTS[i % len(PROMPTS)],
                                                               args.seconds, i, results[i]))
                    for i in range(n)]
@@ -73,7 +91,9 @@ def main(argv=None) -> int:
         for t in threads:
             t.join()
         ok = [r for r in results if "fps" in r]
+        rounds1 = ar_rounds(args.metrics_url)
         rows.append({"concurrency": n, "streams": results, "gpu_memory_used_mib": gpu_memory_mib(),
+                     "ar_rounds": None if rounds0 is None else rounds1 - rounds0,
                      "failed": n - len(ok),
                      "fps_min": min((r["fps"] for r in ok), default=float("nan")),
                      "fps_median": statistics.median(r["fps"] for r in ok) if ok else float("nan"),
@@ -88,11 +108,11 @@ def main(argv=None) -> int:
                 {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows},
                 indent=2) + "\n")
     print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22} "
-          f"{'GPU MiB':>8} {'failed':>6}")
+          f"{'GPU MiB':>8} {'failed':>6} {'AR rounds':>9}")
     for r in rows:
         print(f"{r['concurrency']:>7} {r['fps_min']:>14.2f} / {r['fps_median']:<13.2f} "
               f"{r['first_chunk_median_s'] * 1e3:>22.0f} {r['gpu_memory_used_mib'] or 0:>8} "
-              f"{r['failed']:>6}")
+              f"{r['failed']:>6} {r['ar_rounds'] if r['ar_rounds'] is not None else '-':>9}")
     return 1 if any(r["failed"] for r in rows) else 0
 
 

@@ -32,7 +32,8 @@ mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
 python3 tools/triton_server.py --repository /tmp/repo14b --log-file "$out/server.log" "${mps[@]}" \
     --ready-timeout "${READY_TIMEOUT:-480}" --run \
     bash benchmarks/diag/run_with_dump.sh "${CLIENT_LIMIT:-400}" bash -c "
-    python3 benchmarks/client_fps.py --seconds $seconds --concurrency 1 4 --out $out &&
+    python3 benchmarks/client_fps.py --seconds $seconds --concurrency 1 4 --out $out \
+        --metrics-url http://localhost:8002/metrics &&
     { [ \"${PERF:-1}\" = 0 ] || ! command -v perf_analyzer > /dev/null ||
       python3 benchmarks/perf_analyzer.py --concurrency 1:4:3 --requests-per-window 4 \
         --input-data benchmarks/perf_input_gpu.json --out $out/perf; }"

@@ -1,6 +1,7 @@
 """The real Triton server (tritonserver 2.51 from the nvidia-pytriton wheel) against the
 in-process pipeline: same seed, same frames, over gRPC streaming and HTTP."""
 
+import json
 import math
 import re
 import threading
@@ -289,3 +290,21 @@ def test_perf_analyzer_streams_against_helios(server, tmp_path):
     assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2]
     assert all(float(r["Inferences/Second"]) > 0 for r in rows)
     assert (tmp_path / "profile.json").stat().st_size > 0
+
+
+def test_client_fps_counts_the_ar_rounds_of_each_level(server, tiny_config, tmp_path):
+    """The through-Triton FPS script: every stream of each level completes, and the level's
+    ar_backbone decode rounds come from the metrics endpoint (one round makes at most
+    1 + the draft tokens a stream, and a stream needs its plan tokens)."""
+    from benchmarks.client_fps import main as fps_main
+
+    cfg = tiny_config
+    rc = fps_main(["--url", f"127.0.0.1:{server.grpc}", "--seconds", "0.5", "--concurrency", "1", "2",
+                   "--warmup-seconds", "0.2", "--out", str(tmp_path),
+                   "--metrics-url", f"http://127.0.0.1:{server.metrics}/metrics"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "client_fps.json").read_text())["rows"]
+    tokens = -(-round(0.5 * cfg.fps) // cfg.frames_per_latent) * cfg.plan_tokens_per_frame
+    for row in rows:
+        assert row["failed"] == 0 and all(s["frames"] == round(0.5 * cfg.fps) for s in row["streams"])
+        assert tokens / (1 + cfg.speculative_tokens) <= row["ar_rounds"] <= tokens * row["concurrency"]
