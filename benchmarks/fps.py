@@ -42,6 +42,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def _median_s(device, fn, reps: int = 12) -> float:
+    """Median wall time of ``fn`` (synchronised), the first 2 of ``reps`` runs left out."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:])
+
+
 def ceilings(device) -> dict:
     """Measured copy bandwidth (bytes read + written per second), bf16 matmul rate, and the
     e4m3 matmul rate of ``_scaled_mm`` with row-wise scales (the refiner's FP8 path)."""
@@ -49,36 +61,15 @@ def ceilings(device) -> dict:
         return {}
     x = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
     y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        sync(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    bw = 2 * x.numel() * 2 / statistics.median(times[2:])
+    bw = 2 * x.numel() * 2 / _median_s(device, lambda: y.copy_(x))
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    times = []
-    for _ in range(12):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    rate = 2 * 8192**3 / statistics.median(times[2:])
+    rate = 2 * 8192**3 / _median_s(device, lambda: a @ b)
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     sa = torch.ones(8192, 1, device=device)
     sb = torch.ones(1, 8192, device=device)
-    times = []
-    for _ in range(12):
-        sync(device)
-        t = time.perf_counter()
-        torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
-                         use_fast_accum=True)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    rate8 = 2 * 8192**3 / statistics.median(times[2:])
+    rate8 = 2 * 8192**3 / _median_s(device, lambda: torch._scaled_mm(
+        a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True))
     del x, y, a, b, a8, b8
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate,

@@ -119,7 +119,8 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> (e4m3 [N, K], float32 scale [N]) with amax per output channel at 448."""
+    """[N, K] -> (e4m3 [N, K], float32 scale [N]) with amax per output channel at 448
+    (FP8MatmulLinear quantizes its activation rows the same way)."""
     wf = w.detach().float()
     scale = wf.abs().amax(1).clamp(min=1e-12) / E4M3_MAX
     return (wf / scale[:, None]).to(torch.float8_e4m3fn), scale
@@ -177,9 +178,8 @@ class FP8MatmulLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        sx = rows.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        xq = (rows.float() / sx).to(torch.float8_e4m3fn)
+        xq, sx = quantize_weight(x.reshape(-1, self.in_features))  # a scale per row
+        sx = sx[:, None]
         if x.is_cuda:  # row-wise scales give bf16 out; fast accumulation is the Hopper FP8 rate
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.scale,
                                  out_dtype=torch.bfloat16, use_fast_accum=True).to(x.dtype)

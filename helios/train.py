@@ -436,13 +436,15 @@ class Trainer:
             rng = np.random.default_rng([self.seed, 99])
             pool, clips = None, (self.source.sample(rng, CLIP_LATENTS * f) for _ in range(n))
         latents, captions = [], []
-        for clip, caption in tqdm(clips, total=n, desc="latent bank", unit="clip",
-                                  disable=not self.progress, dynamic_ncols=True):
-            frames = from_uint8(torch.from_numpy(clip)[None]).to(self.device)
-            latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
-            captions.append(caption)
-        if pool is not None:
-            pool.shutdown()
+        try:
+            for clip, caption in tqdm(clips, total=n, desc="latent bank", unit="clip",
+                                      disable=not self.progress, dynamic_ncols=True):
+                frames = from_uint8(torch.from_numpy(clip)[None]).to(self.device)
+                latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
+                captions.append(caption)
+        finally:  # an interrupted bank stops its workers too
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         latents = torch.stack(latents)
         torch.save({"latents": latents, "captions": captions}, path)
         self.log(f"latent bank: {len(captions)} clips, latent std {latents.std():.3f}")
