@@ -12,6 +12,12 @@
 #                                                  stub survives (benchmarks/diag/)
 #   bash benchmarks/gpu_session.sh OUT diag        the tiny model through Triton in variants
 #                                                  (DIAG=...), thread stacks of every stub on a stall
+#   bash benchmarks/gpu_session.sh OUT all         speed (bf16 and FP8 refiner), inprocess, then server
+#                                                  with bf16 and with the FP8 refiner, each into a
+#                                                  folder of OUT: the whole measurement in one
+#                                                  command (about 40 min on a fresh machine, so
+#                                                  not on the lent machines, whose commands stop
+#                                                  at 10 min: run the parts there)
 # The server needs numpy < 2 (tritonserver 2.51's python backend corrupts BYTES tensors under
 # numpy 2), and the machine's Python has numpy 2: a venv whose own site-packages hold numpy
 # 1.26 (and tritonclient) from .whl/, with the machine's packages (torch, ...) behind them
@@ -23,10 +29,19 @@
 # wheel re-zipped without bin/perf_client and bin/perf_analyzer, their RECORD lines removed;
 # triton_gpu.sh then skips perf_analyzer unless .carry/perf_analyzer.xz brings it alone).
 set -uo pipefail
-out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag}"
-part="${2:?server|speed|inprocess|decoupled|diag}"
+out="${1:?usage: gpu_session.sh OUT server|speed|inprocess|decoupled|diag|all}"
+part="${2:?server|speed|inprocess|decoupled|diag|all}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"   # the script runs from the repository root below
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
+if [ "$part" = all ]; then
+    VARIANTS="${VARIANTS:-bf16:--profile rf8:--refiner-fp8,--profile}" bash "$self" "$out/speed" speed
+    HELIOS_SKIP_TESTS=1 bash "$self" "$out/inprocess" inprocess
+    HELIOS_SKIP_TESTS=1 bash "$self" "$out/server_bf16" server
+    HELIOS_SKIP_TESTS=1 FILL_ARGS="--refiner-fp8 ${FILL_ARGS:-}" bash "$self" "$out/server_rf8" server
+    exit 0
+fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 

@@ -1,0 +1,89 @@
+"""benchmarks/fps.py on the CPU: the numbers it divides by and the table it writes.
+
+The GPU runs of this script (benchmarks/RESULTS.md) report each stage next to its floor; the
+refiner's floor is its FLOP count over the measured matrix rate. These tests check that count
+against what the 14b refiner really executes, and run the whole benchmark on the tiny config
+with every option that changes its output (speculative costs, FP8 errors).
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.fps import main as fps_main, refiner_flops
+from helios.config import get_config
+from helios.refiner import Refiner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_refiner_flop_floor_counts_what_the_14b_render_executes():
+    """A full-context 14b render on the meta device (no memory, no arithmetic) under torch's
+    FLOP counter: its matrix products are the floor's FLOPs. SDPA runs its math path so that
+    the counter sees the context encoding's attention as matmuls too."""
+    cfg = get_config("14b")
+    with torch.device("meta"):
+        refiner = Refiner(cfg.refiner)
+    z = torch.empty(1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width,
+                    device="meta")
+    plan = torch.zeros(1, cfg.refiner.plan_tokens_per_frame, dtype=torch.long, device="meta")
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        refiner.render(z, plan, z, [z] * cfg.refiner.history_frames)
+    counted = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    total, projections, tokens, context = refiner_flops(cfg)
+    assert (tokens, context) == (3600, 884)
+    # Attention: every score and value product of the 3 steps and the context encoding.
+    assert counted["aten.bmm"] == total - projections
+    # Linear layers: the blocks' four projections, plus the adaLN modulation, the time
+    # embedding and the final projection, which the floor leaves out (0.03 %).
+    assert projections <= counted["aten.addmm"] < projections * 1.001
+    assert total == pytest.approx(fc.get_total_flops(), rel=1e-3)
+    assert total == pytest.approx(31.59e12, rel=1e-3)
+
+
+def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path, capsys):
+    rc = fps_main(["--config", "tiny", "--device", "cpu", "--seconds", "0.5", "--speculative",
+                   "on", "--ar-fp8", "--refiner-fp8", "--out", str(tmp_path), "--tag", "t"])
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    assert "stage" in out and "median ms" in out and "FPS" in out
+    r = json.loads((tmp_path / "fps_tiny_cpu_t.json").read_text())
+    cfg = get_config("tiny")
+    assert (r["video_frames"], r["latent_frames"]) == (12, 3)
+    assert r["fps"] == pytest.approx(r["video_frames"] / r["wall_s"])
+    assert 0 < r["first_frame_s"] < r["wall_s"]
+    assert set(r["median_ms"]) == {"text_encoder", "ar_round", "refiner", "vae_decoder"}
+    assert all(v > 0 for v in r["median_ms"].values())
+
+    spec = r["speculative_costs"]
+    k, n = cfg.speculative_tokens, cfg.plan_tokens_per_frame
+    assert spec["k"] == k and spec["draft_step_ms"] > 0 and spec["verify_ms"] > 0
+    assert 0 <= spec["measured_acceptance"] <= 1
+    assert [row["acceptance"] for row in spec["table"]] == [0.5, 0.7, 0.9]
+    for row in spec["table"]:
+        a = row["acceptance"]
+        # The accepted prefix of k drafts has i + 1 tokens with probability a^i (1 - a), and
+        # k + 1 with a^k: the mean is the sum of a^i for i = 0..k.
+        assert row["tokens_per_round"] == pytest.approx(sum(a ** i for i in range(k + 1)))
+        rounds = n / row["tokens_per_round"]
+        assert row["ar_ms_per_latent_frame"] == pytest.approx(
+            rounds * (k * spec["draft_step_ms"] + spec["verify_ms"]))
+        assert row["fps"] == pytest.approx(
+            cfg.frames_per_latent * 1e3 / (row["ar_ms_per_latent_frame"] + spec["refiner_plus_vae_ms"]))
+    assert [row["fps"] for row in spec["table"]] == sorted(row["fps"] for row in spec["table"])
+
+    # FP8 errors against the unquantized weights: small but not zero.
+    assert 0 < r["refiner_fp8"]["relative_l2"] < 0.1 and r["refiner_fp8"]["bytes_saved"] > 0
+    assert 0 < r["ar_fp8"]["relative_l2"] < 0.2 and 0.5 <= r["ar_fp8"]["top1_agreement"] <= 1
+    assert r["ar_fp8"]["positions"] == 64
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.joinpath("benchmarks").glob("*.sh")))
+def test_gpu_measurement_scripts_parse(script):
+    """The scripts that run the GPU measurements cannot run here; they must at least parse."""
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
