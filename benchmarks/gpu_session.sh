@@ -15,7 +15,7 @@
 #   bash benchmarks/gpu_session.sh OUT all         speed (bf16 and FP8 refiner), inprocess, then server
 #                                                  with bf16 and with the FP8 refiner, each into a
 #                                                  folder of OUT: the whole measurement in one
-#                                                  command (about 40 min on a fresh machine, so
+#                                                  command (30-40 min on a fresh machine, so
 #                                                  not on the lent machines, whose commands stop
 #                                                  at 10 min: run the parts there)
 # The server needs numpy < 2 (tritonserver 2.51's python backend corrupts BYTES tensors under
