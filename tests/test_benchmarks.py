@@ -8,7 +8,6 @@ with every option that changes its output (speculative costs, FP8 errors).
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.fps import main as fps_main, refiner_flops
+from conftest import ROOT
 from helios.config import get_config
 from helios.refiner import Refiner
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_refiner_flop_floor_counts_what_the_14b_render_executes():
