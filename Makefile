@@ -5,11 +5,11 @@ PY       := $(VENV)/bin/python
 CKPT     ?= weights/helios-tiny
 REPO     ?= .triton/model_repository
 PYTRITON := 0.7.0
-# Extra options of tools/fill_repository.py, e.g. FILL_ARGS="--device cuda --max-streams 4"
+# Extra options of helios_triton/fill_repository.py, e.g. FILL_ARGS="--device cuda --max-streams 4"
 FILL_ARGS ?=
 PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup repository serve demo perf test clean
+.PHONY: setup repository serve demo perf test offline-bundle clean
 
 setup: $(VENV)/.installed
 
@@ -23,24 +23,30 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml client/
 	touch $@
 
 repository: setup
-	$(PY) tools/fill_repository.py --checkpoint $(CKPT) --out $(REPO) $(FILL_ARGS)
+	$(PY) -m helios_triton.fill_repository --checkpoint $(CKPT) --out $(REPO) $(FILL_ARGS)
 
 # Triton in the foreground: HTTP 8000, gRPC 8001, metrics 8002.
 serve: repository
-	$(PY) tools/triton_server.py --repository $(REPO)
+	$(PY) -m helios_triton.server --repository $(REPO)
 
 # Start Triton on the CPU with the tiny model, stream one prompt into out.mp4, stop.
 demo: repository
-	$(PY) tools/triton_server.py --repository $(REPO) --run \
+	$(PY) -m helios_triton.server --repository $(REPO) --run \
 		$(VENV)/bin/helios-client generate --prompt "$(PROMPT)" --duration 4 --seed 0 --output out.mp4
 
 # perf_analyzer in gRPC streaming mode over a concurrency range; CSV + JSON in benchmarks/results.
 perf: repository
-	$(PY) tools/triton_server.py --repository $(REPO) --run \
+	$(PY) -m helios_triton.server --repository $(REPO) --run \
 		$(PY) benchmarks/perf_analyzer.py --concurrency 1:4:1 --out benchmarks/results/perf
 
 test: setup
 	$(PY) -m pytest -q tests
 
+# What a GPU host without internet needs (Triton server files, wheels, install.sh) in .offline;
+# benchmarks/gpu.sh installs it there. BUNDLE_PYTHON: the host's Python (major.minor).
+BUNDLE_PYTHON ?= 3.12
+offline-bundle: setup
+	$(PY) build/offline_bundle.py --out .offline --python $(BUNDLE_PYTHON)
+
 clean:
-	rm -rf $(VENV) .triton out.mp4
+	rm -rf $(VENV) .triton .offline out.mp4

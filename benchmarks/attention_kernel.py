@@ -9,7 +9,6 @@ the ratio is to the bf16 matmul rate measured in the same run.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins.context_attention import context_attention  # noqa: E402
+from helios.kernels.context_attention import context_attention
 
 SHAPES = {"14b 720p": (1, 16, 3600, 888, 128), "14b 720p x4 streams": (4, 16, 3600, 888, 128),
           "480p-like": (1, 16, 1600, 376, 128)}
@@ -59,7 +57,7 @@ def main(argv=None):
             rate = flops / (ms / 1e3)
             results["rows"].append({"shape": label, "variant": name, "ms": ms, "flop_per_s": rate})
             print(f"{label:<22} {name:<16} {ms:>10.3f} {rate / 1e12:>8.0f} {rate / peak:>8.2f}")
-        from plugins.context_attention import _context_attention_kernel as k
+        from helios.kernels.context_attention import _context_attention_kernel as k
         print(f"{label:<22} autotuned: {k.best_config}")
     print(f"bf16 matmul peak measured: {peak / 1e12:.0f} TFLOP/s")
     if args.out:

@@ -22,9 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 
-from helios_client import HeliosClient  # noqa: E402
+from helios_client import HeliosClient
 
 PROMPTS = ["a red circle moving left on a dark background", "a blue square moving up",
            "a green triangle bouncing", "a yellow circle growing on a light background"]
@@ -43,6 +42,20 @@ def one_stream(url, prompt, seconds, seed, out: dict):
         return
     total = time.perf_counter() - t0
     out.update(frames=frames, first_chunk_s=first, total_s=total, fps=frames / total)
+
+
+def device_name() -> str:
+    """The GPU's name (nvidia-smi), else the CPU's: where the server ran, when it is local."""
+    import platform  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip().splitlines()
+        if out:
+            return out[0]
+    return platform.processor() or platform.machine()
 
 
 def gpu_memory_mib():
@@ -77,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--metrics-url", default=None,
                     help="Triton's metrics endpoint, e.g. http://localhost:8002/metrics")
+    ap.add_argument("--config", default=None,
+                    help="the served checkpoint's configuration, recorded in the JSON")
     args = ap.parse_args(argv)
     one_stream(args.url, PROMPTS[0], args.warmup_seconds, 99, {})  # not measured
     rows = []
@@ -105,7 +120,8 @@ def main(argv=None) -> int:
         if args.out:  # after every concurrency level, so that a later failure keeps these
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "client_fps.json").write_text(json.dumps(
-                {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows},
+                {"date": time.strftime("%Y-%m-%d"), "device": device_name(),
+                 "config": args.config, "seconds": args.seconds, "rows": rows},
                 indent=2) + "\n")
     print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22} "
           f"{'GPU MiB':>8} {'failed':>6} {'AR rounds':>9}")

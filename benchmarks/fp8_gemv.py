@@ -20,9 +20,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helios.config import get_config  # noqa: E402
-from helios.fp8 import fp8_gemv, quantize_weight  # noqa: E402
+from helios.config import get_config
+from helios.fp8 import fp8_gemv, quantize_weight
 
 
 def main(argv=None) -> int:

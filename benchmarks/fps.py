@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -26,15 +25,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from helios.checkpoint import COMPONENTS, random_component  # noqa: E402
-from helios.ar_runtime import ARRuntime  # noqa: E402
-from helios.config import get_config, with_plan_tokens  # noqa: E402
-from helios.fp8 import quantize_ar, quantize_refiner  # noqa: E402
-from helios.pipeline import HeliosPipeline  # noqa: E402
-from helios.sampling import SamplingParams  # noqa: E402
-from helios.schedule import validate_request  # noqa: E402
+from helios.checkpoint import random_components
+from helios.ar_runtime import ARRuntime
+from helios.config import get_config, with_plan_tokens
+from helios.fp8 import quantize_ar, quantize_refiner
+from helios.pipeline import HeliosPipeline
+from helios.refiner import render_flops
+from helios.sampling import SamplingParams
+from helios.schedule import validate_request
 
 
 def sync(device):
@@ -76,12 +75,6 @@ def ceilings(device) -> dict:
             "fp8_matmul_flop_per_s": rate8}
 
 
-def random_model(cfg, device, dtype, seed=0):
-    """Every component with random weights, built directly on the device in ``dtype``."""
-    return {name: random_component(cfg, name, device, dtype, seed * 1000 + i)
-            for i, name in enumerate(COMPONENTS)}
-
-
 class TimedPipeline(HeliosPipeline):
     """The pipeline with a synchronised timer around every stage call."""
 
@@ -91,7 +84,7 @@ class TimedPipeline(HeliosPipeline):
                                               ("text_encoder", "ar_round", "refiner", "vae_decoder")}
 
     def _timed(self, key, fn, *args):
-        # The calling thread's stream only: with the AR overlapped (its own thread and
+        # The calling thread's stream only: with the plans prefetched (their own thread and
         # stream), a device-wide sync would serialise the stages this measures.
         wait = torch.cuda.current_stream(self.device).synchronize \
             if self.device.type == "cuda" else (lambda: None)
@@ -123,47 +116,17 @@ class TimedPipeline(HeliosPipeline):
         return self._timed("vae_decoder", super().decode, *args)
 
 
-def refiner_flops(cfg) -> tuple:
-    """FLOPs of rendering one latent frame (context encoding + num_steps denoising steps):
-    (all of them, the blocks' projections among them, noisy tokens, context tokens)."""
-    rf = cfg.refiner
-    d, layers = rf.hidden_size, rf.num_layers
-    n = (cfg.latent_height // rf.patch_size) * (cfg.latent_width // rf.patch_size)
-    hp = rf.patch_size * rf.history_pool
-    nc = rf.plan_tokens_per_frame + (1 + rf.history_frames) * (cfg.latent_height // hp) * (cfg.latent_width // hp)
-    mlp = int(d * rf.mlp_ratio)
-    linear = lambda t: 2 * t * (4 * d * d + 2 * d * mlp)  # noqa: E731  qkv+proj, fc1+fc2
-    step = layers * (linear(n) + 4 * n * (n + nc) * d)
-    context = layers * (linear(nc) + 4 * nc * nc * d)
-    projections = layers * (rf.num_steps * linear(n) + linear(nc))
-    return rf.num_steps * step + context, projections, n, nc
-
-
 def time_forwards(ar, device) -> dict[str, list[float]]:
-    """Time every model forward of the AR runtime (synchronised), keyed by what it is: a
-    draft step (1 new token), a target verification (k + 1 tokens), a plain target step."""
+    """Collect the time of every model forward of the AR runtime (``ARRuntime.on_forward``),
+    keyed by what it is: a draft step (1 new token), a target verification (k + 1 tokens), a
+    plain target step."""
     times: dict[str, list[float]] = {"draft_step": [], "verify": [], "plain_step": []}
-    forward, static = ar._forward, ar._static_step
 
-    def timed(kind, fn, *a):
-        sync(device)
-        t = time.perf_counter()
-        out = fn(*a)
-        sync(device)
-        if kind is not None:
-            times[kind].append(time.perf_counter() - t)
-        return out
+    def record(kind, seconds):
+        if kind in times:
+            times[kind].append(seconds)
 
-    def _forward(model, cache, seq_ids, inputs, keep_last):
-        n = max(x.shape[0] for x in inputs)
-        if model is ar.draft:
-            kind = "draft_step" if n == 1 else None     # a draft's first step feeds its context
-        else:
-            kind = "verify" if max(keep_last) > 1 else ("plain_step" if n == 1 else None)
-        return timed(kind, forward, model, cache, seq_ids, inputs, keep_last)
-
-    ar._forward = _forward
-    ar._static_step = lambda seq_ids: timed("plain_step", static, seq_ids)
+    ar.on_forward = record
     return times
 
 
@@ -240,7 +203,7 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     launched from Python; and a whole render at the full history (one graph replay when
     captured)."""
     out = {}
-    runner = pipe.ar._static.get(1)
+    runner = pipe.ar.static_step(1)
     if device.type != "cuda":
         return out
 
@@ -299,24 +262,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
     ap.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
     ap.add_argument("--no-compile", action="store_true",
-                    help="eager refiner and VAE decoder (HELIOS_COMPILE=0)")
+                    help="eager refiner, VAE decoder and AR decode steps")
     ap.add_argument("--ar-fp8", action="store_true",
                     help="FP8 AR weights; reports their logit error against bf16 first")
     ap.add_argument("--refiner-fp8", action="store_true",
                     help="the refiner's block matmuls in FP8; reports the rendered latent's "
                          "error against bf16 first")
-    ap.add_argument("--overlap", action="store_true",
+    ap.add_argument("--prefetch-plans", action="store_true",
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
     ap.add_argument("--plan-tokens", type=int, default=None,
                     help="plan tokens per latent frame instead of the config's")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
-    if args.no_cuda_graphs:
-        os.environ["HELIOS_CUDA_GRAPHS"] = "0"
-    if args.no_compile:
-        os.environ["HELIOS_COMPILE"] = "0"
-    if args.overlap:
-        os.environ["HELIOS_OVERLAP"] = "1"
 
     device = torch.device(args.device)
     cfg = get_config(args.config)
@@ -325,12 +282,14 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceil = ceilings(device)
     t0 = time.perf_counter()
-    parts = random_model(cfg, device, dtype)
+    parts = random_components(cfg, device, dtype)
     sync(device)
     build_s = time.perf_counter() - t0
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
-    pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram)
+    pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
+                         compile=not args.no_compile, cuda_graphs=not args.no_cuda_graphs,
+                         prefetch_plans=args.prefetch_plans)
     forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
     spec = args.speculative == "on"
@@ -365,12 +324,12 @@ def main(argv=None) -> int:
     ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
     ar = parts["ar_backbone"]  # FP8 weights are buffers: count those too
     ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
-    flops, projections, n_tokens, n_ctx = refiner_flops(cfg)
+    flops, projections, n_tokens, n_ctx = render_flops(cfg)
     result = {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "speculative": spec,
-        "cuda_graphs": pipe.ar.cuda_graphs, "overlap": pipe.overlap,
+        "cuda_graphs": pipe.ar.cuda_graphs, "prefetch_plans": pipe.prefetch_plans,
         "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
         "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
         "build_s": build_s, "warmup_s": warm_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
@@ -378,7 +337,7 @@ def main(argv=None) -> int:
         "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
         "refiner_fp8": rf8,
         "gpu_ms_alone": pieces,
-        "ar_step_compiled": bool(pipe.ar._static.get(1) and pipe.ar._static[1].compiled),
+        "ar_step_compiled": bool(pipe.ar.static_step(1) and pipe.ar.static_step(1).compiled),
     }
     if spec:
         result["speculative_costs"] = speculative_table(cfg, forwards, med)
@@ -397,7 +356,7 @@ def main(argv=None) -> int:
 
     print(f"\nHelios {cfg.name} on {result['device']} ({result['dtype']}), speculative "
           f"{'on' if spec else 'off'}, CUDA graphs {'on' if pipe.ar.cuda_graphs else 'off'}, AR "
-          f"{'overlapped with' if pipe.overlap else 'before'} the refiner: "
+          f"{'prefetched beside' if pipe.prefetch_plans else 'before'} the refiner: "
           f"{frames} frames ({latent_frames} latent) in {wall:.2f} s")
     print(f"{'stage':<14} {'median ms':>10} {'floor ms':>9} {'ratio':>6}   note")
     floors = result.get("floors_ms", {})

@@ -4,18 +4,15 @@
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.fps import random_model  # noqa: E402
-from helios.ar_runtime import ARRuntime  # noqa: E402
-from helios.config import get_config  # noqa: E402
-from helios.sampling import SamplingParams  # noqa: E402
-from helios.schedule import codebook_bias  # noqa: E402
+from helios.checkpoint import random_components
+from helios.ar_runtime import ARRuntime
+from helios.config import get_config
+from helios.sampling import SamplingParams
+from helios.schedule import codebook_bias
 
 
 def main(argv=None):
@@ -25,7 +22,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = get_config(args.config)
     dev = torch.device("cuda")
-    parts = random_model(cfg, dev, torch.bfloat16)
+    parts = random_components(cfg, dev, torch.bfloat16)
     ar = parts["ar_backbone"]
     rt = ARRuntime(ar, None, num_blocks=64, block_size=cfg.kv_block_size, device=dev)
     prefix = torch.randn(40, ar.config.hidden_size, device=dev, dtype=torch.bfloat16)

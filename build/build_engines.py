@@ -6,7 +6,7 @@
 Optimisation profiles come from the checkpoint's config: prompt length 3 .. max_prompt_bytes+2,
 refiner context length plan tokens .. plan + (1 + history_frames) compressed frames, refiner
 batch 1 .. max-streams. bf16 kernels (fp32 I/O); --fp8 adds FP8 kernels where the graph has
-Q/DQ nodes. The refiner graph is the plugin variant: plugins/trt_context_attention.py
+Q/DQ nodes. The refiner graph is the plugin variant: helios/export/trt_context_attention.py
 registers helios::ContextAttention before parsing, by default with its ahead-of-time
 implementation (the Triton kernel compiled to PTX and embedded in the plan), so that Triton's
 C++ tensorrt_plan backend runs the engine without Python.
@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from helios.checkpoint import read_config  # noqa: E402
+from helios.checkpoint import read_config
 
 
 def profiles(cfg, max_streams: int) -> dict[str, dict[str, tuple]]:
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
                     help="the Python-callback plugin instead of the embedded PTX (such an "
                          "engine only runs in a Python process, not in Triton's tensorrt_plan)")
     args = ap.parse_args(argv)
-    import plugins.trt_context_attention as plugin  # noqa: PLC0415  registers helios::ContextAttention
+    import helios.export.trt_context_attention as plugin  # noqa: PLC0415  registers helios::ContextAttention
 
     plugin.use_jit() if args.jit_plugin else plugin.use_aot()
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TensorRT-LLM engines of the AR backbone and the draft model, from the HuggingFace Llama
-# checkpoints that export/hf_llama.py writes. Run inside NVIDIA's Triton TensorRT-LLM image.
+# checkpoints that helios/export/hf_llama.py writes. Run inside NVIDIA's Triton TensorRT-LLM image.
 #   bash build/build_trtllm.sh HF_DIR ENGINE_DIR [MAX_BATCH] [MAX_PROMPT_ROWS]
 # - paged KV cache and packed (padding-free) inputs: what in-flight batching needs;
 # - --max_prompt_embedding_table_size: the prompt enters as p-tuning rows (virtual ids >= vocab);

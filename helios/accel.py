@@ -1,18 +1,18 @@
 """GPU speed switches shared by the in-process pipeline and the Triton stage models.
 
-On CUDA, unless ``HELIOS_COMPILE=0``: cuDNN times its convolution algorithms per shape and
+On CUDA, with ``compile`` on: cuDNN times its convolution algorithms per shape and
 keeps the fastest (the VAE decoder is all convolutions), and torch.compile fuses the
 elementwise work of the refiner's context encoding and denoising steps and of the VAE decoder
 (norms, modulation, activations) into few kernels around the matmuls and convolutions. Shapes
 are fixed per configuration, so each compiles on its first call (the servers' warm-up
-request) and stays. Unless ``HELIOS_CUDA_GRAPHS=0`` too, each refiner render then replays as
-one CUDA graph per input shape.
+request) and stays. With ``cuda_graphs`` on too, each refiner render then replays as one CUDA
+graph per input shape. The switches come from the caller (``helios.settings`` reads them from
+the environment at the entry points).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -46,20 +46,18 @@ class CompiledOrEager:
         return self.fn(*args, **kwargs)
 
 
-def compile_enabled(device) -> bool:
-    return torch.device(device).type == "cuda" and os.environ.get("HELIOS_COMPILE", "1") != "0"
-
-
-def accelerate(device, refiner=None, vae=None) -> list[str]:
-    """Switch the speed-ups on for whichever stages are given; returns what was switched on."""
-    if not compile_enabled(device):
+def accelerate(device, refiner=None, vae=None, compile: bool = True,
+               cuda_graphs: bool = True) -> list[str]:
+    """Switch the speed-ups on for whichever stages are given; returns what was switched on.
+    Nothing changes on a CPU or with ``compile`` off."""
+    if torch.device(device).type != "cuda" or not compile:
         return []
     torch.backends.cudnn.benchmark = True
     done = ["cudnn.benchmark"]
     if refiner is not None:
         refiner.compile_steps()
         done.append("refiner steps compiled")
-        if os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0":
+        if cuda_graphs:
             refiner.capture_renders()
             done.append("refiner renders captured as CUDA graphs")
     if vae is not None:

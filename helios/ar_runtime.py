@@ -13,12 +13,13 @@ Every sequence samples with its own generator and its own logit bias (TensorRT-L
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 
-from .accel import CompiledOrEager, compile_enabled
+from .accel import CompiledOrEager
 from .ar_backbone import ARBackbone
 from .kv_cache import PagedKVCache, StaticDecodeView
 from .sampling import SamplingParams, draw, probabilities, speculative_accept
@@ -150,11 +151,13 @@ class ARRuntime:
         self.stats = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0,
                       "draft_forwards": 0}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.compile_steps = compile_steps if compile_enabled(self.device) else False
+        self.compile_steps = compile_steps if self.device.type == "cuda" else False
         self.static_decode = static_decode or self.cuda_graphs
         max_positions = max_positions or model.config.max_position_embeddings
         self._static_blocks = math.ceil(max_positions / block_size)
         self._static: dict[int, _StaticDecode] = {}
+        # Called with (kind, seconds) after every model forward when set; see _forward.
+        self.on_forward: Callable[[str, float], None] | None = None
 
     # ---- streams join and leave --------------------------------------------------------
     def add_sequence(self, seq_id, prefix: torch.Tensor, tokens: list[int],
@@ -205,9 +208,33 @@ class ARRuntime:
             parts.append(model.model.embed_tokens(torch.tensor(ids, device=dev)))
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
+    def _timed(self, kind: str, fn, *args):
+        """``fn(*args)``, reported to ``on_forward(kind, seconds)`` when a timer is set (the
+        benchmarks set one); the device is synchronised around it only then."""
+        if self.on_forward is None:
+            return fn(*args)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
+        sync(self.device)
+        t = time.perf_counter()
+        out = fn(*args)
+        sync(self.device)
+        self.on_forward(kind, time.perf_counter() - t)
+        return out
+
     def _forward(self, model, cache, seq_ids, inputs: list[torch.Tensor], keep_last: list[int]):
         """Run ``inputs[i]`` as the next positions of ``seq_ids[i]``; return, per row, the
-        float32 logits of its last ``keep_last[i]`` positions."""
+        float32 logits of its last ``keep_last[i]`` positions. Reported to ``on_forward`` as
+        a ``draft_step`` (one new token of the draft), ``verify`` (the target scoring drafted
+        tokens), ``plain_step`` (one new token of the target) or ``context`` (anything longer:
+        a prefix or a context being fed)."""
+        n = max(x.shape[0] for x in inputs)
+        if model is self.draft:
+            kind = "draft_step" if n == 1 else "context"
+        else:
+            kind = "verify" if max(keep_last) > 1 else ("plain_step" if n == 1 else "context")
+        return self._timed(kind, self._forward_rows, model, cache, seq_ids, inputs, keep_last)
+
+    def _forward_rows(self, model, cache, seq_ids, inputs, keep_last):
         out: list = [None] * len(seq_ids)
         groups: list[list[int]] = []
         short = [i for i, x in enumerate(inputs) if x.shape[0] <= _MAX_PADDED_NEW]
@@ -264,6 +291,11 @@ class ARRuntime:
                 self.compile_steps is True or batch in (self.compile_steps or ()))
         return runner
 
+    def static_step(self, batch: int) -> _StaticDecode | None:
+        """The built static decode step of this batch size, if one was built (its ``graph``
+        and ``compiled`` say how it runs)."""
+        return self._static.get(batch)
+
     def prepare_static(self, batch_sizes) -> None:
         """Build (compile, capture) the static decode step of these batch sizes now rather
         than at the first step that needs one: a server does it before it takes requests."""
@@ -277,7 +309,7 @@ class ARRuntime:
         for s in seq_ids:
             self.cache.lengths[s] += 1
         self.stats["target_forwards"] += 1
-        return runner(seq_ids, [self.seqs[s].tokens[-1] for s in seq_ids])
+        return self._timed("plain_step", runner, seq_ids, [self.seqs[s].tokens[-1] for s in seq_ids])
 
     @torch.no_grad()
     def step(self, seq_ids: list) -> dict:

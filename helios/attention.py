@@ -2,36 +2,47 @@
 
 The history (context) keys/values are computed once per latent frame and reused by every
 denoising step; the noisy tokens' own keys/values change each step. Attending over both
-without building the concatenation is one kernel: ``plugins/context_attention.py`` holds the
-Triton-lang version (also wrapped as the TensorRT plugin); this file holds the plain PyTorch
+without building the concatenation is one kernel: ``helios/kernels/context_attention.py`` holds
+the Triton-lang version (also wrapped as the TensorRT plugin); this file holds the plain PyTorch
 reference and the dispatch between them.
+
+On CUDA the kernel is used whenever the ``triton`` package is there (PyTorch's CUDA wheels
+bring it). Without it, or after ``use_kernel(False)``, attention runs through SDPA over the
+concatenation, and a warning says so once: never silently.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-_kernel = None
-_kernel_checked = False
+log = logging.getLogger("helios.attention")
+_state = {"enabled": True, "kernel": None, "checked": False}
+
+
+def use_kernel(enabled: bool) -> None:
+    """Switch the Triton-lang kernel on or off for this process (off: SDPA), e.g. to compare
+    the two; ``helios.settings`` reads the entry points' default from the environment."""
+    _state.update(enabled=enabled, kernel=None, checked=False)
 
 
 def _load_kernel():
-    """The Triton-lang kernel, if it can run here (CUDA + triton + the plugins folder)."""
-    global _kernel, _kernel_checked
-    if not _kernel_checked:
-        _kernel_checked = True
-        if os.environ.get("HELIOS_ATTENTION_KERNEL", "1") == "0":  # A/B switch: SDPA instead
-            return None
-        try:
-            from plugins.context_attention import context_attention as kernel  # noqa: PLC0415
-            _kernel = kernel
-        except Exception:  # no triton, no CUDA build, or the plugins folder is not importable
-            _kernel = None
-    return _kernel
+    """The Triton-lang kernel, or None where it is switched off or ``triton`` is missing.
+    An import error of the kernel module itself is raised, not hidden."""
+    if not _state["checked"]:
+        _state["checked"] = True
+        if not _state["enabled"]:
+            log.info("context attention: SDPA (the kernel is switched off)")
+        elif importlib.util.find_spec("triton") is None:
+            log.warning("context attention: SDPA, the triton package is not installed")
+        else:
+            from .kernels.context_attention import context_attention as kernel  # noqa: PLC0415
+            _state["kernel"] = kernel
+    return _state["kernel"]
 
 
 def context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
@@ -59,7 +70,7 @@ def context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale: float | 
     return (num / den).to(dtype)
 
 
-# ONNX export: one custom-domain node that TensorRT maps to the plugin (export/onnx_export.py
+# ONNX export: one custom-domain node that TensorRT maps to the plugin (helios/export/onnx_export.py
 # sets this), or standard ops (SDPA over the concatenation) when False.
 EXPORT_AS_CUSTOM_NODE = False
 ONNX_DOMAIN, ONNX_OP, PLUGIN_VERSION = "helios", "ContextAttention", "1"

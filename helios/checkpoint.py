@@ -102,6 +102,12 @@ def random_component(cfg: HeliosConfig, name: str, device, dtype: torch.dtype, s
     return module.eval()
 
 
+
+def random_components(cfg: HeliosConfig, device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Every component with random weights (``random_component``), by name."""
+    return {name: random_component(cfg, name, device, dtype, seed * 1000 + i)
+            for i, name in enumerate(COMPONENTS)}
+
 def init_checkpoint(cfg: HeliosConfig | str, out: str | Path, seed: int = 0,
                     dtype: str = "float32", device: str = "cpu") -> Path:
     """Write a random-initialised checkpoint (deterministic by seed). On the CPU each

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import HeliosError
+from .settings import from_environment
 
 EXIT_BAD_INPUT = 2
 _STAGES = ("vae", "refiner", "decoder", "ar", "draft")  # helios.train.STAGES, without importing torch
@@ -21,15 +21,16 @@ _STAGES = ("vae", "refiner", "decoder", "ar", "draft")  # helios.train.STAGES, w
 FINETUNE_STEPS = {"vae": 200, "refiner": 300, "decoder": 100, "ar": 300, "draft": 100}
 
 
-# The trained tiny checkpoint that ships with the source tree (issue 7).
+# The trained tiny checkpoint that ships with the source tree.
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "helios-tiny"
 
 
 def default_checkpoint() -> Path:
     """$HELIOS_CHECKPOINT, else the shipped trained tiny checkpoint, else (an installed
     package without the source tree) checkpoints/tiny under the working directory."""
-    if "HELIOS_CHECKPOINT" in os.environ:
-        return Path(os.environ["HELIOS_CHECKPOINT"])
+    chosen = from_environment().checkpoint
+    if chosen is not None:
+        return chosen
     if (SHIPPED_CHECKPOINT / "model_index.json").is_file():
         return SHIPPED_CHECKPOINT
     return Path("checkpoints/tiny")
@@ -124,6 +125,17 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def load_pipeline(checkpoint: Path, device: str, **kw):
+    """The pipeline with the speed switches of the environment (``helios.settings``)."""
+    from . import attention  # noqa: PLC0415
+    from .pipeline import HeliosPipeline  # noqa: PLC0415
+
+    settings = from_environment()
+    attention.use_kernel(settings.attention_kernel)
+    return HeliosPipeline.from_checkpoint(checkpoint, device=device, compile=settings.compile,
+                                          cuda_graphs=settings.cuda_graphs, **kw)
+
+
 def cmd_init(args) -> None:
     from .checkpoint import init_checkpoint  # noqa: PLC0415
 
@@ -154,7 +166,7 @@ def cmd_generate(args) -> None:
     import torch  # noqa: PLC0415
 
     from .checkpoint import init_checkpoint, read_config  # noqa: PLC0415
-    from .pipeline import HeliosPipeline, validate_request  # noqa: PLC0415
+    from .pipeline import validate_request  # noqa: PLC0415
     from .video import Mp4Writer, read_image  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
@@ -173,7 +185,7 @@ def cmd_generate(args) -> None:
     req = validate_request(cfg, args.prompt, duration_s=args.duration, fps=args.fps,
                            seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, image=image, speculative=not args.no_speculative)
-    pipe = HeliosPipeline.from_checkpoint(ckpt, device=args.device, low_vram=args.low_vram)
+    pipe = load_pipeline(ckpt, args.device, low_vram=args.low_vram)
     t0 = time.perf_counter()
     bar = None
     if not args.no_progress:
@@ -246,7 +258,6 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate, table, write_json  # noqa: PLC0415
-    from .pipeline import HeliosPipeline  # noqa: PLC0415
 
     for name, value, low in (("prompts", args.prompts, 1), ("frames", args.frames, 8)):
         if value < low:
@@ -254,7 +265,7 @@ def cmd_eval(args) -> None:
     if not 0 <= args.long_seconds <= 120:
         raise HeliosError("long_seconds", f"must be in [0, 120], got {args.long_seconds}")
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-    pipe = HeliosPipeline.from_checkpoint(ckpt, device=args.device)
+    pipe = load_pipeline(ckpt, args.device)
     result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
                       progress=not args.no_progress, true_plans=args.true_plans)
     result["checkpoint"] = str(ckpt)

@@ -249,11 +249,11 @@ def _tiny() -> HeliosConfig:
 
 def _14b() -> HeliosConfig:
     codebook = 8192
-    # 4 plan tokens per latent frame (8 until session 6). ARCHITECTURE.md section 4 allows at
-    # most 8 full-size decode steps per latent frame next to the refiner. Measured on the H100,
-    # 8 tokens cost 110 ms of the 167 ms a latent frame has at 24 FPS (bf16, about 8.6 rounds
-    # of 12.9 ms), and the refiner needs 75-89 ms, so 8 cannot reach 24 FPS. With 4, the AR
-    # takes 55-66 ms. Parameter counts are unchanged (benchmarks/RESULTS.md, session 6).
+    # 4 plan tokens per latent frame: at 24 FPS a latent frame has 167 ms, and next to the
+    # refiner that leaves room for at most about 8 full-size decode steps. Measured on an H100
+    # (bf16, docs/performance.md), 8 tokens cost 110 ms (about 8.6 rounds of 12.9 ms) beside a
+    # refiner of 75-89 ms, which cannot reach 24 FPS; 4 tokens take 55-66 ms. Parameter counts
+    # do not depend on it.
     plan = 4
     max_prompt = 512
     context_frames = 16
@@ -287,7 +287,13 @@ def _14b() -> HeliosConfig:
     )
 
 
-CONFIGS = {"tiny": _tiny, "14b": _14b}
+def _14b_384p() -> HeliosConfig:
+    # The 14b model at 640x384, the resolution Helios itself reports its speed at: only the
+    # frame size changes (the refiner renders 24 x 40 = 960 tokens a latent frame, not 3600).
+    return dataclasses.replace(_14b(), name="14b-384p", height=384, width=640)
+
+
+CONFIGS = {"tiny": _tiny, "14b": _14b, "14b-384p": _14b_384p}
 
 
 def with_plan_tokens(cfg: HeliosConfig, n: int) -> HeliosConfig:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import queue
 import threading
 from pathlib import Path
@@ -65,7 +64,8 @@ class HeliosPipeline:
 
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
-                 ar_fp8: bool = False, overlap: bool | None = None, refiner_fp8: bool = False):
+                 ar_fp8: bool = False, prefetch_plans: bool = False, refiner_fp8: bool = False,
+                 compile: bool = True, cuda_graphs: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -77,7 +77,8 @@ class HeliosPipeline:
             m.to(home).eval()
         if refiner_fp8:  # e4m3 matmuls in the refiner's blocks, before compiling (helios/fp8.py)
             quantize_refiner(refiner)
-        self.accelerated = [] if self.low_vram else accelerate(self.device, refiner, vae)
+        self.accelerated = [] if self.low_vram else accelerate(self.device, refiner, vae,
+                                                               compile, cuda_graphs)
         if refiner_fp8:
             self.accelerated.append("refiner matmuls fp8")
         if ar_fp8:  # e4m3 weights for the AR backbone's projections (helios/fp8.py)
@@ -85,23 +86,20 @@ class HeliosPipeline:
             self.accelerated.append("AR weights fp8")
         # CUDA graphs for the decode step on a GPU; not with --low-vram, where the weights move
         # between steps and a captured graph would read freed memory.
-        graphs = (self.device.type == "cuda" and not self.low_vram
-                  and os.environ.get("HELIOS_CUDA_GRAPHS", "1") != "0")
+        graphs = self.device.type == "cuda" and not self.low_vram and cuda_graphs
         self.ar = ARRuntime(ar_backbone, draft, num_blocks=max_streams * config.kv_blocks_per_stream(),
                             block_size=config.kv_block_size, device=self.device,
                             cuda_graphs=graphs, max_positions=config.max_ar_positions(),
-                            compile_steps=True)  # if HELIOS_COMPILE allows (helios/accel.py)
+                            compile_steps=compile)
         self._ar_lock = threading.Lock()  # one ARRuntime, possibly several prefetch threads
-        # The AR backbone (memory-bound) decodes the next frames' plan tokens in a thread, on
-        # a CUDA stream of its own, while the refiner (compute-bound) renders. Opt-in
-        # (HELIOS_OVERLAP=1 or overlap=True), never with --low-vram: with the compiled
-        # refiner the 14b warm-up video did not finish on the H100 (session 5,
-        # benchmarks/RESULTS.md), and a decode step needs the whole GPU's bandwidth anyway.
-        if overlap is None:
-            overlap = os.environ.get("HELIOS_OVERLAP", "0") == "1"
-        self.overlap = overlap and not self.low_vram
+        # ``prefetch_plans``: the AR backbone (memory-bound) decodes the next frames' plan
+        # tokens in a thread, on a CUDA stream of its own, while the refiner (compute-bound)
+        # renders. Off by default and never with --low-vram: with the compiled refiner the 14b
+        # warm-up video did not finish on the H100 (docs/performance.md), and a decode step
+        # needs the whole GPU's bandwidth anyway.
+        self.prefetch_plans = prefetch_plans and not self.low_vram
         self._ar_cuda_stream = None
-        if self.overlap:
+        if self.prefetch_plans:
             # Compiled and captured here, before any prefetch thread exists: a graph capture
             # must not run while another thread uses the GPU.
             self.ar.prepare_static([1])
@@ -191,8 +189,8 @@ class HeliosPipeline:
                 self.ar.free(seq)  # also when the consumer stops early (cancellation)
 
     def prefetch(self, plans: Iterator[list[int]]) -> Iterator[list[int]]:
-        """The plan-token stream run ahead in a thread (``overlap``), else as it is."""
-        if not self.overlap:
+        """The plan-token stream run ahead in a thread (``prefetch_plans``), else as it is."""
+        if not self.prefetch_plans:
             return plans
         return _Prefetch(plans, self._ar_cuda_stream, depth=self.config.ar_context_frames)
 

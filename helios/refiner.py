@@ -476,3 +476,21 @@ class _RenderGraph:
             buf.copy_(h)
         self.graph.replay()
         return self.out.clone()
+
+
+def render_flops(cfg) -> tuple:
+    """FLOPs of rendering one latent frame of ``cfg`` (a HeliosConfig): context encoding and
+    num_steps denoising steps, as (all of them, the blocks' projections among them, noisy
+    tokens, context tokens). The benchmarks divide it by the measured matrix rate: the
+    refiner's floor."""
+    rf = cfg.refiner
+    d, layers = rf.hidden_size, rf.num_layers
+    n = (cfg.latent_height // rf.patch_size) * (cfg.latent_width // rf.patch_size)
+    hp = rf.patch_size * rf.history_pool
+    nc = rf.plan_tokens_per_frame + (1 + rf.history_frames) * (cfg.latent_height // hp) * (cfg.latent_width // hp)
+    mlp = int(d * rf.mlp_ratio)
+    linear = lambda t: 2 * t * (4 * d * d + 2 * d * mlp)  # noqa: E731  qkv+proj, fc1+fc2
+    step = layers * (linear(n) + 4 * n * (n + nc) * d)
+    context = layers * (linear(nc) + 4 * nc * nc * d)
+    projections = layers * (rf.num_steps * linear(n) + linear(nc))
+    return rf.num_steps * step + context, projections, n, nc

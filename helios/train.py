@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (COMPONENTS, build_component, init_checkpoint, load_component, read_config,
+from .checkpoint import (COMPONENTS, init_checkpoint, load_component, read_config,
                          save_component, write_index)
 from .config import HeliosConfig, get_config
 from .data import drop_attribute_words, render_clip, sample_spec

@@ -1,5 +1,4 @@
 import socket
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -7,13 +6,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tools/ and model_repository/ are layers beside the package
 
 from helios.checkpoint import init_checkpoint
 from helios.config import get_config
 from helios.pipeline import HeliosPipeline
-from tools.fill_repository import fill, values  # noqa: E402
-from tools.triton_server import TritonServer  # noqa: E402
+from helios_triton.fill_repository import fill, values
+from helios_triton.server import TritonServer
 
 torch.set_num_threads(2)
 

@@ -18,7 +18,7 @@ SHAPES = [  # (B, H, Nq, Nc, D)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference(shape, dtype):
-    from plugins.context_attention import context_attention
+    from helios.kernels.context_attention import context_attention
 
     b, h, nq, nc, d = shape
     gen = torch.Generator(device="cuda").manual_seed(hash(shape) % 2**31)
@@ -34,7 +34,7 @@ def test_kernel_matches_reference(shape, dtype):
 
 
 def test_kernel_rejects_bad_shapes():
-    from plugins.context_attention import context_attention
+    from helios.kernels.context_attention import context_attention
 
     q = torch.randn(1, 2, 8, 32, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"^k_ctx must have shape \[1, 2, N, 32\], got \[1, 3, 4, 32\]$"):
@@ -46,7 +46,7 @@ def test_kernel_rejects_bad_shapes():
 def test_aot_entry_point_matches_reference(shape):
     """The kernel the TensorRT engine embeds: dense inputs, TensorRT's argument order
     (inputs, scalars, output), heads and scale compiled in."""
-    from plugins.context_attention import context_attention_dense
+    from helios.kernels.context_attention import context_attention_dense
 
     b, h, nq, nc, d = shape
     gen = torch.Generator(device="cuda").manual_seed(1 + hash(shape) % 2**31)
@@ -64,7 +64,7 @@ def test_aot_kernel_compiles_to_ptx_with_the_plugin_signature():
     TensorRT passes (5 inputs, 3 int32 scalars, 1 output) and no Triton scratch buffers."""
     import re
 
-    from plugins.context_attention import compile_aot
+    from helios.kernels.context_attention import compile_aot
 
     compiled, name = compile_aot("bf16", 16, 128, 128 ** -0.5)
     ptx = compiled.asm["ptx"]

@@ -98,19 +98,19 @@ def test_captured_refiner_renders_what_the_uncaptured_one_does():
     assert len(rf._render_graphs) == 4
 
 
-def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkeypatch):
+def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path):
     """--low-vram moves each stage onto the GPU only while it runs (the AR backbone once per
     segment, not once per token): 40 frames (two AR segments) come out as with every stage
     resident. Both eager, so that the decode steps are the same kernels."""
     from helios.checkpoint import init_checkpoint
     from helios.pipeline import HeliosPipeline
 
-    monkeypatch.setenv("HELIOS_CUDA_GRAPHS", "0")
-    monkeypatch.setenv("HELIOS_COMPILE", "0")  # --low-vram runs eager: so must the reference
     ckpt = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
     prompt = "a red circle moving left on a dark background"
-    resident = HeliosPipeline.from_checkpoint(ckpt, device="cuda")
-    low = HeliosPipeline.from_checkpoint(ckpt, device="cuda", low_vram=True)
+    # --low-vram runs eager: so must the reference
+    resident = HeliosPipeline.from_checkpoint(ckpt, device="cuda", compile=False, cuda_graphs=False)
+    low = HeliosPipeline.from_checkpoint(ckpt, device="cuda", low_vram=True, compile=False,
+                                         cuda_graphs=False)
     assert low.low_vram and next(low.ar_backbone.parameters()).device.type == "cpu"
     a = resident.generate_video(prompt, num_frames=40, seed=3)
     b = low.generate_video(prompt, num_frames=40, seed=3)
@@ -118,19 +118,21 @@ def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path, monkey
     assert (a == b).all()
 
 
-def test_overlapped_pipeline_gives_the_frames_of_the_sequential_one(tmp_path, monkeypatch):
+def test_prefetching_pipeline_gives_the_frames_of_the_sequential_one(tmp_path):
     """The AR decoding in a thread on its own high-priority stream while the refiner renders
-    (overlap=True): 40 frames (two AR segments, graph-replayed decode steps) equal
+    (prefetch_plans=True): 40 frames (two AR segments, graph-replayed decode steps) equal
     those of the AR and refiner one after the other on one stream."""
     from helios.checkpoint import init_checkpoint
     from helios.pipeline import HeliosPipeline
 
-    monkeypatch.setenv("HELIOS_COMPILE", "0")  # the same refiner kernels in both
     ckpt = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
     prompt = "a red circle moving left on a dark background"
-    overlapped = HeliosPipeline.from_checkpoint(ckpt, device="cuda", overlap=True)
-    sequential = HeliosPipeline.from_checkpoint(ckpt, device="cuda")
-    assert overlapped.overlap and not sequential.overlap and overlapped.ar.cuda_graphs
-    a = overlapped.generate_video(prompt, num_frames=40, seed=3)
+    # compile off: the same refiner kernels in both
+    prefetching = HeliosPipeline.from_checkpoint(ckpt, device="cuda", prefetch_plans=True,
+                                                 compile=False)
+    sequential = HeliosPipeline.from_checkpoint(ckpt, device="cuda", compile=False)
+    assert prefetching.prefetch_plans and not sequential.prefetch_plans
+    assert prefetching.ar.cuda_graphs
+    a = prefetching.generate_video(prompt, num_frames=40, seed=3)
     b = sequential.generate_video(prompt, num_frames=40, seed=3)
     assert (a == b).all()

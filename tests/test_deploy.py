@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, live_metrics
-from tools.triton_server import DEFAULT_PORTS
+from helios_triton.server import DEFAULT_PORTS
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read rendered manifests")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate absent")
@@ -85,7 +85,7 @@ def test_probes_and_ports_match_the_live_server(overlay, server):
     objs = render(overlay)
     c = _container(objs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    # The entrypoint runs tools/triton_server.py without port options: its defaults apply.
+    # The entrypoint runs helios_triton/server.py without port options: its defaults apply.
     assert "-port" not in (ROOT / "build" / "entrypoint.sh").read_text()
     assert ports == DEFAULT_PORTS
     service = objs[("Service", "helios")]
@@ -138,7 +138,7 @@ def test_gpu_overlay_requests_a_gpu_and_fetches_its_checkpoint():
     args = shlex.split(env["HELIOS_FILL_ARGS"])
     assert args[args.index("--device") + 1] == "cuda"
     # The fill tool accepts exactly these options.
-    from tools.fill_repository import main as fill_main
+    from helios_triton.fill_repository import main as fill_main
     with pytest.raises(SystemExit) as e:
         fill_main(args + ["--help"])
     assert e.value.code == 0

@@ -8,7 +8,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from export.onnx_export import (OPSET, RefinerStepGraph, TextEncoderGraph, VAEDecoderGraph,  # noqa: E402
+from helios.export.onnx_export import (OPSET, RefinerStepGraph, TextEncoderGraph, VAEDecoderGraph,  # noqa: E402
                                 example_inputs, export_all)
 from helios import attention  # noqa: E402
 from helios.checkpoint import load_component, read_config  # noqa: E402
@@ -124,7 +124,7 @@ def test_polygraphy_compares_onnxruntime_with_pytorch(exported, tiny_checkpoint,
 
     from polygraphy.comparator import RunResults
 
-    from export.compare import compare
+    from helios.export.compare import compare
 
     onnx_dir = exported["text_encoder"].parent
     assert compare(tiny_checkpoint, onnx_dir, tmp_path) == \

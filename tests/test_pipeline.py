@@ -98,17 +98,17 @@ def test_image_to_video_starts_from_the_image(pipe):
     assert not np.array_equal(video[:4], other[:4])
 
 
-def _overlapped(pipe):
+def _prefetching(pipe):
     from helios.pipeline import HeliosPipeline
     return HeliosPipeline(pipe.config, pipe.text_encoder, pipe.ar_backbone, pipe.draft,
-                          pipe.refiner, pipe.vae, overlap=True)
+                          pipe.refiner, pipe.vae, prefetch_plans=True)
 
 
-def test_overlapped_ar_gives_the_same_video(pipe):
-    """The AR running ahead in a thread (overlap=True) changes no frame, across AR
+def test_prefetched_plans_give_the_same_video(pipe):
+    """The AR running ahead in a thread (prefetch_plans=True) changes no frame, across AR
     segments (44 latent frames: four segments) and for image-to-video."""
-    fast = _overlapped(pipe)
-    assert fast.overlap and not pipe.overlap
+    fast = _prefetching(pipe)
+    assert fast.prefetch_plans and not pipe.prefetch_plans
     n = 4 * (2 * pipe.config.ar_context_frames + 3)
     assert np.array_equal(fast.generate_video(PROMPT, num_frames=n, seed=5),
                           pipe.generate_video(PROMPT, num_frames=n, seed=5))
@@ -117,9 +117,9 @@ def test_overlapped_ar_gives_the_same_video(pipe):
                           pipe.generate_video(PROMPT, num_frames=40, seed=2, image=image))
 
 
-def test_overlapped_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
+def test_prefetching_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
     import threading
-    fast = _overlapped(pipe)
+    fast = _prefetching(pipe)
     free0 = fast.ar.cache.num_free_blocks
     stream = fast.generate(PROMPT, num_frames=80, seed=0)
     next(stream)
@@ -128,8 +128,8 @@ def test_overlapped_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
     assert not [t for t in threading.enumerate() if t.name == "helios-ar-prefetch"]
 
 
-def test_overlapped_ar_error_reaches_the_consumer(pipe, monkeypatch):
-    fast = _overlapped(pipe)
+def test_prefetching_ar_error_reaches_the_consumer(pipe, monkeypatch):
+    fast = _prefetching(pipe)
 
     def broken(*args, **kwargs):
         raise RuntimeError("KV cache full")

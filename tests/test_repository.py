@@ -1,6 +1,6 @@
 """Both flavours of the model repository (torch runtime, TensorRT engines) parse with Triton's
 model-config protobuf, and every tensor the orchestrator exchanges with a stage exists there
-with the right dtype (helios.serving.STAGE_CONTRACT)."""
+with the right dtype (helios_triton.contract.STAGE_CONTRACT)."""
 
 import re
 
@@ -9,8 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from conftest import INSTANCES, ROOT
-from helios.serving import STAGE_CONTRACT
-from tools.fill_repository import fill, values
+from helios_triton.contract import STAGE_CONTRACT
+from helios_triton.fill_repository import fill, values
 
 DTYPE = model_config_pb2.DataType
 
@@ -38,8 +38,8 @@ def test_every_stage_speaks_the_orchestrators_contract(tiny_checkpoint, tmp_path
             for name, dtype in contract[kind].items():
                 assert name in declared, f"{flavour}: {model} has no {kind[:-1]} {name}"
                 assert declared[name] == (table if dtype == "TABLE" else dtype), (flavour, model, name)
-    # The orchestrator's own code names exactly these tensors.
-    source = (ROOT / "model_repository" / "helios" / "1" / "model.py").read_text()
+    # The orchestrator's BLS calls name exactly these tensors.
+    source = (ROOT / "helios_triton" / "bls.py").read_text()
     sent = set(re.findall(r'_t\("([a-z_]+)"', source)) | set(re.findall(r'"([a-z_]+)"\]\)', source))
     for model, contract in STAGE_CONTRACT.items():
         for name in contract["inputs"]:

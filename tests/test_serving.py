@@ -13,7 +13,8 @@ from helios.config import ARConfig
 from helios.errors import HeliosError
 from helios.sampling import SamplingParams
 from helios.schedule import codebook_bias
-from helios.serving import ARJob, ARScheduler, compile_batches, requested_outputs
+from helios.ar_scheduler import ARJob, ARScheduler
+from helios_triton.stage import compile_batches, requested_outputs
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, codebook_size=32, max_position_embeddings=256)
@@ -104,7 +105,7 @@ def test_server_refuses_numpy_2(monkeypatch):
     import numpy
     import pytest
 
-    from tools.triton_server import check_numpy
+    from helios_triton.server import check_numpy
 
     check_numpy()  # the pinned numpy 1.26 passes
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
@@ -138,7 +139,7 @@ def test_mps_start_quits_a_daemon_left_by_a_previous_run(tmp_path, monkeypatch, 
     """--mps: when `nvidia-cuda-mps-control -d` refuses because a previous run's daemon is
     still up, start() quits that daemon and starts its own (a stand-in control program that
     behaves like the driver's: one daemon per pipe folder, "quit" on stdin ends it)."""
-    from tools.triton_server import MPS
+    from helios_triton.server import MPS
 
     calls, up = tmp_path / "calls.txt", tmp_path / "daemon_up"
     control = tmp_path / "bin" / "nvidia-cuda-mps-control"

@@ -188,7 +188,7 @@ def test_a_checkpoint_of_another_config_starts_from_what_fits(tmp_path):
     """``helios train --config tiny --init OLD``, OLD without geometry tokens: the refiner keeps
     OLD's blocks and codebook and the first 8 rows of its plan positions; its geometry rows
     start on the places they name; the AR keeps the rows of the codebook ids."""
-    from helios.checkpoint import init_checkpoint, save_component
+    from helios.checkpoint import init_checkpoint
     from helios.config import HeliosConfig
     from helios.refiner import pos_embed_2d
 

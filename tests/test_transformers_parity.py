@@ -12,14 +12,14 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def exported_llama(tiny_checkpoint, tmp_path_factory):
-    from export.hf_llama import export_llama
+    from helios.export.hf_llama import export_llama
 
     return export_llama(tiny_checkpoint, tmp_path_factory.mktemp("hf"))
 
 
 @pytest.mark.parametrize("component", ["ar_backbone", "draft"])
 def test_llama_for_causal_lm_matches_our_logits(tiny_checkpoint, exported_llama, component):
-    """transformers loads the exported checkpoint (export/hf_llama.py) and gives our logits."""
+    """transformers loads the exported checkpoint (helios/export/hf_llama.py) and gives our logits."""
     ours = load_component(tiny_checkpoint, component)
     hf = transformers.LlamaForCausalLM.from_pretrained(
         str(exported_llama[component]), dtype=torch.float32).eval()

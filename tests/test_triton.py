@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from conftest import INSTANCES, free_ports, live_metrics
 from helios_client import HeliosClient, RequestError
 from helios_client.cli import main as client_main
-from tools.fill_repository import fill, values
+from helios_triton.fill_repository import fill, values
 
 PROMPT = "a red circle moving left on a dark background"
 

@@ -1,4 +1,4 @@
-"""ar_backbone (torch runtime): TensorRT-LLM's request tensors -> helios.serving.ARScheduler.
+"""ar_backbone (torch runtime): TensorRT-LLM's request tensors -> helios.ar_scheduler.ARScheduler.
 
 input_ids holds the prompt as virtual ids vocab_size .. vocab_size + prompt_vocab_size - 1
 (rows of prompt_embedding_table), then ordinary token ids. Every response carries the new
@@ -14,12 +14,13 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.ar_runtime import ARRuntime
+from helios.ar_scheduler import ARJob, ARScheduler
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
-from helios.serving import (ARJob, ARScheduler, compile_batches, model_device, model_dtype,
-                            model_parameters, requested_outputs)
+from helios_triton.stage import (compile_batches, model_device, model_dtype, model_parameters,
+                                 process_settings, requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -36,6 +37,7 @@ def _array(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
+        settings = process_settings()
         params = model_parameters(args)
         self.device = model_device(args, params)
         dtype = model_dtype(self.device, params)
@@ -50,9 +52,10 @@ class TritonPythonModel:
         block = int(params.get("kv_cache_block_size", self.config.kv_block_size))
         num_blocks = self._pool_blocks(model, draft, block, params, dtype)
         runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
-                            cuda_graphs=params.get("cuda_graphs", "on") == "on",
+                            cuda_graphs=params.get("cuda_graphs", "on") == "on" and settings.cuda_graphs,
                             max_positions=self.config.max_ar_positions(),
-                            compile_steps=compile_batches(params.get("torch_compile", "off")))
+                            compile_steps=compile_batches(params.get("torch_compile", "off"))
+                            if settings.compile else False)
         # Every batch size up to max_batch_size compiled and captured before the first request.
         t0 = time.perf_counter()
         runtime.prepare_static(range(1, json.loads(args["model_config"])["max_batch_size"] + 1))

@@ -16,175 +16,17 @@ import faulthandler
 import uuid
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
 from helios.schedule import validate_request
-from helios.serving import HELIOS_INPUT_NAMES, model_parameters, requested_outputs
+from helios_triton.bls import OverlappedStages, TritonStages
+from helios_triton.contract import HELIOS_INPUT_NAMES
+from helios_triton.stage import model_parameters, process_settings, requested_outputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _call(model, inputs, outputs):
-    """One BLS request; returns {output name: numpy array} or raises with the stage's error."""
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                         requested_output_names=outputs).exec()
-    return _outputs(model, response, outputs)
-
-
-def _outputs(model, response, outputs):
-    if response.has_error():
-        raise RuntimeError(f"{model}: {response.error().message()}")
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
-
-
-def _t(name, array):
-    return pb_utils.Tensor(name, np.ascontiguousarray(array))
-
-
-class TritonStages:
-    """The stage functions of helios.orchestrator over the stage models of this server."""
-
-    def __init__(self, config, speculative: bool, slot_bias: bool = True):
-        self.config = config
-        self.speculative = speculative
-        self.slot_bias = slot_bias
-        self.vocab_size = config.ar_backbone.vocab_size
-
-    def encode_prompt(self, prompt):
-        out = _call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
-                    ["prompt_embedding_table", "draft_prompt_embedding_table"])
-        # Kept as they came (FP32 here, FP16 from a TensorRT text encoder): passed on untouched.
-        return out["prompt_embedding_table"][0], out["draft_prompt_embedding_table"][0]
-
-    def encode_image(self, image):
-        out = _call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
-        return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
-
-    def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
-        if not self.slot_bias:  # one row: what any slot allows
-            bias = bias.reshape(-1, bias.shape[-1]).max(0).values
-        rows = prefix.shape[0]
-        ids = np.concatenate([np.arange(self.vocab_size, self.vocab_size + rows), tokens])
-        inputs = [
-            _t("input_ids", ids.astype(np.int32)[None]),
-            _t("input_lengths", np.array([[ids.shape[0]]], np.int32)),
-            _t("request_output_len", np.array([[n]], np.int32)),
-            _t("prompt_embedding_table", prefix[None]),
-            _t("prompt_vocab_size", np.array([[rows]], np.int32)),
-            _t("embedding_bias", bias.numpy().astype(np.float32).reshape(1, -1)),
-            _t("temperature", np.array([[params.temperature]], np.float32)),
-            _t("runtime_top_k", np.array([[params.top_k]], np.int32)),
-            _t("runtime_top_p", np.array([[params.top_p]], np.float32)),
-            _t("random_seed", np.array([[params.seed]], np.uint64)),
-            _t("streaming", np.array([[True]])),
-        ]
-        if self.speculative:  # the deployment decides; the request's flag is for in-process use
-            inputs.append(_t("draft_prompt_embedding_table", draft_prefix[None]))
-        request_id = uuid.uuid4().hex
-        # Sent now, not when the tokens are first asked for (orchestrator.plan_stream).
-        responses = pb_utils.InferenceRequest(
-            model_name="ar_backbone", inputs=inputs, request_id=request_id,
-            requested_output_names=["output_ids"]).exec(decoupled=True)
-        return _TokenStream(responses, n, lambda: self._stop(request_id))
-
-    def _stop(self, request_id):
-        stop = pb_utils.InferenceRequest(
-            model_name="ar_backbone", request_id=request_id, requested_output_names=[],
-            inputs=[_t("input_ids", np.zeros((1, 1), np.int32)),
-                    _t("input_lengths", np.ones((1, 1), np.int32)),
-                    _t("request_output_len", np.ones((1, 1), np.int32)),
-                    _t("stop", np.array([[True]]))])
-        for _ in stop.exec(decoupled=True):
-            pass
-
-    def _refine_request(self, plan, index, seed, anchor, recent):
-        inputs = [_t("plan_tokens", np.array(plan, np.int32)),
-                  _t("seed", np.array([seed], np.int64)),
-                  _t("frame_index", np.array([index], np.int32))]
-        if anchor is not None:
-            inputs.append(_t("anchor", anchor[0].float().numpy()))
-        if recent:
-            inputs.append(_t("history", torch.cat(recent).float().numpy()))
-        return "refiner", inputs, ["latent"]
-
-    def _decode_request(self, latent, prev_latent):
-        # prev_latent always goes (zeros before the first frame, which is what the decoder
-        # assumes without one): a TensorRT engine has no optional inputs.
-        prev = torch.zeros_like(latent) if prev_latent is None else prev_latent
-        inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
-        return "vae_decoder", inputs, ["frames"]
-
-    def refine(self, plan, index, seed, anchor, recent):
-        latent = _call(*self._refine_request(plan, index, seed, anchor, recent))["latent"]
-        return torch.from_numpy(latent)[None]
-
-    def decode(self, latent, prev_latent):
-        return _call(*self._decode_request(latent, prev_latent))["frames"]
-
-
-class OverlappedStages(TritonStages):
-    """``overlap_decode`` on: the stage functions plus ``refine_and_decode``, with which
-    orchestrator.stream_video decodes a latent frame while the next one renders."""
-
-    def __init__(self, config, speculative: bool, slot_bias: bool,
-                 loop: asyncio.AbstractEventLoop):
-        super().__init__(config, speculative, slot_bias)
-        self._loop = loop
-
-    def refine_and_decode(self, refine, decode):
-        """Both BLS requests in flight at once (``async_exec``: the stub waits for each in a
-        thread of its own): the decoder's GPU work, the copies of its 4 frames and the
-        host's share of both calls then hide behind the next frame's rendering. Every input
-        tensor is made before either request goes out."""
-        r, d = self._refine_request(*refine), self._decode_request(*decode)
-        latent, frames = self._loop.run_until_complete(_in_flight_together(r, d))
-        return torch.from_numpy(latent["latent"])[None], frames["frames"]
-
-
-async def _in_flight_together(*calls):
-    """BLS requests (model, inputs, output names) sent together; their outputs, in order."""
-    requests = [pb_utils.InferenceRequest(model_name=m, inputs=i, requested_output_names=o)
-                for m, i, o in calls]
-    responses = await asyncio.gather(*(r.async_exec() for r in requests))
-    return [_outputs(m, response, o) for (m, _, o), response in zip(calls, responses)]
-
-
-class _TokenStream:
-    """The token lists of one ar_backbone BLS stream. close() before all ``n`` tokens came
-    (the client went away) ends the AR request, freeing its KV blocks, and takes the
-    stream's remaining responses; it does so even if no token was asked for yet."""
-
-    def __init__(self, responses, n, stop):
-        self.responses, self.n, self.stop = iter(responses), n, stop
-        self.received, self.closed = 0, False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while not self.closed:
-            response = next(self.responses)  # StopIteration after the final response
-            if response.has_error():
-                raise RuntimeError(f"ar_backbone: {response.error().message()}")
-            out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            if out is not None:
-                toks = out.as_numpy().reshape(-1).tolist()
-                self.received += len(toks)
-                return toks
-        raise StopIteration
-
-    def close(self):
-        if self.closed:
-            return
-        self.closed = True
-        if self.received < self.n:
-            self.stop()
-        for _ in self.responses:
-            pass
 
 
 def _scalar(request, name):
@@ -195,6 +37,7 @@ def _scalar(request, name):
 class TritonPythonModel:
     def initialize(self, args):
         faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
+        process_settings()
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"

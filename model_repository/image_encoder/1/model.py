@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from helios.pipeline import encode_image
-from helios.serving import load_stage
+from helios_triton.stage import load_stage
 
 
 class TritonPythonModel:

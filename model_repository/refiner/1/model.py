@@ -6,7 +6,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.errors import HeliosError
-from helios.serving import load_stage, refiner_call
+from helios_triton.stage import load_stage, refiner_call
 
 
 def _input(request, name):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from helios.serving import load_stage
+from helios_triton.stage import load_stage
 
 
 class TritonPythonModel:

@@ -5,12 +5,13 @@ import triton_python_backend_utils as pb_utils
 
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
-from helios.serving import model_parameters
 from helios.text_encoder import tokenize
+from helios_triton.stage import model_parameters, process_settings
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        process_settings()
         self.max_bytes = read_config(model_parameters(args)["checkpoint"]).text_encoder.max_prompt_bytes
 
     def execute(self, requests):

@@ -3,7 +3,7 @@
 import torch
 import triton_python_backend_utils as pb_utils
 
-from helios.serving import load_stage
+from helios_triton.stage import load_stage
 from helios.vae import to_uint8
 
 

@@ -1,12 +1,12 @@
 """refiner (TensorRT flavour): context K/V in PyTorch, then the refiner_step engine per step.
-Same inputs, checks and noise as the torch flavour (helios.serving.refiner_call)."""
+Same inputs, checks and noise as the torch flavour (helios_triton.stage.refiner_call)."""
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.errors import HeliosError
-from helios.serving import load_stage, refiner_call
+from helios_triton.stage import load_stage, refiner_call
 
 
 def _input(request, name):

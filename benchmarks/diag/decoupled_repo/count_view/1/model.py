@@ -1,4 +1,0 @@
-"""See benchmarks/diag/count_models.py."""
-from benchmarks.diag.count_models import count_model
-
-TritonPythonModel = count_model("view")

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole GPU measurement of Helios, on any GPU host where the project is installed (or an
+# offline bundle of it lies in .offline/: `make offline-bundle` builds one for hosts without
+# internet, and this script installs it first). Output, JSON and logs, goes to OUT.
+#
+#   bash benchmarks/gpu.sh OUT                  every part below, in order
+#   bash benchmarks/gpu.sh OUT inprocess server one or more parts
+#
+# Parts (each fits in 10 minutes on an H200 from a cold start):
+#   check       the GPU tests: attention kernel, CUDA graphs, FP8 (tests/, on the GPU)
+#   inprocess   benchmarks/fps.py: 14b bf16, 14b with the FP8 refiner, 14b-384p: per-stage
+#               medians, each stage against its floor (measured ceilings), FPS, first frame
+#   server      14b (1280x720) through Triton over gRPC streaming: FPS per stream and first
+#               chunk at the client for STREAMS concurrent streams (default "1 4 8"), GPU memory
+#   server-384p the same for 14b-384p (640x384) at one stream
+#
+# Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
+# helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).
+set -uo pipefail
+out="${1:?usage: gpu.sh OUT [check|inprocess|server|server-384p ...]}"; shift
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(check inprocess server server-384p)
+mkdir -p "$out"; out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+if ! python3 -c 'import helios_triton, helios_client' 2>/dev/null; then
+    if [ -f .offline/install.sh ]; then
+        bash .offline/install.sh /tmp/helios-env || exit 1
+        # shellcheck disable=SC1091
+        source /tmp/helios-env/activate.sh
+    else
+        echo "gpu.sh: the project is not installed here (pip install . ./client nvidia-pytriton," \
+             "or make offline-bundle and carry .offline)" >&2
+        exit 2
+    fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+server_run() {  # server_run TAG CONFIG STREAMS...
+    local tag="$1" config="$2"; shift 2
+    local dir="$out/$tag"; mkdir -p "$dir"
+    local t0; t0=$(date +%s)
+    [ -f "/tmp/ck-$config/model_index.json" ] ||
+        python3 -m helios init --config "$config" --out "/tmp/ck-$config" --seed 0 \
+            --dtype bfloat16 --device cuda > /dev/null || return 1
+    echo "$tag: checkpoint ready in $(( $(date +%s) - t0 )) s"
+    local streams=("$@") max=1
+    for n in "${streams[@]}"; do [ "$n" -gt "$max" ] && max=$n; done
+    python3 -m helios_triton.fill_repository --checkpoint "/tmp/ck-$config" \
+        --out "/tmp/repo-$config" --device cuda --max-streams "$max" --speculative off \
+        ${FILL_ARGS:-} > /dev/null || return 1
+    local mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
+    python3 -m helios_triton.server --repository "/tmp/repo-$config" --log-file "$dir/server.log" \
+        "${mps[@]}" --ready-timeout 480 --run \
+        python3 benchmarks/client_fps.py --seconds "${VIDEO_SECONDS:-20}" --concurrency "${streams[@]}" \
+            --config "$config" --metrics-url http://localhost:8002/metrics --out "$dir"
+    local rc=$?
+    echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
+    tail -40 "$dir/server.log" > "$dir/server_tail.log" 2>/dev/null
+    return $rc
+}
+
+status=0
+for part in "${parts[@]}"; do
+    echo "== $part"
+    case "$part" in
+        check)
+            timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_context_attention_kernel.py \
+                tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt" ;;
+        inprocess)
+            for v in "14b:bf16:" "14b:fp8_refiner:--refiner-fp8" "14b-384p:bf16:"; do
+                IFS=: read -r config tag flags <<< "$v"
+                timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds 2 \
+                    --out "$out/inprocess" --tag "$tag" $flags > "$out/fps_${config}_$tag.txt" 2>&1
+                echo "fps.py $config $tag: rc $?"
+                grep -v "^ " "$out/fps_${config}_$tag.txt" | grep -iv "warn" | tail -12
+            done ;;
+        server)
+            # shellcheck disable=SC2086  # STREAMS is a list
+            server_run server_14b 14b ${STREAMS:-1 4 8} ;;
+        server-384p)
+            server_run server_14b-384p 14b-384p 1 ;;
+        *)
+            echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p)" >&2; exit 2 ;;
+    esac
+    [ $? -eq 0 ] || status=1
+done
+exit $status

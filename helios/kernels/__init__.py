@@ -1,0 +1,6 @@
+"""GPU kernels of the package, each importable on its own.
+
+``context_attention`` is the refiner's custom attention as a Triton-lang kernel. It imports
+nothing else of ``helios`` because the TensorRT plugin registration
+(``export/trt_context_attention.py``) loads it alone, inside TensorRT's engine builder.
+"""

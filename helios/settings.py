@@ -1,0 +1,50 @@
+"""The one place where Helios reads the environment.
+
+Library code takes every switch as an explicit argument; entry points (the ``helios`` CLI, the
+Triton stage models through ``helios_triton``, the benchmarks) read them here once and pass
+them on. The variables:
+
+| variable | default | what it switches |
+|---|---|---|
+| ``HELIOS_CHECKPOINT`` | the shipped ``weights/helios-tiny`` | the CLI's default checkpoint folder |
+| ``HELIOS_COMPILE`` | ``1`` | torch.compile of the refiner and VAE decoder on CUDA (``0``: eager) |
+| ``HELIOS_CUDA_GRAPHS`` | ``1`` | CUDA graphs for AR decode steps and refiner renders (``0``: off) |
+| ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
+| ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: Path | None = None
+    compile: bool = True
+    cuda_graphs: bool = True
+    attention_kernel: bool = True
+    stacks_dir: Path | None = None
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "1").strip()
+    if value not in ("0", "1"):
+        from .errors import HeliosError  # noqa: PLC0415
+
+        raise HeliosError(name, f"must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def from_environment(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    return Settings(
+        checkpoint=Path(env["HELIOS_CHECKPOINT"]) if env.get("HELIOS_CHECKPOINT") else None,
+        compile=_switch(env, "HELIOS_COMPILE"),
+        cuda_graphs=_switch(env, "HELIOS_CUDA_GRAPHS"),
+        attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
+        stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,
+    )

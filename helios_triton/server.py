@@ -1,0 +1,292 @@
+"""Run the real Triton Inference Server from the ``nvidia-pytriton`` wheel.
+
+The wheel carries tritonserver 2.51 (``pytriton/tritonserver``), its shared libraries
+(``nvidia_pytriton.libs``) and a python-backend stub per Python version. PyTriton's own Python
+API is not used: this module lays out a backend folder with the stub of the running Python,
+and starts the server binary on a filled model repository.
+
+    python -m helios_triton.server --repository .triton/model_repository       # foreground
+    python -m helios_triton.server --run helios-client generate --prompt ...   # around a command
+
+With ``--run`` the server starts in the background, the command runs once it is ready (with
+HELIOS_GRPC_URL / HELIOS_HTTP_URL set), and the server stops after it; the exit code is the
+command's.
+
+``--mps`` (GPU): every python-backend model instance is a process with its own CUDA context,
+and the GPU time-slices between contexts, so the AR backbone and the refiner never run at the
+same time. Under CUDA MPS they share the GPU and their kernels can run side by side (on an
+H100, requests sent ahead and MPS together gained 7 % at one stream: docs/serving.md says why
+no more). The flag starts an MPS control daemon of this server's
+own (its pipe and log folders under .triton/mps, not the system's) and, with ``--run``, quits
+it when the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+# Working files (backend folder, log, MPS pipes) go under the working directory.
+STATE = Path(".triton")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def check_numpy() -> None:
+    """tritonserver 2.51's python-backend stub hands BYTES tensors to Python corrupted when the
+    environment has numpy 2 (every byte equals the first; the stub then aborts on the first
+    request with a string input). Refuse to start instead."""
+    import numpy  # noqa: PLC0415
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise SystemExit(f"numpy {numpy.__version__} is installed; the python backend of "
+                         f"tritonserver 2.51 corrupts BYTES tensors with numpy 2, so every "
+                         f"request would crash it. Install numpy<2 (requirements.txt pins 1.26.4).")
+
+
+def wheel_paths() -> tuple[Path, Path]:
+    """(tritonserver folder, its shared-library folder): NVIDIA's Triton image (``$TRITONSERVER_HOME``,
+    e.g. /opt/tritonserver, with its own backends) or the installed nvidia-pytriton wheel."""
+    home = os.environ.get("TRITONSERVER_HOME")
+    if home:
+        return Path(home), Path(home) / "lib"
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the Triton server is not installed: run `make setup` "
+                         "(pip install nvidia-pytriton==0.7.0)")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    return pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
+
+
+def prepare_backends(dest: Path) -> Path:
+    """A backend folder whose python backend uses the stub built for this Python version
+    (in NVIDIA's image: the image's own backend folder, which has every backend)."""
+    if os.environ.get("TRITONSERVER_HOME"):
+        return Path(os.environ["TRITONSERVER_HOME"]) / "backends"
+    server, _ = wheel_paths()
+    dest = dest.resolve()
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        link = python / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(server / "backends" / "python" / name)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"the wheel has no python-backend stub for Python {version}")
+    # Through a rename: a stub still running from another server cannot be overwritten.
+    tmp = python / f".stub-{os.getpid()}"
+    shutil.copy2(stub, tmp)
+    os.replace(tmp, python / "triton_python_backend_stub")
+    return dest
+
+
+def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
+            log_verbose: int = 0, exit_timeout_s: int = 30) -> tuple[list[str], dict]:
+    server, libs = wheel_paths()
+    admin = secrets.token_hex(8)  # nobody knows it: the repository API stays closed
+    argv = [
+        str(server / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        "--strict-readiness=true",            # ready only once every model is loaded
+        "--model-control-mode=none",          # no load / unload through the API
+        f"--http-restricted-api=model-repository:helios-admin={admin}",
+        f"--grpc-restricted-protocol=model-repository:helios-admin={admin}",
+        "--exit-on-error=true",
+        # On SIGTERM Triton stops taking requests and lets running ones finish for this long.
+        f"--exit-timeout-secs={exit_timeout_s}",
+        "--allow-gpu-metrics=false" if not _has_gpu() else "--allow-gpu-metrics=true",
+        "--backend-config=python,shm-default-byte-size=16777216",
+        "--backend-config=python,shm-growth-byte-size=16777216",
+        f"--log-verbose={log_verbose}",
+    ]
+    env = dict(os.environ)
+    # The stub links libpython3.X.so.1.0: it must be this interpreter's own (its LIBDIR), not
+    # another build of the same minor version that the loader might find first (seen: Debian's
+    # 3.11.2 under pyenv's 3.11.7 stdlib, which segfaulted under concurrent requests).
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH")) if p)
+    # The python-backend stub embeds the interpreter found first on PATH: this venv's.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return argv, env
+
+
+class MPS:
+    """A CUDA MPS control daemon for the server's processes (see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
+                    "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+        self.control = shutil.which("nvidia-cuda-mps-control")
+        if self.control is None:
+            raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the "
+                             "NVIDIA driver)")
+
+    def start(self) -> "MPS":
+        for d in self.env.values():
+            Path(d).mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, **self.env)
+        if subprocess.run([self.control, "-d"], env=env).returncode != 0:
+            # "An instance of this daemon is already running": a previous run's daemon that did
+            # not quit (see stop). It is quit, not reused: a machine left that way still showed
+            # 32 GiB in use on the H100 after the next server had stopped.
+            print("MPS control daemon of a previous run still running: quitting it", file=sys.stderr)
+            self.stop()
+            time.sleep(2)
+            subprocess.run([self.control, "-d"], env=env, check=True)
+        return self
+
+    def stop(self) -> None:
+        try:
+            subprocess.run([self.control], input=b"quit\n", env=dict(os.environ, **self.env),
+                           check=False, timeout=30)
+        except subprocess.TimeoutExpired:  # seen once on the H100 after an FP8 server run
+            print("MPS control daemon did not quit within 30 s; left running (its folders: "
+                  f"{self.env['CUDA_MPS_PIPE_DIRECTORY']})", file=sys.stderr)
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def port_in_use(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_ready(http: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{http}/v2/health/ready"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s")
+
+
+class TritonServer:
+    """Start tritonserver in the background; ``with TritonServer(...) as s:`` stops it after."""
+
+    def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
+                 log_file: Path | None = None, backends: Path | None = None,
+                 env: dict | None = None):
+        self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
+        self.extra_env = env or {}
+        self.backends = prepare_backends(backends or STATE / "backends")
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> "TritonServer":
+        check_numpy()
+        for port in (self.http, self.grpc, self.metrics):
+            if port_in_use(port):  # else the readiness probe could be answered by another server
+                raise RuntimeError(f"port {port} is already in use")
+        argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends)
+        env.update(self.extra_env)
+        out = open(self.log_file, "w") if self.log_file else None
+        self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            wait_ready(self.http, timeout, self.proc)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # Triton stops, then its python stubs
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=STATE / "model_repository")
+    ap.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    ap.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
+    ap.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--ready-timeout", type=float, default=300,
+                    help="seconds to wait for every model to load (a GPU compiles at load)")
+    ap.add_argument("--exit-timeout-secs", type=int, default=30,
+                    help="on SIGTERM, how long running streams may take to finish")
+    ap.add_argument("--log-file", type=Path, default=STATE / "server.log")
+    ap.add_argument("--mps", action="store_true",
+                    help="run the server's processes under CUDA MPS (GPU; see above)")
+    ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
+    args = ap.parse_args(argv)
+    mps = MPS(STATE / "mps") if args.mps else None
+    if args.run:
+        if mps is None:
+            return run_around(args)  # TritonServer.start checks numpy
+        mps.start()
+        try:
+            return run_around(args, mps.env)
+        finally:
+            mps.stop()
+    check_numpy()
+    backends = prepare_backends(STATE / "backends")
+    cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
+                       args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs)
+    if mps is not None:  # stays up after the server (exec); `echo quit | nvidia-cuda-mps-control`
+        env.update(mps.start().env)
+    os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
+
+
+def run_around(args, env: dict | None = None) -> int:
+    server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
+                          args.metrics_port, log_file=args.log_file, env=env)
+    print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        server.start(args.ready_timeout)
+    except Exception as e:
+        tail = args.log_file.read_text()[-3000:] if args.log_file.exists() else ""
+        print(f"{tail}\ntritonserver did not start: {e}", file=sys.stderr)
+        return 1
+    print(f"tritonserver ready in {time.monotonic() - t0:.0f} s: HTTP {args.http_port}, "
+          f"gRPC {args.grpc_port}, metrics {args.metrics_port}", file=sys.stderr, flush=True)
+    env = dict(os.environ, HELIOS_GRPC_URL=f"localhost:{args.grpc_port}",
+               HELIOS_HTTP_URL=f"localhost:{args.http_port}",
+               HELIOS_METRICS_URL=f"localhost:{args.metrics_port}")
+    try:
+        return subprocess.call(args.run, env=env)
+    finally:
+        server.stop()
+        print("tritonserver stopped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

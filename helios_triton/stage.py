@@ -1,0 +1,162 @@
+"""What every stage model's ``initialize`` and ``execute`` share: parameters, device, dtype,
+loading the stage's components, and the refiner's request.
+
+Nothing here imports ``triton_python_backend_utils`` (only the stub has it), so all of it is
+tested in an ordinary process.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from helios import attention
+from helios.accel import accelerate
+from helios.checkpoint import load_component, read_config
+from helios.errors import HeliosError
+from helios.fp8 import quantize_refiner
+from helios.schedule import frame_noise
+from helios.settings import Settings, from_environment
+
+log = logging.getLogger("helios_triton")
+
+
+def enable_stack_dumps(folder: str) -> None:
+    """On SIGUSR2, write the Python stack of every thread of this process to
+    ``folder/<pid>.txt``: what a stalled stage model is waiting on. ``load_stage`` arms it in
+    every stub process when ``HELIOS_STACKS_DIR`` is set (``helios.settings``), so
+    ``pkill -USR2 -f triton_python_backend_stub`` shows where each stage is, with nothing to
+    install and no ptrace rights (py-spy needs both). A crash (SIGSEGV, SIGABRT, ...) writes
+    there too."""
+    os.makedirs(folder, exist_ok=True)
+    out = open(os.path.join(folder, f"{os.getpid()}.txt"), "w")  # noqa: SIM115  kept open
+    out.write(f"pid {os.getpid()}\n")
+    out.flush()
+    faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)
+    faulthandler.enable(file=out, all_threads=True)
+
+
+def process_settings() -> Settings:
+    """The environment's switches (``helios.settings``), applied to this stub process: stack
+    dumps armed where asked for, the attention kernel on or off. Every model's ``initialize``
+    calls it (through ``load_stage`` or directly)."""
+    settings = from_environment()
+    if settings.stacks_dir is not None:
+        enable_stack_dumps(str(settings.stacks_dir))
+    attention.use_kernel(settings.attention_kernel)
+    return settings
+
+
+def requested_outputs(wanted, arrays: dict) -> dict:
+    """The entries of {output name: array} named in ``wanted`` (a request's
+    ``requested_output_names()``; empty means all), each a fresh C-order
+    array that owns its memory. A response must not carry outputs its BLS caller did not
+    request: tritonserver 2.51's python-backend stub under Python 3.12 then crashes (SIGSEGV in
+    libpython, seen on the GPU machine when ar_backbone answered the helios model's BLS stream
+    with output_ids and sequence_length; a two-model decoupled repository reproduced it)."""
+    wanted = set(wanted) or set(arrays)
+    return {k: np.array(v, order="C", copy=True) for k, v in arrays.items() if k in wanted}
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The ``parameters`` of a model's config.pbtxt as a plain {key: string} dict."""
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def model_device(args: dict, params: dict) -> torch.device:
+    """cuda:N for a KIND_GPU instance (N from Triton), else the ``device`` parameter."""
+    if args.get("model_instance_kind") == "GPU" or params.get("device", "cpu").startswith("cuda"):
+        return torch.device(f"cuda:{args.get('model_instance_device_id', '0')}")
+    return torch.device("cpu")
+
+
+def model_dtype(device: torch.device, params: dict) -> torch.dtype:
+    name = params.get("dtype", "auto")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def compile_batches(value: str) -> bool | frozenset[int]:
+    """The ``torch_compile`` parameter of ``ar_backbone``: "off", "on" (every batch size), or
+    the batch sizes to compile, comma-separated ("1": one stream's steps compiled, the
+    batched ones captured eagerly, which saves their dynamic-shape compilation)."""
+    v = value.strip().lower()
+    if v in ("off", "on"):
+        return v == "on"
+    try:
+        sizes = frozenset(int(x) for x in v.split(","))
+        if min(sizes) >= 1:
+            return sizes
+    except ValueError:
+        pass
+    raise HeliosError("torch_compile",
+                      f"must be off, on or batch sizes >= 1 such as 1,2, got {value!r}")
+
+
+@dataclass
+class Stage:
+    """What a stage model's ``initialize`` needs: its parameters, device, dtype, the
+    checkpoint's config and the loaded components by name."""
+
+    params: dict
+    device: torch.device
+    dtype: torch.dtype
+    config: object
+    modules: dict
+
+
+def load_stage(args: dict, *components: str) -> Stage:
+    """Read the model's parameters and load ``components`` of its checkpoint onto its device."""
+    settings = process_settings()
+    params = model_parameters(args)
+    device = model_device(args, params)
+    dtype = model_dtype(device, params)
+    config = read_config(params["checkpoint"])
+    modules = {c: load_component(params["checkpoint"], c, config, device, dtype) for c in components}
+    if "refiner" in modules and params.get("weight_quantization", "none") == "fp8":
+        quantize_refiner(modules["refiner"])  # before compiling (helios/fp8.py)
+    done = accelerate(device, modules.get("refiner"), modules.get("vae"), settings.compile,
+                      settings.cuda_graphs)
+    if done:
+        log.info("%s: %s", "+".join(components), ", ".join(done))
+    return Stage(params, device, dtype, config, modules)
+
+
+@dataclass
+class RefinerCall:
+    """The refiner model's request as tensors on its device (both repository flavours)."""
+
+    plan: torch.Tensor            # [1, n] int64
+    noise: torch.Tensor           # [1, C, h, w], the frame's starting noise
+    anchor: torch.Tensor | None   # [1, C, h, w]
+    history: list                 # [1, C, h, w] each, most recent first
+
+
+def refiner_call(config, get: Callable, device, dtype) -> RefinerCall:
+    """Check and convert a refiner request's inputs; ``get(name)`` returns the input as a numpy
+    array, or None when it is absent (anchor and history may be). Both refiner models (torch
+    and TensorRT flavours) read their requests through this."""
+    plan, anchor, history = get("plan_tokens"), get("anchor"), get("history")
+    seed, frame_index = int(get("seed").reshape(-1)[0]), int(get("frame_index").reshape(-1)[0])
+    codebook = config.refiner.plan_vocab_size
+    if plan.min() < 0 or plan.max() >= codebook:
+        raise HeliosError("plan_tokens", f"must be in [0, {codebook - 1}]")
+    shape = (1, config.refiner.latent_channels, config.latent_height, config.latent_width)
+    as_device = lambda a: torch.from_numpy(a).to(device, dtype)  # noqa: E731
+    return RefinerCall(
+        torch.from_numpy(plan.astype("int64")).to(device)[None],
+        frame_noise(seed, frame_index, shape).to(device, dtype),
+        None if anchor is None else as_device(anchor)[None],
+        [] if history is None else [h[None] for h in as_device(history)])
+
+
