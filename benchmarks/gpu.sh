@@ -23,6 +23,7 @@ mkdir -p "$out"; out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
+[ -f /tmp/helios-env/activate.sh ] && source /tmp/helios-env/activate.sh  # an earlier run's
 if ! python3 -c 'import helios_triton, helios_client' 2>/dev/null; then
     if [ -f .offline/install.sh ]; then
         bash .offline/install.sh /tmp/helios-env || exit 1

@@ -123,20 +123,11 @@ class ARBackbone(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
-    def embed(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor | None = None,
-              prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings, with rows where ``prefix_mask`` is set taken from ``prefix_embeds``."""
-        h = self.model.embed_tokens(input_ids.clamp(max=self.config.vocab_size - 1))
-        if prefix_embeds is not None:
-            h = torch.where(prefix_mask[..., None], prefix_embeds.to(h.dtype), h)
-        return h
-
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache,
-                last_only: bool = False, run_layer=None) -> torch.Tensor:
+                run_layer=None) -> torch.Tensor:
         """inputs_embeds [B, T, hidden], positions [B, T] -> logits [B, T, vocab] (float32).
 
         ``cache`` must have been prepared for exactly these B sequences and T new positions.
-        With ``last_only`` only the logits of the last position of each row are computed.
         ``run_layer(i, layer, h, cos, sin)``, if given, runs each decoder layer instead of
         ``layer(h, cos, sin, cache)`` (the compiled decode step, ``ar_runtime``).
         """
@@ -145,7 +136,4 @@ class ARBackbone(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             h = run_layer(i, layer, h, cos, sin) if run_layer else layer(h, cos, sin, cache)
-        h = self.model.norm(h)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h).float()
+        return self.lm_head(self.model.norm(h)).float()

@@ -128,7 +128,7 @@ class RefinerConfig:
     # History frames are embedded with a coarser patch (patch_size * history_pool): the
     # "compressed" history of the architecture brief. The tiny model keeps full resolution:
     # its 64 tokens a frame are cheap, and a coarser history could not carry a small object's
-    # edges from one latent frame to the next (docs/training.md, run 2).
+    # edges from one latent frame to the next.
     history_pool: int = 1
     history_frames: int = 2
     # Rows of the learned codebook (the region tokens' vocabulary).
@@ -140,7 +140,7 @@ class RefinerConfig:
     # Geometry tokens after the region tokens of each frame: the salient mass's centre row,
     # centre column and size, measured on the latent frame (not learned) and quantised into
     # this many bins each. Their ids follow the codebook's: the AR's plan vocabulary is
-    # ``plan_vocab_size``. () for none. Why: docs/training.md, run 14.
+    # ``plan_vocab_size``. () for none. Why: docs/training.md, "Geometry tokens".
     geometry_bins: tuple = ()
 
     def __post_init__(self):

@@ -97,7 +97,7 @@ if triton is not None:
 
 # One row (one stream's decode step) takes the FMA kernel: inside the 14b's graph-replayed
 # decode step it made the step 1.1 ms faster than the tensor-core kernel (9.1 vs 10.3 ms, H100,
-# session 5), though the two time alike one kernel at a time (benchmarks/fp8_gemv.py, L2
+# 2026-11-24), though the two time alike one kernel at a time (benchmarks/fp8_gemv.py, L2
 # flushed). At 4 rows it was 1.7x slower there, so more rows take the tensor-core kernel.
 FMA_MAX_ROWS = 1
 

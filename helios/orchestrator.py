@@ -10,7 +10,7 @@ Stage functions (``Stages``):
     encode_image(image uint8 [H, W, 3]) -> (latent [1, C, h, w], plan tokens of that frame)
     ar_stream(prefix, draft_prefix, tokens, n, params, bias, speculative) -> iterator of
         token lists, n tokens in all; closing it early stops and frees the AR sequence
-    refine(plan, index, seed, anchor, recent) -> latent [1, C, h, w]
+    refine(plan, index, seed, anchor, history) -> latent [1, C, h, w]
     decode(latent, prev_latent or None) -> uint8 [4, H, W, 3]
     prefetch(iterator) -> iterator (optional): runs the plan-token stream ahead of rendering
     refine_and_decode(refine_args, decode_args) -> (latent, frames) (optional): both at once,
@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from .config import HeliosConfig
-from .schedule import (AR_SEED, RefinerHistory, VideoChunk, VideoRequest, ar_segments,
+from .schedule import (AR_SEED, ContextFrames, VideoChunk, VideoRequest, ar_segments,
                              derive_seed, plan_bias)
 
 
@@ -36,7 +36,7 @@ class Stages(Protocol):
     def encode_prompt(self, prompt: str): ...
     def encode_image(self, image: np.ndarray): ...
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative): ...
-    def refine(self, plan, index, seed, anchor, recent): ...
+    def refine(self, plan, index, seed, anchor, history): ...
     def decode(self, latent, prev_latent): ...
 
 
@@ -50,7 +50,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     stages have one, runs it ahead of the rendering (the in-process pipeline overlaps the AR
     with the refiner that way)."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
-    history = RefinerHistory(cfg.refiner.history_frames)
+    context = ContextFrames(cfg.refiner.history_frames)
     plans: list[list[int]] = []
     state = {"prev": None, "emitted": 0}
 
@@ -62,7 +62,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         return out
 
     def chunk(latent) -> VideoChunk:
-        history.push(latent)
+        context.push(latent)
         return emit(latent, stages.decode(latent, state["prev"]))
 
     if req.image is not None:
@@ -81,10 +81,10 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     # chunk goes out one rendering later). The first frame is decoded at once, for the
     # first chunk's latency. The refiner's inputs and the decoder's are those of the
     # sequential order, so the frames are the same.
-    pending = None  # rendered, in the history, not decoded yet
+    pending = None  # rendered, in the context frames, not decoded yet
     try:
         for index, plan in enumerate(upcoming, start=first):
-            refine = (plan, index, req.sampling.seed, history.anchor, history.recent)
+            refine = (plan, index, req.sampling.seed, context.anchor, context.history)
             if pending is None:
                 latent = stages.refine(*refine)
             else:
@@ -96,7 +96,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
             if both is None or index == first:
                 yield chunk(latent)
             else:
-                history.push(latent)
+                context.push(latent)
                 pending = latent
             if cancelled is not None and cancelled():
                 return

@@ -195,7 +195,7 @@ class HeliosPipeline:
         return _Prefetch(plans, self._ar_cuda_stream, depth=self.config.ar_context_frames)
 
     @torch.no_grad()
-    def refine(self, plan, index, seed, anchor, recent):
+    def refine(self, plan, index, seed, anchor, history):
         """Plan tokens of latent frame ``index`` -> that latent frame [1, C, h, w]."""
         cfg = self.config
         shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
@@ -205,7 +205,7 @@ class HeliosPipeline:
                 frame_noise(seed, index, shape).to(dev, self.dtype),
                 torch.tensor([list(plan)], device=dev),
                 anchor=None if anchor is None else anchor.to(dev),
-                history=[h.to(dev) for h in recent])
+                history=[h.to(dev) for h in history])
 
     @torch.no_grad()
     def decode(self, latent, prev_latent):

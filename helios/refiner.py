@@ -430,12 +430,20 @@ class Refiner(nn.Module):
 
     def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t):
         kv = self.encode_context(plan_tokens, anchor, history)
-        x = noise
         # Sigma goes into the step as a tensor: the compiled step would compile once per
         # Python float.
-        for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
-            x = x + (s_next - s) * self.step(x, sig_t[i], kv)
-        return x
+        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv), noise, sig)
+
+
+def euler_sample(velocity, noise, sigmas: list[float]):
+    """The few-step flow-matching sampler: from ``noise`` at ``sigmas[0]`` to the clean
+    latent at ``sigmas[-1]``, one Euler step ``x += (next sigma - sigma) * velocity(x, i,
+    sigma)`` per pair. Every runtime renders with it (the PyTorch refiner, the TensorRT
+    flavour's step engine, the unrolled sampler of training), so all take the same steps."""
+    x = noise
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x = x + (sigma_next - sigma) * velocity(x, i, sigma)
+    return x
 
 
 class _RenderGraph:

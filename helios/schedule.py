@@ -104,7 +104,7 @@ def plan_bias(cfg: HeliosConfig) -> torch.Tensor:
     """[slots, vocab] logit bias of a frame's plan tokens: with geometry tokens, each slot of
     the frame is kept to its own ids (region slots to the codebook, the row slot to the row
     bins, ...), so that a sampled region code never lands in a geometry slot, after which the
-    AR loses the frame layout (docs/training.md, run 16). Without: ``codebook_bias``, one
+    AR loses the frame layout (docs/training.md). Without: ``codebook_bias``, one
     row. The AR runtime applies row j to the generated tokens j, j + slots, ...; generation
     always starts at a frame's first slot."""
     bias = codebook_bias(cfg.ar_backbone)
@@ -128,19 +128,21 @@ def frame_noise(seed: int, index: int, shape) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
-class RefinerHistory:
-    """The refiner's view of the past: the first latent frame and the most recent ones."""
+class ContextFrames:
+    """The refiner's view of the past: the *anchor* (the video's first latent frame) and the
+    *history* (the last ``history_frames`` latent frames after it, most recent first). The
+    anchor is never part of the history. Inference pushes latents, training frame indices."""
 
     def __init__(self, history_frames: int):
         self.history_frames = history_frames
         self.anchor = None
-        self.recent: list = []  # most recent first
+        self.history: list = []
 
     def push(self, latent) -> None:
         if self.anchor is None:
             self.anchor = latent
         else:
-            self.recent = [latent, *self.recent][:self.history_frames]
+            self.history = [latent, *self.history][:self.history_frames]
 
 
 def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,

@@ -43,7 +43,8 @@ from .checkpoint import (COMPONENTS, init_checkpoint, load_component, read_confi
 from .config import HeliosConfig, get_config
 from .data import drop_attribute_words, render_clip, sample_spec
 from .errors import HeliosError
-from .schedule import RefinerHistory
+from .refiner import euler_sample
+from .schedule import ContextFrames
 from .text_encoder import tokenize
 from .vae import from_uint8
 
@@ -67,22 +68,25 @@ class TrainSettings:
     # The refiner's loss weighs each latent pixel by 1 + salient_weight * (how far it is from
     # its channel's median over the frame, relative to the frame's largest such distance):
     # a small object is a few percent of a frame, and an unweighted MSE renders it as a
-    # faint ghost over a perfect background (runs 1-3, docs/training.md).
+    # faint ghost over a perfect background (docs/training.md).
     salient_weight: float = 9.0
+    # Share of refiner steps that see neither anchor nor history, as a video's first latent
+    # frame does: its plan tokens alone must then describe the frame.
+    no_context: float = 0.3
     # Share of refiner steps whose history frames are the refiner's own 3-step renderings (of
     # those frames' plan tokens, on true history) instead of encoder latents: at inference the
     # history is its own output, and a refiner trained only on true history copied its
-    # rendered history and lost the motion its plan tokens describe (run 4, docs/training.md).
+    # rendered history and lost the motion its plan tokens describe (docs/training.md).
     rendered_history: float = 0.5
     # Share of refiner steps (on frames with geometry tokens and a past) whose region tokens
     # are those of one or two frames earlier, the geometry tokens the frame's own: the AR's
     # region tokens can lag behind its geometry tokens, and the refiner should then place
-    # the object where the geometry tokens say. Runs 15 (without) and 16 (with) scored the
-    # same held-out motion; run 16 kept its 60 s video sharper (docs/training.md).
+    # the object where the geometry tokens say. Against the same recipe without it: the same
+    # held-out motion, a sharper 60 s video (docs/training.md).
     stale_regions: float = 0.3
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
-    # (data.drop_attribute_words): motion words then have to work alone (run 8).
+    # (data.drop_attribute_words): motion words then have to work alone (docs/training.md).
     caption_dropout: float = 0.25
     save_every: int = 100
 
@@ -403,7 +407,7 @@ class Trainer:
         ``scaling_factor``), inside the weights: the encoder's mean output times s, its
         log-variance plus 2 ln s, the decoder's input weights over s; the VAE computes the same
         frames. The refiner's flow matching assumes data on the scale of its unit noise; the
-        latent came out at std 0.65 (run 4), and at 0.18 under run 3's roughness penalty, where
+        latent came out at std 0.65 without this, and at 0.18 under a roughness penalty, where
         an object is a signal small enough for a low error to erase it."""
         vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
         frames, _ = self._video_batch(rng, 16, f)
@@ -451,35 +455,36 @@ class Trainer:
         return latents.to(self.device), captions
 
     # ---- stage 2: plan tokenizer + refiner, then the few-step schedule -----------------
-    @staticmethod
-    def _context(latents, i: int, noise_scale: float, gen=None):
-        """Anchor and recent history of latent frame ``i`` exactly as RefinerHistory keeps
-        them, with a little noise: at inference they are the refiner's own outputs."""
+    def _context(self, latents, i: int, noise_scale: float, gen=None):
+        """Anchor and history of latent frame ``i`` exactly as inference keeps them
+        (``ContextFrames``), with a little noise: at inference they are the refiner's own
+        outputs."""
         def pick(j):
             x = latents[:, j]
             return x + noise_scale * torch.randn(x.shape, generator=gen, device=x.device)
-        return Trainer._history(i, pick)
+        return self.context_frames(i, pick)
 
-    @staticmethod
-    def _history(i: int, frame):
-        """(anchor, recent history) of latent frame ``i``, the slots RefinerHistory keeps,
-        each made by ``frame(j)`` from the index of the frame it holds."""
-        hist = RefinerHistory(2)
+    def context_frames(self, i: int, frame):
+        """(anchor, history) of latent frame ``i``: the frames ``ContextFrames`` keeps at
+        inference, with the configuration's ``history_frames``, each made by ``frame(j)``
+        from the index of the frame it holds."""
+        context = ContextFrames(self.cfg.refiner.history_frames)
         for j in range(i):
-            hist.push(j)
-        return (None if hist.anchor is None else frame(hist.anchor)), [frame(j) for j in hist.recent]
+            context.push(j)
+        anchor = None if context.anchor is None else frame(context.anchor)
+        return anchor, [frame(j) for j in context.history]
 
     @torch.no_grad()
     def _rendered_context(self, latents, i: int, gen):
-        """Anchor and recent history of frame ``i`` as the refiner itself renders them: each
-        history frame from its plan tokens and its own true history, 3 steps from noise."""
+        """Anchor and history of frame ``i`` as the refiner itself renders them: each frame
+        from its plan tokens and its own true context, 3 steps from noise."""
         refiner = self.models["refiner"]
         def render(j):
             ids = refiner.plan_tokenizer(latents[:, j], refiner.plan_embed.weight)
-            anchor, recent = self._context(latents, j, 0.05, gen)
+            anchor, history = self._context(latents, j, 0.05, gen)
             noise = torch.randn(latents[:, j].shape, generator=gen, device=self.device)
-            return refiner.render(noise, ids, anchor, recent)
-        return self._history(i, render)
+            return refiner.render(noise, ids, anchor, history)
+        return self.context_frames(i, render)
 
     def plan_features(self, x0, frozen: bool = False):
         """Straight-through plan embeddings, their token ids and the VQ loss (with a frozen
@@ -502,24 +507,22 @@ class Trainer:
         i = int(rng.integers(latents.shape[1]))
         x0 = latents[:, i]
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
-        anchor, recent = self._context(latents, i, 0.05, gen)
-        if rng.random() < 0.3:  # as for the first frame: the plan alone must describe it
-            anchor, recent = None, []
+        anchor, history = self._context(latents, i, 0.05, gen)
+        if rng.random() < self.settings.no_context:  # as for a video's first frame
+            anchor, history = None, []
         elif i > 0 and rng.random() < self.settings.rendered_history:
-            anchor, recent = self._rendered_context(latents, i, gen)
+            anchor, history = self._rendered_context(latents, i, gen)
         plan, ids, vq = self.plan_features(x0, frozen)
         r = refiner.config.region_tokens
         if refiner.config.geometry_bins and i > 0 and rng.random() < self.settings.stale_regions:
             j = i - int(rng.integers(1, min(i, 2) + 1))
             plan, old_ids, _ = self.plan_features(latents[:, j], frozen)
             ids = torch.cat([old_ids[:, :r], ids[:, r:]], dim=1)
-        kv = refiner.encode_context(ids, anchor, recent, plan_embeds=plan)
+        kv = refiner.encode_context(ids, anchor, history, plan_embeds=plan)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weight = salience(x0, self.settings.salient_weight)
         if fewstep:   # the sampler of Refiner.render, unrolled, trained on its final output
-            x, sig = noise, refiner.sigmas()
-            for a, b in zip(sig[:-1], sig[1:]):
-                x = x + (b - a) * refiner(x, a, kv)
+            x = euler_sample(lambda x, i, sigma: refiner(x, sigma, kv), noise, refiner.sigmas())
             err = (weight * (x - x0) ** 2).mean()
             return err + vq, err.item(), vq.item(), ids
         # Flow matching at sigmas spread like the shifted schedule's (logit-normal, shifted).
@@ -721,7 +724,7 @@ class Trainer:
         differs from the same slot of the previous frame counts ``change_weight`` times more.
         Motion lives in those few changes (a moving object's region token flips every
         latent frame or two, the other seven stay); unweighted, the AR learned "repeat the
-        last frame" and made static videos (run 5, docs/training.md)."""
+        last frame" and made static videos (docs/training.md)."""
         n = self.cfg.plan_tokens_per_frame
         w = torch.ones(target.shape, device=target.device)
         w[:, n:] += (self.settings.change_weight - 1) * (target[:, n:] != target[:, :-n]).float()

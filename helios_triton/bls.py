@@ -87,14 +87,14 @@ class TritonStages:
         for _ in stop.exec(decoupled=True):
             pass
 
-    def _refine_request(self, plan, index, seed, anchor, recent):
+    def _refine_request(self, plan, index, seed, anchor, history):
         inputs = [_t("plan_tokens", np.array(plan, np.int32)),
                   _t("seed", np.array([seed], np.int64)),
                   _t("frame_index", np.array([index], np.int32))]
         if anchor is not None:
             inputs.append(_t("anchor", anchor[0].float().numpy()))
-        if recent:
-            inputs.append(_t("history", torch.cat(recent).float().numpy()))
+        if history:
+            inputs.append(_t("history", torch.cat(history).float().numpy()))
         return "refiner", inputs, ["latent"]
 
     def _decode_request(self, latent, prev_latent):
@@ -104,8 +104,8 @@ class TritonStages:
         inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
         return "vae_decoder", inputs, ["frames"]
 
-    def refine(self, plan, index, seed, anchor, recent):
-        latent = _call(*self._refine_request(plan, index, seed, anchor, recent))["latent"]
+    def refine(self, plan, index, seed, anchor, history):
+        latent = _call(*self._refine_request(plan, index, seed, anchor, history))["latent"]
         return torch.from_numpy(latent)[None]
 
     def decode(self, latent, prev_latent):

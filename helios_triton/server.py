@@ -247,7 +247,8 @@ def main(argv=None) -> int:
                     help="run the server's processes under CUDA MPS (GPU; see above)")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
-    mps = MPS(STATE / "mps") if args.mps else None
+    # A folder of its own per run: a daemon an earlier run could not quit does not block it.
+    mps = MPS(STATE / f"mps-{os.getpid()}") if args.mps else None
     if args.run:
         if mps is None:
             return run_around(args)  # TritonServer.start checks numpy

@@ -1,6 +1,6 @@
 """benchmarks/fps.py on the CPU: the numbers it divides by and the table it writes.
 
-The GPU runs of this script (benchmarks/RESULTS.md) report each stage next to its floor; the
+The GPU runs of this script (docs/performance.md) report each stage next to its floor; the
 refiner's floor is its FLOP count over the measured matrix rate. These tests check that count
 against what the 14b refiner really executes, and run the whole benchmark on the tiny config
 with every option that changes its output (speculative costs, FP8 errors).

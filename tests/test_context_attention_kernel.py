@@ -1,4 +1,4 @@
-"""On a GPU: the Triton-lang kernel of plugins/ against a float64 reference, over shapes from
+"""On a GPU: the Triton-lang kernel of helios/kernels/ against a float64 reference, over shapes from
 the tiny config to the 14b refiner's, with fresh random inputs and poisoned outputs."""
 
 import pytest

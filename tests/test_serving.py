@@ -116,7 +116,7 @@ def test_server_refuses_numpy_2(monkeypatch):
 
 def test_requested_outputs_keeps_what_was_asked_as_owning_arrays():
     """Stage models answer a BLS caller with its requested outputs only (an unrequested one
-    crashes tritonserver 2.51's stub under Python 3.12; benchmarks/diag/decoupled_check.py)."""
+    crashes tritonserver 2.51's stub under Python 3.12, docs/serving.md)."""
     base = np.arange(6, dtype=np.int32)
     arrays = {"output_ids": base.reshape(1, 1, -1)[..., 1:], "sequence_length": np.array([[5]], np.int32)}
     out = requested_outputs(["output_ids"], arrays)

@@ -1,4 +1,4 @@
-"""Training (issue 7): every stage learns on the CPU, a run resumes exactly, fine-tuning reads a
+"""Training: every stage learns on the CPU, a run resumes exactly, fine-tuning reads a
 folder of mp4 files and reports the bad ones, and the shipped checkpoint follows its prompts."""
 
 import json
@@ -30,6 +30,28 @@ def test_a_few_steps_lower_every_stage_loss(tmp_path):
     cfg = read_config(tmp_path / "ckpt")
     for name in ("vae", "refiner", "ar_backbone", "draft", "text_encoder"):
         load_component(tmp_path / "ckpt", name, cfg)
+
+
+@pytest.mark.parametrize("history_frames", [2, 3])
+def test_training_shows_the_refiner_the_context_inference_gives_it(tmp_path, history_frames):
+    """The anchor and history of a training frame are the frames ContextFrames keeps at
+    inference, with the configuration's history length (14b keeps 3, tiny 2)."""
+    import dataclasses  # noqa: PLC0415
+
+    from helios.schedule import ContextFrames  # noqa: PLC0415
+
+    trainer = Trainer(tmp_path / "ckpt", settings=_settings(1), progress=False)
+    cfg = trainer.cfg
+    trainer.cfg = dataclasses.replace(
+        cfg, refiner=dataclasses.replace(cfg.refiner, history_frames=history_frames))
+    for i in range(8):
+        inference = ContextFrames(history_frames)
+        for j in range(i):
+            inference.push(j)
+        anchor, history = trainer.context_frames(i, lambda j: j)
+        assert (anchor, history) == (inference.anchor, inference.history)
+        assert len(history) == min(max(i - 1, 0), history_frames)
+    assert trainer.context_frames(7, lambda j: j) == (0, list(range(6, 6 - history_frames, -1)))
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):

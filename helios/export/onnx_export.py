@@ -11,7 +11,7 @@ Writes, opset 17, tensor names of the Triton contract where the stage has one:
                            (standard ops: attention as softmax over the concatenated K/V)
   refiner_step.plugin.onnx the same, each attention one helios::ContextAttention node
                            (attributes plugin_namespace "helios", plugin_version "1", scale),
-                           which TensorRT maps to the plugin of plugins/
+                           which TensorRT maps to the plugin of trt_context_attention.py
   vae_decoder.onnx         latent, prev_latent [C, h, w] -> frames UINT8 [4, H, W, 3]
 Dynamic axes: the prompt length L, the context length Nc, the refiner batch B.
 """

@@ -2,5 +2,5 @@
 
 ``context_attention`` is the refiner's custom attention as a Triton-lang kernel. It imports
 nothing else of ``helios`` because the TensorRT plugin registration
-(``export/trt_context_attention.py``) loads it alone, inside TensorRT's engine builder.
+(``helios/export/trt_context_attention.py``) loads it alone, inside TensorRT's engine builder.
 """

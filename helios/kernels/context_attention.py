@@ -104,7 +104,7 @@ def context_attention_aot_kernel(
 
 
 # The tile the AOT kernel is compiled with: the autotuner's pick at all three measured shapes on
-# the H100 (benchmarks/RESULTS.md), 14b at 720p included.
+# the H100 (docs/performance.md), 14b at 720p included.
 AOT_BLOCK_M, AOT_BLOCK_N, AOT_NUM_WARPS, AOT_NUM_STAGES = 64, 64, 4, 3
 
 

@@ -6,6 +6,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.errors import HeliosError
+from helios.refiner import euler_sample
 from helios_triton.stage import load_stage, refiner_call
 
 
@@ -44,12 +45,10 @@ class TritonPythonModel:
             kv = self.refiner.encode_context(call.plan, call.anchor, call.history)
             context_k = torch.stack([k for k, _ in kv]).float().cpu().numpy()
             context_v = torch.stack([v for _, v in kv]).float().cpu().numpy()
-            x = call.noise.float().cpu().numpy()
-            sig = self.refiner.sigmas()
+            noise = call.noise.float().cpu().numpy()
             try:
-                for s, s_next in zip(sig[:-1], sig[1:]):
-                    v = self._step(x, s, context_k, context_v)
-                    x = (x + (s_next - s) * v).astype(np.float32)
+                x = euler_sample(lambda x, i, sigma: self._step(x, sigma, context_k, context_v),
+                                 noise, self.refiner.sigmas()).astype(np.float32)
             except RuntimeError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refiner_step: {e}")))
                 continue
