@@ -134,7 +134,7 @@ def speculative_table(cfg, forwards: dict, med: dict) -> dict:
     """FPS at acceptance 0.5 / 0.7 / 0.9 from the measured costs of a draft step and a
     k-token verification: with per-token acceptance a, a round of k drafts emits
     (1 - a^(k+1)) / (1 - a) tokens on average and costs k draft steps + one verification."""
-    k = cfg.speculative_tokens
+    k = cfg.num_draft_tokens
     draft = statistics.median(forwards["draft_step"]) * 1e3
     verify = statistics.median(forwards["verify"]) * 1e3
     plain = statistics.median(forwards["plain_step"]) * 1e3 if forwards["plain_step"] else None
@@ -157,7 +157,7 @@ def fp8_error(cfg, model, device, seed=0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     prefix = (torch.randn(32, cfg.ar_backbone.hidden_size, generator=gen) * 0.02).to(device, dtype)
-    tokens = torch.randint(0, cfg.ar_backbone.codebook_size, (64,), generator=gen).tolist()
+    tokens = torch.randint(0, cfg.ar_backbone.plan_vocab_size, (64,), generator=gen).tolist()
 
     def logits():
         rt = ARRuntime(model, num_blocks=8, block_size=64, device=device)

@@ -12,7 +12,7 @@ from helios.checkpoint import random_components
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config
 from helios.sampling import SamplingParams
-from helios.schedule import codebook_bias
+from helios.schedule import plan_vocab_bias
 
 
 def main(argv=None):
@@ -26,7 +26,7 @@ def main(argv=None):
     ar = parts["ar_backbone"]
     rt = ARRuntime(ar, None, num_blocks=64, block_size=cfg.kv_block_size, device=dev)
     prefix = torch.randn(40, ar.config.hidden_size, device=dev, dtype=torch.bfloat16)
-    rt.add_sequence(0, prefix, [ar.config.bos_token_id], SamplingParams(seed=0), bias=codebook_bias(ar.config))
+    rt.add_sequence(0, prefix, [ar.config.bos_token_id], SamplingParams(seed=0), bias=plan_vocab_bias(ar.config))
     for _ in range(5):
         rt.step([0])
     torch.cuda.synchronize()

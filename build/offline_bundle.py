@@ -107,6 +107,20 @@ def without_perf_binaries(wheel: Path) -> None:
     wheel.write_bytes(buf.getvalue())
 
 
+def project_wheels(wheels: Path) -> None:
+    """This project and its client as wheels: pure Python, built here from a copy of their
+    sources (setuptools builds in the source folder, and build/ is this folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+        for name in ("helios", "helios_triton", "client"):
+            shutil.copytree(ROOT / name, src / name, ignore=ignore)
+        shutil.copy2(ROOT / "pyproject.toml", src)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(wheels), str(src), str(src / "client")],
+                       check=True)
+
+
 def write_wheels(out: Path, python: str) -> Path:
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -119,17 +133,7 @@ def write_wheels(out: Path, python: str) -> Path:
                     "cp", *plat, "-d", str(wheels), *want], check=True)
     for wheel in wheels.glob("tritonclient-*.whl"):
         without_perf_binaries(wheel)
-    # This project and its client: pure Python, built here from a copy of their sources
-    # (setuptools builds in the source folder, and build/ is this folder).
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-        for name in ("helios", "helios_triton", "client"):
-            shutil.copytree(ROOT / name, src / name, ignore=ignore)
-        shutil.copy2(ROOT / "pyproject.toml", src)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(wheels), str(src), str(src / "client")],
-                       check=True)
+    project_wheels(wheels)
     return wheels
 
 
@@ -160,7 +164,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / ".offline")
     ap.add_argument("--python", default="3.12", help="the GPU host's Python (major.minor)")
+    ap.add_argument("--project-wheels-only", action="store_true",
+                    help="only this project's and its client's wheels, into OUT")
     args = ap.parse_args(argv)
+    if args.project_wheels_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        project_wheels(args.out)
+        return 0
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)

@@ -374,7 +374,8 @@ class ARRuntime:
             out[s] = emitted
         return out
 
-    def decode_round(self, remaining: dict, speculative: dict | bool = False, k: int = 4) -> dict:
+    def decode_round(self, remaining: dict, speculative: dict | bool = False,
+                     num_draft_tokens: int = 4) -> dict:
         """One round for every sequence in ``remaining`` ({seq_id: tokens still wanted}):
         a speculative step for those that asked for it, a plain step for the others, never
         emitting more than a sequence still wants. Returns {seq_id: emitted tokens}.
@@ -386,20 +387,21 @@ class ARRuntime:
             speculative = {s: speculative for s in remaining}
         spec, plain = [], []
         for s, n in remaining.items():
-            kk = min(k, n - 1)
-            if speculative.get(s) and self.draft is not None and kk > 0:
-                spec.append((s, kk))
+            drafts = min(num_draft_tokens, n - 1)
+            if speculative.get(s) and self.draft is not None and drafts > 0:
+                spec.append((s, drafts))
             else:
                 plain.append(s)
         out = {}
         if spec:
-            out.update(self.speculative_step([s for s, _ in spec], [kk for _, kk in spec]))
+            out.update(self.speculative_step([s for s, _ in spec], [d for _, d in spec]))
         if plain:
             out.update(self.step(plain))
         return out
 
     @torch.no_grad()
-    def generate(self, seq_ids: list, n: int, speculative: bool = False, k: int = 4) -> dict:
+    def generate(self, seq_ids: list, n: int, speculative: bool = False,
+                 num_draft_tokens: int = 4) -> dict:
         """Append ``n`` sampled tokens to every sequence; returns {seq_id: those tokens}."""
         if speculative and self.draft is None:
             raise ValueError("speculative decoding needs a draft model")
@@ -408,7 +410,7 @@ class ARRuntime:
             remaining = {s: n - len(done[s]) for s in seq_ids if len(done[s]) < n}
             if not remaining:
                 return done
-            for s, toks in self.decode_round(remaining, speculative, k).items():
+            for s, toks in self.decode_round(remaining, speculative, num_draft_tokens).items():
                 done[s].extend(toks)
 
     def acceptance_rate(self) -> float:

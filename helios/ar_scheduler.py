@@ -54,10 +54,10 @@ class ARJob:
 
 
 class ARScheduler:
-    def __init__(self, runtime: ARRuntime, speculative_tokens: int = 4,
+    def __init__(self, runtime: ARRuntime, num_draft_tokens: int = 4,
                  on_iteration: Callable[[dict], None] | None = None):
         self.runtime = runtime
-        self.k = speculative_tokens
+        self.num_draft_tokens = num_draft_tokens
         self.on_iteration = on_iteration
         self._cond = threading.Condition()
         self._queue: collections.deque[ARJob] = collections.deque()
@@ -73,7 +73,7 @@ class ARScheduler:
     # ---- called from Triton's execute thread -------------------------------------------
     def blocks_for(self, job: ARJob) -> int:
         """Blocks of the target pool the job can use at most (the draft pool mirrors it)."""
-        extra = self.k + 1 if job.speculative and self.runtime.draft is not None else 0
+        extra = self.num_draft_tokens + 1 if job.speculative and self.runtime.draft is not None else 0
         return math.ceil((job.max_length + extra) / self.runtime.cache.block_size)
 
     def submit(self, job: ARJob) -> None:
@@ -174,7 +174,8 @@ class ARScheduler:
             return
         try:
             out = self.runtime.decode_round({j.seq_id: j.remaining for j in live},
-                                            {j.seq_id: j.speculative for j in live}, self.k)
+                                            {j.seq_id: j.speculative for j in live},
+                                            self.num_draft_tokens)
         except Exception as e:  # never leave a stream hanging: fail the batch, go on
             log.exception("decode round failed")
             for job in live:

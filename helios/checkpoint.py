@@ -48,11 +48,9 @@ def check_config(cfg: HeliosConfig) -> None:
     ar, dr, te, rf = cfg.ar_backbone, cfg.draft, cfg.text_encoder, cfg.refiner
     need(te.ar_hidden_size == ar.hidden_size, "text_encoder.ar_hidden_size != ar_backbone.hidden_size")
     need(te.draft_hidden_size == dr.hidden_size, "text_encoder.draft_hidden_size != draft.hidden_size")
-    need(dr.codebook_size == ar.codebook_size == rf.plan_vocab_size,
-         "codebook sizes differ (the AR's and the draft's codebook_size is the refiner's "
-         "codebook_size plus its geometry bins)")
+    need(dr.plan_vocab_size == ar.plan_vocab_size == rf.plan_vocab_size,
+         "plan_vocab_size differs between ar_backbone, draft and refiner")
     need(rf.region_tokens > 0, "the refiner needs at least one region token a frame")
-    need(rf.plan_tokens_per_frame == cfg.plan_tokens_per_frame, "plan_tokens_per_frame differs")
     need(rf.latent_channels == cfg.vae.latent_channels, "latent_channels differ")
     need(cfg.max_ar_positions() <= ar.max_position_embeddings,
          "the AR context window exceeds max_position_embeddings")
@@ -148,6 +146,8 @@ def write_index(cfg: HeliosConfig, out: Path) -> None:
 def read_config(path: str | Path) -> HeliosConfig:
     path = Path(path)
     index_file = path / "model_index.json"
+    if path.exists() and not path.is_dir():
+        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} is a file")
     if not path.is_dir():
         raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} does not exist")
     if not index_file.is_file():

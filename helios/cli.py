@@ -14,11 +14,9 @@ from pathlib import Path
 
 from .errors import HeliosError
 from .settings import from_environment
+from .training import FINETUNE_STEPS, PHASES, TrainSettings
 
 EXIT_BAD_INPUT = 2
-_STAGES = ("vae", "refiner", "decoder", "ar", "draft")  # helios.train.STAGES, without importing torch
-# Fine-tuning on a folder of videos takes fewer steps than training from scratch.
-FINETUNE_STEPS = {"vae": 200, "refiner": 300, "decoder": 100, "ar": 300, "draft": 100}
 
 
 # The trained tiny checkpoint that ships with the source tree.
@@ -88,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speculative", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("train", help="train every stage, or fine-tune a checkpoint on videos")
+    p = sub.add_parser("train", help="train every phase, or fine-tune a checkpoint on videos")
     p.add_argument("--out", required=True, help="output checkpoint folder (resumes if it exists)")
     p.add_argument("--config", default=None,
                    help="configuration (default: tiny from scratch, the --init checkpoint's "
@@ -98,13 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="folder of videos with .txt caption sidecars or a captions.csv "
                         "(default: synthetic captioned clips)")
-    p.add_argument("--stages", default=",".join(_STAGES), help="comma-separated subset of "
-                   + ",".join(_STAGES))
-    p.add_argument("--steps", default="", help="steps per stage, e.g. vae=200,ar=300")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of "
+                   + ",".join(PHASES))
+    p.add_argument("--steps", default="", help="steps per phase, e.g. vae=200,ar=300")
     p.add_argument("--bank-clips", type=_int("bank_clips"), default=None,
-                   help="clips encoded into the latent bank for the refiner/AR/draft stages")
+                   help="clips encoded into the latent bank for the refiner/AR/draft phases")
     p.add_argument("--caption-dropout", type=_float("caption_dropout"), default=None,
-                   help="AR stage: chance that each colour / shape word of a synthetic caption "
+                   help="AR phase: chance that each colour / shape word of a synthetic caption "
                         "is left out (default 0.25)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int("seed"), default=0)
@@ -209,8 +207,8 @@ def _steps(text: str) -> dict[str, int]:
     out = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in _STAGES or not value.isdigit() or int(value) < 1:
-            raise HeliosError("steps", f"must be STAGE=N pairs with STAGE in {list(_STAGES)} and "
+        if name not in PHASES or not value.isdigit() or int(value) < 1:
+            raise HeliosError("steps", f"must be PHASE=N pairs with PHASE in {list(PHASES)} and "
                                        f"N >= 1, got {item!r}")
         out[name] = int(value)
     return out
@@ -219,13 +217,13 @@ def _steps(text: str) -> dict[str, int]:
 def cmd_train(args) -> None:
     import torch  # noqa: PLC0415
 
-    from .train import Trainer, TrainSettings  # noqa: PLC0415
+    from .training.trainer import Trainer  # noqa: PLC0415
 
-    stages = [s for s in args.stages.split(",") if s]
-    bad = [s for s in stages if s not in _STAGES]
-    if bad or not stages:
-        raise HeliosError("stages", f"must be a comma-separated subset of {list(_STAGES)}, "
-                                    f"got {args.stages!r}")
+    phases = [s for s in args.phases.split(",") if s]
+    bad = [s for s in phases if s not in PHASES]
+    if bad or not phases:
+        raise HeliosError("phases", f"must be a comma-separated subset of {list(PHASES)}, "
+                                    f"got {args.phases!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise HeliosError("device", "must be 'cpu' here: CUDA is not available")
     settings = TrainSettings()
@@ -248,10 +246,10 @@ def cmd_train(args) -> None:
               file=sys.stderr)
         for name, why in rejected:
             print(f"helios: skipped {name}: {why}", file=sys.stderr)
-    losses = trainer.run(stages)
-    for stage, values in losses.items():
+    losses = trainer.run(phases)
+    for phase, values in losses.items():
         k = max(1, len(values) // 10)
-        print(f"{stage}: loss {sum(values[:k]) / k:.4f} -> {sum(values[-k:]) / k:.4f} "
+        print(f"{phase}: loss {sum(values[:k]) / k:.4f} -> {sum(values[-k:]) / k:.4f} "
               f"over {len(values)} steps")
     print(f"wrote checkpoint to {args.out}")
 

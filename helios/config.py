@@ -12,8 +12,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-# Plan-token vocabulary: codebook ids come first, then the special tokens.
+# The AR's vocabulary: the plan vocabulary (``plan_vocab_size`` ids: the refiner's learned
+# codebook rows, then its geometry bins) comes first, then the special tokens.
 NUM_SPECIAL_TOKENS = 3  # pad, begin-of-video, end-of-video
+
+# Config fields under their earlier names, read from older checkpoints.
+_RENAMED = {"speculative_tokens": "num_draft_tokens", "codebook_size": "plan_vocab_size"}
+
+
+def _renamed(d: dict) -> dict:
+    return {_RENAMED.get(k, k): v for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,8 @@ class ARConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 344
-    codebook_size: int = 256
+    # Plan-token ids the model generates (the refiner's ``plan_vocab_size``).
+    plan_vocab_size: int = 256
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -51,7 +60,7 @@ class ARConfig:
 
     @property
     def vocab_size(self) -> int:
-        return self.codebook_size + NUM_SPECIAL_TOKENS
+        return self.plan_vocab_size + NUM_SPECIAL_TOKENS
 
     @property
     def head_dim(self) -> int:
@@ -59,15 +68,15 @@ class ARConfig:
 
     @property
     def pad_token_id(self) -> int:
-        return self.codebook_size
+        return self.plan_vocab_size
 
     @property
     def bos_token_id(self) -> int:
-        return self.codebook_size + 1
+        return self.plan_vocab_size + 1
 
     @property
     def eos_token_id(self) -> int:
-        return self.codebook_size + 2
+        return self.plan_vocab_size + 2
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` that ``transformers.LlamaForCausalLM`` and TensorRT-LLM read."""
@@ -95,19 +104,20 @@ class ARConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
-            # Helios' own field, ignored by transformers: the codebook part of the vocabulary.
-            "codebook_size": self.codebook_size,
+            # Helios' own field, ignored by transformers: the plan part of the vocabulary.
+            "plan_vocab_size": self.plan_vocab_size,
         }
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ARConfig":
+        d = _renamed(d)
         return cls(
             hidden_size=d["hidden_size"],
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d["num_key_value_heads"],
             intermediate_size=d["intermediate_size"],
-            codebook_size=d["codebook_size"],
+            plan_vocab_size=d["plan_vocab_size"],
             max_position_embeddings=d["max_position_embeddings"],
             rope_theta=d["rope_theta"],
             rms_norm_eps=d["rms_norm_eps"],
@@ -178,13 +188,12 @@ class HeliosConfig:
     height: int = 128
     width: int = 128
     fps: int = 24
-    plan_tokens_per_frame: int = 8
     # AR context: text prefix, begin-of-video, then at most this many latent frames of plan
     # tokens. Frames follow each other with no separator: every plan_tokens_per_frame tokens.
     ar_context_frames: int = 8
     max_duration_s: float = 120.0
     kv_block_size: int = 16
-    speculative_tokens: int = 4
+    num_draft_tokens: int = 4  # tokens the draft proposes per speculative round
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     ar_backbone: ARConfig = field(default_factory=ARConfig)
     draft: ARConfig = field(default_factory=lambda: ARConfig(
@@ -192,6 +201,11 @@ class HeliosConfig:
         intermediate_size=172))
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+
+    @property
+    def plan_tokens_per_frame(self) -> int:
+        """Plan tokens per latent frame: the refiner's (the AR generates what it reads)."""
+        return self.refiner.plan_tokens_per_frame
 
     @property
     def latent_height(self) -> int:
@@ -216,17 +230,19 @@ class HeliosConfig:
         # prefix (bytes + begin/end of text) + begin-of-video + a full window of frames + the
         # draft tokens a speculative verification holds for a moment past the window.
         return (self.text_encoder.max_prompt_bytes + 2 + 1
-                + self.ar_context_frames * self.plan_tokens_per_frame + self.speculative_tokens + 1)
+                + self.ar_context_frames * self.plan_tokens_per_frame + self.num_draft_tokens + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeliosConfig":
-        d = dict(d)
+        d = _renamed(d)
+        # Older checkpoints stored plan_tokens_per_frame here too; the refiner's is the one.
+        d.pop("plan_tokens_per_frame", None)
         d["text_encoder"] = TextEncoderConfig(**d["text_encoder"])
-        d["ar_backbone"] = ARConfig(**d["ar_backbone"])
-        d["draft"] = ARConfig(**d["draft"])
+        d["ar_backbone"] = ARConfig(**_renamed(d["ar_backbone"]))
+        d["draft"] = ARConfig(**_renamed(d["draft"]))
         d["refiner"] = RefinerConfig(**d["refiner"])
         d["vae"] = VAEConfig(**d["vae"])
         return cls(**d)
@@ -240,10 +256,9 @@ def _tiny() -> HeliosConfig:
     plan = 8 + len(geometry)
     vocab = 256 + sum(geometry)
     return HeliosConfig(
-        plan_tokens_per_frame=plan,
-        ar_backbone=ARConfig(codebook_size=vocab),
+        ar_backbone=ARConfig(plan_vocab_size=vocab),
         draft=ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=172, codebook_size=vocab),
+                       num_key_value_heads=2, intermediate_size=172, plan_vocab_size=vocab),
         refiner=RefinerConfig(plan_tokens_per_frame=plan, geometry_bins=geometry))
 
 
@@ -263,21 +278,20 @@ def _14b() -> HeliosConfig:
         height=720,
         width=1280,
         fps=24,
-        plan_tokens_per_frame=plan,
         ar_context_frames=context_frames,
         max_duration_s=120.0,
         kv_block_size=64,
-        speculative_tokens=4,
+        num_draft_tokens=4,
         text_encoder=TextEncoderConfig(
             hidden_size=2048, num_layers=20, num_heads=16, intermediate_size=8192,
             max_prompt_bytes=max_prompt, ar_hidden_size=5120, draft_hidden_size=1024),
         ar_backbone=ARConfig(
             hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-            num_key_value_heads=8, intermediate_size=13824, codebook_size=codebook,
+            num_key_value_heads=8, intermediate_size=13824, plan_vocab_size=codebook,
             max_position_embeddings=max(1024, max_pos)),
         draft=ARConfig(
             hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=4, intermediate_size=2816, codebook_size=codebook,
+            num_key_value_heads=4, intermediate_size=2816, plan_vocab_size=codebook,
             max_position_embeddings=max(1024, max_pos)),
         refiner=RefinerConfig(
             hidden_size=2048, num_layers=20, num_heads=16, latent_channels=16, patch_size=2,
@@ -299,8 +313,7 @@ CONFIGS = {"tiny": _tiny, "14b": _14b, "14b-384p": _14b_384p}
 def with_plan_tokens(cfg: HeliosConfig, n: int) -> HeliosConfig:
     """``cfg`` with ``n`` plan tokens per latent frame (the AR's output and the refiner's
     conditioning change together; parameter counts do not)."""
-    return dataclasses.replace(cfg, plan_tokens_per_frame=n,
-                               refiner=dataclasses.replace(cfg.refiner, plan_tokens_per_frame=n))
+    return dataclasses.replace(cfg, refiner=dataclasses.replace(cfg.refiner, plan_tokens_per_frame=n))
 
 
 def get_config(name: str) -> HeliosConfig:

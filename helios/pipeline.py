@@ -173,7 +173,7 @@ class HeliosPipeline:
             while remaining:
                 with self._ar_lock:
                     new = self.ar.decode_round({seq: remaining}, speculative,
-                                               self.config.speculative_tokens)[seq]
+                                               self.config.num_draft_tokens)[seq]
                 remaining -= len(new)
                 yield new
 

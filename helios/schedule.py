@@ -74,15 +74,22 @@ class Segment:
     new: int
 
 
+def segment_keep(window: int) -> int:
+    """Latent frames of plan tokens a segment after the first keeps of the one before: the
+    newest half of the window (the older half is dropped, and the kept frames are re-encoded
+    at their new positions once per half-window). Training shows the AR exactly these
+    continuation windows."""
+    return window - max(1, window // 2)
+
+
 def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segment]:
     """Split a video into AR segments so that the context never exceeds the window.
 
-    A segment fills the window; the next keeps its newest half (the older half is dropped, and
-    the kept frames are re-encoded at their new positions once per half-window). ``given``
+    A segment fills the window; the next keeps ``segment_keep`` of its frames. ``given``
     frames (image-to-video) start the first segment's context.
     """
     window = cfg.ar_context_frames
-    keep_after = window - max(1, window // 2)
+    keep_after = segment_keep(window)
     segments, done, kept = [], given, given
     while done < num_latent:
         new = min(window - kept, num_latent - done)
@@ -92,11 +99,11 @@ def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segm
     return segments
 
 
-def codebook_bias(ar_cfg) -> torch.Tensor:
+def plan_vocab_bias(ar_cfg) -> torch.Tensor:
     """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
     bias = torch.zeros(ar_cfg.vocab_size)
     # A large finite value, not -inf: TensorRT-LLM adds this bias inside its sampling kernels.
-    bias[ar_cfg.codebook_size:] = -1e9
+    bias[ar_cfg.plan_vocab_size:] = -1e9
     return bias
 
 
@@ -104,10 +111,10 @@ def plan_bias(cfg: HeliosConfig) -> torch.Tensor:
     """[slots, vocab] logit bias of a frame's plan tokens: with geometry tokens, each slot of
     the frame is kept to its own ids (region slots to the codebook, the row slot to the row
     bins, ...), so that a sampled region code never lands in a geometry slot, after which the
-    AR loses the frame layout (docs/training.md). Without: ``codebook_bias``, one
+    AR loses the frame layout (docs/training.md). Without: ``plan_vocab_bias``, one
     row. The AR runtime applies row j to the generated tokens j, j + slots, ...; generation
     always starts at a frame's first slot."""
-    bias = codebook_bias(cfg.ar_backbone)
+    bias = plan_vocab_bias(cfg.ar_backbone)
     rf = cfg.refiner
     if not rf.geometry_bins:
         return bias[None]
@@ -145,6 +152,16 @@ class ContextFrames:
             self.history = [latent, *self.history][:self.history_frames]
 
 
+def check_image(image) -> np.ndarray:
+    """The first frame of image-to-video: a uint8 RGB array [H, W, 3], H and W >= 8."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
+            or min(image.shape[:2]) < 8:
+        raise HeliosError("image", f"must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
+                                   f"got {image.dtype} {list(image.shape)}")
+    return image
+
+
 def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,
                      seed=0, temperature=0.7, top_k=0, top_p=1.0, image=None,
                      speculative=True) -> VideoRequest:
@@ -170,12 +187,7 @@ def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=N
                             int(top_k) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else top_k,
                             float(top_p) if isinstance(top_p, (int, float)) else top_p,
                             int(seed)).validate()
-    if image is not None:
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
-                or min(image.shape[:2]) < 8:
-            raise HeliosError("image", f"must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
-                                       f"got {image.dtype} {list(image.shape)}")
+    image = None if image is None else check_image(image)
     return VideoRequest(prompt, int(num_frames), int(fps), params, image, bool(speculative))
 
 

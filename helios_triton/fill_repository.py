@@ -66,7 +66,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "ar_weight_quantization": "fp8" if ar_fp8 else "none",
         "refiner_weight_quantization": "fp8" if refiner_fp8 else "none",
         "speculative_decoding_mode": "draft_target" if speculative else "none",
-        "num_draft_tokens": str(cfg.speculative_tokens),
+        "num_draft_tokens": str(cfg.num_draft_tokens),
         "speculative": "on" if speculative else "off",
         # Decoding beside the next rendering pays on a GPU (+8 % at one stream on the H100)
         # and costs on a CPU, where both stages share the same cores (tiny, 2 cores: 66 ->

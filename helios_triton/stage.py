@@ -55,6 +55,14 @@ def process_settings() -> Settings:
     return settings
 
 
+def prompt_text(raw) -> str:
+    """A BYTES ``PROMPT`` element as text; HeliosError naming PROMPT if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise HeliosError("PROMPT", "must be valid UTF-8 text") from None
+
+
 def requested_outputs(wanted, arrays: dict) -> dict:
     """The entries of {output name: array} named in ``wanted`` (a request's
     ``requested_output_names()``; empty means all), each a fresh C-order
@@ -101,6 +109,28 @@ def compile_batches(value: str) -> bool | frozenset[int]:
         pass
     raise HeliosError("torch_compile",
                       f"must be off, on or batch sizes >= 1 such as 1,2, got {value!r}")
+
+
+def kv_pool_blocks(params: dict, device: torch.device, dtype: torch.dtype, block: int,
+                   *models) -> int:
+    """max_tokens_in_paged_kv_cache, or on a GPU the kv_cache_free_gpu_mem_fraction of the
+    free memory (the smaller of the two when both are set), as in TensorRT-LLM."""
+    tokens = int(params.get("max_tokens_in_paged_kv_cache") or 0)
+    blocks = tokens // block if tokens else None
+    fraction = float(params.get("kv_cache_free_gpu_mem_fraction") or 0)
+    if device.type == "cuda" and fraction > 0:
+        per_token = 0
+        for m in models:
+            if m is not None:
+                c = m.config
+                per_token += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+        per_block = per_token * block * torch.finfo(dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(device)
+        by_memory = int(free * fraction) // per_block
+        blocks = by_memory if blocks is None else min(blocks, by_memory)
+    if not blocks:
+        raise HeliosError("max_tokens_in_paged_kv_cache", "must be set (> 0) on a CPU")
+    return blocks
 
 
 @dataclass

@@ -10,14 +10,14 @@ from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
 from helios.errors import CachePoolExhausted
 from helios.kv_cache import ContiguousKVCache, PagedKVCache
-from helios.schedule import codebook_bias
+from helios.schedule import plan_vocab_bias
 from helios.sampling import SamplingParams, probabilities, speculative_accept
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=160, codebook_size=48, max_position_embeddings=256)
-BIAS = codebook_bias(CFG)
+               intermediate_size=160, plan_vocab_size=48, max_position_embeddings=256)
+BIAS = plan_vocab_bias(CFG)
 DRAFT = ARConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                 intermediate_size=64, codebook_size=48, max_position_embeddings=256)
+                 intermediate_size=64, plan_vocab_size=48, max_position_embeddings=256)
 
 
 def _model(cfg, seed):
@@ -53,7 +53,7 @@ def test_kv_cache_matches_recompute():
         torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
         rt.step(["a"])
     assert len(rt.tokens("a")) == 21
-    assert max(rt.tokens("a")[1:]) < CFG.codebook_size  # the bias kept out special tokens
+    assert max(rt.tokens("a")[1:]) < CFG.plan_vocab_size  # the bias kept out special tokens
 
 
 def test_paged_equals_contiguous():
@@ -118,7 +118,7 @@ def test_greedy_speculative_equals_greedy_plain():
     spec = ARRuntime(model, draft, num_blocks=32, block_size=8)
     spec.add_sequence(0, prefix, [CFG.bos_token_id], greedy, dprefix, bias=BIAS)
     a = plain.generate([0], 40)[0]
-    b = spec.generate([0], 40, speculative=True, k=4)[0]
+    b = spec.generate([0], 40, speculative=True, num_draft_tokens=4)[0]
     assert a == b
     assert spec.stats["draft_tokens"] > 0
     # Verification forwards replace plain ones: fewer target forwards than tokens.
@@ -251,7 +251,7 @@ def test_slot_bias_keeps_every_token_in_its_slot(speculative):
     rt = ARRuntime(model, num_blocks=64, block_size=8, draft=draft if speculative else None)
     rt.add_sequence(0, prefix, [CFG.bos_token_id], SamplingParams(temperature=2.0, seed=5),
                     dprefix, bias=_slot_bias())
-    toks = rt.generate([0], 30, speculative=speculative, k=3)[0][:30]
+    toks = rt.generate([0], 30, speculative=speculative, num_draft_tokens=3)[0][:30]
     ranges = [(0, 32), (32, 40), (40, 48)]
     assert all(ranges[i % 3][0] <= t < ranges[i % 3][1] for i, t in enumerate(toks)), toks
     assert len({t for t in toks[::3]}) > 3  # sampled, not pinned: the rows only mask
@@ -260,7 +260,7 @@ def test_slot_bias_keeps_every_token_in_its_slot(speculative):
     plain.add_sequence(0, prefix, [CFG.bos_token_id], greedy, bias=_slot_bias())
     spec = ARRuntime(model, num_blocks=64, block_size=8, draft=draft)
     spec.add_sequence(0, prefix, [CFG.bos_token_id], greedy, dprefix, bias=_slot_bias())
-    assert plain.generate([0], 24)[0][:24] == spec.generate([0], 24, speculative=True, k=3)[0][:24]
+    assert plain.generate([0], 24)[0][:24] == spec.generate([0], 24, speculative=True, num_draft_tokens=3)[0][:24]
 
 
 def test_plan_bias_of_the_tiny_config():

@@ -80,7 +80,8 @@ def test_missing_and_mismatched_checkpoint(tiny_checkpoint, tmp_path, capsys):
     assert capsys.readouterr().err == ("helios: error: config must match the checkpoint's "
                                        "configuration 'tiny', got '14b'\n")
     assert main(["info", "--config", "huge"]) == 2
-    assert capsys.readouterr().err == "helios: error: config must be one of ['14b', 'tiny'], got 'huge'\n"
+    assert capsys.readouterr().err == ("helios: error: config must be one of ['14b', '14b-384p', 'tiny'], "
+                                       "got 'huge'\n")
 
 
 def test_cli_process_prints_one_line_without_traceback(tiny_checkpoint):

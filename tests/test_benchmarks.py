@@ -61,7 +61,7 @@ def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path):
     assert all(v > 0 for v in r["median_ms"].values())
 
     spec = r["speculative_costs"]
-    k, n = cfg.speculative_tokens, cfg.plan_tokens_per_frame
+    k, n = cfg.num_draft_tokens, cfg.plan_tokens_per_frame
     assert spec["k"] == k and spec["draft_step_ms"] > 0 and spec["verify_ms"] > 0
     assert 0 <= spec["measured_acceptance"] <= 1
     assert [row["acceptance"] for row in spec["table"]] == [0.5, 0.7, 0.9]

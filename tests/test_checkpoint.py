@@ -61,6 +61,32 @@ def _expect(path, message):
     assert e.value.field == "checkpoint"
 
 
+def test_a_checkpoint_written_under_earlier_config_names_loads(tiny_checkpoint, tmp_path):
+    """Checkpoints written before the config fields were renamed (speculative_tokens ->
+    num_draft_tokens; the AR's codebook_size -> plan_vocab_size; plan_tokens_per_frame stored
+    beside the refiner's) read as the same configuration."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    index = json.loads((old / "model_index.json").read_text())
+    cfg = index["config"]
+    cfg["speculative_tokens"] = cfg.pop("num_draft_tokens")
+    cfg["plan_tokens_per_frame"] = cfg["refiner"]["plan_tokens_per_frame"]
+    for part in ("ar_backbone", "draft"):
+        cfg[part]["codebook_size"] = cfg[part].pop("plan_vocab_size")
+        component = json.loads((old / part / "config.json").read_text())
+        component["codebook_size"] = component.pop("plan_vocab_size")
+        (old / part / "config.json").write_text(json.dumps(component))
+    (old / "model_index.json").write_text(json.dumps(index))
+    assert read_config(old) == read_config(tiny_checkpoint)
+    load_component(old, "ar_backbone", read_config(old))
+
+
+def test_a_file_given_as_checkpoint_is_named_a_file(tmp_path):
+    (tmp_path / "README.md").write_text("not a checkpoint")
+    with pytest.raises(HeliosError, match="must be a checkpoint folder, .*README.md' is a file"):
+        read_config(tmp_path / "README.md")
+
+
 def test_missing_checkpoint_folder(tmp_path):
     p = tmp_path / "nope"
     _expect(p, f"checkpoint must be a checkpoint folder, '{p}' does not exist")

@@ -9,7 +9,7 @@ from helios.ar_backbone import ARBackbone
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config
 from helios.sampling import SamplingParams
-from helios.schedule import codebook_bias
+from helios.schedule import plan_vocab_bias
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -29,7 +29,7 @@ def test_cuda_graph_decode_matches_eager(batch, compiled):
     for rt in (graph, eager):
         for i in ids:
             prefix = torch.randn(5 + 7 * i, cfg.hidden_size, generator=torch.Generator().manual_seed(i))
-            rt.add_sequence(i, prefix, [cfg.bos_token_id], SamplingParams(seed=i), bias=codebook_bias(cfg))
+            rt.add_sequence(i, prefix, [cfg.bos_token_id], SamplingParams(seed=i), bias=plan_vocab_bias(cfg))
     with torch.no_grad():
         for step in range(40):  # crosses several 16-position blocks
             assert graph._static_fits(ids) == (step > 0)  # the prefill goes the general way
@@ -41,8 +41,8 @@ def test_cuda_graph_decode_matches_eager(batch, compiled):
             rel = ((g - e).norm() / e.norm()).item()
             assert rel < 2e-2, (step, rel)
             for i, tok in zip(ids, e.argmax(-1).tolist()):
-                graph.seqs[i].tokens.append(tok % cfg.codebook_size)
-                eager.seqs[i].tokens.append(tok % cfg.codebook_size)
+                graph.seqs[i].tokens.append(tok % cfg.plan_vocab_size)
+                eager.seqs[i].tokens.append(tok % cfg.plan_vocab_size)
     assert graph._static[batch].graph is not None
     assert graph._static[batch].compiled == compiled
 

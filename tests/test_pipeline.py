@@ -53,7 +53,7 @@ def test_long_video_keeps_memory_bounded(pipe):
     n_latent = 3 * cfg.ar_context_frames
     req = validate_request(cfg, PROMPT, num_frames=n_latent * 4, seed=0)
     free0 = pipe.ar.cache.num_free_blocks
-    bound = -(-(cfg.max_ar_positions() + cfg.speculative_tokens + 1) // cfg.kv_block_size)
+    bound = -(-(cfg.max_ar_positions() + cfg.num_draft_tokens + 1) // cfg.kv_block_size)
     peak, count = 0, 0
     for _ in pipe.latents(req):
         count += 1

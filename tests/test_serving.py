@@ -12,12 +12,12 @@ from helios.ar_runtime import ARRuntime
 from helios.config import ARConfig
 from helios.errors import HeliosError
 from helios.sampling import SamplingParams
-from helios.schedule import codebook_bias
+from helios.schedule import plan_vocab_bias
 from helios.ar_scheduler import ARJob, ARScheduler
 from helios_triton.stage import compile_batches, requested_outputs
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=128, codebook_size=32, max_position_embeddings=256)
+               intermediate_size=128, plan_vocab_size=32, max_position_embeddings=256)
 
 
 def _model():
@@ -42,7 +42,7 @@ class _Collector:
 
 def _job(rid, seed, n, col, prefix_len=4):
     prefix = torch.randn(prefix_len, CFG.hidden_size, generator=torch.Generator().manual_seed(seed))
-    return ARJob(rid, prefix, None, [CFG.bos_token_id], n, SamplingParams(seed=seed), codebook_bias(CFG),
+    return ARJob(rid, prefix, None, [CFG.bos_token_id], n, SamplingParams(seed=seed), plan_vocab_bias(CFG),
                  False, col.emit, col.finish)
 
 

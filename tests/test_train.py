@@ -1,4 +1,4 @@
-"""Training: every stage learns on the CPU, a run resumes exactly, fine-tuning reads a
+"""Training: every phase learns on the CPU, a run resumes exactly, fine-tuning reads a
 folder of mp4 files and reports the bad ones, and the shipped checkpoint follows its prompts."""
 
 import json
@@ -10,22 +10,25 @@ import torch
 from helios.checkpoint import load_component, read_config
 from helios.cli import SHIPPED_CHECKPOINT, main
 from helios.data import MOTIONS, ClipSpec, ObjectSpec, render_clip
-from helios.train import STAGES, Trainer, TrainSettings
+from helios.training import PHASES, TrainSettings
+from helios.training import vae as vae_phases
+from helios.training.refiner import context_frames
+from helios.training.trainer import Trainer
 
 
 def _settings(steps: int, **kw) -> TrainSettings:
-    return TrainSettings(steps={s: steps for s in STAGES},
+    return TrainSettings(steps={s: steps for s in PHASES},
                          batch={"vae": 2, "refiner": 8, "decoder": 2, "ar": 8, "draft": 8},
                          bank_clips=12, save_every=kw.pop("save_every", 1000), **kw)
 
 
-def test_a_few_steps_lower_every_stage_loss(tmp_path):
+def test_a_few_steps_lower_every_phase_loss(tmp_path):
     torch.manual_seed(0)
     losses = Trainer(tmp_path / "ckpt", settings=_settings(30), progress=False).run()
-    assert set(losses) == set(STAGES)
-    for stage, values in losses.items():
+    assert set(losses) == set(PHASES)
+    for phase, values in losses.items():
         first, last = np.mean(values[:5]), np.mean(values[-5:])
-        assert last < first, (stage, first, last)
+        assert last < first, (phase, first, last)
     # The output folder is a complete checkpoint with the trained components.
     cfg = read_config(tmp_path / "ckpt")
     for name in ("vae", "refiner", "ar_backbone", "draft", "text_encoder"):
@@ -48,24 +51,24 @@ def test_training_shows_the_refiner_the_context_inference_gives_it(tmp_path, his
         inference = ContextFrames(history_frames)
         for j in range(i):
             inference.push(j)
-        anchor, history = trainer.context_frames(i, lambda j: j)
+        anchor, history = context_frames(trainer, i, lambda j: j)
         assert (anchor, history) == (inference.anchor, inference.history)
         assert len(history) == min(max(i - 1, 0), history_frames)
-    assert trainer.context_frames(7, lambda j: j) == (0, list(range(6, 6 - history_frames, -1)))
+    assert context_frames(trainer, 7, lambda j: j) == (0, list(range(6, 6 - history_frames, -1)))
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     straight = Trainer(tmp_path / "a", settings=_settings(6), progress=False)
     straight.run(["vae"])
-    calls, vae_loss = [], Trainer.vae_loss
+    calls, vae_loss = [], vae_phases.vae_loss
 
-    def killed_at_step_4(self, *a):
+    def killed_at_step_4(*a):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return vae_loss(self, *a)
+        return vae_loss(*a)
 
-    monkeypatch.setattr(Trainer, "vae_loss", killed_at_step_4)
+    monkeypatch.setattr(vae_phases, "vae_loss", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         Trainer(tmp_path / "b", settings=_settings(6, save_every=3), progress=False).run(["vae"])
     monkeypatch.undo()
@@ -110,13 +113,13 @@ def test_fine_tuning_on_a_folder_reports_bad_files(tmp_path, tiny_checkpoint, ca
 
 
 def test_train_rejects_bad_arguments(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "x"), "--stages", "vae,unet"]) == 2
+    assert main(["train", "--out", str(tmp_path / "x"), "--phases", "vae,unet"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "helios: error: stages must be a comma-separated subset of "
+        "helios: error: phases must be a comma-separated subset of "
         "['vae', 'refiner', 'decoder', 'ar', 'draft'], got 'vae,unet'")
     assert main(["train", "--out", str(tmp_path / "x"), "--steps", "vae=0"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "helios: error: steps must be STAGE=N pairs with STAGE in ['vae', 'refiner', 'decoder', "
+        "helios: error: steps must be PHASE=N pairs with PHASE in ['vae', 'refiner', 'decoder', "
         "'ar', 'draft'] and N >= 1, got 'vae=0'")
     assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nowhere")]) == 2
     assert "helios: error: data must be a folder of videos" in capsys.readouterr().err

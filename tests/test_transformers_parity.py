@@ -27,7 +27,7 @@ def test_llama_for_causal_lm_matches_our_logits(tiny_checkpoint, exported_llama,
     cfg = ours.config
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randn(6, cfg.hidden_size, generator=gen)
-    tokens = [cfg.bos_token_id] + torch.randint(0, cfg.codebook_size, (10,), generator=gen).tolist()
+    tokens = [cfg.bos_token_id] + torch.randint(0, cfg.plan_vocab_size, (10,), generator=gen).tolist()
 
     # transformers: the whole sequence at once, prefix rows as inputs_embeds.
     embeds = torch.cat([prefix, hf.model.embed_tokens(torch.tensor(tokens))])[None]

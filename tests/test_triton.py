@@ -307,4 +307,4 @@ def test_client_fps_counts_the_ar_rounds_of_each_level(server, tiny_config, tmp_
     tokens = -(-round(0.5 * cfg.fps) // cfg.frames_per_latent) * cfg.plan_tokens_per_frame
     for row in rows:
         assert row["failed"] == 0 and all(s["frames"] == round(0.5 * cfg.fps) for s in row["streams"])
-        assert tokens / (1 + cfg.speculative_tokens) <= row["ar_rounds"] <= tokens * row["concurrency"]
+        assert tokens / (1 + cfg.num_draft_tokens) <= row["ar_rounds"] <= tokens * row["concurrency"]

@@ -19,8 +19,8 @@ from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
-from helios_triton.stage import (compile_batches, model_device, model_dtype, model_parameters,
-                                 process_settings, requested_outputs)
+from helios_triton.stage import (compile_batches, kv_pool_blocks, model_device, model_dtype,
+                                 model_parameters, process_settings, requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -50,7 +50,7 @@ class TritonPythonModel:
         draft = load_component(ckpt, "draft", self.config, self.device, dtype) if speculative else None
         self.vocab_size = model.config.vocab_size
         block = int(params.get("kv_cache_block_size", self.config.kv_block_size))
-        num_blocks = self._pool_blocks(model, draft, block, params, dtype)
+        num_blocks = kv_pool_blocks(params, self.device, dtype, block, model, draft)
         runtime = ARRuntime(model, draft, num_blocks=num_blocks, block_size=block, device=self.device,
                             cuda_graphs=params.get("cuda_graphs", "on") == "on" and settings.cuda_graphs,
                             max_positions=self.config.max_ar_positions(),
@@ -71,26 +71,6 @@ class TritonPythonModel:
             f"ar_backbone: {num_blocks} KV blocks of {block} tokens on {self.device}, "
             f"speculative decoding {'on' if speculative else 'off'}, weights "
             f"{params.get('weight_quantization', 'none')}")
-
-    def _pool_blocks(self, model, draft, block, params, dtype) -> int:
-        """max_tokens_in_paged_kv_cache, or on a GPU the kv_cache_free_gpu_mem_fraction of the
-        free memory (the smaller of the two when both are set), as in TensorRT-LLM."""
-        tokens = int(params.get("max_tokens_in_paged_kv_cache") or 0)
-        blocks = tokens // block if tokens else None
-        fraction = float(params.get("kv_cache_free_gpu_mem_fraction") or 0)
-        if self.device.type == "cuda" and fraction > 0:
-            per_token = 0
-            for m in (model, draft):
-                if m is not None:
-                    c = m.config
-                    per_token += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
-            per_block = per_token * block * torch.finfo(dtype).bits // 8
-            free, _ = torch.cuda.mem_get_info(self.device)
-            by_memory = int(free * fraction) // per_block
-            blocks = by_memory if blocks is None else min(blocks, by_memory)
-        if not blocks:
-            raise HeliosError("max_tokens_in_paged_kv_cache", "must be set (> 0) on a CPU")
-        return blocks
 
     def _metrics(self):
         kind = pb_utils.MetricFamily

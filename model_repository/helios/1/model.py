@@ -24,7 +24,8 @@ from helios.orchestrator import stream_video
 from helios.schedule import validate_request
 from helios_triton.bls import OverlappedStages, TritonStages
 from helios_triton.contract import HELIOS_INPUT_NAMES
-from helios_triton.stage import model_parameters, process_settings, requested_outputs
+from helios_triton.stage import (model_parameters, process_settings, prompt_text,
+                                 requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -49,10 +50,7 @@ class TritonPythonModel:
 
     def _request(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
-        try:
-            prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        except UnicodeDecodeError:
-            raise HeliosError("PROMPT", "must be valid UTF-8 text") from None
+        prompt = prompt_text(raw)
         num_frames, duration = _scalar(request, "NUM_FRAMES"), _scalar(request, "DURATION_S")
         if num_frames is None and duration is None:
             raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")

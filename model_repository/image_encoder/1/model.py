@@ -3,7 +3,10 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from helios.errors import HeliosError
 from helios.pipeline import encode_image
+from helios.schedule import check_image
+from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.stage import load_stage
 
 
@@ -15,11 +18,11 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            image = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
-            if min(image.shape[:2]) < 8:
+            try:
+                image = check_image(pb_utils.get_input_tensor_by_name(request, "image").as_numpy())
+            except HeliosError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"IMAGE must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
-                    f"got {list(image.shape)}", pb_utils.TritonError.INVALID_ARG)))
+                    e.renamed(HELIOS_INPUT_NAMES), pb_utils.TritonError.INVALID_ARG)))
                 continue
             latent, plan = encode_image(self.config, self.vae, self.refiner, image)
             responses.append(pb_utils.InferenceResponse([

@@ -6,7 +6,8 @@ import triton_python_backend_utils as pb_utils
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.text_encoder import tokenize
-from helios_triton.stage import model_parameters, process_settings
+from helios_triton.contract import HELIOS_INPUT_NAMES
+from helios_triton.stage import model_parameters, process_settings, prompt_text
 
 
 class TritonPythonModel:
@@ -19,12 +20,9 @@ class TritonPythonModel:
         for request in requests:
             raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
             try:
-                prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-                ids = tokenize(prompt, self.max_bytes)
-            except UnicodeDecodeError:
-                message = "PROMPT must be valid UTF-8 text"
+                ids = tokenize(prompt_text(raw), self.max_bytes)
             except HeliosError as e:
-                message = e.renamed({"prompt": "PROMPT"})
+                message = e.renamed(HELIOS_INPUT_NAMES)
             else:
                 responses.append(pb_utils.InferenceResponse([
                     pb_utils.Tensor("input_ids", np.array([ids], np.int32)),

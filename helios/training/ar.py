@@ -1,0 +1,126 @@
+"""The AR phases: the text encoder with the AR backbone (next plan token after the caption's
+prefix, ``ar``), then the draft distilled from the AR backbone (``draft``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import drop_attribute_words
+from ..schedule import segment_keep
+from ..text_encoder import tokenize
+from .run import PhaseRun
+from .sources import SyntheticClips
+
+
+class _CausalAttention:
+    """The ``cache`` argument of ARBackbone.forward for training: causal attention over the
+    whole (right-padded) sequence, grouped-query heads repeated."""
+
+    def attend(self, layer_idx, q, k, v):
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                              v.repeat_interleave(g, 1), is_causal=True)
+
+
+def ar_batch(t, plans, captions, rng, batch: int):
+    """Teacher-forcing batch of the two windows the pipeline's AR segments show: a video's
+    start (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11).
+    -> (byte ids, byte lengths, token ids [B, T] after the prefix)."""
+    cfg = t.cfg
+    window = cfg.ar_context_frames
+    keep = segment_keep(window)
+    idx = rng.integers(plans.shape[0], size=batch)
+    starts = np.where(rng.random(batch) < t.settings.ar_start, 0, window - keep)
+    starts = np.minimum(starts, plans.shape[1] - window)
+    bos = cfg.ar_backbone.bos_token_id
+    toks = torch.stack([torch.cat([torch.tensor([bos], device=plans.device),
+                                   plans[i, st:st + window].flatten()])
+                        for i, st in zip(idx, starts)])
+    p = t.settings.caption_dropout if isinstance(t.source, SyntheticClips) else 0.0
+    byte_ids = [tokenize(drop_attribute_words(captions[i], rng, p) if p > 0 else captions[i],
+                         cfg.text_encoder.max_prompt_bytes) for i in idx]
+    return byte_ids, toks
+
+
+def _prefix(t, byte_ids, draft: bool = False):
+    te = t.models["text_encoder"]
+    lengths = torch.tensor([len(b) for b in byte_ids], device=t.device)
+    ids = torch.zeros(len(byte_ids), int(lengths.max()), dtype=torch.long, device=t.device)
+    for r, b in enumerate(byte_ids):
+        ids[r, :len(b)] = torch.tensor(b)
+    ar, dr = te(ids, lengths)
+    return (dr if draft else ar), lengths
+
+
+def ar_logits(model, prefix, lengths, toks):
+    """Logits over each row [prefix_i, toks] (right-padded); -> logits at the positions
+    that predict toks[1:], [B, T-1, V]."""
+    b, n = toks.shape
+    lmax = int(lengths.max())
+    total = lmax + n
+    emb_tok = model.model.embed_tokens(toks)
+    x = torch.stack([torch.cat([prefix[r, :li], emb_tok[r], prefix.new_zeros(lmax - li, prefix.shape[-1])])
+                     for r, li in enumerate(lengths.tolist())])
+    pos = torch.arange(total, device=toks.device)[None].expand(b, -1)
+    logits = model(x, pos, _CausalAttention())
+    gather = lengths[:, None] + torch.arange(n - 1, device=toks.device)[None]  # bos.. last-1
+    return logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def train_ar(t) -> None:
+    s = t.settings
+    te, ar = t.models["text_encoder"].train(), t.models["ar_backbone"].train()
+    plans, captions = t.plans()
+    params = list(te.parameters()) + list(ar.parameters())
+    run = PhaseRun(t, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
+                   s.lr["ar"])
+    for _ in run:
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["ar"])
+        prefix, lengths = _prefix(t, byte_ids)
+        logits = ar_logits(ar, prefix, lengths, toks)
+        target = toks[:, 1:]
+        per_token = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        loss = (change_weights(t, target) * per_token.view(target.shape)).mean()
+        run.backward(loss)
+    t.finish("ar", ("text_encoder", "ar_backbone"))
+
+
+def change_weights(t, target: torch.Tensor) -> torch.Tensor:
+    """[B, T] weights, mean 1, of the plan tokens after begin-of-video: a token that
+    differs from the same slot of the previous frame counts ``change_weight`` times more.
+    Motion lives in those few changes (a moving object's region token flips every
+    latent frame or two, the other seven stay); unweighted, the AR learned "repeat the
+    last frame" and made static videos (docs/training.md)."""
+    n = t.cfg.plan_tokens_per_frame
+    w = torch.ones(target.shape, device=target.device)
+    w[:, n:] += (t.settings.change_weight - 1) * (target[:, n:] != target[:, :-n]).float()
+    return w / w.mean()
+
+
+def train_draft(t) -> None:
+    s = t.settings
+    te, ar, draft = (t.models[n] for n in ("text_encoder", "ar_backbone", "draft"))
+    te.eval(), ar.eval(), draft.train()
+    for p in list(te.parameters()) + list(ar.parameters()):
+        p.requires_grad_(False)
+    te.draft_proj.requires_grad_(True)
+    plans, captions = t.plans()
+    params = list(draft.parameters()) + list(te.draft_proj.parameters())
+    run = PhaseRun(t, "draft", {"draft": draft, "draft_proj": te.draft_proj}, params,
+                   s.steps["draft"], s.lr["draft"])
+    k = t.cfg.ar_backbone.plan_vocab_size
+    for _ in run:
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["draft"])
+        with torch.no_grad():
+            prefix, lengths = _prefix(t, byte_ids)
+            teacher = ar_logits(ar, prefix, lengths, toks)[..., :k]
+        dprefix, _ = _prefix(t, byte_ids, draft=True)
+        student = ar_logits(draft, dprefix, lengths, toks)[..., :k]
+        loss = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                        log_target=True, reduction="batchmean") / toks.shape[1]
+        run.backward(loss)
+    for p in list(te.parameters()) + list(ar.parameters()):
+        p.requires_grad_(True)
+    t.finish("draft", ("draft", "text_encoder"))
