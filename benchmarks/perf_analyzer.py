@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helios_triton.server import admin_header
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,10 @@ def _frames_per_video(input_data: Path) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("HELIOS_GRPC_URL", "localhost:8001"))
+    ap.add_argument("--admin-key", default=os.environ.get("HELIOS_ADMIN_KEY"),
+                    help="the server's admin key: perf_analyzer reads the server-side "
+                         "statistics, a restricted API (helios_triton.server sets "
+                         "HELIOS_ADMIN_KEY for --run)")
     ap.add_argument("--model", default="helios")
     ap.add_argument("--concurrency", default="1:4:1", help="start:end:step")
     ap.add_argument("--input-data", type=Path, default=ROOT / "benchmarks" / "perf_input.json")
@@ -84,6 +90,8 @@ def main(argv=None) -> int:
            "--measurement-request-count", str(args.requests_per_window),
            "--stability-percentage", str(args.stability), "--max-trials", "6",
            "-f", str(csv_path), "--profile-export-file", str(profile), "--verbose-csv"]
+    if args.admin_key:
+        cmd += ["-H", admin_header(args.admin_key, "grpc")]
     print(" ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=perf_env())
     if rc != 0:

@@ -165,7 +165,7 @@ def cmd_generate(args) -> None:
 
     from .checkpoint import init_checkpoint, read_config  # noqa: PLC0415
     from .pipeline import validate_request  # noqa: PLC0415
-    from .video import Mp4Writer, read_image  # noqa: PLC0415
+    from .video import Mp4Writer, check_output, partial_path, read_image  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     if args.checkpoint is None and not ckpt.exists():
@@ -178,6 +178,7 @@ def cmd_generate(args) -> None:
                                     f"got {args.config!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise HeliosError("device", "must be 'cpu' here: CUDA is not available")
+    output = check_output(args.output)
     image = read_image(args.image) if args.image else None
     # Validate everything before loading weights, so that bad input costs nothing.
     req = validate_request(cfg, args.prompt, duration_s=args.duration, fps=args.fps,
@@ -189,13 +190,18 @@ def cmd_generate(args) -> None:
     if not args.no_progress:
         from tqdm import tqdm  # noqa: PLC0415
         bar = tqdm(total=req.num_frames, unit="frame", desc="generating", file=sys.stderr)
-    with Mp4Writer(args.output, req.fps, cfg.width, cfg.height) as writer:
-        for chunk in pipe.run(req):
-            writer.write(chunk.frames)
-            if bar is not None:
-                bar.update(len(chunk.frames))
-    if bar is not None:
-        bar.close()
+    partial = partial_path(output)  # renamed when complete: no half video under the name
+    try:
+        with Mp4Writer(partial, req.fps, cfg.width, cfg.height) as writer:
+            for chunk in pipe.run(req):
+                writer.write(chunk.frames)
+                if bar is not None:
+                    bar.update(len(chunk.frames))
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
+        if bar is not None:
+            bar.close()
     dt = time.perf_counter() - t0
     acc = pipe.ar.acceptance_rate()
     spec = f", speculative acceptance {acc:.2f}" if not math.isnan(acc) else ""

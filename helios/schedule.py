@@ -173,15 +173,16 @@ def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=N
     max_frames = int(cfg.max_duration_s * fps)
     if num_frames is None and duration_s is None:
         raise HeliosError("duration", "or num_frames must be given")
-    if num_frames is None:
+    if duration_s is not None:  # checked even where num_frames decides the length
         d = duration_s
         if not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 < d <= cfg.max_duration_s:
             raise HeliosError("duration", f"must be in (0, {cfg.max_duration_s:g}] seconds, got {d}")
-        num_frames = max(1, round(d * fps))
+    if num_frames is None:
+        num_frames = max(1, round(duration_s * fps))
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) \
             or not 1 <= num_frames <= max_frames:
         raise HeliosError("num_frames", f"must be an integer in [1, {max_frames}], got {num_frames}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise HeliosError("seed", f"must be an integer in [0, 2**63-1], got {seed!r}")
     params = SamplingParams(float(temperature) if isinstance(temperature, (int, float)) else temperature,
                             int(top_k) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else top_k,

@@ -10,6 +10,31 @@ import numpy as np
 from .errors import HeliosError
 
 
+# The container formats the writer can produce H.264 into.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+
+
+def check_output(text: str) -> Path:
+    """The video file to write: a video suffix, in a folder that exists and can be written."""
+    import os  # noqa: PLC0415
+
+    path = Path(text)
+    if text == "-" or path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise HeliosError("output", f"must be a file name ending in {', '.join(VIDEO_SUFFIXES)}, "
+                                    f"got {text!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise HeliosError("output", f"must be in an existing folder, {str(folder)!r} is not one")
+    if not os.access(folder, os.W_OK) or path.is_dir():
+        raise HeliosError("output", f"must be a writable file, cannot write {text!r}")
+    return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where a video is written until it is complete (then renamed to ``path``)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
 class Mp4Writer:
     """Append uint8 [T, H, W, 3] chunks; the file is a valid mp4 once closed."""
 

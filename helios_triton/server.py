@@ -9,8 +9,16 @@ and starts the server binary on a filled model repository.
     python -m helios_triton.server --run helios-client generate --prompt ...   # around a command
 
 With ``--run`` the server starts in the background, the command runs once it is ready (with
-HELIOS_GRPC_URL / HELIOS_HTTP_URL set), and the server stops after it; the exit code is the
-command's.
+HELIOS_GRPC_URL / HELIOS_HTTP_URL / HELIOS_METRICS_URL and HELIOS_ADMIN_KEY set), and the
+server stops after it; the exit code is the command's. SIGTERM or SIGHUP to this process goes
+on to the command, and the server is stopped whatever ends the command: none is left running.
+
+The administrative APIs (model repository, logging, shared memory, statistics, trace) answer
+only requests that carry the admin header (``admin_header``: ``helios-admin: <key>`` over
+HTTP, ``triton-grpc-protocol-helios-admin: <key>`` over gRPC); the key is random for every
+start and known only to this process, which hands it to the ``--run`` command.
+``--address`` chooses the interface the three endpoints bind (default: all of them, as a pod
+needs; 127.0.0.1 keeps a development server to the machine).
 
 ``--mps`` (GPU): every python-backend model instance is a process with its own CUDA context,
 and the GPU time-slices between contexts, so the AR backbone and the refiner never run at the
@@ -39,6 +47,16 @@ from pathlib import Path
 # Working files (backend folder, log, MPS pipes) go under the working directory.
 STATE = Path(".triton")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# tritonserver's API categories that only a caller with the admin header may use.
+RESTRICTED_APIS = ("model-repository", "logging", "shared-memory", "statistics", "trace")
+ADMIN_HEADER = "helios-admin"
+
+
+def admin_header(key: str, protocol: str = "http") -> str:
+    """``name:value`` of the header that opens the restricted APIs (tritonserver expects gRPC's
+    under the prefix ``triton-grpc-protocol-``), as perf_analyzer's ``-H`` takes it."""
+    name = ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"
+    return f"{name}:{key}"
 
 
 def check_numpy() -> None:
@@ -93,18 +111,21 @@ def prepare_backends(dest: Path) -> Path:
 
 
 def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
-            log_verbose: int = 0, exit_timeout_s: int = 30) -> tuple[list[str], dict]:
+            log_verbose: int = 0, exit_timeout_s: int = 30, admin_key: str | None = None,
+            address: str = "0.0.0.0") -> tuple[list[str], dict]:
     server, libs = wheel_paths()
-    admin = secrets.token_hex(8)  # nobody knows it: the repository API stays closed
+    admin = admin_key or secrets.token_hex(16)  # unknown to everyone else: the APIs stay closed
+    restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin}"
     argv = [
         str(server / "bin" / "tritonserver"),
         f"--model-repository={repository}",
         f"--backend-directory={backends}",
         f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+        f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}",
         "--strict-readiness=true",            # ready only once every model is loaded
         "--model-control-mode=none",          # no load / unload through the API
-        f"--http-restricted-api=model-repository:helios-admin={admin}",
-        f"--grpc-restricted-protocol=model-repository:helios-admin={admin}",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
         "--exit-on-error=true",
         # On SIGTERM Triton stops taking requests and lets running ones finish for this long.
         f"--exit-timeout-secs={exit_timeout_s}",
@@ -190,8 +211,10 @@ class TritonServer:
 
     def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
                  log_file: Path | None = None, backends: Path | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, address: str = "0.0.0.0"):
         self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
+        self.address = address
+        self.admin_key = secrets.token_hex(16)
         self.extra_env = env or {}
         self.backends = prepare_backends(backends or STATE / "backends")
         self.log_file = log_file
@@ -202,7 +225,8 @@ class TritonServer:
         for port in (self.http, self.grpc, self.metrics):
             if port_in_use(port):  # else the readiness probe could be answered by another server
                 raise RuntimeError(f"port {port} is already in use")
-        argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends)
+        argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends,
+                            admin_key=self.admin_key, address=self.address)
         env.update(self.extra_env)
         out = open(self.log_file, "w") if self.log_file else None
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -237,6 +261,9 @@ def main(argv=None) -> int:
     ap.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     ap.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     ap.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    ap.add_argument("--address", default="0.0.0.0",
+                    help="interface the HTTP, gRPC and metrics endpoints bind (127.0.0.1: this "
+                         "machine only)")
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=300,
                     help="seconds to wait for every model to load (a GPU compiles at load)")
@@ -260,7 +287,8 @@ def main(argv=None) -> int:
     check_numpy()
     backends = prepare_backends(STATE / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
-                       args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs)
+                       args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs,
+                       address=args.address)
     if mps is not None:  # stays up after the server (exec); `echo quit | nvidia-cuda-mps-control`
         env.update(mps.start().env)
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
@@ -268,7 +296,7 @@ def main(argv=None) -> int:
 
 def run_around(args, env: dict | None = None) -> int:
     server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
-                          args.metrics_port, log_file=args.log_file, env=env)
+                          args.metrics_port, log_file=args.log_file, env=env, address=args.address)
     print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:
@@ -281,9 +309,22 @@ def run_around(args, env: dict | None = None) -> int:
           f"gRPC {args.grpc_port}, metrics {args.metrics_port}", file=sys.stderr, flush=True)
     env = dict(os.environ, HELIOS_GRPC_URL=f"localhost:{args.grpc_port}",
                HELIOS_HTTP_URL=f"localhost:{args.http_port}",
-               HELIOS_METRICS_URL=f"localhost:{args.metrics_port}")
+               HELIOS_METRICS_URL=f"localhost:{args.metrics_port}",
+               HELIOS_ADMIN_KEY=server.admin_key)
+    child = None
     try:
-        return subprocess.call(args.run, env=env)
+        child = subprocess.Popen(args.run, env=env)
+        # SIGTERM / SIGHUP go on to the command; the server stops once it has ended.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+        rc = child.wait()
+        return rc if rc >= 0 else 128 - rc  # ended by a signal: the shell's convention
+    except KeyboardInterrupt:  # Ctrl-C reached the command too (same process group)
+        try:
+            return child.wait(timeout=10) if child is not None else 130
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return 130
     finally:
         server.stop()
         print("tritonserver stopped", file=sys.stderr)

@@ -29,6 +29,12 @@ CASES = [
     (dict(top_p=1.5), ["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (dict(top_k=-1), ["--top-k", "-1"], "top_k must be an integer >= 0 (0 disables it), got -1"),
     (dict(fps=0), ["--fps", "0"], "fps must be an integer in [1, 60], got 0"),
+    (dict(seed=-1), ["--seed", "-1"], "seed must be an integer in [0, 2**63-1], got -1"),
+    (dict(seed=2**64), ["--seed", str(2**64)],
+     "seed must be an integer in [0, 2**63-1], got 18446744073709551616"),
+    # Checked even where num_frames decides the length.
+    (dict(duration_s=float("nan"), num_frames=8), ["--duration", "nan"],
+     "duration must be in (0, 120] seconds, got nan"),
 ]
 
 
@@ -50,6 +56,17 @@ def test_bad_input_library_and_cli(kwargs, argv, message, tiny_checkpoint, tmp_p
     err = capsys.readouterr().err
     assert err == f"helios: error: {message}\n"
     assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("output,message", [
+    ("-", "output must be a file name ending in .mp4, .mkv, .mov, got '-'"),
+    ("a.txt", "output must be a file name ending in .mp4, .mkv, .mov, got 'a.txt'"),
+    ("/nonexistent/dir/a.mp4", "output must be in an existing folder, '/nonexistent/dir' is not one"),
+])
+def test_bad_output_is_named_before_any_work(tiny_checkpoint, capsys, output, message):
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red circle",
+                 "--output", output, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"helios: error: {message}\n"
 
 
 def test_unreadable_image(tiny_checkpoint, tmp_path, capsys):

@@ -5,6 +5,7 @@ tests pin each copy to the package's, so that neither can change alone."""
 import re
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -45,6 +46,23 @@ def test_the_client_writes_the_mp4_the_package_writes(tmp_path):
     assert np.abs(a.astype(int) - b).max() <= 2
     # Encoded, not copied: the decoded frames differ from the input a little.
     assert 0 < np.abs(a.astype(int) - frames).mean() < 5
+
+
+def test_the_client_checks_outputs_as_the_package_does(tmp_path):
+    from helios.errors import HeliosError  # noqa: PLC0415
+    from helios.video import VIDEO_SUFFIXES, check_output, partial_path  # noqa: PLC0415
+    from helios_client import cli  # noqa: PLC0415
+
+    assert cli.VIDEO_SUFFIXES == VIDEO_SUFFIXES
+    for bad in ("-", "a.txt", "/nonexistent/dir/a.mp4", str(tmp_path)):
+        with pytest.raises(HeliosError) as ours:
+            check_output(bad)
+        with pytest.raises(cli.BadArgument) as theirs:
+            cli._output_path(bad)
+        assert str(ours.value) == str(theirs.value)
+    good = tmp_path / "v.mp4"
+    assert check_output(str(good)) == cli._output_path(str(good)) == good
+    assert partial_path(good).name == ".v.partial.mp4"
 
 
 def _x264_settings(path) -> str:

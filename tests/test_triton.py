@@ -4,8 +4,11 @@ in-process pipeline: same seed, same frames, over gRPC streaming and HTTP."""
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from conftest import INSTANCES, free_ports, live_metrics
+from conftest import INSTANCES, ROOT, free_ports, live_metrics
 from helios_client import HeliosClient, RequestError
 from helios_client.cli import main as client_main
 from helios_triton.fill_repository import fill, values
@@ -185,6 +188,11 @@ BAD = [
     (dict(duration_s=500.0, num_frames=None), "DURATION_S must be in (0, 120] seconds, got 500.0"),
     (dict(num_frames=0), "NUM_FRAMES must be an integer in [1, 2880], got 0"),
     (dict(num_frames=None), "NUM_FRAMES or DURATION_S must be given"),
+    # Each input is checked on its own, whatever else the request carries.
+    (dict(duration_s=float("nan")), "DURATION_S must be in (0, 120] seconds, got nan"),
+    (dict(duration_s=0.0), "DURATION_S must be in (0, 120] seconds, got 0.0"),
+    (dict(duration_s=1e9), "DURATION_S must be in (0, 120] seconds, got 1000000000.0"),
+    (dict(seed=-1), "SEED must be an integer in [0, 2**63-1], got -1"),
     (dict(fps=0), "FPS must be an integer in [1, 60], got 0"),
     (dict(prompt=""), "PROMPT must be 1 to 256 UTF-8 bytes of text, got an empty prompt"),
     (dict(prompt="x" * 300), "PROMPT must be 1 to 256 UTF-8 bytes of text, got 300 bytes"),
@@ -211,6 +219,17 @@ def test_bad_inputs_are_rejected_while_a_good_stream_completes(server, pipe):
     assert str(e.value) == "TOP_P must be in (0, 1], got 0.0" and e.value.invalid_argument
     t.join(120)
     assert np.array_equal(good["v"], pipe.generate_video(PROMPT, num_frames=40, seed=9))
+
+
+def test_a_request_without_prompt_names_it(server):
+    import tritonclient.grpc as g
+
+    frames = g.InferInput("NUM_FRAMES", [1], "INT32")
+    frames.set_data_from_numpy(np.array([8], np.int32))
+    client = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    with pytest.raises(Exception) as e:
+        client.infer("helios_video", [frames])
+    assert "PROMPT" in str(e.value) and "AttributeError" not in str(e.value)
 
 
 def test_readiness_liveness_and_metrics_endpoints(server):
@@ -277,14 +296,15 @@ def test_perf_analyzer_streams_against_helios(server, tmp_path):
     """`make perf`'s script: perf_analyzer in gRPC streaming mode writes its CSV and profile."""
     import csv
 
-    from benchmarks.perf_analyzer import main as perf_main
-
-    rc = perf_main(["--url", f"127.0.0.1:{server.grpc}", "--concurrency", "1:2:1",
-                    "--requests-per-window", "3", "--out", str(tmp_path),
-                    # Any window counts as stable: the test checks the plumbing, and on a busy
-                    # 2-core CI machine concurrency 2 once failed to settle within 100 %.
-                    "--stability", "1000"])
-    assert rc == 0
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "perf_analyzer.py"), "--url",
+         f"127.0.0.1:{server.grpc}", "--concurrency", "1:2:1", "--requests-per-window", "3",
+         "--out", str(tmp_path),
+         # Any window counts as stable: the test checks the plumbing, and on a busy 2-core
+         # CI machine concurrency 2 once failed to settle within 100 %.
+         "--stability", "1000", "--admin-key", server.admin_key],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     with open(tmp_path / "perf.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2]
@@ -296,15 +316,52 @@ def test_client_fps_counts_the_ar_rounds_of_each_level(server, tiny_config, tmp_
     """The through-Triton FPS script: every stream of each level completes, and the level's
     ar_backbone decode rounds come from the metrics endpoint (one round makes at most
     1 + the draft tokens a stream, and a stream needs its plan tokens)."""
-    from benchmarks.client_fps import main as fps_main
-
     cfg = tiny_config
-    rc = fps_main(["--url", f"127.0.0.1:{server.grpc}", "--seconds", "0.5", "--concurrency", "1", "2",
-                   "--warmup-seconds", "0.2", "--out", str(tmp_path),
-                   "--metrics-url", f"http://127.0.0.1:{server.metrics}/metrics"])
-    assert rc == 0
-    rows = json.loads((tmp_path / "client_fps.json").read_text())["rows"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "client_fps.py"), "--url",
+         f"127.0.0.1:{server.grpc}", "--seconds", "0.5", "--concurrency", "1", "2",
+         "--warmup-seconds", "0.2", "--out", str(tmp_path), "--config", "tiny",
+         "--metrics-url", f"http://127.0.0.1:{server.metrics}/metrics"],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "client_fps.json").read_text())
+    assert result["config"] == "tiny" and result["device"]
+    rows = result["rows"]
     tokens = -(-round(0.5 * cfg.fps) // cfg.frames_per_latent) * cfg.plan_tokens_per_frame
     for row in rows:
         assert row["failed"] == 0 and all(s["frames"] == round(0.5 * cfg.fps) for s in row["streams"])
         assert tokens / (1 + cfg.num_draft_tokens) <= row["ar_rounds"] <= tokens * row["concurrency"]
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/v2/logging", {"log_verbose_level": 1}),
+    ("GET", "/v2/logging", None),
+    ("POST", "/v2/systemsharedmemory/region/r/register", {"key": "/r", "offset": 0, "byte_size": 64}),
+    ("POST", "/v2/systemsharedmemory/unregister", {}),
+    ("GET", "/v2/models/stats", None),
+    ("POST", "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+    ("POST", "/v2/repository/index", {}),
+])
+def test_administrative_apis_answer_only_the_admin_header(server, method, path, body):
+    """Log settings, shared memory, statistics, trace and the repository are restricted APIs:
+    refused without the header, answered with it (so the refusal is the header's doing)."""
+    from helios_triton.server import admin_header
+
+    def call(headers):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{server.http}{path}", data=data,
+                                     method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    status, text = call({})
+    assert status == 403 and "restricted" in text, (status, text)
+    name, key = admin_header(server.admin_key).split(":", 1)
+    status, text = call({name: key})
+    assert status != 403, (status, text)
+    if path == "/v2/logging" and method == "POST":  # leave the log level as it was
+        body["log_verbose_level"] = 0
+        call({name: key})

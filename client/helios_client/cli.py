@@ -1,15 +1,19 @@
 """``helios-client generate``: stream a video from a Helios server into an mp4.
 
-Exit codes: 0 done, 2 the server rejected a parameter (the message names it), 3 the server
-cannot be reached, 1 any other server error, 130 interrupted (the request is cancelled).
+Exit codes: 0 done, 2 a bad argument or one the server rejected (the message names it), 3 the
+server cannot be reached, 1 any other server error, 130 interrupted (the request is
+cancelled). The video is written to a temporary file beside ``--output`` and renamed when it
+is complete, so an error never leaves a partial mp4 under the requested name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
@@ -44,31 +48,75 @@ class Mp4Writer:
         self._container.close()
 
 
+class BadArgument(Exception):
+    """One line naming the argument and what it allows."""
+
+
+# The container formats the writer can produce H.264 into (helios.video's, pinned by a test).
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line (no usage block), like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"helios-client: error: {message}\n")
+
+
+def _int_in(name: str, low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{low}, {high}], "
+                                             f"got {value}")
+        return value
+    return parse
+
+
+def _output_path(text: str) -> Path:
+    """The output file: a video suffix, in a folder that exists and can be written."""
+    path = Path(text)
+    if text == "-" or path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise BadArgument(f"output must be a file name ending in {', '.join(VIDEO_SUFFIXES)}, "
+                          f"got {text!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadArgument(f"output must be in an existing folder, {str(folder)!r} is not one")
+    if not os.access(folder, os.W_OK) or path.is_dir():
+        raise BadArgument(f"output must be a writable file, cannot write {text!r}")
+    return path
+
+
 def _read_image(path: str) -> np.ndarray:
     import av  # noqa: PLC0415
 
+    if not Path(path).is_file():
+        raise BadArgument(f"image must be a readable image file, {path!r} does not exist")
     try:
         with av.open(path) as c:
             return next(c.decode(video=0)).to_ndarray(format="rgb24")
     except Exception as e:  # FFmpeg's many error types all mean "cannot use this file"
-        raise SystemExit(f"helios-client: error: image must be a readable image file, "
-                         f"cannot decode {path!r}: {type(e).__name__}") from None
+        raise BadArgument(f"image must be a readable image file, cannot decode {path!r}: "
+                          f"{type(e).__name__}") from None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="helios-client", description="Helios Triton client")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="helios-client", description="Helios Triton client")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate a video into an mp4")
     g.add_argument("--url", default=None, help="server address (default localhost:8001 for "
                                                "gRPC, localhost:8000 for HTTP)")
     g.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     g.add_argument("--prompt", required=True)
     g.add_argument("--duration", type=float, default=None, help="seconds")
-    g.add_argument("--num-frames", type=int, default=None)
-    g.add_argument("--fps", type=int, default=24)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-frames", type=_int_in("num_frames", 1, 2**31 - 1), default=None)
+    g.add_argument("--fps", type=_int_in("fps", 1, 2**31 - 1), default=24)
+    g.add_argument("--seed", type=_int_in("seed", 0, 2**63 - 1), default=0)
     g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=_int_in("top_k", 0, 2**31 - 1), default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
     g.add_argument("--output", default="out.mp4")
@@ -81,11 +129,18 @@ def main(argv=None) -> int:
     if args.duration is None and args.num_frames is None:
         args.duration = 2.0
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
-    image = _read_image(args.image) if args.image else None
+    try:  # every argument checked before the server is asked
+        output = _output_path(args.output)
+        image = _read_image(args.image) if args.image else None
+    except BadArgument as e:
+        print(f"helios-client: error: {e}", file=sys.stderr)
+        return 2
     params = dict(duration_s=args.duration, num_frames=args.num_frames, fps=args.fps,
                   seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, image=image)
-    writer, bar, t0 = None, None, time.perf_counter()
+    partial = output.with_name(f".{output.stem}.partial{output.suffix}")  # as helios.video's
+    writer, bar, chunks, t0 = None, None, None, time.perf_counter()
+    done = False
     try:
         client = HeliosClient(url, args.protocol, args.timeout)
         if args.protocol == "grpc":
@@ -96,7 +151,7 @@ def main(argv=None) -> int:
         for chunk in chunks:
             frames = chunk if isinstance(chunk, np.ndarray) else chunk.frames
             if writer is None:
-                writer = Mp4Writer(args.output, args.fps)
+                writer = Mp4Writer(str(partial), args.fps)
                 if not args.no_progress:
                     from tqdm import tqdm  # noqa: PLC0415
                     total = args.num_frames or round(args.duration * args.fps)
@@ -105,6 +160,7 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.update(len(frames))
                 bar.set_postfix(fps=f"{writer.frames / (time.perf_counter() - t0):.1f}")
+        done = True
     except ServerUnavailable as e:
         print(f"helios-client: error: {e}", file=sys.stderr)
         return 3
@@ -114,11 +170,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("helios-client: interrupted, request cancelled", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk filled up, the folder went away, ...
+        print(f"helios-client: error: output cannot be written: {e}", file=sys.stderr)
+        return 2
     finally:
+        if hasattr(chunks, "close"):  # cancels the request on the server if it still runs
+            chunks.close()
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
+        if done and writer is not None:
+            partial.replace(output)
+        else:
+            partial.unlink(missing_ok=True)
     dt = time.perf_counter() - t0
     print(f"wrote {writer.frames} frames to {args.output} in {dt:.1f} s "
           f"({writer.frames / dt:.1f} frames/s)")

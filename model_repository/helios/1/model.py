@@ -49,8 +49,10 @@ class TritonPythonModel:
                                  f"{'while the next one renders' if self.loop else 'after rendering'}")
 
     def _request(self, request):
-        raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
-        prompt = prompt_text(raw)
+        tensor = pb_utils.get_input_tensor_by_name(request, "PROMPT")
+        if tensor is None:
+            raise HeliosError("PROMPT", "is required")
+        prompt = prompt_text(tensor.as_numpy().reshape(-1)[0])
         num_frames, duration = _scalar(request, "NUM_FRAMES"), _scalar(request, "DURATION_S")
         if num_frames is None and duration is None:
             raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")
