@@ -1,18 +1,30 @@
 #!/bin/sh
 # Container entrypoint: fill the model repository for the mounted checkpoint, then become
 # tritonserver (exec: it is PID 1 and gets SIGTERM directly, so running streams can finish).
+# It writes only under HELIOS_STATE_DIR, so the image runs as any uid on a read-only root.
 #   HELIOS_CHECKPOINT     checkpoint folder (default: the trained tiny one baked into the CPU image)
 #   HELIOS_FILL_ARGS      options of helios_triton/fill_repository.py, e.g. "--device cuda --max-streams 4"
 #   HELIOS_EXIT_TIMEOUT_S seconds running streams get after SIGTERM (keep it below the pod's
 #                         terminationGracePeriodSeconds)
+#   HELIOS_STATE_DIR      writable folder for the filled repository, logs and caches (/tmp/helios)
+#   HELIOS_HOME           the installed tree with model_repository/ and weights/ (/opt/helios)
+#   HELIOS_PORTS          "HTTP GRPC METRICS" ports (default "8000 8001 8002")
 set -eu
-CHECKPOINT="${HELIOS_CHECKPOINT:-/opt/helios/weights/helios-tiny}"
+home="${HELIOS_HOME:-/opt/helios}"
+state="${HELIOS_STATE_DIR:-/tmp/helios}"
+CHECKPOINT="${HELIOS_CHECKPOINT:-$home/weights/helios-tiny}"
 if [ ! -f "$CHECKPOINT/model_index.json" ]; then
     echo "helios: no checkpoint at $CHECKPOINT (mount one or set HELIOS_CHECKPOINT)" >&2
     exit 2
 fi
-# shellcheck disable=SC2086  # HELIOS_FILL_ARGS is a list of options
+mkdir -p "$state/home"
+# Compilers' caches (Triton-lang, Inductor) live under HOME: a writable one of our own.
+export HOME="$state/home"
+# shellcheck disable=SC2086  # HELIOS_FILL_ARGS and HELIOS_PORTS are lists
+set -- ${HELIOS_PORTS:-8000 8001 8002}
+# shellcheck disable=SC2086
 python3 -m helios_triton.fill_repository --checkpoint "$CHECKPOINT" \
-    --templates /opt/helios/model_repository --out /tmp/model_repository ${HELIOS_FILL_ARGS:-}
-exec python3 -m helios_triton.server --repository /tmp/model_repository \
+    --templates "$home/model_repository" --out "$state/model_repository" ${HELIOS_FILL_ARGS:-}
+exec python3 -m helios_triton.server --state-dir "$state" \
+    --http-port "$1" --grpc-port "$2" --metrics-port "$3" \
     --exit-timeout-secs "${HELIOS_EXIT_TIMEOUT_S:-570}"

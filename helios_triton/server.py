@@ -44,7 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-# Working files (backend folder, log, MPS pipes) go under the working directory.
+# Working files (backend folder, log, MPS pipes) go under --state-dir, by default this folder
+# under the working directory (a read-only image passes a writable one).
 STATE = Path(".triton")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # tritonserver's API categories that only a caller with the admin header may use.
@@ -257,7 +258,10 @@ class TritonServer:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", type=Path, default=STATE / "model_repository")
+    ap.add_argument("--state-dir", type=Path, default=STATE,
+                    help="writable folder for the backend folder, the log and MPS pipes")
+    ap.add_argument("--repository", type=Path, default=None,
+                    help="filled model repository (default: STATE_DIR/model_repository)")
     ap.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     ap.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     ap.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
@@ -269,13 +273,15 @@ def main(argv=None) -> int:
                     help="seconds to wait for every model to load (a GPU compiles at load)")
     ap.add_argument("--exit-timeout-secs", type=int, default=30,
                     help="on SIGTERM, how long running streams may take to finish")
-    ap.add_argument("--log-file", type=Path, default=STATE / "server.log")
+    ap.add_argument("--log-file", type=Path, default=None, help="default: STATE_DIR/server.log")
     ap.add_argument("--mps", action="store_true",
                     help="run the server's processes under CUDA MPS (GPU; see above)")
     ap.add_argument("--run", nargs=argparse.REMAINDER, help="command to run against the server")
     args = ap.parse_args(argv)
+    args.repository = args.repository or args.state_dir / "model_repository"
+    args.log_file = args.log_file or args.state_dir / "server.log"
     # A folder of its own per run: a daemon an earlier run could not quit does not block it.
-    mps = MPS(STATE / f"mps-{os.getpid()}") if args.mps else None
+    mps = MPS(args.state_dir / f"mps-{os.getpid()}") if args.mps else None
     if args.run:
         if mps is None:
             return run_around(args)  # TritonServer.start checks numpy
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
         finally:
             mps.stop()
     check_numpy()
-    backends = prepare_backends(STATE / "backends")
+    backends = prepare_backends(args.state_dir / "backends")
     cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
                        args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs,
                        address=args.address)
@@ -296,7 +302,8 @@ def main(argv=None) -> int:
 
 def run_around(args, env: dict | None = None) -> int:
     server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
-                          args.metrics_port, log_file=args.log_file, env=env, address=args.address)
+                          args.metrics_port, log_file=args.log_file, env=env, address=args.address,
+                          backends=args.state_dir / "backends")
     print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:

@@ -85,9 +85,10 @@ def test_probes_and_ports_match_the_live_server(overlay, server):
     objs = render(overlay)
     c = _container(objs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    # The entrypoint runs helios_triton/server.py without port options: its defaults apply.
-    assert "-port" not in (ROOT / "build" / "entrypoint.sh").read_text()
-    assert ports == DEFAULT_PORTS
+    # The entrypoint's default ports are the server's defaults and the container's.
+    entry = (ROOT / "build" / "entrypoint.sh").read_text()
+    assert '${HELIOS_PORTS:-8000 8001 8002}' in entry
+    assert ports == DEFAULT_PORTS == {"http": 8000, "grpc": 8001, "metrics": 8002}
     service = objs[("Service", "helios")]
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == \
         {"http": "http", "grpc": "grpc", "metrics": "metrics"}
@@ -122,7 +123,30 @@ def test_graceful_termination_and_shared_memory(overlay):
     shm = {v["name"]: v for v in spec["volumes"]}["dshm"]
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["dshm"] == "/dev/shm"
-    assert objs[("PodDisruptionBudget", "helios")]["spec"]["minAvailable"] == 1
+    # The budget never blocks a node drain, whatever the replica count.
+    budget = objs[("PodDisruptionBudget", "helios")]["spec"]
+    assert "minAvailable" not in budget and budget["maxUnavailable"] >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_locked_down(overlay):
+    """Non-root, read-only root filesystem, no privilege escalation, no capabilities, the
+    runtime's seccomp profile, for every container, init containers included; everything
+    the server writes is on an emptyDir."""
+    objs = render(overlay)
+    spec = objs[("Deployment", "helios")]["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+    c = _container(objs)
+    state = _env(c)["HELIOS_STATE_DIR"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert any(state.startswith(path) and "emptyDir" in volumes[name] for path, name in mounts.items())
 
 
 def test_gpu_overlay_requests_a_gpu_and_fetches_its_checkpoint():
