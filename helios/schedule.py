@@ -182,7 +182,7 @@ def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=N
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) \
             or not 1 <= num_frames <= max_frames:
         raise HeliosError("num_frames", f"must be an integer in [1, {max_frames}], got {num_frames}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise HeliosError("seed", f"must be an integer in [0, 2**63-1], got {seed!r}")
     params = SamplingParams(float(temperature) if isinstance(temperature, (int, float)) else temperature,
                             int(top_k) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else top_k,

@@ -11,6 +11,7 @@ them on. The variables:
 | ``HELIOS_CUDA_GRAPHS`` | ``1`` | CUDA graphs for AR decode steps and refiner renders (``0``: off) |
 | ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
 | ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
+| ``HELIOS_DRAIN_FILE`` | unset | set by ``helios_triton.supervisor``: while the file exists, the helios model refuses new streams |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Settings:
     cuda_graphs: bool = True
     attention_kernel: bool = True
     stacks_dir: Path | None = None
+    drain_file: Path | None = None
 
 
 def _switch(env: Mapping[str, str], name: str) -> bool:
@@ -47,4 +49,5 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         cuda_graphs=_switch(env, "HELIOS_CUDA_GRAPHS"),
         attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
         stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,
+        drain_file=Path(env["HELIOS_DRAIN_FILE"]) if env.get("HELIOS_DRAIN_FILE") else None,
     )

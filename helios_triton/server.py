@@ -8,6 +8,11 @@ and starts the server binary on a filled model repository.
     python -m helios_triton.server --repository .triton/model_repository       # foreground
     python -m helios_triton.server --run helios-client generate --prompt ...   # around a command
 
+Either way a supervisor (``helios_triton.supervisor``) watches the server's stage processes
+and restarts the server when one dies or stops, so that its health endpoints tell the truth.
+In the foreground, SIGTERM drains: new streams are refused with UNAVAILABLE, running ones
+finish (at most ``--exit-timeout-secs``), then the process exits 0.
+
 With ``--run`` the server starts in the background, the command runs once it is ready (with
 HELIOS_GRPC_URL / HELIOS_HTTP_URL / HELIOS_METRICS_URL and HELIOS_ADMIN_KEY set), and the
 server stops after it; the exit code is the command's. SIGTERM or SIGHUP to this process goes
@@ -40,6 +45,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -212,9 +218,10 @@ class TritonServer:
 
     def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
                  log_file: Path | None = None, backends: Path | None = None,
-                 env: dict | None = None, address: str = "0.0.0.0"):
+                 env: dict | None = None, address: str = "0.0.0.0", exit_timeout_s: int = 30,
+                 log_verbose: int = 0):
         self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
-        self.address = address
+        self.address, self.exit_timeout_s, self.log_verbose = address, exit_timeout_s, log_verbose
         self.admin_key = secrets.token_hex(16)
         self.extra_env = env or {}
         self.backends = prepare_backends(backends or STATE / "backends")
@@ -227,9 +234,10 @@ class TritonServer:
             if port_in_use(port):  # else the readiness probe could be answered by another server
                 raise RuntimeError(f"port {port} is already in use")
         argv, env = command(self.repository, self.http, self.grpc, self.metrics, self.backends,
-                            admin_key=self.admin_key, address=self.address)
+                            self.log_verbose, self.exit_timeout_s, admin_key=self.admin_key,
+                            address=self.address)
         env.update(self.extra_env)
-        out = open(self.log_file, "w") if self.log_file else None
+        out = open(self.log_file, "a") if self.log_file else None  # a restart appends
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         try:
@@ -290,25 +298,58 @@ def main(argv=None) -> int:
             return run_around(args, mps.env)
         finally:
             mps.stop()
+    if mps is None:
+        return serve(args)
+    mps.start()
+    try:
+        return serve(args, mps.env)
+    finally:
+        mps.stop()
+
+
+def _supervised(args, env: dict | None, log_file: Path | None):
+    from .supervisor import Supervisor  # noqa: PLC0415
+
+    server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
+                          args.metrics_port, log_file=log_file, env=env, address=args.address,
+                          backends=args.state_dir / "backends",
+                          exit_timeout_s=args.exit_timeout_secs, log_verbose=args.log_verbose)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    return Supervisor(server, args.state_dir / "draining", ready_timeout=args.ready_timeout,
+                      log=log)
+
+
+def serve(args, env: dict | None = None) -> int:
+    """In the foreground, supervised, until SIGTERM (drain, exit 0) or SIGINT (stop)."""
     check_numpy()
-    backends = prepare_backends(args.state_dir / "backends")
-    cmd, env = command(args.repository.resolve(), args.http_port, args.grpc_port,
-                       args.metrics_port, backends, args.log_verbose, args.exit_timeout_secs,
-                       address=args.address)
-    if mps is not None:  # stays up after the server (exec); `echo quit | nvidia-cuda-mps-control`
-        env.update(mps.start().env)
-    os.execvpe(cmd[0], cmd, env)  # the server takes this process's place (signals reach it)
+    supervisor = _supervised(args, env, None)  # the server logs to this process's output
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        supervisor.start()
+        print(f"tritonserver ready: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
+              f"{args.metrics_port}", file=sys.stderr, flush=True)
+        done.wait()
+    except KeyboardInterrupt:
+        supervisor.stop()
+        return 130
+    except Exception as e:  # noqa: BLE001 - it did not start: say why, in one line
+        supervisor.stop()
+        print(f"tritonserver did not start: {e}", file=sys.stderr)
+        return 1
+    supervisor.drain(args.exit_timeout_secs)
+    return 0
 
 
 def run_around(args, env: dict | None = None) -> int:
-    server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
-                          args.metrics_port, log_file=args.log_file, env=env, address=args.address,
-                          backends=args.state_dir / "backends")
+    supervisor = _supervised(args, env, args.log_file)
+    server = supervisor.server
     print(f"starting tritonserver (log: {args.log_file}) ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:
-        server.start(args.ready_timeout)
+        supervisor.start()
     except Exception as e:
+        supervisor.stop()
         tail = args.log_file.read_text()[-3000:] if args.log_file.exists() else ""
         print(f"{tail}\ntritonserver did not start: {e}", file=sys.stderr)
         return 1
@@ -333,7 +374,7 @@ def run_around(args, env: dict | None = None) -> int:
             child.kill()
             return 130
     finally:
-        server.stop()
+        supervisor.stop()
         print("tritonserver stopped", file=sys.stderr)
 
 

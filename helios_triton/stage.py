@@ -23,7 +23,7 @@ from helios.accel import accelerate
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_refiner
-from helios.schedule import frame_noise
+from helios.schedule import frame_noise, validate_request
 from helios.settings import Settings, from_environment
 
 log = logging.getLogger("helios_triton")
@@ -61,6 +61,31 @@ def prompt_text(raw) -> str:
         return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
     except UnicodeDecodeError:
         raise HeliosError("PROMPT", "must be valid UTF-8 text") from None
+
+
+def video_request(config, array: Callable, speculative: bool):
+    """The client-facing inputs (``helios``, ``helios_video``) as a checked VideoRequest:
+    ``array(name)`` gives an input as a numpy array, or None where the request lacks it.
+    Raises HeliosError naming the first bad input (the table of docs/serving.md)."""
+    def scalar(name):
+        a = array(name)
+        return None if a is None else a.reshape(-1)[0].item()
+
+    prompt = array("PROMPT")
+    if prompt is None:
+        raise HeliosError("PROMPT", "is required")
+    num_frames, duration = scalar("NUM_FRAMES"), scalar("DURATION_S")
+    if num_frames is None and duration is None:
+        raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")
+    kwargs = {"num_frames": num_frames, "duration_s": duration, "fps": scalar("FPS"),
+              "image": array("IMAGE")}
+    for key, name in (("seed", "SEED"), ("temperature", "TEMPERATURE"), ("top_k", "TOP_K"),
+                      ("top_p", "TOP_P")):
+        value = scalar(name)
+        if value is not None:
+            kwargs[key] = value
+    return validate_request(config, prompt_text(prompt.reshape(-1)[0]), speculative=speculative,
+                            **kwargs)
 
 
 def requested_outputs(wanted, arrays: dict) -> dict:

@@ -64,6 +64,15 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 
 
+def metric(text, name, **labels):
+    """The value of one metric line of Prometheus text, selected by its labels."""
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name}{{{sel}}} not found")
+
+
 def live_metrics(server) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
         return r.read().decode()

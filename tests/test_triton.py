@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from conftest import INSTANCES, ROOT, free_ports, live_metrics
+from conftest import metric as _metric
 from helios_client import HeliosClient, RequestError
 from helios_client.cli import main as client_main
 from helios_triton.fill_repository import fill, values
@@ -26,14 +27,6 @@ PROMPT = "a red circle moving left on a dark background"
 
 def _grpc(server):
     return HeliosClient(f"127.0.0.1:{server.grpc}", "grpc", timeout_s=120)
-
-
-def _metric(text, name, **labels):
-    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"metric {name}{{{sel}}} not found")
 
 
 def test_grpc_stream_equals_in_process(server, pipe):

@@ -21,24 +21,23 @@ import triton_python_backend_utils as pb_utils
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
-from helios.schedule import validate_request
 from helios_triton.bls import OverlappedStages, TritonStages
 from helios_triton.contract import HELIOS_INPUT_NAMES
-from helios_triton.stage import (model_parameters, process_settings, prompt_text,
-                                 requested_outputs)
+from helios_triton.stage import (model_parameters, process_settings, requested_outputs,
+                                 video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _scalar(request, name):
+def _array(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy().reshape(-1)[0].item()
+    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
     def initialize(self, args):
         faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
-        process_settings()
+        self.drain_file = process_settings().drain_file
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
@@ -47,29 +46,26 @@ class TritonPythonModel:
         self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "off") == "on" else None
         pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
                                  f"{'while the next one renders' if self.loop else 'after rendering'}")
+        # Streams in flight, per instance: the supervisor's drain waits for their sum to be 0.
+        self.m_family = pb_utils.MetricFamily(  # kept: its metrics go with it
+            name="helios_active_streams", kind=pb_utils.MetricFamily.GAUGE,
+            description="Streams the helios model is generating")
+        self.m_active = self.m_family.Metric(labels={"model": "helios",
+                                                     "instance": args["model_instance_name"]})
+        self.m_active.set(0)
 
     def _request(self, request):
-        tensor = pb_utils.get_input_tensor_by_name(request, "PROMPT")
-        if tensor is None:
-            raise HeliosError("PROMPT", "is required")
-        prompt = prompt_text(tensor.as_numpy().reshape(-1)[0])
-        num_frames, duration = _scalar(request, "NUM_FRAMES"), _scalar(request, "DURATION_S")
-        if num_frames is None and duration is None:
-            raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")
-        image = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-        kwargs = {"num_frames": num_frames, "duration_s": duration, "fps": _scalar(request, "FPS"),
-                  "image": None if image is None else image.as_numpy()}
-        for key, name in (("seed", "SEED"), ("temperature", "TEMPERATURE"), ("top_k", "TOP_K"),
-                          ("top_p", "TOP_P")):
-            value = _scalar(request, name)
-            if value is not None:
-                kwargs[key] = value
-        req = validate_request(self.config, prompt, speculative=self.speculative, **kwargs)
-        return req
+        return video_request(self.config, lambda name: _array(request, name), self.speculative)
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if self.drain_file is not None and self.drain_file.exists():
+                error = pb_utils.TritonError("the server is draining: it takes no new streams "
+                                             "(retry on another replica)",
+                                             pb_utils.TritonError.UNAVAILABLE)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                continue
             try:
                 req = self._request(request)
             except HeliosError as e:
@@ -77,7 +73,11 @@ class TritonPythonModel:
                                              pb_utils.TritonError.INVALID_ARG)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 continue
-            self._serve(request, sender, req)
+            self.m_active.set(1)
+            try:
+                self._serve(request, sender, req)
+            finally:
+                self.m_active.set(0)
         return None
 
     def _serve(self, request, sender, req):

@@ -3,11 +3,35 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from helios.checkpoint import read_config
+from helios.errors import HeliosError
+from helios_triton.contract import HELIOS_INPUT_NAMES
+from helios_triton.stage import model_parameters, process_settings, video_request
+
+
+def _array(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
 
 class TritonPythonModel:
+    def initialize(self, args):
+        process_settings()
+        params = model_parameters(args)
+        self.config = read_config(params["checkpoint"])
+        self.speculative = params.get("speculative", "off") == "on"
+
     def execute(self, requests):
         responses = []
         for request in requests:
+            # Checked here too, so that a bad input is INVALID_ARG: an error that comes back
+            # through a BLS call reaches this model without its code.
+            try:
+                video_request(self.config, lambda name: _array(request, name), self.speculative)
+            except HeliosError as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    e.renamed(HELIOS_INPUT_NAMES), pb_utils.TritonError.INVALID_ARG)))
+                continue
             stream = pb_utils.InferenceRequest(
                 model_name="helios", inputs=request.inputs(),
                 requested_output_names=["FRAMES"]).exec(decoupled=True)

@@ -1,0 +1,191 @@
+"""Keeps a tritonserver serving: heals it when a stage process dies or stops, drains it on
+SIGTERM.
+
+tritonserver 2.51 by itself keeps answering its health endpoints with 200 after a python
+backend stub has died or been stopped, while every request that needs that stage fails or
+hangs (docs/serving.md, "Faults"). The supervisor watches the stub processes of its server:
+
+- a stub that has exited (or is a zombie) is *dead*; one in the stopped state (SIGSTOP, a
+  debugger) for ``stopped_s`` is *paused*. Either way the supervisor kills the whole server
+  (process group: no stub outlives it), removes the shared-memory regions of its stubs, and
+  starts it again. While it restarts, the server's ports are closed: readiness is false and
+  the streams it carried end with an error at once; ready again means healed. Every heal is
+  logged with its cause and duration and kept in ``heals``.
+- on ``drain``: the helios model refuses new streams with UNAVAILABLE (it sees the file
+  ``drain_file``), the running ones go on until they end or ``timeout`` passes, then the
+  server stops.
+
+Nothing here imports Triton's python backend; it works on processes and files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+SHM = Path("/dev/shm")
+
+
+@dataclass
+class Stub:
+    pid: int
+    model: str          # the model whose instance it runs
+    shm_region: str     # its shared-memory region under /dev/shm
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, T, Z, ...), or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()[0]
+
+
+def stubs_of(server_pid: int) -> dict[int, Stub]:
+    """The python-backend stub processes that ``server_pid`` started, by pid."""
+    out = {}
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, children):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+                model = Path(argv[1].decode()).parent.parent.name
+                out[pid] = Stub(pid, model, argv[2].decode())
+    return out
+
+
+class Supervisor:
+    def __init__(self, server, drain_file: Path, poll_s: float = 0.5, stopped_s: float = 2.0,
+                 ready_timeout: float = 300, log: Callable[[str], None] = print):
+        self.server, self.drain_file = server, Path(drain_file)
+        self.poll_s, self.stopped_s, self.ready_timeout = poll_s, stopped_s, ready_timeout
+        self.log = log
+        self.heals: list[dict] = []
+        self.stubs: dict[int, Stub] = {}
+        self._stopped_since: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()   # one heal or stop at a time
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> "Supervisor":
+        self.drain_file.unlink(missing_ok=True)
+        self.server.extra_env["HELIOS_DRAIN_FILE"] = str(self.drain_file)
+        self.server.start(self.ready_timeout)
+        self.stubs = stubs_of(self.server.proc.pid)
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        self._stop.set()
+        with self._lock:
+            regions = [s.shm_region for s in self.stubs.values()]
+            self.server.stop(timeout)
+            _remove_regions(regions)
+            self.drain_file.unlink(missing_ok=True)
+
+    def drain(self, timeout: float, metrics_url: str | None = None) -> bool:
+        """Refuse new streams, let the running ones end (at most ``timeout`` seconds), stop.
+        True when every stream ended by itself."""
+        self.drain_file.write_text("draining\n")
+        self.log(f"supervisor: draining, new streams refused, up to {timeout:.0f} s for the "
+                 f"running ones")
+        deadline = time.monotonic() + timeout
+        url = metrics_url or f"http://127.0.0.1:{self.server.metrics}/metrics"
+        finished = False
+        while time.monotonic() < deadline:
+            active = active_streams(url)
+            if active == 0:
+                finished = True
+                break
+            time.sleep(0.5)
+        self.log("supervisor: every stream ended" if finished else
+                 "supervisor: drain timeout: stopping with streams still running")
+        self.stop()
+        return finished
+
+    # ---- watching and healing ------------------------------------------------------------
+    def fault(self) -> str | None:
+        """What is wrong with the server now: a dead server or stub, a paused stub; or None."""
+        proc = self.server.proc
+        if proc is None or proc.poll() is not None:
+            return f"tritonserver exited with code {None if proc is None else proc.returncode}"
+        for pid, stub in self.stubs.items():
+            state = _state(pid)
+            if state is None or state in "ZX":
+                return f"the {stub.model} stage process (pid {pid}) died"
+            if state in "Tt" and self._stopped_for(pid) >= self.stopped_s:
+                return f"the {stub.model} stage process (pid {pid}) is stopped"
+        return None
+
+    def _stopped_for(self, pid: int) -> float:
+        first = self._stopped_since.setdefault(pid, time.monotonic())
+        return time.monotonic() - first
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for pid in [p for p in self._stopped_since if _state(p) not in ("T", "t")]:
+                del self._stopped_since[pid]  # it ran again
+            reason = self.fault()
+            if reason is not None and not self._stop.is_set():
+                self.heal(reason)
+
+    def heal(self, reason: str) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            t0 = time.monotonic()
+            self.log(f"supervisor: {reason}: restarting tritonserver")
+            regions = [s.shm_region for s in self.stubs.values()]
+            proc = self.server.proc
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # stubs too; a stopped one dies as well
+                proc.wait()
+            _remove_regions(regions)
+            self._stopped_since = {}
+            try:
+                self.server.start(self.ready_timeout)
+            except Exception as e:  # noqa: BLE001 - reported; the next poll tries again
+                self.log(f"supervisor: restart failed: {e}")
+                self.heals.append({"reason": reason, "seconds": None, "error": str(e)})
+                return
+            self.stubs = stubs_of(self.server.proc.pid)
+            seconds = time.monotonic() - t0
+            self.heals.append({"reason": reason, "seconds": seconds})
+            self.log(f"supervisor: healed in {seconds:.1f} s")
+
+
+def _remove_regions(names) -> None:
+    """The shared-memory regions of stubs that were killed (a stub removes its own only when
+    it ends normally)."""
+    for name in names:
+        (SHM / name).unlink(missing_ok=True)
+
+
+def active_streams(metrics_url: str) -> int | None:
+    """Streams the helios model is serving now (its ``helios_active_streams`` gauge)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    total = None
+    for line in text.splitlines():
+        if line.startswith("helios_active_streams{"):
+            total = (total or 0) + int(float(line.rsplit(" ", 1)[1]))
+    return total
+

@@ -1,0 +1,169 @@
+"""The server under faults, on a real supervised tritonserver (helios_triton.supervisor): a
+stage process killed or stopped mid-stream ends that stream with an error within seconds,
+readiness turns false, the server heals and serves again; SIGTERM drains; a storm of
+cancelled streams leaves no KV block in use. Bounded: every wait has a deadline."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import INSTANCES, ROOT, free_ports, live_metrics, metric
+from helios_client import HeliosClient
+from helios_triton.fill_repository import fill, values
+from helios_triton.server import TritonServer
+from helios_triton.supervisor import SHM, Supervisor
+
+PROMPT = "a red circle moving left on a dark background"
+
+
+def _ready(http: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _until(predicate, timeout: float, step: float = 0.1) -> float:
+    """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
+        time.sleep(step)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def supervised(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("supervised")
+    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 2, True, INSTANCES, 0.5),
+         ROOT / "model_repository")
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
+                          backends=tmp / "backends", address="127.0.0.1")
+    sup = Supervisor(server, tmp / "draining", ready_timeout=240, log=lambda line: None)
+    sup.start()
+    yield sup
+    sup.stop()
+
+
+class _Stream:
+    """One long video streamed in a thread: when its first chunk came, and how it ended."""
+
+    def __init__(self, grpc: int, seconds: float = 60):
+        self.first = threading.Event()
+        self.error, self.ended_at, self.frames = None, None, 0
+        self.thread = threading.Thread(target=self._run, args=(grpc, seconds), daemon=True)
+        self.thread.start()
+
+    def _run(self, grpc, seconds):
+        try:
+            for chunk in HeliosClient(f"127.0.0.1:{grpc}", timeout_s=60).stream(
+                    PROMPT, duration_s=seconds, seed=0):
+                self.frames += len(chunk.frames)
+                self.first.set()
+        except Exception as e:  # noqa: BLE001 - what the client sees is the point
+            self.error = e
+        self.ended_at = time.monotonic()
+        self.first.set()
+
+
+@pytest.mark.parametrize("model", ["refiner", "ar_backbone", "vae_decoder", "text_encoder",
+                                   "helios"])
+def test_a_dead_stage_ends_its_stream_fast_and_the_server_heals(supervised, model):
+    _fault_and_heal(supervised, model, signal.SIGKILL)
+
+
+def test_a_stopped_stage_is_healed_too(supervised):
+    _fault_and_heal(supervised, "refiner", signal.SIGSTOP)
+
+
+def _fault_and_heal(sup, model, sig):
+    grpc, http = sup.server.grpc, sup.server.http
+    assert _ready(http)
+    stream = _Stream(grpc)
+    assert stream.first.wait(60) and stream.error is None, stream.error
+    (victim,) = [s for s in sup.stubs.values() if s.model == model][:1]
+    heals = len(sup.heals)
+    t0 = time.monotonic()
+    os.kill(victim.pid, sig)
+    # The stream ends with an error, and readiness turns false, within 5 s each.
+    stream.thread.join(15)
+    assert stream.ended_at is not None and stream.ended_at - t0 < 5, stream.ended_at
+    assert stream.error is not None
+    assert _until(lambda: not _ready(http), 5) < 5
+    # Healed: ready again, the next request succeeds, no shared memory of the dead server left.
+    healed = _until(lambda: _ready(http) and len(sup.heals) > heals, 240, 0.5)
+    assert sup.heals[-1]["seconds"] is not None and model in sup.heals[-1]["reason"]
+    assert not (SHM / victim.shm_region).exists()
+    video = HeliosClient(f"127.0.0.1:{grpc}", timeout_s=120).generate(PROMPT, num_frames=8, seed=1)
+    assert video.shape == (8, 128, 128, 3)
+    print(f"{model} {sig.name}: stream ended after {stream.ended_at - t0:.2f} s, "
+          f"healed in {healed:.1f} s")
+
+
+def test_a_storm_of_cancelled_streams_leaves_no_kv_block_in_use(server):
+    """Streams cancelled at random points, several at once: afterwards the AR backbone holds
+    no sequence and no KV block."""
+    import random
+
+    rng = random.Random(0)
+
+    def cancelled_stream(seed):
+        stream = HeliosClient(f"127.0.0.1:{server.grpc}", timeout_s=60).stream(
+            PROMPT, duration_s=10, seed=seed)
+        for i, _ in enumerate(stream):
+            if i >= rng.randint(0, 4):
+                break
+        stream.close()
+
+    threads = [threading.Thread(target=cancelled_stream, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+        time.sleep(rng.random() * 0.3)
+    for t in threads:
+        t.join(120)
+    def released():
+        text = live_metrics(server)
+        return (metric(text, "helios_ar_active_sequences") == 0
+                and metric(text, "helios_kv_cache_blocks", state="used") == 0)
+
+    _until(released, 30, 0.5)
+
+
+def test_sigterm_drains_running_streams_and_refuses_new_ones(tiny_checkpoint, tmp_path):
+    """SIGTERM to the server process (the pod's PID 1): a new stream is refused at once with
+    UNAVAILABLE, the running one gets every frame, and the process exits 0."""
+    from helios_client import RequestError  # noqa: PLC0415
+
+    fill(tmp_path / "state" / "model_repository",
+         values(tiny_checkpoint, "cpu", 2, True, INSTANCES, 0.5), ROOT / "model_repository")
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "helios_triton.server", "--state-dir", str(tmp_path / "state"),
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--address", "127.0.0.1", "--exit-timeout-secs", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        _until(lambda: _ready(http), 240, 0.5)
+        stream = _Stream(grpc, seconds=8)
+        assert stream.first.wait(60) and stream.error is None
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(RequestError) as refused:
+            HeliosClient(f"127.0.0.1:{grpc}", timeout_s=30).generate(PROMPT, num_frames=8)
+        assert "draining" in str(refused.value)
+        stream.thread.join(120)
+        assert stream.error is None and stream.frames == 8 * 24
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not Path(tmp_path / "state" / "draining").exists()
