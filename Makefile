@@ -9,7 +9,7 @@ PYTRITON := 0.7.0
 FILL_ARGS ?=
 PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup repository serve demo perf test offline-bundle clean
+.PHONY: setup repository serve demo perf test soak offline-bundle clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ perf: repository
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The server under load and faults for 10 minutes: 16 streams, random cancellations, one stage
+# killed a minute; prints a table (benchmarks/results/soak/soak.json).
+soak: setup
+	$(PY) benchmarks/soak.py --minutes 10 --streams 16 --kill-every 60
 
 # What a GPU host without internet needs (Triton server files, wheels, install.sh) in .offline;
 # benchmarks/gpu.sh installs it there. BUNDLE_PYTHON: the host's Python (major.minor).

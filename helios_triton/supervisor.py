@@ -118,6 +118,16 @@ class Supervisor:
         self.stop()
         return finished
 
+    def wait_serving(self, timeout: float) -> bool:
+        """Wait until no heal is under way and nothing is wrong with the server."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.fault() is None:
+                    return True
+            time.sleep(0.5)
+        return False
+
     # ---- watching and healing ------------------------------------------------------------
     def fault(self) -> str | None:
         """What is wrong with the server now: a dead server or stub, a paused stub; or None."""
