@@ -28,25 +28,13 @@ from pathlib import Path
 from helios.checkpoint import init_checkpoint
 from helios_client import HeliosClient
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import TritonServer
+from helios_triton.server import TritonServer, free_ports
 from helios_triton.supervisor import Supervisor, active_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving left on a dark background", "a blue square moving up",
            "a green triangle bouncing", "a yellow circle growing on a light background"]
 STAGES = ["refiner", "ar_backbone", "vae_decoder", "text_encoder", "helios"]
-
-
-def free_ports(n: int) -> list[int]:
-    import socket  # noqa: PLC0415
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def client_loop(grpc: int, stop: threading.Event, rng: random.Random, cancel: float,

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Container entrypoint: fill the model repository for the mounted checkpoint, then become
-# tritonserver (exec: it is PID 1 and gets SIGTERM directly, so running streams can finish).
+# Container entrypoint: fill the model repository for the mounted checkpoint, then become the
+# supervised server (exec: helios_triton.server is PID 1 and gets SIGTERM directly, so it can
+# refuse new streams and let running ones finish).
 # It writes only under HELIOS_STATE_DIR, so the image runs as any uid on a read-only root.
 #   HELIOS_CHECKPOINT     checkpoint folder (default: the trained tiny one baked into the CPU image)
 #   HELIOS_FILL_ARGS      options of helios_triton/fill_repository.py, e.g. "--device cuda --max-streams 4"

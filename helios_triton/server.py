@@ -29,9 +29,8 @@ needs; 127.0.0.1 keeps a development server to the machine).
 and the GPU time-slices between contexts, so the AR backbone and the refiner never run at the
 same time. Under CUDA MPS they share the GPU and their kernels can run side by side (on an
 H100, requests sent ahead and MPS together gained 7 % at one stream: docs/serving.md says why
-no more). The flag starts an MPS control daemon of this server's
-own (its pipe and log folders under .triton/mps, not the system's) and, with ``--run``, quits
-it when the server stops.
+no more). The flag starts an MPS control daemon of this server's own (its pipe and log folders
+under STATE_DIR/mps-PID, not the system's) and quits it when the server stops.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -49,6 +49,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from .supervisor import Supervisor
 
 # Working files (backend folder, log, MPS pipes) go under --state-dir, by default this folder
 # under the working directory (a read-only image passes a writable one).
@@ -191,24 +193,37 @@ def _has_gpu() -> bool:
 
 
 def port_in_use(port: int) -> bool:
-    import socket  # noqa: PLC0415
-
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` ports that are free on this machine now (bound once, released)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def is_ready(http: int) -> bool:
+    """Whether the server on this HTTP port answers its readiness endpoint with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def wait_ready(http: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{http}/v2/health/ready"
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if is_ready(http):
+            return
         time.sleep(0.5)
     raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s")
 
@@ -290,26 +305,17 @@ def main(argv=None) -> int:
     args.log_file = args.log_file or args.state_dir / "server.log"
     # A folder of its own per run: a daemon an earlier run could not quit does not block it.
     mps = MPS(args.state_dir / f"mps-{os.getpid()}") if args.mps else None
-    if args.run:
-        if mps is None:
-            return run_around(args)  # TritonServer.start checks numpy
-        mps.start()
-        try:
-            return run_around(args, mps.env)
-        finally:
-            mps.stop()
+    target = run_around if args.run else serve
     if mps is None:
-        return serve(args)
+        return target(args)
     mps.start()
     try:
-        return serve(args, mps.env)
+        return target(args, mps.env)
     finally:
         mps.stop()
 
 
-def _supervised(args, env: dict | None, log_file: Path | None):
-    from .supervisor import Supervisor  # noqa: PLC0415
-
+def _supervised(args, env: dict | None, log_file: Path | None) -> Supervisor:
     server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
                           args.metrics_port, log_file=log_file, env=env, address=args.address,
                           backends=args.state_dir / "backends",

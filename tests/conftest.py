@@ -1,4 +1,3 @@
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from helios.checkpoint import init_checkpoint
 from helios.config import get_config
 from helios.pipeline import HeliosPipeline
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import TritonServer
+from helios_triton.server import TritonServer, free_ports
 
 torch.set_num_threads(2)
 
@@ -33,16 +32,6 @@ def tiny_config():
 
 # ---- the real Triton server, shared by the serving and deployment tests ----------------------
 INSTANCES = {"text_encoder": 1, "refiner": 1, "vae_decoder": 1, "helios_video": 2}
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

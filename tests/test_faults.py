@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,10 @@ import pytest
 from conftest import INSTANCES, ROOT, free_ports, live_metrics, metric
 from helios_client import HeliosClient
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import TritonServer
+from helios_triton.server import TritonServer, is_ready as _ready
 from helios_triton.supervisor import SHM, Supervisor
 
 PROMPT = "a red circle moving left on a dark background"
-
-
-def _ready(http: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _until(predicate, timeout: float, step: float = 0.1) -> float:

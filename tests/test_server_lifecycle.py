@@ -9,7 +9,7 @@ import time
 
 from conftest import INSTANCES, free_ports
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import port_in_use
+from helios_triton.server import is_ready, port_in_use
 
 
 def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint, tmp_path):
@@ -73,7 +73,7 @@ def test_the_image_entrypoint_serves_and_writes_only_its_state_dir(tmp_path):
     try:
         client = HeliosClient(f"127.0.0.1:{grpc}", timeout_s=120)
         deadline = time.monotonic() + 180
-        while not port_in_use(http) or not _ready(http):
+        while not is_ready(http):
             assert server.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(1)
         video = client.generate("a red circle moving left", num_frames=8, seed=0)
@@ -85,13 +85,3 @@ def test_the_image_entrypoint_serves_and_writes_only_its_state_dir(tmp_path):
     assert list(work.iterdir()) == []
     assert (state / "model_repository" / "helios" / "config.pbtxt").is_file()
     assert (state / "backends" / "python").is_dir()  # the server logs to stdout, for the pod
-
-
-def _ready(http: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False

@@ -65,6 +65,18 @@ def _is_invalid_argument(error) -> bool:
     return status in ("StatusCode.INVALID_ARGUMENT", "400") or bool(_INPUT_ERROR.match(_message(error)))
 
 
+# gRPC backs off reconnecting to an address that refused it, for up to 2 minutes, and shares
+# that state between every channel of the process. A server that restarts (its supervisor
+# heals it in seconds) must be reachable again at once: a channel of its own, short backoff.
+# The message limits are tritonclient's own defaults, which channel_args would otherwise drop.
+_GRPC_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1),
+                      ("grpc.max_receive_message_length", 2**31 - 1),
+                      ("grpc.use_local_subchannel_pool", 1),
+                      ("grpc.initial_reconnect_backoff_ms", 250),
+                      ("grpc.min_reconnect_backoff_ms", 250),
+                      ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 class HeliosClient:
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", timeout_s: float = 600):
         if protocol not in ("grpc", "http"):
@@ -72,7 +84,7 @@ class HeliosClient:
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         if protocol == "grpc":
             import tritonclient.grpc as module  # noqa: PLC0415
-            self._client = module.InferenceServerClient(url)
+            self._client = module.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
         else:
             import tritonclient.http as module  # noqa: PLC0415
             self._client = module.InferenceServerClient(url, network_timeout=timeout_s,
