@@ -32,7 +32,7 @@ def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int) -> tupl
     return render_clip(spec, num_frames, size, seed=int(rng.integers(2**31))), spec.caption
 
 
-def _synthetic_bank_clip(job) -> tuple[np.ndarray, str]:
+def synthetic_bank_clip(job) -> tuple[np.ndarray, str]:
     """Clip ``i`` of a synthetic latent bank (run in a worker process)."""
     size, seed, i, num_frames = job
     return synthetic_clip(np.random.default_rng([seed, 99, i]), num_frames, size)

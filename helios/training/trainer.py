@@ -27,9 +27,9 @@ from ..errors import HeliosError
 from ..vae import from_uint8
 from . import ar as ar_phases, refiner as refiner_phase, vae as vae_phases
 from .settings import CLIP_LATENTS, PHASES, TrainSettings
-from .sources import FolderClips, SyntheticClips, _synthetic_bank_clip
+from .sources import FolderClips, SyntheticClips, synthetic_bank_clip
 
-# What each phase trains, and the component it leaves in eval mode when done.
+# The function that trains each phase, and the component each phase leaves in eval mode.
 PHASE_RUNNERS = {"vae": vae_phases.train_vae, "refiner": refiner_phase.train_refiner,
                  "decoder": vae_phases.train_decoder, "ar": ar_phases.train_ar,
                  "draft": ar_phases.train_draft}
@@ -158,7 +158,7 @@ class Trainer:
             # number of processes rendering it (numpy rendering is the slow part).
             jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f) for i in range(n)]
             pool = ProcessPoolExecutor(min(os.cpu_count() or 1, 16))
-            clips = pool.map(_synthetic_bank_clip, jobs, chunksize=8)
+            clips = pool.map(synthetic_bank_clip, jobs, chunksize=8)
         else:
             rng = np.random.default_rng([self.seed, 99])
             pool, clips = None, (self.source.sample(rng, CLIP_LATENTS * f) for _ in range(n))
