@@ -241,6 +241,39 @@ def test_readiness_liveness_and_metrics_endpoints(server):
     assert e.value.code in (400, 403)
 
 
+def _outcomes(server) -> dict:
+    """helios_streams counters summed over the helios instances, by outcome."""
+    out = {}
+    for line in live_metrics(server).splitlines():
+        m = re.match(r'helios_streams\{.*outcome="(\w+)".*\} (\S+)', line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0) + float(m.group(2))
+    return out
+
+
+def test_every_request_is_counted_by_how_it_ended(server):
+    """A refused request is counted as invalid, a completed stream as completed, a stream
+    closed early as cancelled: not all as successes, as tritonserver's own counter has it."""
+    before = _outcomes(server)
+    grpc = _grpc(server)
+    grpc.generate(PROMPT, num_frames=4, seed=0)
+    with pytest.raises(RequestError):
+        grpc.generate(PROMPT, num_frames=4, top_p=9.0)
+    stream = grpc.stream(PROMPT, num_frames=96, seed=0)
+    next(stream)
+    stream.close()
+
+    def counted():
+        after = _outcomes(server)
+        return {k: after.get(k, 0) - before.get(k, 0) for k in after} == \
+            {"completed": 1, "invalid": 1, "cancelled": 1, "failed": 0, "refused": 0}
+
+    deadline = time.monotonic() + 30
+    while not counted():
+        assert time.monotonic() < deadline, (before, _outcomes(server))
+        time.sleep(0.2)
+
+
 def test_client_cli_streams_to_mp4_and_reports_a_dead_server(server, tmp_path, capsys):
     import av
 

@@ -53,6 +53,14 @@ class TritonPythonModel:
         self.m_active = self.m_family.Metric(labels={"model": "helios",
                                                      "instance": args["model_instance_name"]})
         self.m_active.set(0)
+        # How every request ended. tritonserver 2.51 counts a decoupled request as a success
+        # whenever execute returns, whatever its responses said: these counters do not.
+        self.m_outcome_family = pb_utils.MetricFamily(
+            name="helios_streams", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests of the helios model by how they ended")
+        self.m_outcome = {outcome: self.m_outcome_family.Metric(labels={
+            "model": "helios", "instance": args["model_instance_name"], "outcome": outcome})
+            for outcome in ("completed", "cancelled", "failed", "invalid", "refused")}
 
     def _request(self, request):
         return video_request(self.config, lambda name: _array(request, name), self.speculative)
@@ -65,6 +73,7 @@ class TritonPythonModel:
                                              "(retry on another replica)",
                                              pb_utils.TritonError.UNAVAILABLE)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                self.m_outcome["refused"].increment(1)
                 continue
             try:
                 req = self._request(request)
@@ -72,15 +81,18 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(e.renamed(HELIOS_INPUT_NAMES),
                                              pb_utils.TritonError.INVALID_ARG)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                self.m_outcome["invalid"].increment(1)
                 continue
             self.m_active.set(1)
             try:
-                self._serve(request, sender, req)
+                outcome = self._serve(request, sender, req)
             finally:
                 self.m_active.set(0)
+            self.m_outcome[outcome].increment(1)
         return None
 
-    def _serve(self, request, sender, req):
+    def _serve(self, request, sender, req) -> str:
+        """Stream one request's chunks; returns how it ended: completed, cancelled or failed."""
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
@@ -113,9 +125,11 @@ class TritonPythonModel:
             # stub (tritonserver 2.51, Python 3.12: SIGSEGV, seen on the GPU machine).
             final = True
             sender.send(flags=FINAL)
+            return "completed" if last else "cancelled"
         except Exception as e:  # one failed stream must not take the others down
             pb_utils.Logger.log_error(f"helios {rid}: {e}")
             try:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             except Exception:
                 pass
+            return "failed"
