@@ -19,6 +19,7 @@ from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
+from helios_triton.bls import input_array
 from helios_triton.stage import (compile_batches, kv_pool_blocks, model_device, model_dtype,
                                  model_parameters, process_settings, requested_outputs)
 
@@ -29,10 +30,6 @@ def _scalar(request, name, default=None):
     t = pb_utils.get_input_tensor_by_name(request, name)
     return default if t is None else t.as_numpy().reshape(-1)[0].item()
 
-
-def _array(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -112,7 +109,7 @@ class TritonPythonModel:
         return None
 
     def _job(self, request, sender) -> ARJob:
-        ids = _array(request, "input_ids").reshape(-1).astype(np.int64)
+        ids = input_array(request, "input_ids").reshape(-1).astype(np.int64)
         length = int(_scalar(request, "input_lengths"))
         if not 1 <= length <= ids.shape[0]:
             raise HeliosError("input_lengths", f"must be in [1, {ids.shape[0]}], got {length}")
@@ -120,7 +117,7 @@ class TritonPythonModel:
         n = int(_scalar(request, "request_output_len"))
         if n < 1:
             raise HeliosError("request_output_len", f"must be >= 1, got {n}")
-        table = _array(request, "prompt_embedding_table")
+        table = input_array(request, "prompt_embedding_table")
         rows = int(_scalar(request, "prompt_vocab_size", 0))
         prefix_len = int((ids >= self.vocab_size).sum())
         if prefix_len:
@@ -136,7 +133,7 @@ class TritonPythonModel:
         hidden = self.scheduler.runtime.model.config.hidden_size
         prefix = (torch.from_numpy(table[:prefix_len].astype(np.float32)) if prefix_len
                   else torch.zeros(0, hidden))
-        draft_table = _array(request, "draft_prompt_embedding_table")
+        draft_table = input_array(request, "draft_prompt_embedding_table")
         draft_prefix = None
         if draft_table is not None and prefix_len:
             draft_table = draft_table.reshape(-1, draft_table.shape[-1])
@@ -144,7 +141,7 @@ class TritonPythonModel:
         tokens = ids[prefix_len:].tolist()
         if any(t < 0 for t in tokens):
             raise HeliosError("input_ids", f"must be >= 0, got {min(tokens)}")
-        bias = _array(request, "embedding_bias")
+        bias = input_array(request, "embedding_bias")
         if bias is not None:
             # vocab_size entries (TensorRT-LLM's embedding_bias), or slots x vocab_size: one
             # row per plan-token slot of a frame (helios.schedule.plan_bias)

@@ -21,17 +21,13 @@ import triton_python_backend_utils as pb_utils
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
-from helios_triton.bls import OverlappedStages, TritonStages
+from helios_triton.bls import OverlappedStages, TritonStages, input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.stage import (model_parameters, process_settings, requested_outputs,
                                  video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-def _array(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -63,7 +59,7 @@ class TritonPythonModel:
             for outcome in ("completed", "cancelled", "failed", "invalid", "refused")}
 
     def _request(self, request):
-        return video_request(self.config, lambda name: _array(request, name), self.speculative)
+        return video_request(self.config, lambda name: input_array(request, name), self.speculative)
 
     def execute(self, requests):
         for request in requests:

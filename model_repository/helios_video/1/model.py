@@ -5,13 +5,10 @@ import triton_python_backend_utils as pb_utils
 
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
+from helios_triton.bls import input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.stage import model_parameters, process_settings, video_request
 
-
-def _array(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -27,7 +24,7 @@ class TritonPythonModel:
             # Checked here too, so that a bad input is INVALID_ARG: an error that comes back
             # through a BLS call reaches this model without its code.
             try:
-                video_request(self.config, lambda name: _array(request, name), self.speculative)
+                video_request(self.config, lambda name: input_array(request, name), self.speculative)
             except HeliosError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     e.renamed(HELIOS_INPUT_NAMES), pb_utils.TritonError.INVALID_ARG)))

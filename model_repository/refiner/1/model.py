@@ -6,12 +6,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from helios.errors import HeliosError
+from helios_triton.bls import input_array
 from helios_triton.stage import load_stage, refiner_call
 
-
-def _input(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -35,7 +32,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                call = refiner_call(st.config, lambda name: _input(request, name), st.device,
+                call = refiner_call(st.config, lambda name: input_array(request, name), st.device,
                                     st.dtype)
             except HeliosError as e:
                 responses.append(pb_utils.InferenceResponse(
