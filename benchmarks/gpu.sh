@@ -67,23 +67,25 @@ for part in "${parts[@]}"; do
     case "$part" in
         check)
             timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_context_attention_kernel.py \
-                tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt" ;;
+                tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         inprocess)
             for v in "14b:bf16:" "14b:fp8_refiner:--refiner-fp8" "14b-384p:bf16:"; do
                 IFS=: read -r config tag flags <<< "$v"
                 timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds 2 \
                     --out "$out/inprocess" --tag "$tag" $flags > "$out/fps_${config}_$tag.txt" 2>&1
-                echo "fps.py $config $tag: rc $?"
+                rc=$?
+                echo "fps.py $config $tag: rc $rc"
+                [ $rc -eq 0 ] || status=1
                 grep -v "^ " "$out/fps_${config}_$tag.txt" | grep -iv "warn" | tail -12
             done ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
-            server_run server_14b 14b ${STREAMS:-1 4 8} ;;
+            server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
         server-384p)
-            server_run server_14b-384p 14b-384p 1 ;;
+            server_run server_14b-384p 14b-384p 1 || status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p)" >&2; exit 2 ;;
     esac
-    [ $? -eq 0 ] || status=1
 done
 exit $status
