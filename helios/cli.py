@@ -52,6 +52,13 @@ def _int(name):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise HeliosError("prompt_at", f"seconds must be a number, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="helios", description="Helios text-to-video")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -81,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_float("top_p"), default=1.0)
     p.add_argument("--fps", type=_int("fps"), default=None)
     p.add_argument("--image", default=None, help="first frame (image-to-video)")
+    p.add_argument("--prompt-at", nargs=2, action="append", default=[],
+                   metavar=("SECONDS", "PROMPT"),
+                   help="switch to PROMPT at SECONDS into the video (repeatable)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--low-vram", action="store_true", help="only the active stage on the GPU")
     p.add_argument("--no-speculative", action="store_true")
@@ -104,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-dropout", type=_float("caption_dropout"), default=None,
                    help="AR phase: chance that each colour / shape word of a synthetic caption "
                         "is left out (default 0.25)")
+    p.add_argument("--switch-clips", type=_int("switch_clips"), default=None,
+                   help="AR phase: prompt-switch clips encoded into a bank of their own "
+                        "(default 0: none)")
+    p.add_argument("--switch-windows", type=_float("switch_windows"), default=None,
+                   help="AR phase: share of AR windows that are prompt switches (needs "
+                        "--switch-clips)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -165,6 +181,7 @@ def cmd_generate(args) -> None:
 
     from .checkpoint import init_checkpoint, read_config  # noqa: PLC0415
     from .pipeline import validate_request  # noqa: PLC0415
+    from .session import scripted  # noqa: PLC0415
     from .video import Mp4Writer, check_output, partial_path, read_image  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
@@ -184,6 +201,8 @@ def cmd_generate(args) -> None:
     req = validate_request(cfg, args.prompt, duration_s=args.duration, fps=args.fps,
                            seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, image=image, speculative=not args.no_speculative)
+    switches = scripted(cfg, req.num_frames, req.fps, [(_seconds(at), prompt)
+                                                       for at, prompt in args.prompt_at])
     pipe = load_pipeline(ckpt, args.device, low_vram=args.low_vram)
     t0 = time.perf_counter()
     bar = None
@@ -193,7 +212,7 @@ def cmd_generate(args) -> None:
     partial = partial_path(output)  # renamed when complete: no half video under the name
     try:
         with Mp4Writer(partial, req.fps, cfg.width, cfg.height) as writer:
-            for chunk in pipe.run(req):
+            for chunk in pipe.run(req, switches):
                 writer.write(chunk.frames)
                 if bar is not None:
                     bar.update(len(chunk.frames))
@@ -203,6 +222,8 @@ def cmd_generate(args) -> None:
         if bar is not None:
             bar.close()
     dt = time.perf_counter() - t0
+    for switch in switches.applied:
+        print(f"prompt from frame {switch.frame}: {switch.prompt}", file=sys.stderr)
     acc = pipe.ar.acceptance_rate()
     spec = f", speculative acceptance {acc:.2f}" if not math.isnan(acc) else ""
     print(f"wrote {writer.frames_written} frames ({cfg.width}x{cfg.height}, {req.fps} fps) "
@@ -244,6 +265,14 @@ def cmd_train(args) -> None:
         if not 0 <= args.caption_dropout <= 1:
             raise HeliosError("caption_dropout", f"must be in [0, 1], got {args.caption_dropout}")
         settings.caption_dropout = args.caption_dropout
+    if args.switch_clips is not None:
+        if args.switch_clips < 0:
+            raise HeliosError("switch_clips", f"must be >= 0, got {args.switch_clips}")
+        settings.switch_clips = args.switch_clips
+    if args.switch_windows is not None:
+        if not 0 <= args.switch_windows <= 1:
+            raise HeliosError("switch_windows", f"must be in [0, 1], got {args.switch_windows}")
+        settings.switch_windows = args.switch_windows
     trainer = Trainer(args.out, args.config, init=init, data=args.data, device=args.device,
                       seed=args.seed, settings=settings, progress=not args.no_progress)
     rejected = getattr(trainer.source, "rejected", [])

@@ -114,28 +114,59 @@ def object_state(o: ObjectSpec, t: int, cy: float, cx: float, r: float, size: in
     return y % size, x % size, rad
 
 
-def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0,
-                start: int = 0) -> np.ndarray:
-    """uint8 [T, size, size, 3] of frames ``start`` .. ``start + T - 1``; start positions vary
-    with the seed, the motion never does."""
-    rng = np.random.default_rng(seed)
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
-    frames[:] = BACKGROUNDS[spec.background]
+def _starts(spec: ClipSpec, size: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """Each object's (y, x, radius) at frame 0."""
     starts = []
-    for i, o in enumerate(spec.objects):
+    for i, _ in enumerate(spec.objects):
         r = size * 0.11
         lo, hi = size * 0.3, size * 0.7
         cy, cx = rng.uniform(lo, hi), rng.uniform(lo, hi)
         if len(spec.objects) == 2:  # keep two objects apart: left and right halves
             cx = size * (0.3 if i == 0 else 0.7)
         starts.append((cy, cx, r))
+    return starts
+
+
+def _draw(frame: np.ndarray, o: ObjectSpec, y: float, x: float, rad: float) -> None:
+    size = frame.shape[0]
+    mask = np.zeros((size, size), bool)
+    for dy in (-size, 0, size):       # an object crossing an edge shows on both sides
+        for dx in (-size, 0, size):
+            if -rad * 2 < y + dy < size + rad * 2 and -rad * 2 < x + dx < size + rad * 2:
+                mask |= _mask(o.shape, size, size, y + dy, x + dx, rad)
+    frame[mask] = COLORS[o.color]
+
+
+def render_switch_clip(before: ClipSpec, after: ClipSpec, num_frames: int, switch_frame: int,
+                       size: int = 128, seed: int = 0) -> np.ndarray:
+    """uint8 [T, size, size, 3]: ``before`` until ``switch_frame``, then ``after``, whose
+    objects go on from where ``before``'s were (a prompt switch as a session makes one: the
+    scene changes what it shows, not where). Both specs have the same number of objects."""
+    if len(before.objects) != len(after.objects):
+        raise ValueError("a switch keeps the number of objects")
+    starts = _starts(before, size, np.random.default_rng(seed))
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for t in range(num_frames):
+        spec = before if t < switch_frame else after
+        frames[t] = BACKGROUNDS[spec.background]
+        for o, o0, (cy, cx, r) in zip(spec.objects, before.objects, starts):
+            if t < switch_frame:
+                y, x, rad = object_state(o, t, cy, cx, r, size)
+            else:
+                y, x, _ = object_state(o0, switch_frame, cy, cx, r, size)
+                y, x, rad = object_state(o, t - switch_frame, y, x, r, size)
+            _draw(frames[t], o, y, x, rad)
+    return frames
+
+
+def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0,
+                start: int = 0) -> np.ndarray:
+    """uint8 [T, size, size, 3] of frames ``start`` .. ``start + T - 1``; start positions vary
+    with the seed, the motion never does."""
+    starts = _starts(spec, size, np.random.default_rng(seed))
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    frames[:] = BACKGROUNDS[spec.background]
     for t in range(num_frames):
         for o, (cy, cx, r) in zip(spec.objects, starts):
-            y, x, rad = object_state(o, start + t, cy, cx, r, size)
-            mask = np.zeros((size, size), bool)
-            for dy in (-size, 0, size):       # an object crossing an edge shows on both sides
-                for dx in (-size, 0, size):
-                    if -rad * 2 < y + dy < size + rad * 2 and -rad * 2 < x + dx < size + rad * 2:
-                        mask |= _mask(o.shape, size, size, y + dy, x + dx, rad)
-            frames[t][mask] = COLORS[o.color]
+            _draw(frames[t], o, *object_state(o, start + t, cy, cx, r, size))
     return frames

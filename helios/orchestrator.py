@@ -29,7 +29,8 @@ import numpy as np
 
 from .config import HeliosConfig
 from .schedule import (AR_SEED, ContextFrames, VideoChunk, VideoRequest, ar_segments,
-                             derive_seed, plan_bias)
+                       derive_seed, plan_bias, switch_keep)
+from .session import PromptSwitches
 
 
 class Stages(Protocol):
@@ -41,14 +42,17 @@ class Stages(Protocol):
 
 
 def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
-                 cancelled: Callable[[], bool] | None = None) -> Iterator[VideoChunk]:
+                 cancelled: Callable[[], bool] | None = None,
+                 switches: PromptSwitches | None = None) -> Iterator[VideoChunk]:
     """Yield the video of ``req`` chunk by chunk (4 frames per latent frame, the last one
     trimmed to ``req.num_frames``). Stops early, releasing the AR stream, when ``cancelled()``
     turns true or the consumer closes the generator.
 
     The plan tokens come from ``plan_stream``; a ``stages.prefetch(iterator)``, where the
     stages have one, runs it ahead of the rendering (the in-process pipeline overlaps the AR
-    with the refiner that way)."""
+    with the refiner that way). ``switches`` (helios.session) may change the prompt between
+    latent frames: the plan tokens decoded ahead of the switch are dropped, and a new AR
+    segment starts there under the new prompt."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
     context = ContextFrames(cfg.refiner.history_frames)
     plans: list[list[int]] = []
@@ -68,22 +72,37 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     if req.image is not None:
         latent, plan = stages.encode_image(req.image)
         plans.append(list(plan))
+        if switches is not None:
+            switches.due(0)  # the given frame is the image's, whatever the prompt
         yield chunk(latent)
     if cancelled is not None and cancelled():
         return
     first = len(plans)
-    upcoming = plan_stream(cfg, req, stages, prefix, draft_prefix, plans)
-    prefetch = getattr(stages, "prefetch", None)
-    if prefetch is not None:
-        upcoming = prefetch(upcoming)
+    prefetch = getattr(stages, "prefetch", None) or (lambda plans_: plans_)
+
+    def plans_from(start: int, kept: int, generation: int):
+        return prefetch(plan_stream(cfg, req, stages, prefix, draft_prefix, plans, start, kept,
+                                    generation))
+
+    upcoming = plans_from(first, first, 0)
     both = getattr(stages, "refine_and_decode", None)
     # With refine_and_decode, a latent frame is decoded while the next one renders (its
     # chunk goes out one rendering later). The first frame is decoded at once, for the
     # first chunk's latency. The refiner's inputs and the decoder's are those of the
     # sequential order, so the frames are the same.
     pending = None  # rendered, in the context frames, not decoded yet
+    index = first
     try:
-        for index, plan in enumerate(upcoming, start=first):
+        while True:
+            prompt = None if switches is None else switches.due(index)
+            if prompt is not None:
+                upcoming.close()
+                del plans[index:]  # decoded ahead under the old prompt
+                prefix, draft_prefix = stages.encode_prompt(prompt)
+                upcoming = plans_from(index, min(index, switch_keep(cfg)), len(switches.applied))
+            plan = next(upcoming, None)
+            if plan is None:
+                break
             refine = (plan, index, req.sampling.seed, context.anchor, context.history)
             if pending is None:
                 latent = stages.refine(*refine)
@@ -98,18 +117,25 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
             else:
                 context.push(latent)
                 pending = latent
+            index += 1
             if cancelled is not None and cancelled():
                 return
         if pending is not None:
             yield emit(pending, stages.decode(pending, state["prev"]))
     finally:
         upcoming.close()
+        if switches is not None:
+            switches.end()
 
 
 def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, draft_prefix,
-                plans: list[list[int]]) -> Iterator[list[int]]:
-    """The plan tokens of each latent frame after ``plans`` (the given ones: image-to-video),
-    one AR segment after another; appends them to ``plans`` as they come.
+                plans: list[list[int]], start: int = 0, kept: int = 0,
+                generation: int = 0) -> Iterator[list[int]]:
+    """The plan tokens of each latent frame from ``start`` on, one AR segment after another;
+    appends them to ``plans`` (which holds those before ``start``: an image's, or those
+    rendered before a prompt switch) as they come. The first segment's context keeps
+    ``kept`` of the frames before ``start``. ``generation`` counts the prompt switches
+    before this stream, so that each draws its own seeds.
 
     The last frame of a segment is held back until the next segment's AR request has gone
     out (its context is plan tokens only, known once the last token arrives), so the AR never
@@ -118,10 +144,11 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     bos = cfg.ar_backbone.bos_token_id
     bias = plan_bias(cfg)
     held = None
-    for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), len(plans)):
+    for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), start, kept):
         context = [bos] + [t for p in plans[len(plans) - seg.kept:] for t in p]
+        path = (seg.index,) if generation == 0 else (seg.index, generation)
         params = dataclasses.replace(req.sampling, seed=derive_seed(req.sampling.seed, AR_SEED,
-                                                                    seg.index))
+                                                                    *path))
         tokens = stages.ar_stream(prefix, draft_prefix, context, seg.new * n, params, bias,
                                   req.speculative)
         try:

@@ -36,6 +36,7 @@ from .config import HeliosConfig
 from .fp8 import quantize_ar, quantize_refiner
 from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, validate_request
+from .session import PromptSwitches, scripted
 from .text_encoder import tokenize
 from .vae import from_uint8, to_uint8
 
@@ -217,18 +218,27 @@ class HeliosPipeline:
         return to_uint8(pixels)[0].numpy()
 
     # ---- the loop ----------------------------------------------------------------------
-    def generate(self, prompt: str, **kwargs) -> Iterator[VideoChunk]:
+    def generate(self, prompt: str, prompt_at=None, **kwargs) -> Iterator[VideoChunk]:
         """Stream a video: yields VideoChunk(frames uint8 [T, H, W, 3], offset, total).
 
         Keyword arguments: duration_s or num_frames, fps, seed, temperature, top_k, top_p,
-        image (uint8 [H, W, 3], image-to-video), speculative. Invalid values raise HeliosError
-        before any work starts.
+        image (uint8 [H, W, 3], image-to-video), speculative; ``prompt_at``: scripted prompt
+        switches, [(seconds, prompt), ...]. Invalid values raise HeliosError before any work
+        starts.
         """
         req = validate_request(self.config, prompt, **kwargs)
-        return self.run(req)
+        if not prompt_at:
+            return self.run(req)
+        return iter(Session(self, req, scripted(self.config, req.num_frames, req.fps, prompt_at)))
 
-    def run(self, req: VideoRequest) -> Iterator[VideoChunk]:
-        return stream_video(self.config, req, self)
+    def session(self, prompt: str, **kwargs) -> "Session":
+        """A stream whose prompt can change while it plays (``Session.update``); the same
+        keyword arguments as ``generate``."""
+        req = validate_request(self.config, prompt, **kwargs)
+        return Session(self, req, PromptSwitches(self.config, req.num_frames))
+
+    def run(self, req: VideoRequest, switches: PromptSwitches | None = None) -> Iterator[VideoChunk]:
+        return stream_video(self.config, req, self, switches=switches)
 
     def latents(self, req: VideoRequest) -> Iterator[torch.Tensor]:
         """The latent frames of a request, undecoded (the reference for streamed decoding)."""
@@ -239,6 +249,32 @@ class HeliosPipeline:
     def generate_video(self, prompt: str, **kwargs) -> np.ndarray:
         """The whole video at once: uint8 [T, H, W, 3]."""
         return np.concatenate([c.frames for c in self.generate(prompt, **kwargs)])
+
+
+class Session:
+    """A running stream whose prompt can be changed between latent frames.
+
+    Iterate it for the VideoChunks; call ``update(prompt, at_frame=None)`` from any thread
+    (between chunks, or from another thread while they come): the new prompt holds from
+    ``at_frame`` (rounded up to a latent-frame boundary), or from the next latent frame not
+    yet rendered; it returns that frame. Bad or late updates raise HeliosError, and leave
+    the stream as it was. ``switches.applied`` lists the switches made so far.
+    """
+
+    def __init__(self, pipe: HeliosPipeline, request: VideoRequest, switches: PromptSwitches):
+        self.request, self.switches = request, switches
+        self._chunks = pipe.run(request, switches)
+
+    def __iter__(self) -> Iterator[VideoChunk]:
+        return self._chunks
+
+    def update(self, prompt: str, at_frame: int | None = None) -> int:
+        return self.switches.update(prompt, at_frame)
+
+    def close(self) -> None:
+        """Stop the stream (its AR sequence and KV blocks are freed)."""
+        self._chunks.close()
+        self.switches.end()
 
 
 class _Prefetch:

@@ -82,15 +82,26 @@ def segment_keep(window: int) -> int:
     return window - max(1, window // 2)
 
 
-def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0) -> list[Segment]:
+def switch_keep(cfg: HeliosConfig) -> int:
+    """Latent frames of plan tokens that the AR context keeps at a prompt switch (fewer where
+    fewer were rendered): the AR continues the picture from them under the new prompt.
+    Measured on held-out prompt pairs (docs/sessions.md): more frames hold the old prompt
+    for longer, fewer lose the scene's layout."""
+    return segment_keep(cfg.ar_context_frames)
+
+
+def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0,
+                kept: int | None = None) -> list[Segment]:
     """Split a video into AR segments so that the context never exceeds the window.
 
-    A segment fills the window; the next keeps ``segment_keep`` of its frames. ``given``
-    frames (image-to-video) start the first segment's context.
+    A segment fills the window; the next keeps ``segment_keep`` of its frames. Generation
+    starts at frame ``given`` (after an image, or at a prompt switch), and the first
+    segment's context keeps ``kept`` of the frames before it (all ``given`` by default).
     """
     window = cfg.ar_context_frames
     keep_after = segment_keep(window)
-    segments, done, kept = [], given, given
+    kept = given if kept is None else kept
+    segments, done = [], given
     while done < num_latent:
         new = min(window - kept, num_latent - done)
         segments.append(Segment(len(segments), done, kept, new))

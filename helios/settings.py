@@ -12,6 +12,7 @@ them on. The variables:
 | ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
 | ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
 | ``HELIOS_DRAIN_FILE`` | unset | set by ``helios_triton.supervisor``: while the file exists, the helios model refuses new streams |
+| ``HELIOS_SESSIONS_DIR`` | unset | set by ``helios_triton.server``: the folder of the running streams' mailboxes for prompt updates (``helios_triton.sessions``) |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Settings:
     attention_kernel: bool = True
     stacks_dir: Path | None = None
     drain_file: Path | None = None
+    sessions_dir: Path | None = None
 
 
 def _switch(env: Mapping[str, str], name: str) -> bool:
@@ -50,4 +52,5 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
         stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,
         drain_file=Path(env["HELIOS_DRAIN_FILE"]) if env.get("HELIOS_DRAIN_FILE") else None,
+        sessions_dir=Path(env["HELIOS_SESSIONS_DIR"]) if env.get("HELIOS_SESSIONS_DIR") else None,
     )

@@ -8,6 +8,8 @@ dtypes; the tests check every filled config against them.
 HELIOS_INPUT_NAMES = {"prompt": "PROMPT", "duration": "DURATION_S", "num_frames": "NUM_FRAMES",
                       "fps": "FPS", "seed": "SEED", "temperature": "TEMPERATURE",
                       "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE"}
+# ... and of the helios_update model's, for the fields of a prompt update (helios.session).
+UPDATE_INPUT_NAMES = {"prompt": "PROMPT", "at_frame": "AT_FRAME", "session": "SESSION_ID"}
 
 
 # What the helios orchestrator (model_repository/helios/1/model.py) sends to and reads from

@@ -234,8 +234,10 @@ class TritonServer:
     def __init__(self, repository: Path, http: int = 8000, grpc: int = 8001, metrics: int = 8002,
                  log_file: Path | None = None, backends: Path | None = None,
                  env: dict | None = None, address: str = "0.0.0.0", exit_timeout_s: int = 30,
-                 log_verbose: int = 0):
+                 log_verbose: int = 0, sessions_dir: Path | None = None):
         self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
+        # The running streams' mailboxes for prompt updates (helios_triton.sessions).
+        self.sessions_dir = sessions_dir or STATE / f"sessions-{http}"
         self.address, self.exit_timeout_s, self.log_verbose = address, exit_timeout_s, log_verbose
         self.admin_key = secrets.token_hex(16)
         self.extra_env = env or {}
@@ -252,6 +254,10 @@ class TritonServer:
                             self.log_verbose, self.exit_timeout_s, admin_key=self.admin_key,
                             address=self.address)
         env.update(self.extra_env)
+        # Emptied at each start: a stream that died with the last server left its folder.
+        shutil.rmtree(self.sessions_dir, ignore_errors=True)
+        self.sessions_dir.mkdir(parents=True)
+        env["HELIOS_SESSIONS_DIR"] = str(self.sessions_dir)
         out = open(self.log_file, "a") if self.log_file else None  # a restart appends
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -319,7 +325,8 @@ def _supervised(args, env: dict | None, log_file: Path | None) -> Supervisor:
     server = TritonServer(args.repository.resolve(), args.http_port, args.grpc_port,
                           args.metrics_port, log_file=log_file, env=env, address=args.address,
                           backends=args.state_dir / "backends",
-                          exit_timeout_s=args.exit_timeout_secs, log_verbose=args.log_verbose)
+                          exit_timeout_s=args.exit_timeout_secs, log_verbose=args.log_verbose,
+                          sessions_dir=args.state_dir / "sessions")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     return Supervisor(server, args.state_dir / "draining", ready_timeout=args.ready_timeout,
                       log=log)

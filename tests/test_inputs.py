@@ -19,9 +19,9 @@ from helios_triton.fill_repository import fill, values
 NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "UINT8": np.uint8}
 
 
-def input_table() -> dict[str, dict]:
+def input_table(heading: str = "The client-facing inputs") -> dict[str, dict]:
     text = (ROOT / "docs" / "serving.md").read_text()
-    section = text.split("## The client-facing inputs", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -33,6 +33,7 @@ def input_table() -> dict[str, dict]:
 
 
 TABLE = input_table()
+UPDATE_TABLE = input_table("The update inputs")
 VALID = {"PROMPT": "a red circle moving left", "NUM_FRAMES": 4}
 
 
@@ -54,9 +55,12 @@ def cases() -> list[tuple[str, object]]:
                     out.append((name, int(v) if info is not None else v))
             if info is None:
                 out.append((name, float("nan")))
-        elif dtype == "BYTES":
+        elif dtype == "BYTES" and r.endswith("UTF-8 bytes"):
             most = int(re.match(r"1 to (\d+) UTF-8 bytes", r).group(1))
             out += [(name, ""), (name, "x" * (most + 1))]
+        elif dtype == "BYTES":  # an identifier: its length and its characters
+            most = int(re.fullmatch(r"1 to (\d+) of A-Z a-z 0-9 _ -", r).group(1))
+            out += [(name, ""), (name, "x" * (most + 1)), (name, "a/b")]
         elif dtype == "UINT8":
             least = int(re.fullmatch(r"H, W >= (\d+)", r).group(1))
             out += [(name, np.zeros((least - 1, least, 3), np.uint8)),
@@ -79,15 +83,16 @@ def _tensor(name, value):
     return t
 
 
-def test_the_table_is_the_helios_models_inputs(tiny_checkpoint, tmp_path):
+def test_the_tables_are_the_models_inputs(tiny_checkpoint, tmp_path):
     fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, False, INSTANCES, 0.5),
          ROOT / "model_repository")
-    for model in ("helios", "helios_video"):
+    for model, table in (("helios", TABLE), ("helios_video", TABLE),
+                         ("helios_update", UPDATE_TABLE)):
         config = text_format.Parse((tmp_path / "repo" / model / "config.pbtxt").read_text(),
                                    model_config_pb2.ModelConfig())
         declared = {i.name: i for i in config.input}
-        assert set(declared) == set(TABLE), model
-        for name, row in TABLE.items():
+        assert set(declared) == set(table), model
+        for name, row in table.items():
             i = declared[name]
             dtype = model_config_pb2.DataType.Name(i.data_type).removeprefix("TYPE_")
             assert row["type"] == ("BYTES" if dtype == "STRING" else dtype), name

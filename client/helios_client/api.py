@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import queue
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-STREAM_MODEL, VIDEO_MODEL = "helios", "helios_video"
+STREAM_MODEL, VIDEO_MODEL, UPDATE_MODEL = "helios", "helios_video", "helios_update"
 
 
 class ServerUnavailable(RuntimeError):
@@ -36,8 +37,13 @@ class Chunk:
     final: bool
 
 
-def _inputs(module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p, image):
-    spec = [("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES")]
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode("utf-8")], dtype=np.object_)
+
+
+def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=None,
+            temperature=None, top_k=None, top_p=None, image=None, session_id=None):
+    spec = [("PROMPT", _text(prompt), "BYTES")]
     for name, value, dtype, np_type in (
             ("DURATION_S", duration_s, "FP32", np.float32), ("NUM_FRAMES", num_frames, "INT32", np.int32),
             ("FPS", fps, "INT32", np.int32), ("SEED", seed, "INT64", np.int64),
@@ -47,6 +53,8 @@ def _inputs(module, prompt, duration_s, num_frames, fps, seed, temperature, top_
             spec.append((name, np.array([value], dtype=np_type), dtype))
     if image is not None:
         spec.append(("IMAGE", np.ascontiguousarray(image, dtype=np.uint8), "UINT8"))
+    if session_id is not None:
+        spec.append(("SESSION_ID", _text(session_id), "BYTES"))
     out = []
     for name, array, dtype in spec:
         t = module.InferInput(name, list(array.shape), dtype)
@@ -57,7 +65,8 @@ def _inputs(module, prompt, duration_s, num_frames, fps, seed, temperature, top_
 
 # The server names the offending input first: "TOP_P must be in (0, 1], got 1.5". Errors of a
 # gRPC stream carry no status code (only the message), so the message is what tells them apart.
-_INPUT_ERROR = re.compile(r"^(PROMPT|NUM_FRAMES|DURATION_S|FPS|SEED|TEMPERATURE|TOP_K|TOP_P|IMAGE) ")
+_INPUT_ERROR = re.compile(r"^(PROMPT|NUM_FRAMES|DURATION_S|FPS|SEED|TEMPERATURE|TOP_K|TOP_P|IMAGE"
+                          r"|SESSION_ID|AT_FRAME) ")
 
 
 def _is_invalid_argument(error) -> bool:
@@ -101,9 +110,11 @@ class HeliosClient:
             raise ServerUnavailable(f"the Triton server at {self.url} is not ready")
 
     def stream(self, prompt: str, *, duration_s=None, num_frames=None, fps=None, seed=None,
-               temperature=None, top_k=None, top_p=None, image=None) -> Iterator[Chunk]:
+               temperature=None, top_k=None, top_p=None, image=None,
+               session_id=None) -> Iterator[Chunk]:
         """gRPC only: yield chunks as the server generates them. Closing the iterator early
-        cancels the request on the server (its KV cache blocks are freed)."""
+        cancels the request on the server (its KV cache blocks are freed). ``session_id``
+        (unique, hard to guess: ``new_session_id()``) lets ``update`` change its prompt."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol='grpc'; use generate() over HTTP")
         self.check_ready()
@@ -114,7 +125,7 @@ class HeliosClient:
         try:
             self._client.async_stream_infer(STREAM_MODEL, _inputs(
                 self._module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p,
-                image), enable_empty_final_response=False)
+                image, session_id), enable_empty_final_response=False)
             while True:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
@@ -138,7 +149,7 @@ class HeliosClient:
             return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)])
         self.check_ready()
         args = {k: kwargs.get(k) for k in ("duration_s", "num_frames", "fps", "seed", "temperature",
-                                           "top_k", "top_p", "image")}
+                                           "top_k", "top_p", "image", "session_id")}
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
         try:
@@ -148,8 +159,34 @@ class HeliosClient:
             raise RequestError(_message(e), _is_invalid_argument(e)) from None
         return result.as_numpy("FRAMES")
 
+    def update(self, session_id: str, prompt: str, at_frame: int | None = None) -> int:
+        """A new prompt for the running stream ``session_id``, from ``at_frame`` on (rounded
+        up to a latent-frame boundary) or from the next latent frame not yet generated;
+        returns the frame it holds from. RequestError for an unknown session, a bad prompt
+        or a frame already generated."""
+        inputs = _inputs(self._module, prompt, session_id=session_id)
+        if at_frame is not None:
+            t = self._module.InferInput("AT_FRAME", [1], "INT32")
+            t.set_data_from_numpy(np.array([at_frame], np.int32))
+            inputs.append(t)
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(UPDATE_MODEL, inputs, client_timeout=self.timeout_s)
+            else:  # bounded by the client's network_timeout
+                result = self._client.infer(UPDATE_MODEL, inputs)
+        except InferenceServerException as e:
+            raise RequestError(_message(e), _is_invalid_argument(e)) from None
+        return int(result.as_numpy("AT_FRAME")[0])
+
     def close(self) -> None:
         self._client.close()
+
+
+def new_session_id() -> str:
+    """A session id nobody else can guess (128 random bits)."""
+    return secrets.token_hex(16)
 
 
 def _message(error) -> str:

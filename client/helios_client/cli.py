@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from .api import HeliosClient, RequestError, ServerUnavailable
+from .api import HeliosClient, RequestError, ServerUnavailable, new_session_id
 
 
 class Mp4Writer:
@@ -103,6 +104,62 @@ def _read_image(path: str) -> np.ndarray:
                           f"{type(e).__name__}") from None
 
 
+def _switch_times(pairs, total_s: float) -> list[tuple[float, str]]:
+    """``--prompt-at SECONDS PROMPT`` pairs, checked: seconds within the video, a prompt."""
+    out = []
+    for seconds, prompt in pairs:
+        try:
+            at = float(seconds)
+        except ValueError:
+            raise BadArgument(f"prompt-at seconds must be a number, got {seconds!r}") from None
+        if not 0 <= at < total_s:
+            raise BadArgument(f"prompt-at seconds must be in [0, {total_s:g}) (within the "
+                              f"video), got {seconds}")
+        if not prompt.strip():
+            raise BadArgument("prompt-at prompt must not be empty")
+        out.append((at, prompt))
+    return out
+
+
+class _Steering(threading.Thread):
+    """Prompt updates of one session, from a thread of its own: the scripted ones first
+    (``--prompt-at``, each at its frame), then each line of standard input (``--interactive``,
+    from the next latent frame). An update sent before the stream has started is sent again
+    until the server knows the session. ``report(line)`` tells the user how each went."""
+
+    def __init__(self, url, protocol, timeout, session_id, scripted, interactive, report):
+        super().__init__(daemon=True, name="helios-client-steering")
+        self.client = HeliosClient(url, protocol, timeout)
+        self.session_id, self.scripted, self.interactive = session_id, scripted, interactive
+        self.report, self.ended = report, threading.Event()
+
+    def _send(self, prompt: str, at_frame: int | None) -> None:
+        while not self.ended.is_set():
+            try:
+                frame = self.client.update(self.session_id, prompt, at_frame)
+            except RequestError as e:
+                if "names no running stream" in str(e):  # not started yet (or over)
+                    time.sleep(0.05)
+                    continue
+                self.report(f"helios-client: update refused: {e}")
+                return
+            except Exception as e:  # the server went away: the stream reports it
+                self.report(f"helios-client: update failed: {e}")
+                return
+            self.report(f"prompt from frame {frame}: {prompt}")
+            return
+
+    def run(self) -> None:
+        for frame, prompt in self.scripted:
+            self._send(prompt, frame)
+        if self.interactive:
+            for line in sys.stdin:
+                if self.ended.is_set():
+                    return
+                if line.strip():
+                    self._send(line.strip(), None)
+
+
 def main(argv=None) -> int:
     ap = _Parser(prog="helios-client", description="Helios Triton client")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,6 +176,12 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=_int_in("top_k", 0, 2**31 - 1), default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
+    g.add_argument("--prompt-at", nargs=2, action="append", default=[],
+                   metavar=("SECONDS", "PROMPT"),
+                   help="switch to PROMPT at SECONDS into the video (repeatable)")
+    g.add_argument("--interactive", action="store_true",
+                   help="while the video streams, each line typed on standard input becomes "
+                        "its prompt from the next latent frame on (default duration 30 s)")
     g.add_argument("--output", default="out.mp4")
     g.add_argument("--timeout", type=float, default=600, help="seconds without a response")
     g.add_argument("--no-progress", action="store_true")
@@ -127,22 +190,35 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return 2 if e.code else 0
     if args.duration is None and args.num_frames is None:
-        args.duration = 2.0
+        args.duration = 30.0 if args.interactive else 2.0
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     try:  # every argument checked before the server is asked
         output = _output_path(args.output)
         image = _read_image(args.image) if args.image else None
+        total_s = args.num_frames / args.fps if args.num_frames else args.duration
+        prompt_at = _switch_times(args.prompt_at, total_s)
     except BadArgument as e:
         print(f"helios-client: error: {e}", file=sys.stderr)
         return 2
+    steered = bool(prompt_at) or args.interactive
     params = dict(duration_s=args.duration, num_frames=args.num_frames, fps=args.fps,
                   seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, image=image)
+                  top_p=args.top_p, image=image, session_id=new_session_id() if steered else None)
     partial = output.with_name(f".{output.stem}.partial{output.suffix}")  # as helios.video's
     writer, bar, chunks, t0 = None, None, None, time.perf_counter()
-    done = False
+    done, steering = False, None
+
+    def report(line: str) -> None:
+        (bar.write if bar is not None else print)(line, file=sys.stderr)
+
     try:
         client = HeliosClient(url, args.protocol, args.timeout)
+        if steered:
+            client.check_ready()
+            steering = _Steering(url, args.protocol, args.timeout, params["session_id"],
+                                 [(round(at * args.fps), p) for at, p in prompt_at],
+                                 args.interactive, report)
+            steering.start()
         if args.protocol == "grpc":
             chunks = client.stream(args.prompt, **params)
         else:
@@ -174,6 +250,8 @@ def main(argv=None) -> int:
         print(f"helios-client: error: output cannot be written: {e}", file=sys.stderr)
         return 2
     finally:
+        if steering is not None:
+            steering.ended.set()
         if hasattr(chunks, "close"):  # cancels the request on the server if it still runs
             chunks.close()
         if bar is not None:

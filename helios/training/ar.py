@@ -24,23 +24,32 @@ class _CausalAttention:
                                               v.repeat_interleave(g, 1), is_causal=True)
 
 
-def ar_batch(t, plans, captions, rng, batch: int):
-    """Teacher-forcing batch of the two windows the pipeline's AR segments show: a video's
-    start (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11).
-    -> (byte ids, byte lengths, token ids [B, T] after the prefix)."""
+def ar_batch(t, plans, captions, rng, batch: int, switches=None):
+    """Teacher-forcing batch of the windows the pipeline's AR segments show: a video's start
+    (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11); with
+    ``switches`` (t.switch_plans()), a share ``switch_windows`` of prompt switches: the
+    frames before the switch (up to the newest half of a window) then those after it, under
+    the caption after it, as a session's switch segment shows them.
+    -> (byte ids, token ids [B, T] after the prefix)."""
     cfg = t.cfg
     window = cfg.ar_context_frames
     keep = segment_keep(window)
     idx = rng.integers(plans.shape[0], size=batch)
     starts = np.where(rng.random(batch) < t.settings.ar_start, 0, window - keep)
     starts = np.minimum(starts, plans.shape[1] - window)
-    bos = cfg.ar_backbone.bos_token_id
-    toks = torch.stack([torch.cat([torch.tensor([bos], device=plans.device),
-                                   plans[i, st:st + window].flatten()])
-                        for i, st in zip(idx, starts)])
+    bos = torch.tensor([cfg.ar_backbone.bos_token_id], device=plans.device)
+    rows = [plans[i, st:st + window] for i, st in zip(idx, starts)]
+    texts = [captions[i] for i in idx]
+    if switches is not None:
+        s_plans, s_captions, s_at = switches
+        for r in np.nonzero(rng.random(batch) < t.settings.switch_windows)[0]:
+            i = int(rng.integers(s_plans.shape[0]))
+            st = max(0, s_at[i] - keep)  # the switch is at latent frame 1..6 of 12
+            rows[r], texts[r] = s_plans[i, st:st + window], s_captions[i]
+    toks = torch.stack([torch.cat([bos, frames.flatten()]) for frames in rows])
     p = t.settings.caption_dropout if isinstance(t.source, SyntheticClips) else 0.0
-    byte_ids = [tokenize(drop_attribute_words(captions[i], rng, p) if p > 0 else captions[i],
-                         cfg.text_encoder.max_prompt_bytes) for i in idx]
+    byte_ids = [tokenize(drop_attribute_words(c, rng, p) if p > 0 else c,
+                         cfg.text_encoder.max_prompt_bytes) for c in texts]
     return byte_ids, toks
 
 
@@ -73,11 +82,12 @@ def train_ar(t) -> None:
     s = t.settings
     te, ar = t.models["text_encoder"].train(), t.models["ar_backbone"].train()
     plans, captions = t.plans()
+    switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
     params = list(te.parameters()) + list(ar.parameters())
     run = PhaseRun(t, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
                    s.lr["ar"])
     for _ in run:
-        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["ar"])
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["ar"], switches)
         prefix, lengths = _prefix(t, byte_ids)
         logits = ar_logits(ar, prefix, lengths, toks)
         target = toks[:, 1:]
@@ -107,12 +117,13 @@ def train_draft(t) -> None:
         p.requires_grad_(False)
     te.draft_proj.requires_grad_(True)
     plans, captions = t.plans()
+    switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
     params = list(draft.parameters()) + list(te.draft_proj.parameters())
     run = PhaseRun(t, "draft", {"draft": draft, "draft_proj": te.draft_proj}, params,
                    s.steps["draft"], s.lr["draft"])
     k = t.cfg.ar_backbone.plan_vocab_size
     for _ in run:
-        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["draft"])
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["draft"], switches)
         with torch.no_grad():
             prefix, lengths = _prefix(t, byte_ids)
             teacher = ar_logits(ar, prefix, lengths, toks)[..., :k]

@@ -59,6 +59,12 @@ class TrainSettings:
     # newest half of the window): a video's first AR segment is a start, every later one a
     # continuation.
     ar_start: float = 0.5
+    # Share of AR windows taken from prompt-switch clips (sources.synthetic_switch_clip): the
+    # context holds the frames before the switch, the caption is the one after it, as a
+    # session's switch segment shows them (helios.session); trained without, the AR copied
+    # the context's colour and ignored the new prompt (docs/sessions.md).
+    switch_windows: float = 0.0
+    switch_clips: int = 0            # clips encoded into the switch bank (0: none)
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
     # (data.drop_attribute_words): motion words then have to work alone (docs/training.md).

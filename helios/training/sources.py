@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import HeliosConfig
-from ..data import render_clip, sample_spec
+from ..data import render_clip, render_switch_clip, sample_spec
 from ..errors import HeliosError
 from ..text_encoder import tokenize
 
@@ -36,6 +36,23 @@ def synthetic_bank_clip(job) -> tuple[np.ndarray, str]:
     """Clip ``i`` of a synthetic latent bank (run in a worker process)."""
     size, seed, i, num_frames = job
     return synthetic_clip(np.random.default_rng([seed, 99, i]), num_frames, size)
+
+
+def synthetic_switch_clip(job) -> tuple[np.ndarray, str, int]:
+    """Clip ``i`` of a bank of prompt switches (run in a worker process): one object that
+    turns, at a latent-frame boundary in [1, 6], into another description (colour, shape,
+    motion or background: at least one differs) where it is; -> (clip, the caption after
+    the switch, the latent frame of the switch)."""
+    size, seed, i, num_frames, frames_per_latent = job
+    rng = np.random.default_rng([seed, 98, i])
+    before = sample_spec(rng, max_objects=1)
+    after = before
+    while after == before:
+        after = sample_spec(rng, max_objects=1)
+    at = int(rng.integers(1, 7))
+    clip = render_switch_clip(before, after, num_frames, at * frames_per_latent, size,
+                              seed=int(rng.integers(2**31)))
+    return clip, after.caption, at
 
 
 class FolderClips:

@@ -27,7 +27,7 @@ from ..errors import HeliosError
 from ..vae import from_uint8
 from . import ar as ar_phases, refiner as refiner_phase, vae as vae_phases
 from .settings import CLIP_LATENTS, PHASES, TrainSettings
-from .sources import FolderClips, SyntheticClips, synthetic_bank_clip
+from .sources import FolderClips, SyntheticClips, synthetic_bank_clip, synthetic_switch_clip
 
 # The function that trains each phase, and the component each phase leaves in eval mode.
 PHASE_RUNNERS = {"vae": vae_phases.train_vae, "refiner": refiner_phase.train_refiner,
@@ -151,31 +151,63 @@ class Trainer:
         if path.is_file():
             b = torch.load(path, weights_only=True)
             return b["latents"].to(self.device), b["captions"]
-        vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
-        n = self.settings.bank_clips
+        f, n = self.cfg.frames_per_latent, self.settings.bank_clips
         if isinstance(self.source, SyntheticClips):
             # Clip i draws from (seed, 99, i) alone, so the bank is the same whatever the
             # number of processes rendering it (numpy rendering is the slow part).
             jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f) for i in range(n)]
-            pool = ProcessPoolExecutor(min(os.cpu_count() or 1, 16))
-            clips = pool.map(synthetic_bank_clip, jobs, chunksize=8)
+            latents, rows = self._encode(synthetic_bank_clip, jobs, "latent bank")
         else:
             rng = np.random.default_rng([self.seed, 99])
-            pool, clips = None, (self.source.sample(rng, CLIP_LATENTS * f) for _ in range(n))
-        latents, captions = [], []
-        try:
-            for clip, caption in tqdm(clips, total=n, desc="latent bank", unit="clip",
-                                      disable=not self.progress, dynamic_ncols=True):
-                frames = from_uint8(torch.from_numpy(clip)[None]).to(self.device)
-                latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
-                captions.append(caption)
-        finally:  # an interrupted bank stops its workers too
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-        latents = torch.stack(latents)
+            latents, rows = self._encode(None, (self.source.sample(rng, CLIP_LATENTS * f)
+                                                for _ in range(n)), "latent bank", n)
+        captions = [r[0] for r in rows]
         torch.save({"latents": latents, "captions": captions}, path)
         self.log(f"latent bank: {len(captions)} clips, latent std {latents.std():.3f}")
         return latents.to(self.device), captions
+
+    def _encode(self, worker, jobs, desc: str, n: int | None = None):
+        """VAE latents [N, 12, C, h, w] of the clips that ``worker(job)`` renders (in worker
+        processes) or, without a worker, of the (clip, ...) tuples ``jobs`` yields; -> the
+        latents and each clip's other fields."""
+        vae, f = self.models["vae"].eval(), self.cfg.frames_per_latent
+        pool = None
+        if worker is not None:
+            jobs = list(jobs)
+            n = len(jobs)
+            pool = ProcessPoolExecutor(min(os.cpu_count() or 1, 16))
+            jobs = pool.map(worker, jobs, chunksize=8)
+        latents, rows = [], []
+        try:
+            for clip, *rest in tqdm(jobs, total=n, desc=desc, unit="clip",
+                                    disable=not self.progress, dynamic_ncols=True):
+                frames = from_uint8(torch.from_numpy(clip)[None]).to(self.device)
+                latents.append(vae.encode(frames.view(CLIP_LATENTS, f, *frames.shape[2:])).cpu())
+                rows.append(rest)
+        finally:  # an interrupted bank stops its workers too
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return torch.stack(latents), rows
+
+    @torch.no_grad()
+    def switch_plans(self) -> tuple[torch.Tensor, list[str], list[int]]:
+        """Plan tokens [N, 12, n] of ``switch_clips`` prompt-switch clips, the captions after
+        their switches and the latent frames of the switches (cached in switch_plans.pt)."""
+        path = self.state_dir / "switch_plans.pt"
+        if path.is_file():
+            b = torch.load(path, weights_only=True)
+            return b["plans"].to(self.device), b["captions"], b["at"]
+        f = self.cfg.frames_per_latent
+        jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f, f)
+                for i in range(self.settings.switch_clips)]
+        latents, rows = self._encode(synthetic_switch_clip, jobs, "switch bank")
+        refiner = self.models["refiner"].eval()
+        plans = torch.stack([refiner.plan_tokenizer(z.to(self.device), refiner.plan_embed.weight)
+                             for z in latents])
+        captions, at = [r[0] for r in rows], [r[1] for r in rows]
+        torch.save({"plans": plans.cpu(), "captions": captions, "at": at}, path)
+        self.log(f"switch bank: {len(captions)} clips")
+        return plans, captions, at
 
     @torch.no_grad()
     def plans(self) -> tuple[torch.Tensor, list[str]]:

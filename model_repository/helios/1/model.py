@@ -23,6 +23,7 @@ from helios.errors import HeliosError
 from helios.orchestrator import stream_video
 from helios_triton.bls import OverlappedStages, TritonStages, input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
+from helios_triton.sessions import Mailbox, MailboxSwitches
 from helios_triton.stage import (model_parameters, process_settings, requested_outputs,
                                  video_request)
 
@@ -33,7 +34,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
-        self.drain_file = process_settings().drain_file
+        settings = process_settings()
+        self.drain_file, self.sessions_dir = settings.drain_file, settings.sessions_dir
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
@@ -71,8 +73,14 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 self.m_outcome["refused"].increment(1)
                 continue
+            switches = None
             try:
                 req = self._request(request)
+                session_id = input_array(request, "SESSION_ID")
+                if session_id is not None:  # prompt updates through helios_update
+                    switches = MailboxSwitches(self.config, req.num_frames)
+                    switches.mailbox = Mailbox(self.sessions_dir, session_id.reshape(-1)[0],
+                                               switches)
             except HeliosError as e:
                 error = pb_utils.TritonError(e.renamed(HELIOS_INPUT_NAMES),
                                              pb_utils.TritonError.INVALID_ARG)
@@ -81,13 +89,15 @@ class TritonPythonModel:
                 continue
             self.m_active.set(1)
             try:
-                outcome = self._serve(request, sender, req)
+                outcome = self._serve(request, sender, req, switches)
             finally:
                 self.m_active.set(0)
+                if switches is not None:
+                    switches.mailbox.close()
             self.m_outcome[outcome].increment(1)
         return None
 
-    def _serve(self, request, sender, req) -> str:
+    def _serve(self, request, sender, req, switches) -> str:
         """Stream one request's chunks; returns how it ended: completed, cancelled or failed."""
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
@@ -104,7 +114,8 @@ class TritonPythonModel:
 
         try:
             last = False
-            for chunk in stream_video(self.config, req, stages, cancelled=cancelled):
+            for chunk in stream_video(self.config, req, stages, cancelled=cancelled,
+                                      switches=switches):
                 last = chunk.final
                 out = requested_outputs(wanted, {"FRAMES": chunk.frames,
                                                   "FRAME_OFFSET": np.array([chunk.offset], np.int32),
@@ -115,6 +126,8 @@ class TritonPythonModel:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
             if not last:
                 pb_utils.Logger.log_info(f"helios {rid}: cancelled after {sent} frames")
+            for switch in [] if switches is None else switches.applied:
+                pb_utils.Logger.log_info(f"helios {rid}: prompt switched at frame {switch.frame}")
             # The final flag goes out alone, once the schedule has ended: the last chunk (FINAL
             # true) leaves while the ar_backbone BLS stream still owes its own final response,
             # and a BLS stream that outlives its parent request's final response crashes the

@@ -7,6 +7,7 @@ from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios_triton.bls import input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
+from helios_triton.sessions import check_session_id
 from helios_triton.stage import model_parameters, process_settings, video_request
 
 
@@ -25,6 +26,9 @@ class TritonPythonModel:
             # through a BLS call reaches this model without its code.
             try:
                 video_request(self.config, lambda name: input_array(request, name), self.speculative)
+                session_id = input_array(request, "SESSION_ID")
+                if session_id is not None:
+                    check_session_id(session_id.reshape(-1)[0])
             except HeliosError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     e.renamed(HELIOS_INPUT_NAMES), pb_utils.TritonError.INVALID_ARG)))

@@ -1,0 +1,123 @@
+"""Prompt switches of a running stream: what a session can change while its video plays.
+
+A switch names a new prompt and the frame from which it holds. It takes effect at the first
+latent-frame boundary at or after that frame (a latent frame is ``frames_per_latent`` video
+frames), and only there: what was rendered before stays as it was. ``PromptSwitches`` is the
+schedule that the renderer (``orchestrator.stream_video``) consults before each latent frame;
+updates come from any thread (an interactive client, a Triton request, a scripted list).
+
+At a switch the AR backbone starts a new segment: the new prompt's embedding, then the plan
+tokens of the last ``switch_keep`` latent frames, prefilled anew (the KV cache is rebuilt,
+as LongLive re-caches at a prompt switch). The AR is stateless between segments anyway, so
+this costs one prefill of at most a window of plan tokens and nothing is kept per session.
+The refiner keeps its anchor and history, so the picture turns into the new prompt's rather
+than cutting to it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import HeliosConfig
+from .errors import HeliosError
+from .text_encoder import tokenize
+
+
+@dataclass(frozen=True)
+class Switch:
+    frame: int    # the first video frame generated under ``prompt``
+    prompt: str
+
+
+def check_frame(value, num_frames: int, field: str = "at_frame") -> int:
+    """A frame index of a video of ``num_frames`` frames; HeliosError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < num_frames:
+        raise HeliosError(field, f"must be an integer in [0, {num_frames - 1}] (a frame of "
+                                 f"this video), got {value!r}")
+    return int(value)
+
+
+class PromptSwitches:
+    """The prompt updates of one stream, applied at latent-frame boundaries; thread-safe.
+
+    ``update`` may be called from any thread while the stream runs; ``due(latent)`` is called
+    by the renderer before it renders latent frame ``latent`` and returns the prompt to switch
+    to there, if any. An update asks for a frame (``at_frame``) or for the next boundary not
+    yet rendered (``at_frame=None``); a frame the stream has already passed is refused, as is
+    any update once the stream has ended. Several updates due at one boundary: the last one
+    sent wins.
+    """
+
+    def __init__(self, cfg: HeliosConfig, num_frames: int, max_prompt_bytes: int | None = None):
+        self.frames_per_latent = cfg.frames_per_latent
+        self.num_frames = num_frames
+        self.num_latent = cfg.num_latent_frames(num_frames)
+        self.max_prompt_bytes = max_prompt_bytes or cfg.text_encoder.max_prompt_bytes
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, int, str]] = []  # (latent index, order sent, prompt)
+        self._sent = 0
+        self._next = 0        # the first latent frame whose prompt is not decided yet
+        self._ended = False
+        self.applied: list[Switch] = []
+
+    def update(self, prompt: str, at_frame: int | None = None) -> int:
+        """Schedule ``prompt``; returns the frame from which it will hold. Raises HeliosError
+        (field ``prompt``, ``at_frame`` or ``session``) for a bad or late update."""
+        tokenize(prompt, self.max_prompt_bytes)
+        if at_frame is not None:
+            at_frame = check_frame(at_frame, self.num_frames)
+        with self._lock:
+            if self._ended:
+                raise HeliosError("session", "has ended: its video is complete or was stopped")
+            if at_frame is None:
+                latent = self._next
+            else:
+                latent = math.ceil(at_frame / self.frames_per_latent)
+                if latent < self._next:
+                    raise HeliosError("at_frame", f"{at_frame} has already been generated: "
+                                                  f"the stream's next frame is "
+                                                  f"{self._next * self.frames_per_latent}")
+            if latent >= self.num_latent:
+                raise HeliosError("at_frame" if at_frame is not None else "session",
+                                  "is past the video's last latent frame: nothing is left "
+                                  "to generate under a new prompt")
+            self._pending.append((latent, self._sent, prompt))
+            self._sent += 1
+            return latent * self.frames_per_latent
+
+    def due(self, latent: int) -> str | None:
+        """The prompt that holds from latent frame ``latent`` on, if it changes there."""
+        with self._lock:
+            self._next = latent + 1
+            now = [p for p in self._pending if p[0] <= latent]
+            if not now:
+                return None
+            self._pending = [p for p in self._pending if p[0] > latent]
+            prompt = max(now, key=lambda p: p[1])[2]
+            self.applied.append(Switch(latent * self.frames_per_latent, prompt))
+            return prompt
+
+    def end(self) -> None:
+        """The stream is over; later updates are refused."""
+        with self._lock:
+            self._ended = True
+            self._pending.clear()
+
+
+def scripted(cfg: HeliosConfig, num_frames: int, fps: int,
+             prompt_at: list[tuple[float, str]]) -> PromptSwitches:
+    """A schedule of (seconds, prompt) switches, as ``--prompt-at SECONDS PROMPT`` gives them:
+    each holds from frame round(seconds * fps) (rounded up to a latent-frame boundary)."""
+    switches = PromptSwitches(cfg, num_frames)
+    for seconds, prompt in prompt_at:
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or not 0 <= seconds < num_frames / fps:
+            raise HeliosError("prompt_at", f"seconds must be in [0, {num_frames / fps:g}) "
+                                           f"(within the video), got {seconds}")
+        switches.update(prompt, at_frame=min(num_frames - 1, round(seconds * fps)))
+    return switches

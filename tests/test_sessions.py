@@ -1,0 +1,267 @@
+"""Prompt switches of a running stream (helios.session): the schedule's rules, the in-process
+session API, the same switch through Triton (helios_update), bad updates through every
+interface, and what a switch leaves behind (nothing)."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import live_metrics, metric
+from helios.errors import HeliosError
+from helios.session import PromptSwitches, scripted
+from helios_client.api import HeliosClient, RequestError, new_session_id
+
+RED = "a red circle moving left on a dark background"
+BLUE = "a blue square moving up on a dark background"
+GREEN = "a green triangle resting on a light background"
+
+
+# ---- the schedule ----------------------------------------------------------------------
+def test_an_update_holds_from_the_next_latent_boundary(tiny_config):
+    s = PromptSwitches(tiny_config, num_frames=40)   # 10 latent frames of 4
+    assert s.update(BLUE, at_frame=9) == 12           # rounded up to latent frame 3
+    assert [s.due(i) for i in range(3)] == [None, None, None]
+    assert s.due(3) == BLUE
+    assert s.update(GREEN) == 16                      # the next undecided latent frame
+    assert s.due(4) == GREEN
+    assert [(x.frame, x.prompt) for x in s.applied] == [(12, BLUE), (16, GREEN)]
+
+
+def test_the_last_update_due_at_a_boundary_wins(tiny_config):
+    s = PromptSwitches(tiny_config, num_frames=40)
+    s.update(BLUE, at_frame=8)
+    s.update(GREEN, at_frame=5)
+    assert s.due(2) == GREEN and s.due(3) is None
+
+
+@pytest.mark.parametrize("update,message", [
+    (("", None), "prompt must be 1 to 256 UTF-8 bytes of text, got an empty prompt"),
+    ((BLUE, -1), "at_frame must be an integer in [0, 39] (a frame of this video), got -1"),
+    ((BLUE, 40), "at_frame must be an integer in [0, 39] (a frame of this video), got 40"),
+    ((BLUE, 1.5), "at_frame must be an integer in [0, 39] (a frame of this video), got 1.5"),
+    ((BLUE, 37), "at_frame is past the video's last latent frame: nothing is left to "
+                 "generate under a new prompt"),
+    ((BLUE, 7), "at_frame 7 has already been generated: the stream's next frame is 12"),
+])
+def test_bad_and_late_updates_are_refused_naming_the_field(tiny_config, update, message):
+    s = PromptSwitches(tiny_config, num_frames=40)
+    s.due(0), s.due(1), s.due(2)
+    with pytest.raises(HeliosError) as e:
+        s.update(*update)
+    assert str(e.value) == message
+    assert s.due(3) is None  # the schedule is as it was
+
+
+def test_an_ended_stream_takes_no_update(tiny_config):
+    s = PromptSwitches(tiny_config, num_frames=40)
+    s.end()
+    with pytest.raises(HeliosError, match="^session has ended: its video is complete or was "
+                                          "stopped$"):
+        s.update(BLUE)
+
+
+def test_scripted_switches_are_checked_against_the_video(tiny_config):
+    with pytest.raises(HeliosError, match=r"^prompt_at seconds must be in \[0, 2\) \(within "
+                                          r"the video\), got 2.0$"):
+        scripted(tiny_config, 48, 24, [(2.0, BLUE)])
+    assert scripted(tiny_config, 48, 24, [(0.5, BLUE)]).update(GREEN, 44) == 44
+
+
+# ---- in-process ------------------------------------------------------------------------
+def _video(chunks) -> np.ndarray:
+    return np.concatenate([c.frames for c in chunks])
+
+
+def test_frames_before_a_switch_are_those_of_the_video_without_it(pipe):
+    plain = pipe.generate_video(RED, num_frames=64, seed=3)
+    switched = _video(pipe.generate(RED, num_frames=64, seed=3, prompt_at=[(1.0, BLUE)]))
+    assert np.array_equal(plain[:24], switched[:24])
+    assert not np.array_equal(plain[24:], switched[24:])
+
+
+def test_a_live_update_equals_the_scripted_switch_at_its_frame(pipe):
+    """An update sent between chunks lands on the next undecided latent frame; the scripted
+    switch at that frame gives the same video (and the same for a second switch)."""
+    session = pipe.session(RED, num_frames=64, seed=5)
+    frames, at = [], []
+    for chunk in session:
+        frames.append(chunk.frames)
+        if chunk.offset == 16:
+            at.append(session.update(BLUE))
+        if chunk.offset == 40:
+            at.append(session.update(GREEN))
+    assert [s.frame for s in session.switches.applied] == at
+    replay = _video(pipe.generate(RED, num_frames=64, seed=5,
+                                  prompt_at=[(f / 24, p) for f, p in zip(at, (BLUE, GREEN))]))
+    assert np.array_equal(np.concatenate(frames), replay)
+
+
+def test_switches_leave_no_kv_blocks_and_closing_frees_them(pipe):
+    free0 = pipe.ar.cache.num_free_blocks
+    session = pipe.session(RED, num_frames=96, seed=1)
+    for i, chunk in enumerate(session):
+        assert pipe.ar.cache.num_free_blocks >= free0 - pipe.config.kv_blocks_per_stream()
+        if i < 12:
+            session.update(BLUE if i % 2 else GREEN)  # a switch every latent frame
+        if i == 16:
+            session.close()
+    assert len(session.switches.applied) == 12
+    assert pipe.ar.cache.num_free_blocks == free0 and not pipe.ar.seqs
+    with pytest.raises(HeliosError, match="^session has ended"):
+        session.update(BLUE)
+
+
+def test_the_cli_switches_prompts(tiny_checkpoint, tmp_path):
+    out = tmp_path / "a.mp4"
+    run = subprocess.run([sys.executable, "-m", "helios.cli", "generate", "--checkpoint",
+                          str(tiny_checkpoint), "--prompt", RED, "--duration", "2",
+                          "--prompt-at", "1", BLUE, "--output", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"prompt from frame 24: {BLUE}" in run.stderr and out.stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "helios.cli", "generate", "--checkpoint",
+                          str(tiny_checkpoint), "--prompt", RED, "--duration", "2",
+                          "--prompt-at", "2.5", BLUE, "--output", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("helios: error: prompt_at seconds must be in [0, 2) "
+                                  "(within the video), got 2.5")
+
+
+# ---- through Triton --------------------------------------------------------------------
+def _update(server, session_id, prompt, at_frame=None):
+    return HeliosClient(f"127.0.0.1:{server.grpc}").update(session_id, prompt, at_frame)
+
+
+def _steer(server, session_id, prompt, at_frame) -> threading.Thread:
+    """Send an update as soon as the stream exists (retried until the server knows it)."""
+    def send():
+        while True:
+            try:
+                _update(server, session_id, prompt, at_frame)
+                return
+            except RequestError as e:
+                if "names no running stream" not in str(e):
+                    raise
+                time.sleep(0.02)
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
+
+
+def test_the_same_switch_gives_the_same_frames_in_process_and_through_triton(server, pipe):
+    session_id = new_session_id()
+    steering = _steer(server, session_id, BLUE, 32)
+    client = HeliosClient(f"127.0.0.1:{server.grpc}")
+    got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id))
+    steering.join(10)
+    want = _video(pipe.generate(RED, num_frames=64, seed=7, prompt_at=[(32 / 24, BLUE)]))
+    assert np.array_equal(got, want)
+    # The session is gone with its stream.
+    with pytest.raises(RequestError) as e:
+        _update(server, session_id, GREEN)
+    assert str(e.value) == f"SESSION_ID '{session_id}' names no running stream"
+    assert e.value.invalid_argument
+
+
+@pytest.mark.parametrize("inputs,message", [
+    # Triton itself answers a request without a required input, naming it.
+    ({"PROMPT": BLUE}, "missing required input(s) ['SESSION_ID']"),
+    ({"SESSION_ID": "x"}, "missing required input(s) ['PROMPT']"),
+    ({"SESSION_ID": "a/b", "PROMPT": BLUE},
+     "SESSION_ID must be 1 to 64 letters, digits, '_' or '-', got 'a/b'"),
+    ({"SESSION_ID": "nobody", "PROMPT": BLUE}, "SESSION_ID 'nobody' names no running stream"),
+    ({"SESSION_ID": "nobody", "PROMPT": ""},
+     "PROMPT must be 1 to 256 UTF-8 bytes of text, got an empty prompt"),
+])
+def test_bad_updates_are_refused_naming_the_input(server, inputs, message):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    tensors = []
+    for name, value in inputs.items():
+        t = grpcclient.InferInput(name, [1], "BYTES")
+        t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+        tensors.append(t)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("helios_update", tensors)
+    if message.startswith("missing"):
+        assert message in e.value.message()
+    else:
+        assert e.value.message() == message
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_late_and_out_of_range_updates_leave_the_stream_running(server):
+    session_id = new_session_id()
+    client = HeliosClient(f"127.0.0.1:{server.grpc}")
+    errors, frames = [], 0
+    for chunk in client.stream(RED, num_frames=96, seed=2, session_id=session_id):
+        frames += len(chunk.frames)
+        if chunk.offset == 40:
+            for at in (8, 96, -1):
+                try:
+                    _update(server, session_id, BLUE, at)
+                except RequestError as e:
+                    errors.append(str(e))
+    assert frames == 96
+    assert errors[0].startswith("AT_FRAME 8 has already been generated: the stream's next "
+                                "frame is ")
+    assert errors[1:] == ["AT_FRAME must be an integer in [0, 95] (a frame of this video), "
+                          "got 96",
+                          "AT_FRAME must be an integer in [0, 95] (a frame of this video), "
+                          "got -1"]
+
+
+def test_a_session_id_in_use_is_refused_and_cancelling_frees_everything(server):
+    session_id = new_session_id()
+    first = HeliosClient(f"127.0.0.1:{server.grpc}").stream(RED, num_frames=480, seed=0,
+                                                             session_id=session_id)
+    next(first)
+    with pytest.raises(RequestError) as e:
+        HeliosClient(f"127.0.0.1:{server.grpc}").generate(RED, num_frames=4,
+                                                           session_id=session_id)
+    assert str(e.value) == f"SESSION_ID '{session_id}' is in use by a running stream"
+    assert _update(server, session_id, BLUE) > 0
+    first.close()  # cancels: the mailbox goes, the AR sequence and its KV blocks too
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = live_metrics(server)
+        if (not any(server.sessions_dir.iterdir())
+                and metric(text, "helios_ar_active_sequences") == 0
+                and metric(text, "helios_kv_cache_blocks", state="used") == 0):
+            break
+        time.sleep(0.1)
+    assert not any(server.sessions_dir.iterdir())
+    assert metric(text, "helios_ar_active_sequences") == 0
+    assert metric(text, "helios_kv_cache_blocks", state="used") == 0
+
+
+def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tmp_path):
+    url = f"127.0.0.1:{server.grpc}"
+    run = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+                          "--duration", "3", "--prompt-at", "1", BLUE, "--prompt-at", "2", GREEN,
+                          "--output", str(tmp_path / "a.mp4"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"prompt from frame 24: {BLUE}" in run.stderr
+    assert f"prompt from frame 48: {GREEN}" in run.stderr
+    live = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+                           "--duration", "20", "--interactive", "--output",
+                           str(tmp_path / "b.mp4"), "--no-progress"],
+                          input=f"{BLUE}\n\n{'x' * 300}\n", capture_output=True, text=True,
+                          timeout=300)
+    assert live.returncode == 0, live.stderr
+    assert f": {BLUE}" in live.stderr
+    assert ("helios-client: update refused: PROMPT must be 1 to 256 UTF-8 bytes of text, "
+            "got 300 bytes") in live.stderr
+    bad = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+                          "--duration", "2", "--prompt-at", "soon", BLUE],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("helios-client: error: prompt-at seconds must be a number, "
+                                  "got 'soon'")
