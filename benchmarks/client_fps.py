@@ -9,7 +9,11 @@ shows 24 frames a second (0: the video plays in real time from its first frame).
 concurrency level starts all its streams together. With ``--metrics-url`` (Triton's metrics
 endpoint) each level also records the ``ar_backbone`` decode rounds it took
 (``helios_ar_iterations`` before and after): plan tokens / rounds is the average batch of
-the AR's rounds. Prints a table, writes client_fps.json.
+the AR's rounds. With ``--stats-url`` (Triton's HTTP endpoint; the admin key from
+HELIOS_ADMIN_KEY, which ``helios_triton.server --run`` sets) each level also records where the
+server's time went, per model: requests, and the mean queue wait, input copy, execution and
+output copy per request (Triton's statistics, before and after the level). Prints tables,
+writes client_fps.json.
 """
 
 from __future__ import annotations
@@ -88,6 +92,37 @@ def ar_rounds(metrics_url: str | None) -> int | None:
     return None
 
 
+def model_stats(stats_url: str | None) -> dict | None:
+    """{model: {count, queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns}}."""
+    if not stats_url:
+        return None
+    request = urllib.request.Request(f"http://{stats_url}/v2/models/stats",
+                                     headers={"helios-admin": os.environ.get("HELIOS_ADMIN_KEY", "")})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        body = json.loads(r.read())
+    out = {}
+    for m in body["model_stats"]:
+        st = m["inference_stats"]
+        out[m["name"]] = {"count": st["success"]["count"] + st["fail"]["count"],
+                          **{f"{k}_ns": st[k]["ns"] for k in ("queue", "compute_input",
+                                                               "compute_infer", "compute_output")}}
+    return out
+
+
+def stats_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Per model: requests in between and the mean milliseconds of each part per request."""
+    if before is None or after is None:
+        return None
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, dict.fromkeys(a, 0))
+        n = a["count"] - b["count"]
+        if n > 0:
+            out[name] = {"requests": n, **{k.replace("_ns", "_ms"): (a[k] - b[k]) / n / 1e6
+                                           for k in a if k.endswith("_ns")}}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("HELIOS_GRPC_URL", "localhost:8001"))
@@ -99,13 +134,15 @@ def main(argv=None) -> int:
                     help="Triton's metrics endpoint, e.g. http://localhost:8002/metrics")
     ap.add_argument("--config", default=None,
                     help="the served checkpoint's configuration, recorded in the JSON")
+    ap.add_argument("--stats-url", default=None,
+                    help="Triton's HTTP endpoint for its per-model statistics, e.g. localhost:8000")
     args = ap.parse_args(argv)
     if args.warmup_seconds > 0:  # not measured; 0 measures a cold server's first requests
         one_stream(args.url, PROMPTS[0], args.warmup_seconds, 99, {})
     rows = []
     for n in args.concurrency:
         results = [dict() for _ in range(n)]
-        rounds0 = ar_rounds(args.metrics_url)
+        rounds0, stats0 = ar_rounds(args.metrics_url), model_stats(args.stats_url)
         threads = [threading.Thread(target=one_stream, args=(args.url, PROMPTS[i % len(PROMPTS)],
                                                               args.seconds, i, results[i]))
                    for i in range(n)]
@@ -116,6 +153,7 @@ def main(argv=None) -> int:
         ok = [r for r in results if "fps" in r]
         rounds1 = ar_rounds(args.metrics_url)
         rows.append({"concurrency": n, "streams": results, "gpu_memory_used_mib": gpu_memory_mib(),
+                     "per_model": stats_delta(stats0, model_stats(args.stats_url)),
                      "ar_rounds": None if rounds0 is None else rounds1 - rounds0,
                      "failed": n - len(ok),
                      "fps_min": min((r["fps"] for r in ok), default=float("nan")),
@@ -139,6 +177,15 @@ def main(argv=None) -> int:
               f"{r['first_chunk_median_s'] * 1e3:>22.0f} {r['playback_lag_max_s'] * 1e3:>16.0f} "
               f"{r['gpu_memory_used_mib'] or 0:>8} {r['failed']:>6} "
               f"{r['ar_rounds'] if r['ar_rounds'] is not None else '-':>9}")
+    for r in rows:
+        if r["per_model"]:
+            print(f"\nstreams {r['concurrency']}: per model, mean ms per request")
+            print(f"{'model':<16} {'requests':>8} {'queue':>8} {'input':>8} {'execute':>9} "
+                  f"{'output':>8}")
+            for name, m in sorted(r["per_model"].items()):
+                print(f"{name:<16} {m['requests']:>8} {m['queue_ms']:>8.2f} "
+                      f"{m['compute_input_ms']:>8.2f} {m['compute_infer_ms']:>9.2f} "
+                      f"{m['compute_output_ms']:>8.2f}")
     return 1 if any(r["failed"] for r in rows) else 0
 
 

@@ -11,7 +11,8 @@
 #   inprocess   benchmarks/fps.py: 14b bf16, 14b with the FP8 refiner, 14b-384p: per-stage
 #               medians, each stage against its floor (measured ceilings), FPS, first frame
 #   server      14b (1280x720) through Triton over gRPC streaming: FPS per stream and first
-#               chunk at the client for STREAMS concurrent streams (default "1 4 8"), GPU memory
+#               chunk at the client for STREAMS concurrent streams (default "1 4 8"), GPU memory,
+#               the per-model profile of each, and the prompt-update latency (one stream)
 #   server-384p the same for 14b-384p (640x384) at one stream
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
@@ -51,10 +52,17 @@ server_run() {  # server_run TAG CONFIG STREAMS...
         --out "/tmp/repo-$config" --device cuda --max-streams "$max" --speculative off \
         ${FILL_ARGS:-} > /dev/null || return 1
     local mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
+    # Against the one server: FPS, first chunk and the per-model profile for each number of
+    # streams, then the time a prompt update takes to show (one stream).
     python3 -m helios_triton.server --repository "/tmp/repo-$config" --log-file "$dir/server.log" \
-        "${mps[@]}" --ready-timeout 480 --run \
-        python3 benchmarks/client_fps.py --seconds "${VIDEO_SECONDS:-20}" --concurrency "${streams[@]}" \
-            --config "$config" --metrics-url http://localhost:8002/metrics --out "$dir"
+        "${mps[@]}" --ready-timeout 480 --run bash -c '
+            seconds=$1 config=$2 dir=$3; shift 3
+            python3 benchmarks/client_fps.py --seconds "$seconds" --concurrency "$@" \
+                --config "$config" --metrics-url http://localhost:8002/metrics \
+                --stats-url localhost:8000 --out "$dir"; a=$?
+            python3 benchmarks/switch_latency.py --seconds "$seconds" --config "$config" \
+                --out "$dir"; b=$?
+            exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "${streams[@]}"
     local rc=$?
     echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
     tail -40 "$dir/server.log" > "$dir/server_tail.log" 2>/dev/null
