@@ -87,11 +87,12 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     upcoming = plans_from(first, first, 0)
     both = getattr(stages, "refine_and_decode", None)
     # With refine_and_decode, a latent frame is decoded while the next one renders (its
-    # chunk goes out one rendering later). The first frame is decoded at once, for the
-    # first chunk's latency. The refiner's inputs and the decoder's are those of the
-    # sequential order, so the frames are the same.
+    # chunk goes out one rendering later). The first frame, and the first under a new
+    # prompt, are decoded at once, for the latency of the first chunk and of a switch. The
+    # refiner's inputs and the decoder's are those of the sequential order, so the frames
+    # are the same.
     pending = None  # rendered, in the context frames, not decoded yet
-    index = first
+    index = at_once = first
     try:
         while True:
             prompt = None if switches is None else switches.due(index)
@@ -100,6 +101,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
                 del plans[index:]  # decoded ahead under the old prompt
                 prefix, draft_prefix = stages.encode_prompt(prompt)
                 upcoming = plans_from(index, min(index, switch_keep(cfg)), len(switches.applied))
+                at_once = index
             plan = next(upcoming, None)
             if plan is None:
                 break
@@ -112,7 +114,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
                 pending = None
                 if cancelled is not None and cancelled():
                     return
-            if both is None or index == first:
+            if both is None or index == at_once:
                 yield chunk(latent)
             else:
                 context.push(latent)
