@@ -25,12 +25,27 @@ from helios.checkpoint import read_config
 from helios.errors import HeliosError
 
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+GPU_SHARE_MODELS = ("ar_backbone", "refiner", "vae_decoder")
+
+
+def gpu_shares(items: list[str]) -> dict[str, int]:
+    """``--gpu-share MODEL=PERCENT`` items as {model: percent}."""
+    out = {}
+    for item in items:
+        model, _, pct = item.partition("=")
+        if model not in GPU_SHARE_MODELS or not pct.isdigit() or not 1 <= int(pct) <= 100:
+            raise HeliosError("gpu-share", f"must be MODEL=PERCENT with MODEL in "
+                                           f"{list(GPU_SHARE_MODELS)} and PERCENT in [1, 100], "
+                                           f"got {item!r}")
+        out[model] = int(pct)
+    return out
 
 
 def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, instances: dict,
            kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
            instance_kind: str = "auto", ar_fp8: bool = False,
-           overlap_decode: str = "auto", refiner_fp8: bool = False) -> dict[str, str]:
+           overlap_decode: str = "auto", refiner_fp8: bool = False,
+           gpu_share: dict[str, int] | None = None) -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -78,6 +93,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "vae_decoder_instances": str(instances["vae_decoder"]),
         "helios_video_instances": str(instances["helios_video"]),
         "helios_instances": str(max_streams),
+        **{f"{m}_gpu_share": str((gpu_share or {}).get(m, "")) for m in GPU_SHARE_MODELS},
     }
 
 
@@ -132,6 +148,9 @@ def main(argv=None) -> int:
                     help="helios decodes a latent frame while the next renders (auto: on with cuda)")
     ap.add_argument("--instance-kind", choices=["auto", "KIND_GPU", "KIND_CPU"], default="auto",
                     help="auto: KIND_GPU on cuda; KIND_CPU keeps device=cuda for the torch code")
+    ap.add_argument("--gpu-share", action="append", default=[], metavar="MODEL=PERCENT",
+                    help="under CUDA MPS, the share of the GPU's SMs a stage's kernels may use "
+                         "(ar_backbone, refiner, vae_decoder; repeatable; default all)")
     for name, default in (("text-encoder", 1), ("refiner", 1), ("vae-decoder", 1), ("helios-video", 2)):
         ap.add_argument(f"--{name}-instances", type=int, default=default)
     args = ap.parse_args(argv)
@@ -141,7 +160,7 @@ def main(argv=None) -> int:
         vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                       instances, args.kv_cache_free_gpu_mem_fraction, args.flavour,
                       args.engine_dir, args.instance_kind, args.ar_fp8, args.overlap_decode,
-                      args.refiner_fp8)
+                      args.refiner_fp8, gpu_shares(args.gpu_share))
         paths = fill(args.out, vals, args.templates, flavour=args.flavour)
     except HeliosError as e:
         print(f"fill_repository: error: {e}", file=sys.stderr)

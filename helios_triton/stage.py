@@ -105,6 +105,20 @@ def model_parameters(args: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
 
 
+def limit_gpu_share(params: dict) -> None:
+    """The ``gpu_share`` parameter (1-100, empty: all): under CUDA MPS, the percentage of the
+    GPU's SMs that this process's kernels may occupy (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, read
+    when CUDA starts in the process, so this runs before anything touches the GPU). A
+    compute-bound stage held below 100 % leaves SMs free for the memory-bound AR decode
+    rounds of another process, which otherwise queue behind its matrix products."""
+    value = params.get("gpu_share", "").strip()
+    if not value:
+        return
+    if not value.isdigit() or not 1 <= int(value) <= 100:
+        raise HeliosError("gpu_share", f"must be a percentage in [1, 100], got {value!r}")
+    os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = value
+
+
 def model_device(args: dict, params: dict) -> torch.device:
     """cuda:N for a KIND_GPU instance (N from Triton), else the ``device`` parameter."""
     if args.get("model_instance_kind") == "GPU" or params.get("device", "cpu").startswith("cuda"):
@@ -174,6 +188,7 @@ def load_stage(args: dict, *components: str) -> Stage:
     """Read the model's parameters and load ``components`` of its checkpoint onto its device."""
     settings = process_settings()
     params = model_parameters(args)
+    limit_gpu_share(params)
     device = model_device(args, params)
     dtype = model_dtype(device, params)
     config = read_config(params["checkpoint"])

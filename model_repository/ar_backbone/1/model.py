@@ -21,7 +21,8 @@ from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
 from helios_triton.bls import input_array
 from helios_triton.stage import (compile_batches, kv_pool_blocks, model_device, model_dtype,
-                                 model_parameters, process_settings, requested_outputs)
+                                 limit_gpu_share, model_parameters, process_settings,
+                                 requested_outputs)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -36,6 +37,7 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = process_settings()
         params = model_parameters(args)
+        limit_gpu_share(params)
         self.device = model_device(args, params)
         dtype = model_dtype(self.device, params)
         ckpt = params["checkpoint"]
