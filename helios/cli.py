@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--true-plans", action="store_true",
                    help="also score videos made from the ground-truth clips' plan tokens (no AR)")
+    p.add_argument("--switches", type=_int("switches"), default=0,
+                   help="also score this many prompt switches (pairs of held-out prompts, "
+                        "switched 2 s into a 5 s video)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
@@ -292,7 +295,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import evaluate, table, write_json  # noqa: PLC0415
 
-    for name, value, low in (("prompts", args.prompts, 1), ("frames", args.frames, 8)):
+    for name, value, low in (("prompts", args.prompts, 1), ("frames", args.frames, 8),
+                             ("switches", args.switches, 0)):
         if value < low:
             raise HeliosError(name, f"must be an integer >= {low}, got {value}")
     if not 0 <= args.long_seconds <= 120:
@@ -300,7 +304,8 @@ def cmd_eval(args) -> None:
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     pipe = load_pipeline(ckpt, args.device)
     result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
-                      progress=not args.no_progress, true_plans=args.true_plans)
+                      progress=not args.no_progress, true_plans=args.true_plans,
+                      switches=args.switches)
     result["checkpoint"] = str(ckpt)
     print(table(result))
     if args.json:

@@ -130,6 +130,59 @@ def true_plan_adherence(pipe, specs: list[ClipSpec], num_frames: int = 32, seed:
             "motion_by_prompt": _by_motion(specs, motion_ok)}
 
 
+def held_out_switches(n: int, seed: int = 0) -> list[tuple[ClipSpec, ClipSpec]]:
+    """``n`` (before, after) pairs of distinct held-out prompts: colour, shape, motion and
+    background change as the two prompts happen to differ."""
+    specs = held_out_prompts(2 * n, seed)
+    return [(specs[i], specs[i + len(specs) // 2]) for i in range(len(specs) // 2)]
+
+
+def switch_adherence(pipe, pairs: list[tuple[ClipSpec, ClipSpec]], num_frames: int = 120,
+                     switch_s: float = 2.0, seed: int = 0, progress: bool = False) -> dict:
+    """Prompt switches in a running video (helios.session): each pair's first prompt, then its
+    second from ``switch_s`` on. Scored on the frames from 0.5 s after the switch against the
+    second prompt (colour, shape, motion as ``adherence`` scores them); the frames before the
+    switch against the same video without it (identical?); and the largest frame-to-frame
+    change around the switch over the video's median change, apart for pairs that keep their
+    background and pairs that change it."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    fps = pipe.config.fps
+    at = round(switch_s * fps)
+    rows = []
+    for i, (a, b) in enumerate(tqdm(pairs, desc="switches", unit="video", disable=not progress)):
+        video = np.concatenate([c.frames for c in pipe.generate(
+            a.caption, num_frames=num_frames, seed=seed + i, prompt_at=[(switch_s, b.caption)])])
+        plain = []  # the same request without the switch, up to the switch
+        chunks = pipe.generate(a.caption, num_frames=num_frames, seed=seed + i)
+        for chunk in chunks:
+            plain.append(chunk.frames)
+            if chunk.offset + len(chunk.frames) >= at:
+                break
+        chunks.close()
+        plain = np.concatenate(plain)[:at]
+        got, want = dominant_object(video[at + fps // 2:]), b.objects[0]
+        change = np.abs(np.diff(video.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+        rows.append({"before": a.caption, "after": b.caption, "color": got["color"],
+                     "motion": got["motion"], "color_ok": got["color"] == want.color,
+                     "shape_ok": got["shape"] == want.shape,
+                     "motion_ok": got["motion"] == want.motion,
+                     "same_background": a.background == b.background,
+                     "identical_before": bool(np.array_equal(plain, video[:at])),
+                     "jump": float(change[at - 2:at + 8].max() / max(np.median(change), 1e-6))})
+    same = [r["jump"] for r in rows if r["same_background"]]
+    other = [r["jump"] for r in rows if not r["same_background"]]
+    return {"pairs": len(rows), "switch_s": switch_s,
+            "color_adherence": float(np.mean([r["color_ok"] for r in rows])),
+            "shape_adherence": float(np.mean([r["shape_ok"] for r in rows])),
+            "motion_adherence": float(np.mean([r["motion_ok"] for r in rows])),
+            "identical_before": float(np.mean([r["identical_before"] for r in rows])),
+            "jump_same_background_median": float(np.median(same)) if same else float("nan"),
+            "jump_same_background_max": float(np.max(same)) if same else float("nan"),
+            "jump_new_background_median": float(np.median(other)) if other else float("nan"),
+            "videos": rows}
+
+
 def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
                      progress: bool = False) -> dict:
     """Drift statistics of one long video (only its first and last second are kept)."""
@@ -153,9 +206,13 @@ def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
 
 
 def evaluate(pipe, prompts: int = 24, num_frames: int = 32, long_seconds: float = 60.0,
-             seed: int = 0, progress: bool = False, true_plans: bool = False) -> dict:
+             seed: int = 0, progress: bool = False, true_plans: bool = False,
+             switches: int = 0) -> dict:
     specs = held_out_prompts(prompts, seed)
     result = {"adherence": adherence(pipe, specs, num_frames, seed, progress)}
+    if switches > 0:
+        result["switches"] = switch_adherence(pipe, held_out_switches(switches, seed),
+                                              seed=seed, progress=progress)
     if true_plans:
         result["true_plans"] = true_plan_adherence(pipe, specs, num_frames, seed, progress)
     if long_seconds > 0:
@@ -183,6 +240,18 @@ def table(result: dict) -> str:
                   f"{t['color_adherence']:.1%} / {t['motion_adherence']:.1%} |",
                   "| true plan tokens: motion by prompt motion | "
                   + ", ".join(f"{m} {v:.0%}" for m, v in t["motion_by_prompt"].items()) + " |"]
+    if "switches" in result:
+        w = result["switches"]
+        lines += [f"| prompt switches at {w['switch_s']:g} s ({w['pairs']} held-out pairs): colour / "
+                  f"shape / motion from 0.5 s after | {w['color_adherence']:.1%} / "
+                  f"{w['shape_adherence']:.1%} / {w['motion_adherence']:.1%} |",
+                  f"| switches: frames before identical to the video without | "
+                  f"{w['identical_before']:.0%} |",
+                  f"| switches: largest frame change at the switch / median change, same "
+                  f"background (median, max) | {w['jump_same_background_median']:.1f}, "
+                  f"{w['jump_same_background_max']:.1f} |",
+                  f"| switches: the same, new background (median) | "
+                  f"{w['jump_new_background_median']:.1f} |"]
     if "drift" in result:
         d = result["drift"]
         lines += [f"| drift over {d['seconds']:g} s: colour shift first vs last second | "

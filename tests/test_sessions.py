@@ -117,6 +117,18 @@ def test_switches_leave_no_kv_blocks_and_closing_frees_them(pipe):
         session.update(BLUE)
 
 
+def test_eval_scores_switches_on_held_out_pairs(pipe):
+    from helios.evaluate import held_out_switches, switch_adherence
+
+    pairs = held_out_switches(2)
+    assert len(pairs) == 2 and all(a != b for a, b in pairs)
+    result = switch_adherence(pipe, pairs, num_frames=48, switch_s=1.0)
+    assert result["pairs"] == 2 and result["identical_before"] == 1.0
+    assert all(0 <= result[k] <= 1 for k in ("color_adherence", "shape_adherence",
+                                              "motion_adherence"))
+    assert all(r["jump"] > 0 for r in result["videos"])
+
+
 def test_the_cli_switches_prompts(tiny_checkpoint, tmp_path):
     out = tmp_path / "a.mp4"
     run = subprocess.run([sys.executable, "-m", "helios.cli", "generate", "--checkpoint",

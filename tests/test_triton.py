@@ -3,6 +3,7 @@ in-process pipeline: same seed, same frames, over gRPC streaming and HTTP."""
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -338,17 +339,20 @@ def test_perf_analyzer_streams_against_helios(server, tmp_path):
     assert (tmp_path / "profile.json").stat().st_size > 0
 
 
-def test_client_fps_counts_the_ar_rounds_of_each_level(server, tiny_config, tmp_path):
-    """The through-Triton FPS script: every stream of each level completes, and the level's
+def test_client_fps_counts_the_ar_rounds_and_profiles_each_level(server, tiny_config, tmp_path):
+    """The through-Triton FPS script: every stream of each level completes, the level's
     ar_backbone decode rounds come from the metrics endpoint (one round makes at most
-    1 + the draft tokens a stream, and a stream needs its plan tokens)."""
+    1 + the draft tokens a stream, and a stream needs its plan tokens), and its per-model
+    profile from Triton's statistics (one refiner request per latent frame of each stream)."""
     cfg = tiny_config
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "client_fps.py"), "--url",
          f"127.0.0.1:{server.grpc}", "--seconds", "0.5", "--concurrency", "1", "2",
          "--warmup-seconds", "0.2", "--out", str(tmp_path), "--config", "tiny",
-         "--metrics-url", f"http://127.0.0.1:{server.metrics}/metrics"],
-        capture_output=True, text=True, timeout=600)
+         "--metrics-url", f"http://127.0.0.1:{server.metrics}/metrics",
+         "--stats-url", f"127.0.0.1:{server.http}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, HELIOS_ADMIN_KEY=server.admin_key))
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "client_fps.json").read_text())
     assert result["config"] == "tiny" and result["device"]
@@ -357,6 +361,24 @@ def test_client_fps_counts_the_ar_rounds_of_each_level(server, tiny_config, tmp_
     for row in rows:
         assert row["failed"] == 0 and all(s["frames"] == round(0.5 * cfg.fps) for s in row["streams"])
         assert tokens / (1 + cfg.num_draft_tokens) <= row["ar_rounds"] <= tokens * row["concurrency"]
+        latent = -(-round(0.5 * cfg.fps) // cfg.frames_per_latent)
+        refiner = row["per_model"]["refiner"]
+        assert refiner["requests"] == latent * row["concurrency"]
+        assert refiner["compute_infer_ms"] > 0 and row["per_model"]["helios"]["requests"] == row["concurrency"]
+    assert "per model, mean ms per request" in run.stdout
+
+
+def test_switch_latency_times_each_update(server, tiny_config, tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "switch_latency.py"), "--url",
+         f"127.0.0.1:{server.grpc}", "--seconds", "3", "--every", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "switch_latency.json").read_text())
+    assert len(result["updates"]) == 2
+    for u in result["updates"]:
+        assert u["error"] is None and u["frame"] % tiny_config.frames_per_latent == 0
+        assert 0 < u["answer_ms"] <= u["first_frame_ms"]
 
 
 @pytest.mark.parametrize("method,path,body", [
