@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_float("top_p"), default=1.0)
     p.add_argument("--fps", type=_int("fps"), default=None)
     p.add_argument("--image", default=None, help="first frame (image-to-video)")
+    p.add_argument("--video", default=None,
+                   help="a clip of 4 to 120 frames to continue (video-to-video); the output is "
+                        "the continuation")
     p.add_argument("--prompt-at", nargs=2, action="append", default=[],
                    metavar=("SECONDS", "PROMPT"),
                    help="switch to PROMPT at SECONDS into the video (repeatable)")
@@ -136,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--switches", type=_int("switches"), default=0,
                    help="also score this many prompt switches (pairs of held-out prompts, "
                         "switched 2 s into a 5 s video)")
+    p.add_argument("--continuations", type=_int("continuations"), default=0,
+                   help="also score this many continuations of held-out clips (video-to-video)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
@@ -185,7 +190,8 @@ def cmd_generate(args) -> None:
     from .checkpoint import init_checkpoint, read_config  # noqa: PLC0415
     from .pipeline import validate_request  # noqa: PLC0415
     from .session import scripted  # noqa: PLC0415
-    from .video import Mp4Writer, check_output, partial_path, read_image  # noqa: PLC0415
+    from .schedule import MAX_VIDEO_FRAMES  # noqa: PLC0415
+    from .video import Mp4Writer, check_output, partial_path, read_clip, read_image  # noqa: PLC0415
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     if args.checkpoint is None and not ckpt.exists():
@@ -200,10 +206,12 @@ def cmd_generate(args) -> None:
         raise HeliosError("device", "must be 'cpu' here: CUDA is not available")
     output = check_output(args.output)
     image = read_image(args.image) if args.image else None
+    video = read_clip(args.video, MAX_VIDEO_FRAMES) if args.video else None
     # Validate everything before loading weights, so that bad input costs nothing.
     req = validate_request(cfg, args.prompt, duration_s=args.duration, fps=args.fps,
                            seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, image=image, speculative=not args.no_speculative)
+                           top_p=args.top_p, image=image, speculative=not args.no_speculative,
+                           video=video)
     switches = scripted(cfg, req.num_frames, req.fps, [(_seconds(at), prompt)
                                                        for at, prompt in args.prompt_at])
     pipe = load_pipeline(ckpt, args.device, low_vram=args.low_vram)
@@ -296,7 +304,8 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate, table, write_json  # noqa: PLC0415
 
     for name, value, low in (("prompts", args.prompts, 1), ("frames", args.frames, 8),
-                             ("switches", args.switches, 0)):
+                             ("switches", args.switches, 0),
+                             ("continuations", args.continuations, 0)):
         if value < low:
             raise HeliosError(name, f"must be an integer >= {low}, got {value}")
     if not 0 <= args.long_seconds <= 120:
@@ -305,7 +314,7 @@ def cmd_eval(args) -> None:
     pipe = load_pipeline(ckpt, args.device)
     result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
                       progress=not args.no_progress, true_plans=args.true_plans,
-                      switches=args.switches)
+                      switches=args.switches, continuations=args.continuations)
     result["checkpoint"] = str(ckpt)
     print(table(result))
     if args.json:

@@ -183,6 +183,47 @@ def switch_adherence(pipe, pairs: list[tuple[ClipSpec, ClipSpec]], num_frames: i
             "videos": rows}
 
 
+def continuation_adherence(pipe, specs: list[ClipSpec], clip_frames: int = 32,
+                           num_frames: int = 48, seed: int = 0, progress: bool = False) -> dict:
+    """Video-to-video: each held-out prompt's ground-truth clip (``clip_frames``) continued
+    under its own caption for ``num_frames``. Scored: the continuation's object colour and
+    motion against the clip's (as ``adherence`` reads them), and its first frame's change
+    from the clip's last over the clip's own median frame-to-frame change; beside it, the
+    same for the VAE's reconstruction of the clip's last frame (what no continuation can
+    undercut) and the first frame's change over that reconstruction's."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from .data import render_clip  # noqa: PLC0415
+
+    rows = []
+    for i, spec in enumerate(tqdm(specs, desc="continuations", unit="video", disable=not progress)):
+        clip = render_clip(spec, clip_frames, size=pipe.config.height, seed=seed + i)
+        video = pipe.generate_video(spec.caption, num_frames=num_frames, seed=seed + i, video=clip)
+        want, got = dominant_object(clip), dominant_object(video)
+        clip_change = np.median(np.abs(np.diff(clip.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)))
+        seam = np.abs(video[0].astype(np.int16) - clip[-1]).mean()
+        # The floor: the VAE's own reconstruction of the clip's last frame, as far from it
+        # as the continuation's first frame could be expected to come.
+        latents, _ = pipe.encode_video(clip)
+        decoded = pipe.decode(latents[-1], latents[-2] if len(latents) > 1 else None)
+        floor = np.abs(decoded[-1].astype(np.int16) - clip[-1]).mean()
+        rows.append({"prompt": spec.caption, "clip": want, "continuation": got,
+                     "color_ok": got["color"] == want["color"],
+                     "motion_ok": got["motion"] == want["motion"],
+                     "seam": float(seam / max(clip_change, 1e-6)),
+                     "seam_over_reconstruction": float(seam / max(floor, 1e-6)),
+                     "reconstruction": float(floor / max(clip_change, 1e-6))})
+    return {"clips": len(rows), "clip_frames": clip_frames, "frames": num_frames,
+            "color_kept": float(np.mean([r["color_ok"] for r in rows])),
+            "motion_kept": float(np.mean([r["motion_ok"] for r in rows])),
+            "seam_median": float(np.median([r["seam"] for r in rows])),
+            "seam_within_2x": float(np.mean([r["seam"] <= 2 for r in rows])),
+            "reconstruction_median": float(np.median([r["reconstruction"] for r in rows])),
+            "seam_over_reconstruction_median": float(np.median(
+                [r["seam_over_reconstruction"] for r in rows])),
+            "videos": rows}
+
+
 def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
                      progress: bool = False) -> dict:
     """Drift statistics of one long video (only its first and last second are kept)."""
@@ -207,12 +248,15 @@ def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
 
 def evaluate(pipe, prompts: int = 24, num_frames: int = 32, long_seconds: float = 60.0,
              seed: int = 0, progress: bool = False, true_plans: bool = False,
-             switches: int = 0) -> dict:
+             switches: int = 0, continuations: int = 0) -> dict:
     specs = held_out_prompts(prompts, seed)
     result = {"adherence": adherence(pipe, specs, num_frames, seed, progress)}
     if switches > 0:
         result["switches"] = switch_adherence(pipe, held_out_switches(switches, seed),
                                               seed=seed, progress=progress)
+    if continuations > 0:
+        result["continuations"] = continuation_adherence(
+            pipe, held_out_prompts(continuations, seed + 1), seed=seed, progress=progress)
     if true_plans:
         result["true_plans"] = true_plan_adherence(pipe, specs, num_frames, seed, progress)
     if long_seconds > 0:
@@ -252,6 +296,16 @@ def table(result: dict) -> str:
                   f"{w['jump_same_background_max']:.1f} |",
                   f"| switches: the same, new background (median) | "
                   f"{w['jump_new_background_median']:.1f} |"]
+    if "continuations" in result:
+        c = result["continuations"]
+        lines += [f"| continuations of {c['clips']} held-out clips ({c['clip_frames']} frames): colour "
+                  f"/ motion kept | {c['color_kept']:.1%} / {c['motion_kept']:.1%} |",
+                  f"| continuations: first frame's change from the clip's last / the clip's "
+                  f"median change (median; share within 2x) | {c['seam_median']:.2f}; "
+                  f"{c['seam_within_2x']:.0%} |",
+                  f"| continuations: the VAE's reconstruction of the clip's last frame, the "
+                  f"same ratio; the first frame's change over the reconstruction's (medians) | "
+                  f"{c['reconstruction_median']:.2f}; {c['seam_over_reconstruction_median']:.2f} |"]
     if "drift" in result:
         d = result["drift"]
         lines += [f"| drift over {d['seconds']:g} s: colour shift first vs last second | "

@@ -8,6 +8,8 @@ same schedule and, for the same seed, produce the same frames.
 Stage functions (``Stages``):
     encode_prompt(prompt) -> (prefix [L, H], draft prefix [L, H_draft])
     encode_image(image uint8 [H, W, 3]) -> (latent [1, C, h, w], plan tokens of that frame)
+    encode_video(clip uint8 [T, H, W, 3]) -> (latent frames [1, C, h, w] each, their plan
+        tokens): the end of the clip a continuation starts from
     ar_stream(prefix, draft_prefix, tokens, n, params, bias, speculative) -> iterator of
         token lists, n tokens in all; closing it early stops and frees the AR sequence
     refine(plan, index, seed, anchor, history) -> latent [1, C, h, w]
@@ -29,7 +31,7 @@ import numpy as np
 
 from .config import HeliosConfig
 from .schedule import (AR_SEED, ContextFrames, VideoChunk, VideoRequest, ar_segments,
-                       derive_seed, plan_bias, switch_keep)
+                       derive_seed, plan_bias, segment_keep, switch_keep)
 from .session import PromptSwitches
 
 
@@ -69,6 +71,14 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         context.push(latent)
         return emit(latent, stages.decode(latent, state["prev"]))
 
+    given = 0  # latent frames of a clip that the video continues (not emitted)
+    if req.video is not None:
+        latents, video_plans = stages.encode_video(req.video)
+        for latent in latents:
+            context.push(latent)
+        plans.extend(list(p) for p in video_plans)
+        state["prev"] = latents[-1]
+        given = len(plans)
     if req.image is not None:
         latent, plan = stages.encode_image(req.image)
         plans.append(list(plan))
@@ -80,11 +90,13 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     first = len(plans)
     prefetch = getattr(stages, "prefetch", None) or (lambda plans_: plans_)
 
+    num_latent = given + cfg.num_latent_frames(req.num_frames)
+
     def plans_from(start: int, kept: int, generation: int):
         return prefetch(plan_stream(cfg, req, stages, prefix, draft_prefix, plans, start, kept,
-                                    generation))
+                                    generation, num_latent))
 
-    upcoming = plans_from(first, first, 0)
+    upcoming = plans_from(first, min(first, segment_keep(cfg.ar_context_frames)), 0)
     both = getattr(stages, "refine_and_decode", None)
     # With refine_and_decode, a latent frame is decoded while the next one renders (its
     # chunk goes out one rendering later). The first frame, and the first under a new
@@ -95,7 +107,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     index = at_once = first
     try:
         while True:
-            prompt = None if switches is None else switches.due(index)
+            prompt = None if switches is None else switches.due(index - given)
             if prompt is not None:
                 upcoming.close()
                 del plans[index:]  # decoded ahead under the old prompt
@@ -132,12 +144,13 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
 
 def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, draft_prefix,
                 plans: list[list[int]], start: int = 0, kept: int = 0,
-                generation: int = 0) -> Iterator[list[int]]:
+                generation: int = 0, num_latent: int | None = None) -> Iterator[list[int]]:
     """The plan tokens of each latent frame from ``start`` on, one AR segment after another;
     appends them to ``plans`` (which holds those before ``start``: an image's, or those
     rendered before a prompt switch) as they come. The first segment's context keeps
     ``kept`` of the frames before ``start``. ``generation`` counts the prompt switches
-    before this stream, so that each draws its own seeds.
+    before this stream, so that each draws its own seeds. ``num_latent``: the schedule's
+    latent frames (those of a continued clip included; default the request's).
 
     The last frame of a segment is held back until the next segment's AR request has gone
     out (its context is plan tokens only, known once the last token arrives), so the AR never
@@ -146,7 +159,9 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     bos = cfg.ar_backbone.bos_token_id
     bias = plan_bias(cfg)
     held = None
-    for seg in ar_segments(cfg, cfg.num_latent_frames(req.num_frames), start, kept):
+    if num_latent is None:
+        num_latent = cfg.num_latent_frames(req.num_frames)
+    for seg in ar_segments(cfg, num_latent, start, kept):
         context = [bos] + [t for p in plans[len(plans) - seg.kept:] for t in p]
         path = (seg.index,) if generation == 0 else (seg.index, generation)
         params = dataclasses.replace(req.sampling, seed=derive_seed(req.sampling.seed, AR_SEED,

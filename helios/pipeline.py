@@ -35,7 +35,7 @@ from .checkpoint import load_component, read_config
 from .config import HeliosConfig
 from .fp8 import quantize_ar, quantize_refiner
 from .orchestrator import stream_video
-from .schedule import VideoChunk, VideoRequest, frame_noise, validate_request
+from .schedule import VideoChunk, VideoRequest, frame_noise, segment_keep, validate_request
 from .session import PromptSwitches, scripted
 from .text_encoder import tokenize
 from .vae import from_uint8, to_uint8
@@ -58,6 +58,36 @@ def encode_image(cfg: HeliosConfig, vae, refiner, image: np.ndarray):
     plan = refiner.plan_tokenizer(latent.to(next(refiner.parameters()).device),
                                   refiner.plan_embed.weight)
     return latent, plan[0].tolist()
+
+
+def video_latents(cfg: HeliosConfig) -> int:
+    """Latent frames of a clip that a continuation keeps: enough for the AR context of a
+    segment after the first and for the refiner's anchor and history."""
+    return max(segment_keep(cfg.ar_context_frames), cfg.refiner.history_frames + 1)
+
+
+@torch.no_grad()
+def encode_video(cfg: HeliosConfig, vae, refiner, video: np.ndarray):
+    """Video continuation: uint8 [T, H, W, 3] -> (its last L latent frames [L, C, h, w], their
+    plan tokens [L][n]), L = min(T // 4, video_latents(cfg)). Frames of another shape are
+    cropped at their centre to the configured aspect ratio, then resized (bilinear)."""
+    f = cfg.frames_per_latent
+    n = min(len(video) // f, video_latents(cfg))
+    clip = torch.from_numpy(np.ascontiguousarray(video[len(video) - n * f:]))
+    x = from_uint8(clip[None])[0]                                   # [T, 3, H, W]
+    h, w = x.shape[-2:]
+    if h * cfg.width > w * cfg.height:   # taller than the config: crop rows
+        keep = round(w * cfg.height / cfg.width)
+        x = x[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+    elif h * cfg.width < w * cfg.height:  # wider: crop columns
+        keep = round(h * cfg.width / cfg.height)
+        x = x[..., (w - keep) // 2:(w - keep) // 2 + keep]
+    x = F.interpolate(x, size=(cfg.height, cfg.width), mode="bilinear", align_corners=False)
+    p = next(vae.parameters())
+    latents = vae.encode(x.view(n, f, 3, cfg.height, cfg.width).to(p.device, p.dtype))
+    plans = refiner.plan_tokenizer(latents.to(next(refiner.parameters()).device),
+                                   refiner.plan_embed.weight)
+    return latents, plans.tolist()
 
 
 class HeliosPipeline:
@@ -161,6 +191,13 @@ class HeliosPipeline:
             return encode_image(self.config, self.vae, self.refiner, image)
 
     @torch.no_grad()
+    def encode_video(self, video: np.ndarray):
+        """uint8 [T, H, W, 3] -> (latent frames [1, C, h, w] each, their plan tokens)."""
+        with self._active(self.vae, self.refiner):
+            latents, plans = encode_video(self.config, self.vae, self.refiner, video)
+        return [z[None] for z in latents], plans
+
+    @torch.no_grad()
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
         """Stream ``n`` plan tokens after the context prefix + tokens (one AR segment)."""
         seq = ("stream", next(_ids))
@@ -222,7 +259,8 @@ class HeliosPipeline:
         """Stream a video: yields VideoChunk(frames uint8 [T, H, W, 3], offset, total).
 
         Keyword arguments: duration_s or num_frames, fps, seed, temperature, top_k, top_p,
-        image (uint8 [H, W, 3], image-to-video), speculative; ``prompt_at``: scripted prompt
+        image (uint8 [H, W, 3], image-to-video), video (uint8 [T, H, W, 3]: the clip to
+        continue; the chunks are the continuation), speculative; ``prompt_at``: scripted prompt
         switches, [(seconds, prompt), ...]. Invalid values raise HeliosError before any work
         starts.
         """

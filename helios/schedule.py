@@ -31,6 +31,7 @@ class VideoRequest:
     sampling: SamplingParams
     image: np.ndarray | None = None
     speculative: bool = True
+    video: np.ndarray | None = None   # a clip to continue: uint8 [T, H, W, 3]
 
     @property
     def duration_s(self) -> float:
@@ -173,9 +174,26 @@ def check_image(image) -> np.ndarray:
     return image
 
 
+MAX_VIDEO_FRAMES = 120   # the clip a video continues: at most 5 s at 24 fps
+MAX_VIDEO_SIDE = 2048
+
+
+def check_video(video, min_frames: int) -> np.ndarray:
+    """The clip a video continues: uint8 RGB frames [T, H, W, 3], T in [min_frames, 120]
+    (at least one latent frame), H and W in [8, 2048]."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[3] != 3 \
+            or not 8 <= min(video.shape[1:3]) <= max(video.shape[1:3]) <= MAX_VIDEO_SIDE \
+            or not min_frames <= video.shape[0] <= MAX_VIDEO_FRAMES:
+        raise HeliosError("video", f"must be uint8 RGB frames [T, H, W, 3] with T in "
+                                   f"[{min_frames}, {MAX_VIDEO_FRAMES}] and H, W in [8, "
+                                   f"{MAX_VIDEO_SIDE}], got {video.dtype} {list(video.shape)}")
+    return video
+
+
 def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,
                      seed=0, temperature=0.7, top_k=0, top_p=1.0, image=None,
-                     speculative=True) -> VideoRequest:
+                     speculative=True, video=None) -> VideoRequest:
     """Check every field and turn it into a VideoRequest; raises HeliosError naming the field."""
     tokenize(prompt, cfg.text_encoder.max_prompt_bytes)
     fps = cfg.fps if fps is None else fps
@@ -200,6 +218,12 @@ def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=N
                             float(top_p) if isinstance(top_p, (int, float)) else top_p,
                             int(seed)).validate()
     image = None if image is None else check_image(image)
-    return VideoRequest(prompt, int(num_frames), int(fps), params, image, bool(speculative))
+    if video is not None:
+        video = check_video(video, cfg.frames_per_latent)
+        if image is not None:
+            raise HeliosError("video", "cannot be given with image: a video continues a clip "
+                                       "or starts from an image, not both")
+    return VideoRequest(prompt, int(num_frames), int(fps), params, image, bool(speculative),
+                        video)
 
 

@@ -97,3 +97,29 @@ def read_image(path: str | Path) -> np.ndarray:
     except Exception as e:  # PyAV raises a family of FFmpeg errors; all mean "unreadable"
         raise HeliosError("image", f"must be a readable image file, cannot decode {str(p)!r}: "
                                    f"{type(e).__name__}") from None
+
+
+def read_clip(path: str | Path, max_frames: int) -> np.ndarray:
+    """The clip a video continues: every frame of a video FFmpeg can read, uint8
+    [T, H, W, 3]; more than ``max_frames`` is refused (HeliosError naming ``video``)."""
+    import av  # noqa: PLC0415
+
+    p = Path(path)
+    if not p.is_file():
+        raise HeliosError("video", f"must be a readable video file, {str(p)!r} does not exist")
+    frames = []
+    try:
+        with av.open(str(p)) as c:
+            for frame in c.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) > max_frames:
+                    raise HeliosError("video", f"must have at most {max_frames} frames, "
+                                               f"{str(p)!r} has more")
+    except HeliosError:
+        raise
+    except Exception as e:  # PyAV raises a family of FFmpeg errors; all mean "unreadable"
+        raise HeliosError("video", f"must be a readable video file, cannot decode {str(p)!r}: "
+                                   f"{type(e).__name__}") from None
+    if not frames:
+        raise HeliosError("video", f"must be a readable video file, {str(p)!r} has no frames")
+    return np.stack(frames)

@@ -1,7 +1,7 @@
 """The orchestrator's stage functions as BLS calls to this server's stage models.
 
 ``TritonStages`` implements ``helios.orchestrator.Stages`` over ``prompt_encoder``,
-``image_encoder``, ``ar_backbone``, ``refiner`` and ``vae_decoder`` with the tensor names of
+``image_encoder``, ``video_encoder``, ``ar_backbone``, ``refiner`` and ``vae_decoder`` with the tensor names of
 ``helios_triton.contract``; and ``input_array``, how every model reads an input. Only a
 python-backend stub can import this module (it needs ``triton_python_backend_utils``).
 """
@@ -55,6 +55,10 @@ class TritonStages:
     def encode_image(self, image):
         out = _call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
         return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
+
+    def encode_video(self, video):
+        out = _call("video_encoder", [_t("frames", video)], ["latent", "plan_tokens"])
+        return [torch.from_numpy(z)[None] for z in out["latent"]], out["plan_tokens"].tolist()
 
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
         if not self.slot_bias:  # one row: what any slot allows

@@ -7,7 +7,8 @@ dtypes; the tests check every filled config against them.
 # Names of the helios model's inputs for each field of a request.
 HELIOS_INPUT_NAMES = {"prompt": "PROMPT", "duration": "DURATION_S", "num_frames": "NUM_FRAMES",
                       "fps": "FPS", "seed": "SEED", "temperature": "TEMPERATURE",
-                      "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE"}
+                      "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE",
+                      "session_id": "SESSION_ID", "video": "VIDEO"}
 # ... and of the helios_update model's, for the fields of a prompt update (helios.session).
 UPDATE_INPUT_NAMES = {"prompt": "PROMPT", "at_frame": "AT_FRAME", "session": "SESSION_ID"}
 
@@ -24,6 +25,10 @@ STAGE_CONTRACT = {
     },
     "image_encoder": {
         "inputs": {"image": "TYPE_UINT8"},
+        "outputs": {"latent": "TYPE_FP32", "plan_tokens": "TYPE_INT32"},
+    },
+    "video_encoder": {
+        "inputs": {"frames": "TYPE_UINT8"},
         "outputs": {"latent": "TYPE_FP32", "plan_tokens": "TYPE_INT32"},
     },
     "ar_backbone": {

@@ -61,6 +61,13 @@ def cases() -> list[tuple[str, object]]:
         elif dtype == "BYTES":  # an identifier: its length and its characters
             most = int(re.fullmatch(r"1 to (\d+) of A-Z a-z 0-9 _ -", r).group(1))
             out += [(name, ""), (name, "x" * (most + 1)), (name, "a/b")]
+        elif dtype == "UINT8" and r.startswith("T "):
+            t_lo, t_hi, lo, hi = map(int, re.fullmatch(r"T (\d+) to (\d+), H, W (\d+) to (\d+)",
+                                                       r).groups())
+            out += [(name, np.zeros((t_lo - 1, lo, lo, 3), np.uint8)),
+                    (name, np.zeros((t_hi + 1, lo, lo, 3), np.uint8)),
+                    (name, np.zeros((t_lo, lo - 1, lo, 3), np.uint8)),
+                    (name, np.zeros((t_lo, lo, hi + 1, 3), np.uint8))]
         elif dtype == "UINT8":
             least = int(re.fullmatch(r"H, W >= (\d+)", r).group(1))
             out += [(name, np.zeros((least - 1, least, 3), np.uint8)),
@@ -96,8 +103,8 @@ def test_the_tables_are_the_models_inputs(tiny_checkpoint, tmp_path):
             i = declared[name]
             dtype = model_config_pb2.DataType.Name(i.data_type).removeprefix("TYPE_")
             assert row["type"] == ("BYTES" if dtype == "STRING" else dtype), name
-            dims = ", ".join("H" if d == -1 and k == 0 else "W" if d == -1 else str(d)
-                             for k, d in enumerate(i.dims))
+            names = ["T", "H", "W"][4 - len(i.dims):]  # [H, W, 3] or [T, H, W, 3]
+            dims = ", ".join(names[k] if d == -1 else str(d) for k, d in enumerate(i.dims))
             assert row["shape"] == f"[{dims}]", name
             assert i.optional != row["required"], name
 
@@ -116,7 +123,7 @@ def test_every_out_of_range_input_is_refused_naming_it(server, name, value):
 def test_an_input_of_the_wrong_type_is_refused_naming_it(server, name):
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
     wrong = "FP32" if TABLE[name]["type"] != "FP32" else "INT32"
-    shape = [8, 8, 3] if name == "IMAGE" else [1]
+    shape = {"IMAGE": [8, 8, 3], "VIDEO": [4, 8, 8, 3]}.get(name, [1])
     array = np.ones(shape, dtype=NUMPY[wrong])
     t = grpcclient.InferInput(name, shape, wrong)
     t.set_data_from_numpy(array)

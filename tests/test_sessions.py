@@ -17,6 +17,7 @@ from helios.errors import HeliosError
 from helios.session import PromptSwitches, scripted
 from helios_client.api import HeliosClient, RequestError, new_session_id
 
+CLIENT = [sys.executable, "-m", "helios_client.cli"]
 RED = "a red circle moving left on a dark background"
 BLUE = "a blue square moving up on a dark background"
 GREEN = "a green triangle resting on a light background"
@@ -255,14 +256,14 @@ def test_a_session_id_in_use_is_refused_and_cancelling_frees_everything(server):
 
 def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tmp_path):
     url = f"127.0.0.1:{server.grpc}"
-    run = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+    run = subprocess.run([*CLIENT, "generate", "--url", url, "--prompt", RED,
                           "--duration", "3", "--prompt-at", "1", BLUE, "--prompt-at", "2", GREEN,
                           "--output", str(tmp_path / "a.mp4"), "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"prompt from frame 24: {BLUE}" in run.stderr
     assert f"prompt from frame 48: {GREEN}" in run.stderr
-    live = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+    live = subprocess.run([*CLIENT, "generate", "--url", url, "--prompt", RED,
                            "--duration", "20", "--interactive", "--output",
                            str(tmp_path / "b.mp4"), "--no-progress"],
                           input=f"{BLUE}\n\n{'x' * 300}\n", capture_output=True, text=True,
@@ -271,7 +272,7 @@ def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tm
     assert f": {BLUE}" in live.stderr
     assert ("helios-client: update refused: PROMPT must be 1 to 256 UTF-8 bytes of text, "
             "got 300 bytes") in live.stderr
-    bad = subprocess.run(["helios-client", "generate", "--url", url, "--prompt", RED,
+    bad = subprocess.run([*CLIENT, "generate", "--url", url, "--prompt", RED,
                           "--duration", "2", "--prompt-at", "soon", BLUE],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2

@@ -305,7 +305,8 @@ def test_filled_configs_parse_with_tritons_model_config_protobuf(tiny_checkpoint
         assert cfg.name == path.parent.name
         parsed[cfg.name] = cfg
     assert set(parsed) == {"tokenizer", "text_encoder", "prompt_encoder", "ar_backbone", "refiner",
-                           "vae_decoder", "image_encoder", "helios", "helios_video"}
+                           "vae_decoder", "image_encoder", "video_encoder", "helios",
+                           "helios_video", "helios_update"}
     assert parsed["helios"].model_transaction_policy.decoupled
     assert parsed["ar_backbone"].model_transaction_policy.decoupled
     assert parsed["refiner"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU

@@ -42,7 +42,7 @@ def _text(value: str) -> np.ndarray:
 
 
 def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=None,
-            temperature=None, top_k=None, top_p=None, image=None, session_id=None):
+            temperature=None, top_k=None, top_p=None, image=None, session_id=None, video=None):
     spec = [("PROMPT", _text(prompt), "BYTES")]
     for name, value, dtype, np_type in (
             ("DURATION_S", duration_s, "FP32", np.float32), ("NUM_FRAMES", num_frames, "INT32", np.int32),
@@ -55,6 +55,8 @@ def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=Non
         spec.append(("IMAGE", np.ascontiguousarray(image, dtype=np.uint8), "UINT8"))
     if session_id is not None:
         spec.append(("SESSION_ID", _text(session_id), "BYTES"))
+    if video is not None:
+        spec.append(("VIDEO", np.ascontiguousarray(video, dtype=np.uint8), "UINT8"))
     out = []
     for name, array, dtype in spec:
         t = module.InferInput(name, list(array.shape), dtype)
@@ -66,7 +68,7 @@ def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=Non
 # The server names the offending input first: "TOP_P must be in (0, 1], got 1.5". Errors of a
 # gRPC stream carry no status code (only the message), so the message is what tells them apart.
 _INPUT_ERROR = re.compile(r"^(PROMPT|NUM_FRAMES|DURATION_S|FPS|SEED|TEMPERATURE|TOP_K|TOP_P|IMAGE"
-                          r"|SESSION_ID|AT_FRAME) ")
+                          r"|SESSION_ID|AT_FRAME|VIDEO) ")
 
 
 def _is_invalid_argument(error) -> bool:
@@ -111,10 +113,12 @@ class HeliosClient:
 
     def stream(self, prompt: str, *, duration_s=None, num_frames=None, fps=None, seed=None,
                temperature=None, top_k=None, top_p=None, image=None,
-               session_id=None) -> Iterator[Chunk]:
+               session_id=None, video=None) -> Iterator[Chunk]:
         """gRPC only: yield chunks as the server generates them. Closing the iterator early
         cancels the request on the server (its KV cache blocks are freed). ``session_id``
-        (unique, hard to guess: ``new_session_id()``) lets ``update`` change its prompt."""
+        (unique, hard to guess: ``new_session_id()``) lets ``update`` change its prompt.
+        ``video`` (uint8 [T, H, W, 3], T in [4, 120]): a clip to continue; the chunks are the
+        continuation."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol='grpc'; use generate() over HTTP")
         self.check_ready()
@@ -125,7 +129,7 @@ class HeliosClient:
         try:
             self._client.async_stream_infer(STREAM_MODEL, _inputs(
                 self._module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p,
-                image, session_id), enable_empty_final_response=False)
+                image, session_id, video), enable_empty_final_response=False)
             while True:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
@@ -149,7 +153,7 @@ class HeliosClient:
             return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)])
         self.check_ready()
         args = {k: kwargs.get(k) for k in ("duration_s", "num_frames", "fps", "seed", "temperature",
-                                           "top_k", "top_p", "image", "session_id")}
+                                           "top_k", "top_p", "image", "session_id", "video")}
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
         try:

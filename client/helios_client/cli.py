@@ -104,6 +104,32 @@ def _read_image(path: str) -> np.ndarray:
                           f"{type(e).__name__}") from None
 
 
+MAX_VIDEO_FRAMES = 120  # the server's bound on a continued clip (docs/serving.md)
+
+
+def _read_video(path: str) -> np.ndarray:
+    """The clip to continue: every frame of a video file, uint8 [T, H, W, 3]."""
+    import av  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise BadArgument(f"video must be a readable video file, {path!r} does not exist")
+    try:
+        with av.open(path) as c:
+            frames = []
+            for f in c.decode(video=0):
+                frames.append(f.to_ndarray(format="rgb24"))
+                if len(frames) > MAX_VIDEO_FRAMES:
+                    break
+    except Exception as e:  # FFmpeg's many error types all mean "cannot use this file"
+        raise BadArgument(f"video must be a readable video file, cannot decode {path!r}: "
+                          f"{type(e).__name__}") from None
+    if not 4 <= len(frames) <= MAX_VIDEO_FRAMES:
+        raise BadArgument(f"video must have 4 to {MAX_VIDEO_FRAMES} frames, "
+                          f"{path!r} has {'more' if len(frames) > MAX_VIDEO_FRAMES else len(frames)}"
+                          f"{' than that' if len(frames) > MAX_VIDEO_FRAMES else ''}")
+    return np.stack(frames)
+
+
 def _switch_times(pairs, total_s: float) -> list[tuple[float, str]]:
     """``--prompt-at SECONDS PROMPT`` pairs, checked: seconds within the video, a prompt."""
     out = []
@@ -176,6 +202,9 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=_int_in("top_k", 0, 2**31 - 1), default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
+    g.add_argument("--video", default=None,
+                   help="a clip of 4 to 120 frames to continue (video-to-video); the output is "
+                        "the continuation")
     g.add_argument("--prompt-at", nargs=2, action="append", default=[],
                    metavar=("SECONDS", "PROMPT"),
                    help="switch to PROMPT at SECONDS into the video (repeatable)")
@@ -195,6 +224,7 @@ def main(argv=None) -> int:
     try:  # every argument checked before the server is asked
         output = _output_path(args.output)
         image = _read_image(args.image) if args.image else None
+        video = _read_video(args.video) if args.video else None
         total_s = args.num_frames / args.fps if args.num_frames else args.duration
         prompt_at = _switch_times(args.prompt_at, total_s)
     except BadArgument as e:
@@ -203,7 +233,8 @@ def main(argv=None) -> int:
     steered = bool(prompt_at) or args.interactive
     params = dict(duration_s=args.duration, num_frames=args.num_frames, fps=args.fps,
                   seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, image=image, session_id=new_session_id() if steered else None)
+                  top_p=args.top_p, image=image, session_id=new_session_id() if steered else None,
+                  video=video)
     partial = output.with_name(f".{output.stem}.partial{output.suffix}")  # as helios.video's
     writer, bar, chunks, t0 = None, None, None, time.perf_counter()
     done, steering = False, None
