@@ -308,9 +308,12 @@ def cmd_eval(args) -> None:
                              ("continuations", args.continuations, 0)):
         if value < low:
             raise HeliosError(name, f"must be an integer >= {low}, got {value}")
-    if not 0 <= args.long_seconds <= 120:
-        raise HeliosError("long_seconds", f"must be in [0, 120], got {args.long_seconds}")
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    from .checkpoint import read_config  # noqa: PLC0415
+
+    longest = read_config(ckpt).max_duration_s
+    if not 0 <= args.long_seconds <= longest:
+        raise HeliosError("long_seconds", f"must be in [0, {longest:g}], got {args.long_seconds}")
     pipe = load_pipeline(ckpt, args.device)
     result = evaluate(pipe, args.prompts, args.frames, args.long_seconds, args.seed,
                       progress=not args.no_progress, true_plans=args.true_plans,

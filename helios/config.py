@@ -191,7 +191,9 @@ class HeliosConfig:
     # AR context: text prefix, begin-of-video, then at most this many latent frames of plan
     # tokens. Frames follow each other with no separator: every plan_tokens_per_frame tokens.
     ar_context_frames: int = 8
-    max_duration_s: float = 120.0
+    # Memory and time per frame stay flat however long a video runs (the AR context is a
+    # window, the refiner's history a few frames): the bound is one of patience, 10 minutes.
+    max_duration_s: float = 600.0
     kv_block_size: int = 16
     num_draft_tokens: int = 4  # tokens the draft proposes per speculative round
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -279,7 +281,7 @@ def _14b() -> HeliosConfig:
         width=1280,
         fps=24,
         ar_context_frames=context_frames,
-        max_duration_s=120.0,
+        max_duration_s=600.0,
         kv_block_size=64,
         num_draft_tokens=4,
         text_encoder=TextEncoderConfig(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,25 +227,53 @@ def continuation_adherence(pipe, specs: list[ClipSpec], clip_frames: int = 32,
 
 
 def long_video_drift(pipe, prompt: str, seconds: float, seed: int = 0,
-                     progress: bool = False) -> dict:
-    """Drift statistics of one long video (only its first and last second are kept)."""
+                     progress: bool = False, color: str | None = None) -> dict:
+    """Drift statistics of one long video, read a second at a time (only the first and the
+    last second's frames are kept): colour and sharpness of the first vs the last second;
+    with ``color``, the share of its seconds whose dominant object has that colour; and
+    whether the session stays flat: the time each second took to generate and the process's
+    resident memory, first minute against last."""
     from tqdm import tqdm  # noqa: PLC0415
 
     fps = pipe.config.fps
-    first, last = [], []
+    first, last, second = [], [], []
+    colored, times, rss = [], [], []
     bar = tqdm(total=round(seconds * fps), desc="long video", unit="frame", disable=not progress)
+    t0 = time.perf_counter()
     for chunk in pipe.generate(prompt, duration_s=seconds, seed=seed):
         if sum(len(f) for f in first) < fps:
             first.append(chunk.frames)
         last = (last + [chunk.frames])[-(fps // len(chunk.frames) + 1):]
+        second.append(chunk.frames)
+        if sum(len(f) for f in second) >= fps:  # a whole second: read it, then drop it
+            frames = np.concatenate(second)
+            second = [frames[fps:]] if len(frames) > fps else []
+            if color is not None:
+                colored.append(dominant_object(frames[:fps])["color"] == color)
+            now = time.perf_counter()
+            times.append(now - t0)
+            t0 = now
+            rss.append(_resident_mib())
         bar.update(len(chunk.frames))
     bar.close()
     a, b = np.concatenate(first)[:fps], np.concatenate(last)[-fps:]
     out = drift(np.concatenate([a, b]), chunk=fps)
+    minute = min(60, max(1, len(times) // 2))
     out.update(seconds=seconds, prompt=prompt,
                object_first=dominant_object(a)["color"], object_last=dominant_object(b)["color"],
-               flicker_first=flicker(a), flicker_last=flicker(b))
+               flicker_first=flicker(a), flicker_last=flicker(b),
+               seconds_with_color=float(np.mean(colored)) if colored else float("nan"),
+               second_s_first_minute=float(np.median(times[:minute])),
+               second_s_last_minute=float(np.median(times[-minute:])),
+               resident_mib_first=rss[0], resident_mib_last=rss[-1])
     return out
+
+
+def _resident_mib() -> float:
+    """This process's resident memory (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def evaluate(pipe, prompts: int = 24, num_frames: int = 32, long_seconds: float = 60.0,
@@ -260,7 +290,8 @@ def evaluate(pipe, prompts: int = 24, num_frames: int = 32, long_seconds: float 
     if true_plans:
         result["true_plans"] = true_plan_adherence(pipe, specs, num_frames, seed, progress)
     if long_seconds > 0:
-        result["drift"] = long_video_drift(pipe, specs[0].caption, long_seconds, seed, progress)
+        result["drift"] = long_video_drift(pipe, specs[0].caption, long_seconds, seed, progress,
+                                           color=specs[0].objects[0].color)
     return result
 
 
@@ -313,7 +344,13 @@ def table(result: dict) -> str:
                   f"| sharpness first / last second | {d['sharpness_first']:.1f} / "
                   f"{d['sharpness_last']:.1f} |",
                   f"| dominant object first / last second | {d['object_first']} / "
-                  f"{d['object_last']} |"]
+                  f"{d['object_last']} |",
+                  f"| seconds whose object has the prompt's colour | "
+                  f"{d['seconds_with_color']:.1%} |",
+                  f"| seconds to generate a second of video, first / last minute (median) | "
+                  f"{d['second_s_first_minute']:.2f} / {d['second_s_last_minute']:.2f} |",
+                  f"| resident memory after the first / last second | "
+                  f"{d['resident_mib_first']:.0f} / {d['resident_mib_last']:.0f} MiB |"]
     return "\n".join(lines)
 
 

@@ -278,3 +278,22 @@ def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tm
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("helios-client: error: prompt-at seconds must be a number, "
                                   "got 'soon'")
+
+
+def test_a_long_session_with_switches_stays_flat_in_memory(pipe):
+    """A minute of video, a prompt switch every 10 s: the KV pool ends where it started and
+    the process's resident memory after the last second is within 32 MiB of the tenth (the
+    1200 frames generated in between hold 56 MiB: keeping them would exceed it)."""
+    from helios.evaluate import _resident_mib
+
+    free0 = pipe.ar.cache.num_free_blocks
+    session = pipe.session(RED, duration_s=60, seed=0)
+    rss = {}
+    for chunk in session:
+        second = (chunk.offset + len(chunk.frames)) // 24
+        if chunk.offset % 240 == 0 and chunk.offset:
+            session.update(BLUE if chunk.offset % 480 else GREEN)
+        rss[second] = _resident_mib()
+    assert len(session.switches.applied) == 5
+    assert pipe.ar.cache.num_free_blocks == free0
+    assert rss[60] - rss[10] < 32, (rss[10], rss[60])

@@ -180,7 +180,7 @@ BAD = [
     (dict(top_k=-2), "TOP_K must be an integer >= 0 (0 disables it), got -2"),
     (dict(duration_s=-1.0, num_frames=None), "DURATION_S must be in (0, 120] seconds, got -1.0"),
     (dict(duration_s=500.0, num_frames=None), "DURATION_S must be in (0, 120] seconds, got 500.0"),
-    (dict(num_frames=0), "NUM_FRAMES must be an integer in [1, 2880], got 0"),
+    (dict(num_frames=0), "NUM_FRAMES must be an integer in [1, 36000], got 0"),
     (dict(num_frames=None), "NUM_FRAMES or DURATION_S must be given"),
     # Each input is checked on its own, whatever else the request carries.
     (dict(duration_s=float("nan")), "DURATION_S must be in (0, 120] seconds, got nan"),
