@@ -17,10 +17,10 @@ CASES = [
      "prompt must be 1 to 256 UTF-8 bytes of text, got an empty prompt"),
     (dict(prompt="é" * 200), ["--prompt", "é" * 200],
      "prompt must be 1 to 256 UTF-8 bytes of text, got 400 bytes"),
-    (dict(duration_s=0.0), ["--duration", "0"], "duration must be in (0, 120] seconds, got 0.0"),
-    (dict(duration_s=-1.0), ["--duration", "-1"], "duration must be in (0, 120] seconds, got -1.0"),
-    (dict(duration_s=121.0), ["--duration", "121"],
-     "duration must be in (0, 120] seconds, got 121.0"),
+    (dict(duration_s=0.0), ["--duration", "0"], "duration must be in (0, 600] seconds, got 0.0"),
+    (dict(duration_s=-1.0), ["--duration", "-1"], "duration must be in (0, 600] seconds, got -1.0"),
+    (dict(duration_s=601.0), ["--duration", "601"],
+     "duration must be in (0, 600] seconds, got 601.0"),
     (dict(temperature=-0.1), ["--temperature", "-0.1"],
      "temperature must be a finite number >= 0, got -0.1"),
     (dict(temperature=float("nan")), ["--temperature", "nan"],
@@ -34,7 +34,7 @@ CASES = [
      "seed must be an integer in [0, 2**63-1], got 18446744073709551616"),
     # Checked even where num_frames decides the length.
     (dict(duration_s=float("nan"), num_frames=8), ["--duration", "nan"],
-     "duration must be in (0, 120] seconds, got nan"),
+     "duration must be in (0, 600] seconds, got nan"),
 ]
 
 
