@@ -263,6 +263,13 @@ def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tm
     assert run.returncode == 0, run.stderr
     assert f"prompt from frame 24: {BLUE}" in run.stderr
     assert f"prompt from frame 48: {GREEN}" in run.stderr
+    # Over HTTP: the whole video in one response from helios_video, the update beside it.
+    http = subprocess.run([*CLIENT, "generate", "--protocol", "http", "--url",
+                           f"127.0.0.1:{server.http}", "--prompt", RED, "--duration", "2",
+                           "--prompt-at", "1", BLUE, "--output", str(tmp_path / "h.mp4"),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert http.returncode == 0, http.stderr
+    assert f"prompt from frame 24: {BLUE}" in http.stderr
     live = subprocess.run([*CLIENT, "generate", "--url", url, "--prompt", RED,
                            "--duration", "20", "--interactive", "--output",
                            str(tmp_path / "b.mp4"), "--no-progress"],
