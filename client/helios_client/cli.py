@@ -153,9 +153,9 @@ class _Steering(threading.Thread):
     from the next latent frame). An update sent before the stream has started is sent again
     until the server knows the session. ``report(line)`` tells the user how each went."""
 
-    def __init__(self, url, protocol, timeout, session_id, scripted, interactive, report):
+    def __init__(self, client, session_id, scripted, interactive, report):
         super().__init__(daemon=True, name="helios-client-steering")
-        self.client = HeliosClient(url, protocol, timeout)
+        self.client = client
         self.session_id, self.scripted, self.interactive = session_id, scripted, interactive
         self.report, self.ended = report, threading.Event()
 
@@ -246,7 +246,11 @@ def main(argv=None) -> int:
         client = HeliosClient(url, args.protocol, args.timeout)
         if steered:
             client.check_ready()
-            steering = _Steering(url, args.protocol, args.timeout, params["session_id"],
+            # Over gRPC the updates share the stream's client, hence its connection: behind
+            # a Service with several replicas they reach the one that runs the stream.
+            steering = _Steering(client if args.protocol == "grpc" else
+                                 HeliosClient(url, args.protocol, args.timeout),
+                                 params["session_id"],
                                  [(round(at * args.fps), p) for at, p in prompt_at],
                                  args.interactive, report)
             steering.start()
