@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import ClipSpec, sample_spec
-from .metrics import dominant_object, drift, flicker
+from .metrics import dominant_object, drift, flicker, frame_changes
 
 
 def held_out_prompts(n: int, seed: int = 0) -> list[ClipSpec]:
@@ -164,7 +164,7 @@ def switch_adherence(pipe, pairs: list[tuple[ClipSpec, ClipSpec]], num_frames: i
         chunks.close()
         plain = np.concatenate(plain)[:at]
         got, want = dominant_object(video[at + fps // 2:]), b.objects[0]
-        change = np.abs(np.diff(video.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+        change = frame_changes(video)
         rows.append({"before": a.caption, "after": b.caption, "color": got["color"],
                      "motion": got["motion"], "color_ok": got["color"] == want.color,
                      "shape_ok": got["shape"] == want.shape,
@@ -202,7 +202,7 @@ def continuation_adherence(pipe, specs: list[ClipSpec], clip_frames: int = 32,
         clip = render_clip(spec, clip_frames, size=pipe.config.height, seed=seed + i)
         video = pipe.generate_video(spec.caption, num_frames=num_frames, seed=seed + i, video=clip)
         want, got = dominant_object(clip), dominant_object(video)
-        clip_change = np.median(np.abs(np.diff(clip.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)))
+        clip_change = np.median(frame_changes(clip))
         seam = np.abs(video[0].astype(np.int16) - clip[-1]).mean()
         # The floor: the VAE's own reconstruction of the clip's last frame, as far from it
         # as the continuation's first frame could be expected to come.

@@ -60,6 +60,11 @@ def dominant_object(frames: np.ndarray) -> dict:
     return {"color": color, "shape": shape, "motion": motion}
 
 
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """[T - 1]: the mean absolute change from each frame to the next, in uint8 levels."""
+    return np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+
+
 def flicker(frames: np.ndarray) -> float:
     """Mean absolute change between consecutive frames, in [0, 1]."""
     f = frames.astype(np.float32) / 255

@@ -33,11 +33,11 @@ class Switch:
     prompt: str
 
 
-def check_frame(value, num_frames: int, field: str = "at_frame") -> int:
-    """A frame index of a video of ``num_frames`` frames; HeliosError naming ``field``."""
+def check_frame(value, num_frames: int) -> int:
+    """A frame index of a video of ``num_frames`` frames; HeliosError naming ``at_frame``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
             or not 0 <= value < num_frames:
-        raise HeliosError(field, f"must be an integer in [0, {num_frames - 1}] (a frame of "
+        raise HeliosError("at_frame", f"must be an integer in [0, {num_frames - 1}] (a frame of "
                                  f"this video), got {value!r}")
     return int(value)
 
@@ -53,11 +53,11 @@ class PromptSwitches:
     sent wins.
     """
 
-    def __init__(self, cfg: HeliosConfig, num_frames: int, max_prompt_bytes: int | None = None):
+    def __init__(self, cfg: HeliosConfig, num_frames: int):
         self.frames_per_latent = cfg.frames_per_latent
         self.num_frames = num_frames
         self.num_latent = cfg.num_latent_frames(num_frames)
-        self.max_prompt_bytes = max_prompt_bytes or cfg.text_encoder.max_prompt_bytes
+        self.max_prompt_bytes = cfg.text_encoder.max_prompt_bytes
         self._lock = threading.Lock()
         self._pending: list[tuple[int, int, str]] = []  # (latent index, order sent, prompt)
         self._sent = 0

@@ -55,6 +55,9 @@ def test_the_client_checks_outputs_as_the_package_does(tmp_path):
     from helios_client import cli  # noqa: PLC0415
 
     assert cli.VIDEO_SUFFIXES == VIDEO_SUFFIXES
+    from helios.schedule import MAX_VIDEO_FRAMES  # noqa: PLC0415
+
+    assert cli.MAX_VIDEO_FRAMES == MAX_VIDEO_FRAMES  # the bound on a continued clip
     for bad in ("-", "a.txt", "/nonexistent/dir/a.mp4", str(tmp_path)):
         with pytest.raises(HeliosError) as ours:
             check_output(bad)
@@ -77,7 +80,7 @@ def test_the_client_sends_the_inputs_the_helios_model_declares(tiny_checkpoint, 
     """Every input the client can send is one the package names and the helios model's config
     declares, with the config's dtype; and the client's error pattern knows every name."""
     sent = api._inputs(grpcclient, "a red circle", 2.0, 48, 24, 7, 0.7, 5, 0.9,
-                       np.zeros((8, 8, 3), np.uint8), "session-1", np.zeros((4, 8, 8, 3), np.uint8))
+                       np.zeros((8, 8, 3), np.uint8), "a1b2c3", np.zeros((4, 8, 8, 3), np.uint8))
     fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, False, INSTANCES, 0.5),
          ROOT / "model_repository")
     config = text_format.Parse((tmp_path / "repo" / "helios" / "config.pbtxt").read_text(),
