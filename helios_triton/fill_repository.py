@@ -3,6 +3,8 @@
     python -m helios_triton.fill_repository --checkpoint weights/helios-tiny --out .triton/model_repository
     python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \\
         --out /repo --refiner-instances 1 --max-streams 4 --speculative off
+    python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \
+        --out /repo --stages fused --speculative off     # one stream, every stage in helios
 
 The templates are the folders ``model_repository/`` (torch flavour) and
 ``model_repository_tensorrt/`` (the TensorRT flavour's replacements) of the source tree, found
@@ -26,6 +28,8 @@ from helios.errors import HeliosError
 
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 GPU_SHARE_MODELS = ("ar_backbone", "refiner", "vae_decoder")
+# What a client calls; with --stages fused these alone make the repository.
+CLIENT_MODELS = ("helios", "helios_video", "helios_update")
 
 
 def gpu_shares(items: list[str]) -> dict[str, int]:
@@ -45,7 +49,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
            kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
            instance_kind: str = "auto", ar_fp8: bool = False,
            overlap_decode: str = "auto", refiner_fp8: bool = False,
-           gpu_share: dict[str, int] | None = None) -> dict[str, str]:
+           gpu_share: dict[str, int] | None = None, stages: str = "models") -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -92,16 +96,18 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "refiner_instances": str(instances["refiner"]),
         "vae_decoder_instances": str(instances["vae_decoder"]),
         "helios_video_instances": str(instances["helios_video"]),
-        "helios_instances": str(max_streams),
+        "helios_instances": "1" if stages == "fused" else str(max_streams),
+        "stages": stages,
         **{f"{m}_gpu_share": str((gpu_share or {}).get(m, "")) for m in GPU_SHARE_MODELS},
     }
 
 
 def fill(out: Path, vals: dict[str, str], templates: Path = Path("model_repository"),
-         flavour: str = "torch") -> list[Path]:
+         flavour: str = "torch", fused: bool = False) -> list[Path]:
     """Copy the repository to ``out`` with every config.pbtxt filled; returns the configs.
     ``templates`` is the torch flavour's folder; the TensorRT flavour's replacements are the
-    folder beside it, ``model_repository_tensorrt``."""
+    folder beside it, ``model_repository_tensorrt``. ``fused``: only the client-facing models
+    (``helios`` runs every stage itself)."""
     if not (templates / "helios" / "config.pbtxt").is_file():
         raise HeliosError("templates", f"must be the model_repository folder of the source tree, "
                                        f"got {str(templates)!r} (run from the repository root)")
@@ -115,6 +121,10 @@ def fill(out: Path, vals: dict[str, str], templates: Path = Path("model_reposito
             if (out / model.name).exists():
                 shutil.rmtree(out / model.name)
             shutil.copytree(model, out / model.name, ignore=ignore)
+    if fused:
+        for model in sorted(p for p in out.iterdir() if p.is_dir()):
+            if model.name not in CLIENT_MODELS:
+                shutil.rmtree(model)
     configs = sorted(out.glob("*/config.pbtxt"))
     for path in configs:
         # Version 1 of every model; an ensemble's is an empty folder, which git does not keep.
@@ -148,6 +158,9 @@ def main(argv=None) -> int:
                     help="helios decodes a latent frame while the next renders (auto: on with cuda)")
     ap.add_argument("--instance-kind", choices=["auto", "KIND_GPU", "KIND_CPU"], default="auto",
                     help="auto: KIND_GPU on cuda; KIND_CPU keeps device=cuda for the torch code")
+    ap.add_argument("--stages", choices=["models", "fused"], default="models",
+                    help="models: the stage models behind helios (BLS); fused: every stage in "
+                         "the helios model's process, one stream at a time (torch flavour)")
     ap.add_argument("--gpu-share", action="append", default=[], metavar="MODEL=PERCENT",
                     help="under CUDA MPS, the share of the GPU's SMs a stage's kernels may use "
                          "(ar_backbone, refiner, vae_decoder; repeatable; default all)")
@@ -160,8 +173,12 @@ def main(argv=None) -> int:
         vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                       instances, args.kv_cache_free_gpu_mem_fraction, args.flavour,
                       args.engine_dir, args.instance_kind, args.ar_fp8, args.overlap_decode,
-                      args.refiner_fp8, gpu_shares(args.gpu_share))
-        paths = fill(args.out, vals, args.templates, flavour=args.flavour)
+                      args.refiner_fp8, gpu_shares(args.gpu_share), args.stages)
+        if args.stages == "fused" and args.flavour != "torch":
+            raise HeliosError("stages", "fused runs the torch stages; the tensorrt flavour's "
+                                        "stages are engines behind their own models")
+        paths = fill(args.out, vals, args.templates, flavour=args.flavour,
+                     fused=args.stages == "fused")
     except HeliosError as e:
         print(f"fill_repository: error: {e}", file=sys.stderr)
         return 2

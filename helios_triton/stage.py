@@ -202,6 +202,29 @@ def load_stage(args: dict, *components: str) -> Stage:
     return Stage(params, device, dtype, config, modules)
 
 
+def load_pipeline(args: dict, params: dict, settings: Settings):
+    """``stages = fused``: every stage of the video in the ``helios`` model's own process, as
+    the in-process ``HeliosPipeline`` (one stream at a time; its AR backbone decodes before the
+    refiner renders, as ``benchmarks/fps.py`` measures it). The stage models are then not in the
+    repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
+    every context a stream meets (the refiner's history lengths, the AR's decode step, the
+    decoder's first and later frames), so that the first request pays none of it."""
+    from helios.pipeline import HeliosPipeline  # the fused mode alone needs every stage's code
+
+    device = model_device(args, params)
+    pipe = HeliosPipeline.from_checkpoint(
+        params["checkpoint"], device=device, dtype=model_dtype(device, params), max_streams=1,
+        ar_fp8=params.get("ar_weight_quantization") == "fp8",
+        refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
+        compile=settings.compile, cuda_graphs=settings.cuda_graphs)
+    cfg = pipe.config
+    warm_frames = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
+    for _ in pipe.generate("warm-up", num_frames=warm_frames, seed=0,
+                           speculative=params.get("speculative") == "on"):
+        pass
+    return pipe
+
+
 @dataclass
 class RefinerCall:
     """The refiner model's request as tensors on its device (both repository flavours)."""

@@ -13,6 +13,7 @@ crash on the H100 (1 and 4 streams, perf_analyzer at concurrency 1 and 4) and in
 
 import asyncio
 import faulthandler
+import time
 import uuid
 
 import numpy as np
@@ -24,8 +25,8 @@ from helios.orchestrator import stream_video
 from helios_triton.bls import OverlappedStages, TritonStages, input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
-from helios_triton.stage import (model_parameters, process_settings, requested_outputs,
-                                 video_request)
+from helios_triton.stage import (load_pipeline, model_parameters, process_settings,
+                                 requested_outputs, video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -40,10 +41,21 @@ class TritonPythonModel:
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
         self.slot_bias = params.get("slot_bias", "on") == "on"
-        # "on": a latent frame is decoded while the next one renders (OverlappedStages)
-        self.loop = asyncio.new_event_loop() if params.get("overlap_decode", "off") == "on" else None
-        pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
-                                 f"{'while the next one renders' if self.loop else 'after rendering'}")
+        # "fused": the stages in this process (stage.load_pipeline), else BLS calls to the
+        # stage models
+        self.pipeline, self.loop = None, None
+        if params.get("stages", "models") == "fused":
+            t0 = time.perf_counter()
+            self.pipeline = load_pipeline(args, params, settings)
+            pb_utils.Logger.log_info(f"helios: every stage in this process on "
+                                     f"{self.pipeline.device}, loaded and warmed up in "
+                                     f"{time.perf_counter() - t0:.1f} s")
+        else:
+            # "on": a latent frame is decoded while the next one renders (OverlappedStages)
+            if params.get("overlap_decode", "off") == "on":
+                self.loop = asyncio.new_event_loop()
+            pb_utils.Logger.log_info(f"helios: a latent frame is decoded "
+                                     f"{'while the next one renders' if self.loop else 'after rendering'}")
         # Streams in flight, per instance: the supervisor's drain waits for their sum to be 0.
         self.m_family = pb_utils.MetricFamily(  # kept: its metrics go with it
             name="helios_active_streams", kind=pb_utils.MetricFamily.GAUGE,
@@ -102,8 +114,12 @@ class TritonPythonModel:
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
-        stages = (OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop)
-                  if self.loop else TritonStages(self.config, self.speculative, self.slot_bias))
+        if self.pipeline is not None:
+            stages = self.pipeline
+        elif self.loop is not None:
+            stages = OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop)
+        else:
+            stages = TritonStages(self.config, self.speculative, self.slot_bias)
         sent, final = 0, False
         wanted = request.requested_output_names()
 

@@ -1,0 +1,78 @@
+"""``fill_repository --stages fused``: every stage inside the helios model's process. The same
+schedule as the stage models and the in-process pipeline, so the same frames for the same
+seed, prompt switches and HTTP clients included."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import INSTANCES, free_ports
+from helios_client import HeliosClient, RequestError
+from helios_client.api import new_session_id
+from helios_triton.fill_repository import CLIENT_MODELS, fill, main as fill_main, values
+from helios_triton.server import TritonServer
+
+RED = "a red circle moving left on a dark background"
+BLUE = "a blue square moving right on a dark background"
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused")
+    fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5, stages="fused"),
+         fused=True)
+    http, grpc, metrics = free_ports(3)
+    srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
+                       backends=tmp / "backends")
+    srv.start(timeout=240)
+    yield srv
+    srv.stop()
+
+
+def _video(chunks):
+    return np.concatenate([c.frames for c in chunks])
+
+
+def test_a_fused_repository_holds_the_client_models_alone(tiny_checkpoint, tmp_path):
+    fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5,
+                                   stages="fused"), fused=True)
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == sorted(CLIENT_MODELS)
+    config = (tmp_path / "repo" / "helios" / "config.pbtxt").read_text()
+    assert 'key: "stages" value: { string_value: "fused" }' in config
+    assert "count: 1 kind: KIND_CPU" in config  # each instance would hold every stage
+
+
+def test_fused_is_refused_for_the_tensorrt_flavour(tiny_checkpoint, tmp_path, capsys):
+    assert fill_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "r"),
+                      "--flavour", "tensorrt", "--stages", "fused"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fill_repository: error: stages fused runs the torch stages; the tensorrt flavour's "
+        "stages are engines behind their own models")
+
+
+def test_a_fused_server_streams_the_frames_of_the_pipeline(fused, pipe):
+    session_id = new_session_id()
+    client = HeliosClient(f"127.0.0.1:{fused.grpc}")
+
+    def steer():
+        while True:
+            try:
+                HeliosClient(f"127.0.0.1:{fused.grpc}").update(session_id, BLUE, 32)
+                return
+            except RequestError as e:
+                if "names no running stream" not in str(e):
+                    raise
+                time.sleep(0.02)
+
+    t = threading.Thread(target=steer, daemon=True)
+    t.start()
+    got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id))
+    t.join(10)
+    want = _video(pipe.generate(RED, num_frames=64, seed=7, prompt_at=[(32 / 24, BLUE)]))
+    assert np.array_equal(got, want)
+    # helios_video (HTTP) runs through the fused helios model as well.
+    http = HeliosClient(f"127.0.0.1:{fused.http}", "http")
+    assert np.array_equal(http.generate(RED, num_frames=24, seed=3),
+                          pipe.generate_video(RED, num_frames=24, seed=3))
