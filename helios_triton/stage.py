@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -202,15 +203,17 @@ def load_stage(args: dict, *components: str) -> Stage:
     return Stage(params, device, dtype, config, modules)
 
 
-def load_pipeline(args: dict, params: dict, settings: Settings):
+def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable[[str], None]):
     """``stages = fused``: every stage of the video in the ``helios`` model's own process, as
     the in-process ``HeliosPipeline`` (one stream at a time; its AR backbone decodes before the
     refiner renders, as ``benchmarks/fps.py`` measures it). The stage models are then not in the
     repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
     every context a stream meets (the refiner's history lengths, the AR's decode step, the
-    decoder's first and later frames), so that the first request pays none of it."""
+    decoder's first and later frames), so that the first request pays none of it. ``report``
+    takes the progress lines (the server's log)."""
     from helios.pipeline import HeliosPipeline  # the fused mode alone needs every stage's code
 
+    t0 = time.perf_counter()
     device = model_device(args, params)
     pipe = HeliosPipeline.from_checkpoint(
         params["checkpoint"], device=device, dtype=model_dtype(device, params), max_streams=1,
@@ -218,10 +221,13 @@ def load_pipeline(args: dict, params: dict, settings: Settings):
         refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
         compile=settings.compile, cuda_graphs=settings.cuda_graphs)
     cfg = pipe.config
+    report(f"helios: every stage loaded in {time.perf_counter() - t0:.1f} s "
+           f"({', '.join(pipe.accelerated) or 'eager'})")
+    t0 = time.perf_counter()
     warm_frames = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
-    for _ in pipe.generate("warm-up", num_frames=warm_frames, seed=0,
-                           speculative=params.get("speculative") == "on"):
-        pass
+    for i, _ in enumerate(pipe.generate("warm-up", num_frames=warm_frames, seed=0,
+                                        speculative=params.get("speculative") == "on")):
+        report(f"helios: warm-up chunk {i} at {time.perf_counter() - t0:.1f} s")
     return pipe
 
 

@@ -13,6 +13,8 @@ crash on the H100 (1 and 4 streams, perf_analyzer at concurrency 1 and 4) and in
 
 import asyncio
 import faulthandler
+import queue
+import threading
 import time
 import uuid
 
@@ -46,7 +48,7 @@ class TritonPythonModel:
         self.pipeline, self.loop = None, None
         if params.get("stages", "models") == "fused":
             t0 = time.perf_counter()
-            self.pipeline = load_pipeline(args, params, settings)
+            self.pipeline = load_pipeline(args, params, settings, pb_utils.Logger.log_info)
             pb_utils.Logger.log_info(f"helios: every stage in this process on "
                                      f"{self.pipeline.device}, loaded and warmed up in "
                                      f"{time.perf_counter() - t0:.1f} s")
@@ -122,6 +124,7 @@ class TritonPythonModel:
             stages = TritonStages(self.config, self.speculative, self.slot_bias)
         sent, final = 0, False
         wanted = request.requested_output_names()
+        outbox = _Outbox(sender, threaded=self.pipeline is not None)
 
         def cancelled():
             # Never ask after the final response: its response factory is gone by then, and
@@ -136,7 +139,7 @@ class TritonPythonModel:
                 out = requested_outputs(wanted, {"FRAMES": chunk.frames,
                                                   "FRAME_OFFSET": np.array([chunk.offset], np.int32),
                                                   "FINAL": np.array([chunk.final])})
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+                outbox.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
                 sent += len(chunk.frames)
                 if sent % (4 * req.fps) < len(chunk.frames) or chunk.final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
@@ -148,13 +151,58 @@ class TritonPythonModel:
             # true) leaves while the ar_backbone BLS stream still owes its own final response,
             # and a BLS stream that outlives its parent request's final response crashes the
             # stub (tritonserver 2.51, Python 3.12: SIGSEGV, seen on the GPU machine).
+            outbox.flush()
             final = True
             sender.send(flags=FINAL)
             return "completed" if last else "cancelled"
         except Exception as e:  # one failed stream must not take the others down
             pb_utils.Logger.log_error(f"helios {rid}: {e}")
             try:
+                outbox.flush()
+            except Exception:
+                pass
+            try:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             except Exception:
                 pass
             return "failed"
+
+
+class _Outbox:
+    """A stream's chunk responses, sent in order. With the fused stages a thread of its own
+    sends them, so that the next latent frame renders while the python backend copies the
+    last chunk's frames out of this process (at 1280x720, 11 MB a chunk); at most two chunks
+    wait. With the stage models they go out from the calling thread: a thread of ours would
+    run while BLS responses arrive (see the module's docstring)."""
+
+    def __init__(self, sender, threaded: bool):
+        self.sender, self.error = sender, None
+        self.queue = queue.Queue(maxsize=2) if threaded else None
+        if self.queue is not None:
+            self.thread = threading.Thread(target=self._run, name="helios-outbox", daemon=True)
+            self.thread.start()
+
+    def send(self, response) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.queue is None:
+            self.sender.send(response)
+        else:
+            self.queue.put(response)
+
+    def flush(self) -> None:
+        """Return once every chunk has gone out; raises what sending one raised."""
+        if self.queue is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = None
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (response := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.sender.send(response)
+                except Exception as e:  # noqa: BLE001 - raised in the stream's own thread
+                    self.error = e
