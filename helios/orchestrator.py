@@ -25,6 +25,7 @@ segment's request then goes out before the current segment's last frame is rende
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -54,13 +55,17 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     stages have one, runs it ahead of the rendering (the in-process pipeline overlaps the AR
     with the refiner that way). ``switches`` (helios.session) may change the prompt between
     latent frames: the plan tokens decoded ahead of the switch are dropped, and a new AR
-    segment starts there under the new prompt."""
+    segment starts there under the new prompt. With ``req.pace_s`` set, each latent frame waits
+    until the frames already out are at most that far ahead of a player started at the first
+    chunk (``Pacer``), so that a switch is seen soon after it is asked for."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
+    pacer = Pacer(req.pace_s, req.fps, cancelled)
     context = ContextFrames(cfg.refiner.history_frames)
     plans: list[list[int]] = []
     state = {"prev": None, "emitted": 0}
 
     def emit(latent, frames) -> VideoChunk:
+        pacer.start()
         frames = frames[:req.num_frames - state["emitted"]]
         out = VideoChunk(frames, state["emitted"], req.num_frames)
         state["emitted"] += len(frames)
@@ -107,6 +112,8 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     index = at_once = first
     try:
         while True:
+            if not pacer.wait(state["emitted"]):
+                return  # cancelled while held back
             prompt = None if switches is None else switches.due(index - given)
             if prompt is not None:
                 upcoming.close()
@@ -140,6 +147,30 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         upcoming.close()
         if switches is not None:
             switches.end()
+
+
+class Pacer:
+    """Holds a stream back to ``lead_s`` seconds of video ahead of a player that started when
+    the first chunk went out (``lead_s`` None: never)."""
+
+    def __init__(self, lead_s: float | None, fps: int, cancelled: Callable[[], bool] | None = None):
+        self.lead_s, self.fps, self.cancelled = lead_s, fps, cancelled
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+
+    def wait(self, emitted: int) -> bool:
+        """Return once ``emitted`` frames are no more than the lead ahead of the player;
+        False if the stream was cancelled meanwhile."""
+        if self.lead_s is None or self.t0 is None:
+            return True
+        while (ahead := self.t0 + emitted / self.fps - self.lead_s - time.monotonic()) > 0:
+            if self.cancelled is not None and self.cancelled():
+                return False
+            time.sleep(min(ahead, 0.05))
+        return True
 
 
 def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, draft_prefix,

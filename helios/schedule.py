@@ -19,6 +19,7 @@ from .sampling import INT64_MAX, SamplingParams
 from .text_encoder import tokenize
 
 MAX_FPS = 60
+MAX_PACE_S = 60.0  # the most a paced stream may run ahead of its player
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class VideoRequest:
     image: np.ndarray | None = None
     speculative: bool = True
     video: np.ndarray | None = None   # a clip to continue: uint8 [T, H, W, 3]
+    # Generate at most this many seconds of video ahead of a player that started at the first
+    # chunk (None: as fast as the stages go). What a person watching and steering wants: a
+    # prompt switch then shows within about that lead, not after everything already made.
+    pace_s: float | None = None
 
     @property
     def duration_s(self) -> float:
@@ -193,7 +198,7 @@ def check_video(video, min_frames: int) -> np.ndarray:
 
 def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=None, fps=None,
                      seed=0, temperature=0.7, top_k=0, top_p=1.0, image=None,
-                     speculative=True, video=None) -> VideoRequest:
+                     speculative=True, video=None, pace_s=None) -> VideoRequest:
     """Check every field and turn it into a VideoRequest; raises HeliosError naming the field."""
     tokenize(prompt, cfg.text_encoder.max_prompt_bytes)
     fps = cfg.fps if fps is None else fps
@@ -223,7 +228,10 @@ def validate_request(cfg: HeliosConfig, prompt, *, duration_s=None, num_frames=N
         if image is not None:
             raise HeliosError("video", "cannot be given with image: a video continues a clip "
                                        "or starts from an image, not both")
+    if pace_s is not None and (isinstance(pace_s, bool) or not isinstance(pace_s, (int, float))
+                               or not math.isfinite(pace_s) or not 0 <= pace_s <= MAX_PACE_S):
+        raise HeliosError("pace", f"must be in [0, {MAX_PACE_S:g}] seconds, got {pace_s}")
     return VideoRequest(prompt, int(num_frames), int(fps), params, image, bool(speculative),
-                        video)
+                        video, None if pace_s is None else float(pace_s))
 
 

@@ -8,7 +8,7 @@ dtypes; the tests check every filled config against them.
 HELIOS_INPUT_NAMES = {"prompt": "PROMPT", "duration": "DURATION_S", "num_frames": "NUM_FRAMES",
                       "fps": "FPS", "seed": "SEED", "temperature": "TEMPERATURE",
                       "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE",
-                      "session_id": "SESSION_ID", "video": "VIDEO"}
+                      "session_id": "SESSION_ID", "video": "VIDEO", "pace": "PACE_S"}
 # ... and of the helios_update model's, for the fields of a prompt update (helios.session).
 UPDATE_INPUT_NAMES = {"prompt": "PROMPT", "at_frame": "AT_FRAME", "session": "SESSION_ID"}
 

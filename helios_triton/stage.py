@@ -79,7 +79,7 @@ def video_request(config, array: Callable, speculative: bool):
     if num_frames is None and duration is None:
         raise HeliosError("NUM_FRAMES", "or DURATION_S must be given")
     kwargs = {"num_frames": num_frames, "duration_s": duration, "fps": scalar("FPS"),
-              "image": array("IMAGE"), "video": array("VIDEO")}
+              "image": array("IMAGE"), "video": array("VIDEO"), "pace_s": scalar("PACE_S")}
     for key, name in (("seed", "SEED"), ("temperature", "TEMPERATURE"), ("top_k", "TOP_K"),
                       ("top_p", "TOP_P")):
         value = scalar(name)

@@ -147,6 +147,40 @@ def test_the_cli_switches_prompts(tiny_checkpoint, tmp_path):
                                   "(within the video), got 2.5")
 
 
+# ---- pacing ------------------------------------------------------------------------------
+def test_a_paced_stream_stays_within_its_lead_and_keeps_its_frames(pipe):
+    lead, fps = 0.25, 24
+    chunks, arrived = [], []
+    for chunk in pipe.generate(RED, num_frames=48, fps=fps, seed=5, pace_s=lead):
+        arrived.append(time.monotonic())
+        chunks.append(chunk)
+    # Each chunk leaves once the frames before it are within the lead of a player that
+    # started at the first chunk (the stages may be slower than the player, never faster).
+    for chunk, t in zip(chunks[1:], arrived[1:]):
+        assert t >= arrived[0] + chunk.offset / fps - lead - 0.01, chunk.offset
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]),
+                          pipe.generate_video(RED, num_frames=48, fps=fps, seed=5))
+
+
+def test_a_paced_stream_ends_at_once_when_cancelled_while_held_back():
+    from helios.orchestrator import Pacer
+    cancel = threading.Event()
+    pacer = Pacer(10.0, 24, cancel.is_set)
+    pacer.start()
+    assert pacer.wait(24 * 10)  # exactly the lead ahead: no wait
+    threading.Timer(0.2, cancel.set).start()
+    t0 = time.monotonic()
+    assert not pacer.wait(24 * 11)  # a second beyond the lead, cancelled after 0.2 s
+    assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.parametrize("pace", [-1.0, 60.5, float("nan"), True])
+def test_a_bad_pace_is_refused_naming_it(pipe, pace):
+    with pytest.raises(HeliosError) as e:
+        pipe.generate(RED, num_frames=8, pace_s=pace)
+    assert str(e.value) == f"pace must be in [0, 60] seconds, got {pace}"
+
+
 # ---- through Triton --------------------------------------------------------------------
 def _update(server, session_id, prompt, at_frame=None):
     return HeliosClient(f"127.0.0.1:{server.grpc}").update(session_id, prompt, at_frame)

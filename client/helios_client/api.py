@@ -42,13 +42,14 @@ def _text(value: str) -> np.ndarray:
 
 
 def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=None,
-            temperature=None, top_k=None, top_p=None, image=None, session_id=None, video=None):
+            temperature=None, top_k=None, top_p=None, image=None, session_id=None, video=None,
+            pace_s=None):
     spec = [("PROMPT", _text(prompt), "BYTES")]
     for name, value, dtype, np_type in (
             ("DURATION_S", duration_s, "FP32", np.float32), ("NUM_FRAMES", num_frames, "INT32", np.int32),
             ("FPS", fps, "INT32", np.int32), ("SEED", seed, "INT64", np.int64),
             ("TEMPERATURE", temperature, "FP32", np.float32), ("TOP_K", top_k, "INT32", np.int32),
-            ("TOP_P", top_p, "FP32", np.float32)):
+            ("TOP_P", top_p, "FP32", np.float32), ("PACE_S", pace_s, "FP32", np.float32)):
         if value is not None:
             spec.append((name, np.array([value], dtype=np_type), dtype))
     if image is not None:
@@ -68,7 +69,7 @@ def _inputs(module, prompt, duration_s=None, num_frames=None, fps=None, seed=Non
 # The server names the offending input first: "TOP_P must be in (0, 1], got 1.5". Errors of a
 # gRPC stream carry no status code (only the message), so the message is what tells them apart.
 _INPUT_ERROR = re.compile(r"^(PROMPT|NUM_FRAMES|DURATION_S|FPS|SEED|TEMPERATURE|TOP_K|TOP_P|IMAGE"
-                          r"|SESSION_ID|AT_FRAME|VIDEO) ")
+                          r"|SESSION_ID|AT_FRAME|VIDEO|PACE_S) ")
 
 
 def _is_invalid_argument(error) -> bool:
@@ -113,12 +114,13 @@ class HeliosClient:
 
     def stream(self, prompt: str, *, duration_s=None, num_frames=None, fps=None, seed=None,
                temperature=None, top_k=None, top_p=None, image=None,
-               session_id=None, video=None) -> Iterator[Chunk]:
+               session_id=None, video=None, pace_s=None) -> Iterator[Chunk]:
         """gRPC only: yield chunks as the server generates them. Closing the iterator early
         cancels the request on the server (its KV cache blocks are freed). ``session_id``
         (unique, hard to guess: ``new_session_id()``) lets ``update`` change its prompt.
         ``video`` (uint8 [T, H, W, 3], T in [4, 120]): a clip to continue; the chunks are the
-        continuation."""
+        continuation. ``pace_s``: the server stays at most that many seconds of video ahead
+        of a player started at the first chunk (for a person who watches and steers)."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol='grpc'; use generate() over HTTP")
         self.check_ready()
@@ -129,7 +131,7 @@ class HeliosClient:
         try:
             self._client.async_stream_infer(STREAM_MODEL, _inputs(
                 self._module, prompt, duration_s, num_frames, fps, seed, temperature, top_k, top_p,
-                image, session_id, video), enable_empty_final_response=False)
+                image, session_id, video, pace_s), enable_empty_final_response=False)
             while True:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
