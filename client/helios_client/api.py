@@ -186,6 +186,15 @@ class HeliosClient:
             raise RequestError(_message(e), _is_invalid_argument(e)) from None
         return int(result.as_numpy("AT_FRAME")[0])
 
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames the server's ``helios`` model streams."""
+        self.check_ready()
+        config = self._client.get_model_config(STREAM_MODEL, **(
+            {"as_json": True} if self.protocol == "grpc" else {}))
+        config = config.get("config", config)  # gRPC wraps it, HTTP does not
+        dims = next(o["dims"] for o in config["output"] if o["name"] == "FRAMES")
+        return int(dims[1]), int(dims[2])
+
     def close(self) -> None:
         self._client.close()
 

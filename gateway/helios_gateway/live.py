@@ -1,0 +1,176 @@
+"""A live session over the ``/v1/realtime`` WebSocket: start a video, change its prompt while
+it plays, stop it; frames and progress come back as they are generated.
+
+Messages from the browser (JSON text):
+    {"type": "start", "prompt": ..., "seconds": ..., "seed": ...}
+    {"type": "update", "prompt": ...}     the new prompt holds from the next latent frame
+    {"type": "stop"}
+Messages to the browser:
+    {"type": "started", "id", "fps", "width", "height", "total"}
+    binary: a frame, 4 bytes of its index (big-endian) then a JPEG
+    {"type": "progress", "frames", "total"}
+    {"type": "prompt", "prompt", "from_frame"}   an update was applied from that frame
+    {"type": "done", "id", "status", "frames", "content", "error"}
+    {"type": "error", "message", "param", "code"}   the socket stays open
+
+Frames travel as JPEGs drawn onto a canvas: a frame is shown as soon as it arrives (no
+group of pictures to wait for, as fragmented MP4 through Media Source Extensions would
+have, and no codec negotiation, which WebCodecs needs and headless browsers lack), and
+JPEG keeps 1280x720 at about 100 KB a frame. The stream is paced (``PACE_S``), so a prompt
+update shows within about the gateway's lead rather than after frames made far ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import struct
+import threading
+
+import numpy as np
+from fastapi import WebSocket
+from PIL import Image
+
+from helios_client import RequestError
+from helios_client.api import new_session_id
+
+from . import fields
+from .videos import generate
+
+
+def jpeg(frame: np.ndarray, quality: int = 85) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+class LiveSession:
+    def __init__(self, gateway, ws: WebSocket):
+        self.gw, self.ws = gateway, ws
+        self.loop = asyncio.get_running_loop()
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.video = None
+        self.session_id: str | None = None
+        self.client = None
+        self.ended = threading.Event()
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_all())
+        try:
+            while True:
+                text = await self.ws.receive_text()
+                try:
+                    message = json.loads(text)
+                    if not isinstance(message, dict):
+                        raise ValueError
+                except ValueError:
+                    await self._error(400, "a message must be a JSON object with a type "
+                                           "(start, update or stop)", "type")
+                    continue
+                kind = message.pop("type", None)
+                if kind == "start":
+                    await self._start(message)
+                elif kind == "update":
+                    await self._update(message)
+                elif kind == "stop":
+                    if self.video is not None:
+                        self.video.cancel.set()
+                else:
+                    await self._error(400, f"type must be start, update or stop, got {kind!r}",
+                                      "type")
+        finally:
+            if self.video is not None and not self.ended.is_set():
+                self.video.cancel.set()  # the browser went away: the stream stops
+            sender.cancel()
+
+    async def _start(self, message: dict) -> None:
+        from .app import ApiError  # noqa: PLC0415 - the app module imports this one
+
+        if self.video is not None and not self.ended.is_set():
+            await self._error(409, "a video is already playing in this session: stop it first",
+                              "type")
+            return
+        try:
+            spec = await asyncio.to_thread(self.gw.spec, message)
+            self.gw.take_slot()
+        except ApiError as e:
+            await self._error(e.status, e.message, e.param)
+            return
+        height, width = self.gw.served()
+        fps = self.gw.settings.fps
+        video = self.video = self.gw.store.add(spec, f"{width}x{height}", fps, "live")
+        self.session_id, self.client = new_session_id(), None
+        self.ended = threading.Event()
+        self._put({"type": "started", "id": video.id, "fps": fps, "width": width,
+                   "height": height, "total": video.total})
+        ended = self.ended
+        threading.Thread(target=self._generate, args=(video, ended), daemon=True,
+                         name=f"live-{video.id}").start()
+
+    def _generate(self, video, ended: threading.Event) -> None:
+        def on_client(client):
+            self.client = client
+
+        def on_chunk(offset, frames):
+            for i, frame in enumerate(frames):
+                self._put(struct.pack(">I", offset + i) + jpeg(frame))
+            self._put({"type": "progress", "frames": offset + len(frames), "total": video.total})
+
+        try:
+            generate(self.gw.store, video, self.gw.settings.triton_url, self.session_id,
+                     self.gw.settings.lead_s, on_chunk, on_client)
+        finally:
+            self.gw.slots.give()
+            ended.set()
+            self._put({"type": "done", "id": video.id, "status": video.status,
+                       "frames": video.frames, "error": video.error,
+                       "content": f"/v1/videos/{video.id}/content"
+                       if video.status == "completed" else None})
+
+    async def _update(self, message: dict) -> None:
+        try:
+            prompt = fields.prompt(message.get("prompt"))
+        except fields.FieldError as e:
+            await self._error(400, str(e), e.field)
+            return
+        if self.video is None or self.ended.is_set():
+            await self._error(409, "no video is playing in this session: start one first",
+                              "type")
+            return
+        video = self.video
+        for _ in range(100):  # a stream that has just started may not be known to Triton yet
+            try:
+                if self.client is None:
+                    raise RequestError("names no running stream", True)
+                frame = await asyncio.to_thread(self.client.update, self.session_id, prompt)
+                break
+            except RequestError as e:
+                if "names no running stream" in str(e) and video.frames == 0 \
+                        and not self.ended.is_set():
+                    await asyncio.sleep(0.05)
+                    continue
+                text, param = fields.renamed(str(e))
+                await self._error(400 if e.invalid_argument else 502, text, param)
+                return
+        else:
+            await self._error(504, "the stream did not start within 5 s", None)
+            return
+        await self.ws.send_text(json.dumps({"type": "prompt", "prompt": prompt,
+                                            "from_frame": frame}))
+
+    async def _error(self, code: int, message: str, param: str | None) -> None:
+        await self.ws.send_text(json.dumps({"type": "error", "message": message,
+                                            "param": param, "code": code}))
+
+    def _put(self, item) -> None:
+        """From any thread: queue a message (dict) or a frame (bytes) for the browser."""
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+
+    async def _send_all(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, bytes):
+                await self.ws.send_bytes(item)
+            else:
+                await self.ws.send_text(json.dumps(item))
