@@ -9,17 +9,21 @@ PYTRITON := 0.7.0
 FILL_ARGS ?=
 PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup repository serve demo perf test soak offline-bundle clean
+.PHONY: setup repository serve demo web perf test soak offline-bundle clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml client/pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt gateway/requirements.txt pyproject.toml \
+		client/pyproject.toml gateway/pyproject.toml
+	# Headless Chromium for the page's browser tests: Debian's package, never a browser
+	# manager's download.
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	# The real Triton server: the tritonserver binary, its libraries and the python backend
 	# ship in this wheel; only those files are used (not PyTriton's Python API), so no deps.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps nvidia-pytriton==$(PYTRITON)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client -e gateway
 	touch $@
 
 repository: setup
@@ -33,6 +37,12 @@ serve: repository
 demo: repository
 	$(PY) -m helios_triton.server --repository $(REPO) --run \
 		$(VENV)/bin/helios-client generate --prompt "$(PROMPT)" --duration 4 --seed 0 --output out.mp4
+
+# Triton and the web gateway in the foreground: open the printed URL to watch and steer a video.
+WEB_PORT ?= 8080
+web: repository
+	$(PY) -m helios_triton.server --repository $(REPO) --run \
+		$(PY) -m helios_gateway --triton localhost:8001 --port $(WEB_PORT) --store .gateway/videos
 
 # perf_analyzer in gRPC streaming mode over a concurrency range; CSV + JSON in benchmarks/results.
 perf: repository
@@ -54,4 +64,4 @@ offline-bundle: setup
 	$(PY) build/offline_bundle.py --out .offline --python $(BUNDLE_PYTHON)
 
 clean:
-	rm -rf $(VENV) .triton .offline out.mp4
+	rm -rf $(VENV) .triton .offline .gateway out.mp4

@@ -3,6 +3,7 @@ its assets, the /v1/videos lifecycle over HTTP, the /v1/realtime WebSocket contr
 the session limit, 401 without the token, and the store's bounds."""
 
 import io
+import re
 import json
 import os
 import subprocess
@@ -315,3 +316,98 @@ def test_the_store_keeps_finished_videos_within_its_size_and_age(tmp_path):
     videos[2].completed_at -= 120
     assert store.prune() == [videos[2].id]  # too old
     assert {v.id for v in store.all()} == {videos[3].id, running.id}
+
+
+# ---- the page in a real browser ---------------------------------------------------------
+CANVAS = """(() => {
+  const c = document.getElementById('screen');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let s = ''; for (let i = 0; i < d.length; i += 4) s += String.fromCharCode(d[i], d[i + 1], d[i + 2]);
+  return {width: c.width, height: c.height, rgb: btoa(s)};
+})()"""
+
+
+def _canvas(browser) -> np.ndarray:
+    import base64
+    c = browser.evaluate(CANVAS)
+    return np.frombuffer(base64.b64decode(c["rgb"]), np.uint8).reshape(c["height"], c["width"], 3)
+
+
+DOWNLOAD = """(async () => {
+  const a = document.getElementById('download');
+  const bytes = new Uint8Array(await (await fetch(a.href)).arrayBuffer());
+  let s = ''; for (const x of bytes) s += String.fromCharCode(x);
+  return {name: a.download, data: btoa(s)};
+})()"""
+
+
+@pytest.fixture(scope="module")
+def shipped_gateway(tmp_path_factory):
+    """A gateway before a server of the shipped checkpoint (weights/helios-tiny), whose
+    frames show the prompt's object; every stage in one process (fast to start)."""
+    from conftest import INSTANCES, ROOT
+    from helios_triton.fill_repository import fill, values
+    from helios_triton.server import TritonServer
+
+    tmp = tmp_path_factory.mktemp("shipped")
+    fill(tmp / "repo", values(ROOT / "weights" / "helios-tiny", "cpu", 1, True, INSTANCES, 0.5,
+                              stages="fused"), fused=True)
+    http, grpc, metrics = free_ports(3)
+    srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
+                       backends=tmp / "backends")
+    srv.start(timeout=240)
+    gw = Gateway(grpc, tmp)
+    yield gw
+    gw.stop()
+    srv.stop()
+
+
+@pytest.fixture
+def browser():
+    from browser import Browser
+    b = Browser()
+    yield b
+    b.close()
+
+
+def test_the_page_streams_steers_and_downloads_in_chromium(shipped_gateway, browser, tmp_path):
+    import base64
+
+    from helios.metrics import dominant_object
+
+    gateway = shipped_gateway
+    browser.open(gateway.url + "/")
+    assert browser.wait_for("document.getElementById('served').textContent") == (
+        "128x128 at 24 fps, up to 60 s")
+    browser.evaluate(f"""document.getElementById('prompt').value = {json.dumps(RED)};
+        document.getElementById('seconds').value = '10';
+        document.getElementById('seed').value = '1';
+        document.getElementById('start').click()""")
+    browser.wait_for("window.heliosState.drawn >= 12")
+    first = _canvas(browser)
+    browser.wait_for("window.heliosState.drawn >= 16")
+    later = _canvas(browser)
+    assert not np.array_equal(first, later)  # the picture moves
+    # Red for a red prompt, by the metric helios eval scores colour with.
+    assert dominant_object(np.stack([first, later]))["color"] == "red"
+    stats = browser.evaluate("""({first: document.getElementById('first').textContent,
+        fps: document.getElementById('fps').textContent, state: window.heliosState})""")
+    assert re.fullmatch(r"\d+ ms", stats["first"]) and stats["state"]["firstFrameMs"] > 0
+    assert int(stats["fps"]) > 0
+    shot = Path(os.environ.get("HELIOS_SCREENSHOT", tmp_path / "gateway.png"))
+    browser.screenshot(shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A new prompt from the page holds from within one second of video of the frame shown
+    # when it was sent (the stream is paced, so it is not far ahead of the picture).
+    shown = browser.evaluate(f"""(() => {{
+        document.getElementById('next-prompt').value = {json.dumps(BLUE)};
+        document.getElementById('send').click();
+        return window.heliosState.shown; }})()""")
+    applied = browser.wait_for("window.heliosState.lastPrompt", timeout=10)
+    assert applied["prompt"] == BLUE and 0 < applied["from_frame"] - shown <= 24, (shown, applied)
+    browser.wait_for(f"window.heliosState.shown >= {applied['from_frame']}", timeout=20)
+    browser.wait_for("!document.getElementById('download').hidden", timeout=60)
+    assert browser.evaluate("window.heliosState.status") == "completed, 240 frames"
+    download = browser.evaluate(DOWNLOAD)
+    assert download["name"].endswith(".mp4")
+    assert len(mp4_frames(base64.b64decode(download["data"]))) == 240
