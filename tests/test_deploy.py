@@ -103,10 +103,21 @@ def test_probes_and_ports_match_the_live_server(overlay, server):
     # inference ports to everyone and metrics to the monitoring namespace.
     monitor = objs[("ServiceMonitor", "helios")]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The NetworkPolicy lets the gateway's pods and the monitoring namespace reach the
+    # inference ports, and only the monitoring namespace the metrics.
     rules = objs[("NetworkPolicy", "helios")]["spec"]["ingress"]
-    open_ports = {p["port"] for r in rules if "from" not in r for p in r["ports"]}
-    assert open_ports == {8000, 8001}
-    assert {p["port"] for r in rules if "from" in r for p in r["ports"]} == {8002}
+    assert all("from" in r for r in rules)
+    gateway = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway",
+                                               "app.kubernetes.io/name": "helios",
+                                               "app.kubernetes.io/part-of": "helios"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}
+    reach = {}
+    for r in rules:
+        for p in r["ports"]:
+            reach.setdefault(p["port"], []).extend(r["from"])
+    assert reach == {8000: [gateway, monitoring], 8001: [gateway, monitoring],
+                     8002: [monitoring]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -134,19 +145,63 @@ def test_every_container_runs_locked_down(overlay):
     runtime's seccomp profile, for every container, init containers included; everything
     the server writes is on an emptyDir."""
     objs = render(overlay)
+    deployments = [k for k in objs if k[0] == "Deployment"]
+    assert sorted(name for _, name in deployments) == ["helios", "helios-gateway"]
+    for key in deployments:
+        spec = objs[key]["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
     spec = objs[("Deployment", "helios")]["spec"]["template"]["spec"]
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] != 0
-    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    for c in spec.get("initContainers", []) + spec["containers"]:
-        sc = c["securityContext"]
-        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
-        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
     c = _container(objs)
     state = _env(c)["HELIOS_STATE_DIR"]
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert any(state.startswith(path) and "emptyDir" in volumes[name] for path, name in mounts.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_fronts_the_triton_service(overlay, tmp_path):
+    """The gateway's Deployment runs the gateway's own options against the Triton Service's
+    gRPC port, its probes are routes the gateway has, its store is on its emptyDir, and the
+    two Deployments select only their own pods."""
+    from helios_gateway import GatewaySettings, create_app
+    from helios_gateway.__main__ import main as gateway_main
+
+    objs = render(overlay)
+    deployment = objs[("Deployment", "helios-gateway")]
+    spec = deployment["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == "helios-gateway:0.1.0" and deployment["spec"]["replicas"] == 1
+    args = c["args"]
+    with pytest.raises(SystemExit) as e:  # the gateway accepts exactly these options
+        gateway_main(args + ["--help"])
+    assert e.value.code == 0
+    host, port = args[args.index("--triton") + 1].split(":")
+    triton = objs[("Service", "helios")]
+    assert host == triton["metadata"]["name"]
+    assert int(port) == {p["name"]: p["port"] for p in triton["spec"]["ports"]}["grpc"]
+    assert int(args[args.index("--port") + 1]) == c["ports"][0]["containerPort"]
+    routes = {r.path for r in create_app(GatewaySettings(store_dir=tmp_path / "videos")).routes}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready" in routes
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health" in routes
+    store = args[args.index("--store") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert any(store.startswith(path) and "emptyDir" in volumes[name]
+               for path, name in mounts.items())
+    service = objs[("Service", "helios-gateway")]
+    assert service["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
+    own = {"triton": objs[("Deployment", "helios")], "gateway": deployment}
+    for component, d in own.items():
+        assert d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+        assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    token = {e["name"]: e for e in c["env"]}["HELIOS_GATEWAY_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["optional"] is True
 
 
 def test_gpu_overlay_requests_a_gpu_and_fetches_its_checkpoint():
