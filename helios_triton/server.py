@@ -269,14 +269,15 @@ class TritonServer:
         return self
 
     def stop(self, timeout: float = 60) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # Triton stops, then its python stubs
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # Triton stops, then its python stubs
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # No stream outlives its server: its mailboxes go with it.
+        shutil.rmtree(self.sessions_dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

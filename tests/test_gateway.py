@@ -411,3 +411,24 @@ def test_the_page_streams_steers_and_downloads_in_chromium(shipped_gateway, brow
     download = browser.evaluate(DOWNLOAD)
     assert download["name"].endswith(".mp4")
     assert len(mp4_frames(base64.b64decode(download["data"]))) == 240
+
+
+def test_without_triton_the_gateway_says_so_and_is_not_ready(tmp_path):
+    (closed,) = free_ports(1)
+    gw = Gateway(closed, tmp_path)
+    try:
+        assert gw.call("GET", "/health") == (200, {"status": "ok"})
+        status, error = gw.call("GET", "/ready")
+        assert status == 503
+        assert error["error"]["message"].startswith(
+            f"cannot reach the Triton server at 127.0.0.1:{closed} (grpc): ")
+        status, error = gw.call("POST", "/v1/videos", {"prompt": RED})
+        assert status == 503 and error["error"]["type"] == "server_error"
+        assert error["error"]["message"].startswith("cannot reach the Triton server at ")
+        with gw.ws() as ws:
+            ws.send(json.dumps({"type": "start", "prompt": RED}))
+            message = json.loads(ws.recv(timeout=20))
+        assert message["type"] == "error" and message["code"] == 503
+        assert gw.call("GET", "/v1/videos")[1]["data"] == []  # nothing half-made is listed
+    finally:
+        gw.stop()
