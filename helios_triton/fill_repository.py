@@ -3,7 +3,7 @@
     python -m helios_triton.fill_repository --checkpoint weights/helios-tiny --out .triton/model_repository
     python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \\
         --out /repo --refiner-instances 1 --max-streams 4 --speculative off
-    python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \
+    python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \\
         --out /repo --stages fused --speculative off     # one stream, every stage in helios
 
 The templates are the folders ``model_repository/`` (torch flavour) and

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 
 from websockets.sync.client import connect
 
@@ -41,7 +42,9 @@ class Browser:
             raise RuntimeError("chromium did not open its DevTools port")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self._connection = ExitStack()
+        self.ws = self._connection.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
         self.next_id = 0
         self.call("Page.enable")
         self.call("Runtime.enable")
@@ -83,7 +86,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self._connection.close()
         finally:
             self.proc.terminate()
             try:

@@ -80,7 +80,8 @@ def test_the_client_sends_the_inputs_the_helios_model_declares(tiny_checkpoint, 
     """Every input the client can send is one the package names and the helios model's config
     declares, with the config's dtype; and the client's error pattern knows every name."""
     sent = api._inputs(grpcclient, "a red circle", 2.0, 48, 24, 7, 0.7, 5, 0.9,
-                       np.zeros((8, 8, 3), np.uint8), "a1b2c3", np.zeros((4, 8, 8, 3), np.uint8))
+                       np.zeros((8, 8, 3), np.uint8), "a1b2c3", np.zeros((4, 8, 8, 3), np.uint8),
+                       0.5)
     fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, False, INSTANCES, 0.5),
          ROOT / "model_repository")
     config = text_format.Parse((tmp_path / "repo" / "helios" / "config.pbtxt").read_text(),

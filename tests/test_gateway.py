@@ -201,10 +201,19 @@ def test_beyond_the_session_limit_a_429_at_once(gateway):
     finally:
         for video in running:
             gateway.call("DELETE", f"/v1/videos/{video['id']}")
-    deadline = time.monotonic() + 30  # deleting stops their streams and frees the slots
-    while gateway.call("POST", "/v1/videos", {"prompt": RED, "seconds": 1})[0] == 429:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # Deleting stops their streams and frees the slots.
+    _idle(gateway)
+    status, video = gateway.call("POST", "/v1/videos", {"prompt": RED, "seconds": 1})
+    assert status == 200
+    _wait(gateway, video["id"])
+    _idle(gateway)
+
+
+def _idle(gw, timeout=30):
+    deadline = time.monotonic() + timeout
+    while gw.call("GET", "/health")[1]["generating"]:
+        assert time.monotonic() < deadline, "the gateway's videos did not end"
+        time.sleep(0.1)
 
 
 def _frames_and_messages(ws, until="done", timeout=60):
@@ -222,6 +231,7 @@ def _frames_and_messages(ws, until="done", timeout=60):
 
 
 def test_the_realtime_socket_starts_steers_and_stops(gateway, pipe, tmp_path):
+    _idle(gateway)
     with gateway.ws() as ws:
         ws.send(json.dumps({"type": "update", "prompt": BLUE}))
         assert json.loads(ws.recv(timeout=10)) == {
@@ -257,6 +267,7 @@ def test_the_realtime_socket_starts_steers_and_stops(gateway, pipe, tmp_path):
 
 
 def test_stop_ends_a_live_video_and_keeps_what_it_showed(gateway):
+    _idle(gateway)
     with gateway.ws() as ws:
         ws.send(json.dumps({"type": "start", "prompt": RED, "seconds": 30}))
         started = json.loads(ws.recv(timeout=10))
@@ -417,7 +428,8 @@ def test_without_triton_the_gateway_says_so_and_is_not_ready(tmp_path):
     (closed,) = free_ports(1)
     gw = Gateway(closed, tmp_path)
     try:
-        assert gw.call("GET", "/health") == (200, {"status": "ok"})
+        assert gw.call("GET", "/health") == (200, {"status": "ok", "generating": 0,
+                                                    "max_sessions": 4})
         status, error = gw.call("GET", "/ready")
         assert status == 503
         assert error["error"]["message"].startswith(
@@ -432,3 +444,13 @@ def test_without_triton_the_gateway_says_so_and_is_not_ready(tmp_path):
         assert gw.call("GET", "/v1/videos")[1]["data"] == []  # nothing half-made is listed
     finally:
         gw.stop()
+
+
+def test_the_store_removes_only_its_own_files_at_start(tmp_path):
+    from helios_gateway.videos import VideoStore
+
+    (tmp_path / "video_old.mp4").write_bytes(b"x")
+    (tmp_path / "video_old.partial.mp4").write_bytes(b"x")
+    (tmp_path / "holiday.mp4").write_bytes(b"mine")
+    VideoStore(tmp_path, 100, 60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holiday.mp4"]

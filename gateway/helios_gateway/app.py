@@ -177,8 +177,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        """Liveness: the gateway answers."""
-        return {"status": "ok"}
+        """Liveness: the gateway answers; with how many videos generate now."""
+        return {"status": "ok", "generating": gw.slots.used,
+                "max_sessions": gw.settings.max_sessions}
 
     @app.get("/ready")
     async def ready():
@@ -205,8 +206,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def create_video(request: Request):
         body = await _body(request)
         spec = await asyncio.to_thread(gw.spec, body)
+        size = gw.size_text()  # known once spec() has checked the size
         gw.take_slot()
-        video = gw.store.add(spec, gw.size_text(), gw.settings.fps, "job")
+        video = gw.store.add(spec, size, gw.settings.fps, "job")
 
         def run():
             try:

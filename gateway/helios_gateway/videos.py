@@ -5,7 +5,6 @@ chunks arrive, and kept on disk within a total size and an age (``VideoStore.pru
 from __future__ import annotations
 
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,14 +54,16 @@ class Video:
 
 
 class VideoStore:
-    """Every video the gateway knows, its mp4 files in ``folder`` (emptied at start: a video
-    of an earlier run has no record). Finished videos are removed once older than
+    """Every video the gateway knows, its mp4 files in ``folder``. The gateway's own files
+    there (``video_*.mp4``) are removed at start, since a video of an earlier run has no
+    record; nothing else in the folder is touched. Finished videos are removed once older than
     ``max_age_s``, and the oldest first while their files together exceed ``max_bytes``."""
 
     def __init__(self, folder: Path, max_bytes: int, max_age_s: float):
         self.folder, self.max_bytes, self.max_age_s = Path(folder), max_bytes, max_age_s
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("video_*.mp4"):
+            old.unlink()
         self._videos: dict[str, Video] = {}
         self._lock = threading.Lock()
 
