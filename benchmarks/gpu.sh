@@ -17,6 +17,7 @@
 #   server-fused, server-384p-fused
 #               one stream of 14b, or of 14b-384p, with every stage inside the helios model's
 #               process (fill_repository --stages fused): no copies between processes
+#               (FILL_ARGS=--prefetch-plans: the AR decodes ahead beside the refiner there)
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
 # helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).

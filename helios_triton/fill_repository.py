@@ -49,7 +49,8 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
            kv_fraction: float, flavour: str = "torch", engine_dir: Path | None = None,
            instance_kind: str = "auto", ar_fp8: bool = False,
            overlap_decode: str = "auto", refiner_fp8: bool = False,
-           gpu_share: dict[str, int] | None = None, stages: str = "models") -> dict[str, str]:
+           gpu_share: dict[str, int] | None = None, stages: str = "models",
+           prefetch_plans: bool = False) -> dict[str, str]:
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -98,6 +99,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "helios_video_instances": str(instances["helios_video"]),
         "helios_instances": "1" if stages == "fused" else str(max_streams),
         "stages": stages,
+        "prefetch_plans": "on" if prefetch_plans else "off",
         **{f"{m}_gpu_share": str((gpu_share or {}).get(m, "")) for m in GPU_SHARE_MODELS},
     }
 
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", choices=["models", "fused"], default="models",
                     help="models: the stage models behind helios (BLS); fused: every stage in "
                          "the helios model's process, one stream at a time (torch flavour)")
+    ap.add_argument("--prefetch-plans", action="store_true",
+                    help="with --stages fused: the AR decodes ahead in a thread of its own while "
+                         "the refiner renders")
     ap.add_argument("--gpu-share", action="append", default=[], metavar="MODEL=PERCENT",
                     help="under CUDA MPS, the share of the GPU's SMs a stage's kernels may use "
                          "(ar_backbone, refiner, vae_decoder; repeatable; default all)")
@@ -173,7 +178,11 @@ def main(argv=None) -> int:
         vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                       instances, args.kv_cache_free_gpu_mem_fraction, args.flavour,
                       args.engine_dir, args.instance_kind, args.ar_fp8, args.overlap_decode,
-                      args.refiner_fp8, gpu_shares(args.gpu_share), args.stages)
+                      args.refiner_fp8, gpu_shares(args.gpu_share), args.stages,
+                      args.prefetch_plans)
+        if args.prefetch_plans and args.stages != "fused":
+            raise HeliosError("prefetch-plans", "needs --stages fused: with the stage models "
+                                                "the AR runs ahead in its own process already")
         if args.stages == "fused" and args.flavour != "torch":
             raise HeliosError("stages", "fused runs the torch stages; the tensorrt flavour's "
                                         "stages are engines behind their own models")

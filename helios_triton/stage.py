@@ -206,7 +206,8 @@ def load_stage(args: dict, *components: str) -> Stage:
 def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable[[str], None]):
     """``stages = fused``: every stage of the video in the ``helios`` model's own process, as
     the in-process ``HeliosPipeline`` (one stream at a time; its AR backbone decodes before the
-    refiner renders, as ``benchmarks/fps.py`` measures it). The stage models are then not in the
+    refiner renders, as ``benchmarks/fps.py`` measures it, or beside it with the
+    ``prefetch_plans`` parameter on). The stage models are then not in the
     repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
     every context a stream meets (the refiner's history lengths, the AR's decode step, the
     decoder's first and later frames), so that the first request pays none of it. ``report``
@@ -219,6 +220,7 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
         params["checkpoint"], device=device, dtype=model_dtype(device, params), max_streams=1,
         ar_fp8=params.get("ar_weight_quantization") == "fp8",
         refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
+        prefetch_plans=params.get("prefetch_plans") == "on",
         compile=settings.compile, cuda_graphs=settings.cuda_graphs)
     cfg = pipe.config
     report(f"helios: every stage loaded in {time.perf_counter() - t0:.1f} s "

@@ -76,3 +76,27 @@ def test_a_fused_server_streams_the_frames_of_the_pipeline(fused, pipe):
     http = HeliosClient(f"127.0.0.1:{fused.http}", "http")
     assert np.array_equal(http.generate(RED, num_frames=24, seed=3),
                           pipe.generate_video(RED, num_frames=24, seed=3))
+
+
+def test_with_the_plans_prefetched_the_frames_stay_the_same(tiny_checkpoint, tmp_path, pipe):
+    """``--prefetch-plans``: the AR decodes ahead in a thread of the helios process; the plan
+    tokens, so the frames, are those decoded one after the other."""
+    fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, True, INSTANCES, 0.5,
+                                   stages="fused", prefetch_plans=True), fused=True)
+    http, grpc, metrics = free_ports(3)
+    srv = TritonServer(tmp_path / "repo", http, grpc, metrics, log_file=tmp_path / "server.log",
+                       backends=tmp_path / "backends")
+    srv.start(timeout=240)
+    try:
+        got = _video(HeliosClient(f"127.0.0.1:{grpc}").stream(RED, num_frames=48, seed=11))
+    finally:
+        srv.stop()
+    assert np.array_equal(got, pipe.generate_video(RED, num_frames=48, seed=11))
+
+
+def test_prefetch_needs_the_fused_stages(tiny_checkpoint, tmp_path, capsys):
+    assert fill_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "r"),
+                      "--prefetch-plans"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fill_repository: error: prefetch-plans needs --stages fused: with the stage models "
+        "the AR runs ahead in its own process already")
