@@ -9,15 +9,12 @@ PYTRITON := 0.7.0
 FILL_ARGS ?=
 PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup repository serve demo web perf test soak offline-bundle clean
+.PHONY: setup browser repository serve demo web perf test soak offline-bundle clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt gateway/requirements.txt pyproject.toml \
 		client/pyproject.toml gateway/pyproject.toml
-	# Headless Chromium for the page's browser tests: Debian's package, never a browser
-	# manager's download.
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	# The real Triton server: the tritonserver binary, its libraries and the python backend
@@ -49,7 +46,12 @@ perf: repository
 	$(PY) -m helios_triton.server --repository $(REPO) --run \
 		$(PY) benchmarks/perf_analyzer.py --concurrency 1:4:1 --out benchmarks/results/perf
 
-test: setup
+# Headless Chromium for the page's browser tests: Debian's package, never a browser manager's
+# download.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 # The server under load and faults for 10 minutes: 16 streams, random cancellations, one stage

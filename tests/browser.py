@@ -21,7 +21,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 class Browser:
     def __init__(self, width: int = 1280, height: int = 900):
         if CHROMIUM is None:
-            raise RuntimeError("chromium is not installed (make setup installs Debian's package)")
+            raise RuntimeError("chromium is not installed (make test installs Debian's package)")
         self.profile = tempfile.mkdtemp(prefix="helios-chromium-")
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--mute-audio",
