@@ -240,9 +240,10 @@ def test_the_realtime_socket_starts_steers_and_stops(gateway, pipe, tmp_path):
         ws.send(json.dumps({"type": "start", "prompt": "", "seconds": 2}))
         assert json.loads(ws.recv(timeout=10))["message"] == (
             "prompt must be 1 to 256 UTF-8 bytes of text, got an empty prompt")
-        ws.send("not json")
-        assert json.loads(ws.recv(timeout=10))["message"] == (
-            "a message must be a JSON object with a type (start, update or stop)")
+        for bad in ("not json", b"\x00binary", "[1, 2]"):
+            ws.send(bad)
+            assert json.loads(ws.recv(timeout=10))["message"] == (
+                "a message must be a JSON object with a type (start, update or stop)")
         ws.send(json.dumps({"type": "start", "prompt": RED, "seconds": 4, "seed": 2}))
         started = json.loads(ws.recv(timeout=10))
         assert started["type"] == "started" and started["total"] == 96
