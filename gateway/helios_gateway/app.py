@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from . import fields
 from .live import LiveSession
 from .videos import VideoStore, generate
 
-log = logging.getLogger("helios_gateway")
 STATIC = Path(__file__).parent / "static"
 
 
@@ -215,7 +213,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 generate(gw.store, video, gw.settings.triton_url)
             finally:
                 gw.slots.give()
-                log.info("video %s %s: %d frames", video.id, video.status, video.frames)
 
         threading.Thread(target=run, name=f"job-{video.id}", daemon=True).start()
         return video.public()

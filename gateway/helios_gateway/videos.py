@@ -4,6 +4,7 @@ chunks arrive, and kept on disk within a total size and an age (``VideoStore.pru
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -19,6 +20,7 @@ from helios_client.cli import Mp4Writer
 from .fields import VideoSpec, renamed
 
 STATUSES = ("queued", "in_progress", "completed", "failed")
+log = logging.getLogger("helios_gateway")
 
 
 @dataclass
@@ -122,6 +124,8 @@ def generate(store: VideoStore, video: Video, triton_url: str, session_id: str |
         if on_client is not None:
             on_client(client)
         video.status = "in_progress"
+        log.info("%s (%s): %d frames of %r, seed %d", video.id, video.kind, video.total,
+                 video.spec.prompt, video.spec.seed)
         chunks = client.stream(video.spec.prompt, duration_s=video.spec.seconds, fps=video.fps,
                                seed=video.spec.seed, session_id=session_id, pace_s=lead_s)
         try:
@@ -134,6 +138,8 @@ def generate(store: VideoStore, video: Video, triton_url: str, session_id: str |
                 if on_chunk is not None:
                     on_chunk(chunk.offset, chunk.frames)
                 video.frames = chunk.offset + len(chunk.frames)
+                if video.frames % (4 * video.fps) < len(chunk.frames):  # every 4 s of video
+                    log.info("%s: %d/%d frames", video.id, video.frames, video.total)
         finally:
             chunks.close()  # cancels the request on the server if it did not finish
         if writer is None:
@@ -161,4 +167,6 @@ def generate(store: VideoStore, video: Video, triton_url: str, session_id: str |
         part.unlink(missing_ok=True)
         client.close()
         video.completed_at = int(time.time())
+        log.info("%s %s: %d frames%s", video.id, video.status, video.frames,
+                 f" ({video.error['message']})" if video.error else "")
         store.prune()
