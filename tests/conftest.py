@@ -1,3 +1,4 @@
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -65,3 +66,14 @@ def metric(text, name, **labels):
 def live_metrics(server) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+def steer(server, session_id, prompt, at_frame=None) -> threading.Thread:
+    """Send a prompt update to the stream ``session_id`` from a thread, as soon as the
+    server knows the stream (the stream is usually sent just after this)."""
+    from helios_client import HeliosClient
+
+    t = threading.Thread(target=lambda: HeliosClient(f"127.0.0.1:{server.grpc}").update(
+        session_id, prompt, at_frame, wait_s=60), daemon=True)
+    t.start()
+    return t

@@ -2,14 +2,11 @@
 schedule as the stage models and the in-process pipeline, so the same frames for the same
 seed, prompt switches and HTTP clients included."""
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
-from conftest import INSTANCES, free_ports
-from helios_client import HeliosClient, RequestError
+from conftest import INSTANCES, free_ports, steer
+from helios_client import HeliosClient
 from helios_client.api import new_session_id
 from helios_triton.fill_repository import CLIENT_MODELS, fill, main as fill_main, values
 from helios_triton.server import TritonServer
@@ -55,19 +52,7 @@ def test_fused_is_refused_for_the_tensorrt_flavour(tiny_checkpoint, tmp_path, ca
 def test_a_fused_server_streams_the_frames_of_the_pipeline(fused, pipe):
     session_id = new_session_id()
     client = HeliosClient(f"127.0.0.1:{fused.grpc}")
-
-    def steer():
-        while True:
-            try:
-                HeliosClient(f"127.0.0.1:{fused.grpc}").update(session_id, BLUE, 32)
-                return
-            except RequestError as e:
-                if "names no running stream" not in str(e):
-                    raise
-                time.sleep(0.02)
-
-    t = threading.Thread(target=steer, daemon=True)
-    t.start()
+    t = steer(fused, session_id, BLUE, 32)
     got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id))
     t.join(10)
     want = _video(pipe.generate(RED, num_frames=64, seed=7, prompt_at=[(32 / 24, BLUE)]))

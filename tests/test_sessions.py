@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import live_metrics, metric
+from conftest import live_metrics, metric, steer
 from helios.errors import HeliosError
 from helios.session import PromptSwitches, scripted
 from helios_client.api import HeliosClient, RequestError, new_session_id
@@ -186,25 +186,9 @@ def _update(server, session_id, prompt, at_frame=None):
     return HeliosClient(f"127.0.0.1:{server.grpc}").update(session_id, prompt, at_frame)
 
 
-def _steer(server, session_id, prompt, at_frame) -> threading.Thread:
-    """Send an update as soon as the stream exists (retried until the server knows it)."""
-    def send():
-        while True:
-            try:
-                _update(server, session_id, prompt, at_frame)
-                return
-            except RequestError as e:
-                if "names no running stream" not in str(e):
-                    raise
-                time.sleep(0.02)
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
-    return t
-
-
 def test_the_same_switch_gives_the_same_frames_in_process_and_through_triton(server, pipe):
     session_id = new_session_id()
-    steering = _steer(server, session_id, BLUE, 32)
+    steering = steer(server, session_id, BLUE, 32)
     client = HeliosClient(f"127.0.0.1:{server.grpc}")
     got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id))
     steering.join(10)

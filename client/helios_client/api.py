@@ -10,8 +10,9 @@ from __future__ import annotations
 import queue
 import re
 import secrets
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -165,11 +166,28 @@ class HeliosClient:
             raise RequestError(_message(e), _is_invalid_argument(e)) from None
         return result.as_numpy("FRAMES")
 
-    def update(self, session_id: str, prompt: str, at_frame: int | None = None) -> int:
+    def update(self, session_id: str, prompt: str, at_frame: int | None = None,
+               wait_s: float = 0.0, stop: Callable[[], bool] | None = None) -> int:
         """A new prompt for the running stream ``session_id``, from ``at_frame`` on (rounded
         up to a latent-frame boundary) or from the next latent frame not yet generated;
         returns the frame it holds from. RequestError for an unknown session, a bad prompt
-        or a frame already generated."""
+        or a frame already generated.
+
+        A stream sent a moment ago may not be known to the server yet: with ``wait_s``, an
+        update that names no running stream is sent again every 50 ms for up to ``wait_s``
+        seconds, until ``stop()`` turns true, or until the server knows the session; then
+        the last answer stands."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._update(session_id, prompt, at_frame)
+            except RequestError as e:
+                if not is_unknown_session(e) or time.monotonic() >= deadline \
+                        or (stop is not None and stop()):
+                    raise
+            time.sleep(0.05)
+
+    def _update(self, session_id: str, prompt: str, at_frame: int | None) -> int:
         inputs = _inputs(self._module, prompt, session_id=session_id)
         if at_frame is not None:
             t = self._module.InferInput("AT_FRAME", [1], "INT32")
@@ -197,6 +215,12 @@ class HeliosClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def is_unknown_session(error: RequestError) -> bool:
+    """Whether an update was refused because no running stream has its session id: the
+    stream has not reached the server yet, or it has ended."""
+    return "names no running stream" in str(error)
 
 
 def new_session_id() -> str:

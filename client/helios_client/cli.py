@@ -9,6 +9,7 @@ is complete, so an error never leaves a partial mp4 under the requested name.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import HeliosClient, RequestError, ServerUnavailable, new_session_id
+from .api import (HeliosClient, RequestError, ServerUnavailable, is_unknown_session,
+                  new_session_id)
 
 
 class Mp4Writer:
@@ -124,9 +126,8 @@ def _read_video(path: str) -> np.ndarray:
         raise BadArgument(f"video must be a readable video file, cannot decode {path!r}: "
                           f"{type(e).__name__}") from None
     if not 4 <= len(frames) <= MAX_VIDEO_FRAMES:
-        raise BadArgument(f"video must have 4 to {MAX_VIDEO_FRAMES} frames, "
-                          f"{path!r} has {'more' if len(frames) > MAX_VIDEO_FRAMES else len(frames)}"
-                          f"{' than that' if len(frames) > MAX_VIDEO_FRAMES else ''}")
+        has = "more than that" if len(frames) > MAX_VIDEO_FRAMES else len(frames)
+        raise BadArgument(f"video must have 4 to {MAX_VIDEO_FRAMES} frames, {path!r} has {has}")
     return np.stack(frames)
 
 
@@ -160,20 +161,17 @@ class _Steering(threading.Thread):
         self.report, self.ended = report, threading.Event()
 
     def _send(self, prompt: str, at_frame: int | None) -> None:
-        while not self.ended.is_set():
-            try:
-                frame = self.client.update(self.session_id, prompt, at_frame)
-            except RequestError as e:
-                if "names no running stream" in str(e):  # not started yet (or over)
-                    time.sleep(0.05)
-                    continue
+        try:
+            frame = self.client.update(self.session_id, prompt, at_frame, wait_s=math.inf,
+                                       stop=self.ended.is_set)
+        except RequestError as e:
+            if not is_unknown_session(e):  # else the stream is over: nothing to steer
                 self.report(f"helios-client: update refused: {e}")
-                return
-            except Exception as e:  # the server went away: the stream reports it
-                self.report(f"helios-client: update failed: {e}")
-                return
-            self.report(f"prompt from frame {frame}: {prompt}")
             return
+        except Exception as e:  # the server went away: the stream reports it
+            self.report(f"helios-client: update failed: {e}")
+            return
+        self.report(f"prompt from frame {frame}: {prompt}")
 
     def run(self) -> None:
         for frame, prompt in self.scripted:

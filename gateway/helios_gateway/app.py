@@ -210,7 +210,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         def run():
             try:
-                generate(gw.store, video, gw.settings.triton_url)
+                generate(gw.store, video, HeliosClient(gw.settings.triton_url, "grpc"))
             finally:
                 gw.slots.give()
 
@@ -219,8 +219,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/v1/videos")
     async def list_videos(limit: int = 100):
-        videos = [v.public() for v in gw.store.all()[:max(1, min(limit, 1000))]]
-        return {"object": "list", "data": videos, "has_more": len(gw.store.all()) > len(videos)}
+        videos = gw.store.all()
+        shown = videos[:max(1, min(limit, 1000))]
+        return {"object": "list", "data": [v.public() for v in shown],
+                "has_more": len(videos) > len(shown)}
 
     @app.get("/v1/videos/{video_id}")
     async def get_video(video_id: str):

@@ -33,8 +33,8 @@ import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 from PIL import Image
 
-from helios_client import RequestError
-from helios_client.api import new_session_id
+from helios_client import HeliosClient, RequestError
+from helios_client.api import is_unknown_session, new_session_id
 
 from . import fields
 from .videos import generate
@@ -105,7 +105,9 @@ class LiveSession:
         height, width = self.gw.served()
         fps = self.gw.settings.fps
         video = self.video = self.gw.store.add(spec, f"{width}x{height}", fps, "live")
-        self.session_id, self.client = new_session_id(), None
+        # The stream's client: prompt updates go over its connection (videos.generate).
+        self.session_id = new_session_id()
+        self.client = HeliosClient(self.gw.settings.triton_url, "grpc")
         self.ended = threading.Event()
         self._put({"type": "started", "id": video.id, "fps": fps, "width": width,
                    "height": height, "total": video.total})
@@ -114,17 +116,14 @@ class LiveSession:
                          name=f"live-{video.id}").start()
 
     def _generate(self, video, ended: threading.Event) -> None:
-        def on_client(client):
-            self.client = client
-
         def on_chunk(offset, frames):
             for i, frame in enumerate(frames):
                 self._put(struct.pack(">I", offset + i) + jpeg(frame))
             self._put({"type": "progress", "frames": offset + len(frames), "total": video.total})
 
         try:
-            generate(self.gw.store, video, self.gw.settings.triton_url, self.session_id,
-                     self.gw.settings.lead_s, on_chunk, on_client)
+            generate(self.gw.store, video, self.client, self.session_id,
+                     self.gw.settings.lead_s, on_chunk)
         finally:
             self.gw.slots.give()
             ended.set()
@@ -143,23 +142,17 @@ class LiveSession:
             await self._error(409, "no video is playing in this session: start one first",
                               "type")
             return
-        video = self.video
-        for _ in range(100):  # a stream that has just started may not be known to Triton yet
-            try:
-                if self.client is None:
-                    raise RequestError("names no running stream", True)
-                frame = await asyncio.to_thread(self.client.update, self.session_id, prompt)
-                break
-            except RequestError as e:
-                if "names no running stream" in str(e) and video.frames == 0 \
-                        and not self.ended.is_set():
-                    await asyncio.sleep(0.05)
-                    continue
-                text, param = fields.renamed(str(e))
-                await self._error(400 if e.invalid_argument else 502, text, param)
+        video, ended = self.video, self.ended
+        try:  # a stream that has just started may not be known to Triton yet
+            frame = await asyncio.to_thread(
+                self.client.update, self.session_id, prompt, None, wait_s=5.0,
+                stop=lambda: video.frames > 0 or ended.is_set())
+        except RequestError as e:
+            if is_unknown_session(e) and video.frames == 0 and not ended.is_set():
+                await self._error(504, "the stream did not start within 5 s", None)
                 return
-        else:
-            await self._error(504, "the stream did not start within 5 s", None)
+            text, param = fields.renamed(str(e))
+            await self._error(400 if e.invalid_argument else 502, text, param)
             return
         await self.ws.send_text(json.dumps({"type": "prompt", "prompt": prompt,
                                             "from_frame": frame}))

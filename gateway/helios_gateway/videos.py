@@ -110,19 +110,17 @@ class VideoStore:
         return [v.id for v in gone]
 
 
-def generate(store: VideoStore, video: Video, triton_url: str, session_id: str | None = None,
-             lead_s: float | None = None, on_chunk: Callable[[int, np.ndarray], None] | None = None,
-             on_client: Callable[[HeliosClient], None] | None = None) -> None:
-    """Stream ``video`` from Triton into its mp4 (blocking: run it in a thread). ``on_chunk``
-    (offset, frames) sees every chunk as it arrives; ``on_client`` the stream's client (prompt
-    updates of a live session go through it, so over its connection). Ends with the video
-    completed (when stopped, with the frames made until then) or failed (its ``error`` set)."""
+def generate(store: VideoStore, video: Video, client: HeliosClient,
+             session_id: str | None = None, lead_s: float | None = None,
+             on_chunk: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """Stream ``video`` from Triton into its mp4 over ``client`` (a gRPC client of its own,
+    closed at the end; a live session's prompt updates share it, so its connection), blocking:
+    run it in a thread. ``on_chunk`` (offset, frames) sees every chunk as it arrives. Ends
+    with the video completed (when stopped, with the frames made until then) or failed (its
+    ``error`` set)."""
     part = store.folder / f"{video.id}.partial.mp4"  # the suffix tells PyAV the container
-    client = HeliosClient(triton_url, "grpc")
     writer = None
     try:
-        if on_client is not None:
-            on_client(client)
         video.status = "in_progress"
         log.info("%s (%s): %d frames of %r, seed %d", video.id, video.kind, video.total,
                  video.spec.prompt, video.spec.seed)
