@@ -60,6 +60,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
     gpu = device == "cuda"
     return {
         "checkpoint": str(checkpoint.resolve()),
+        "max_prompt_bytes": str(cfg.text_encoder.max_prompt_bytes),
         "device": device,
         "dtype": "auto",
         # KIND_CPU with device=cuda: the torch code still runs on the GPU (model_device), but

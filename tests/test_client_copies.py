@@ -11,6 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from conftest import INSTANCES, ROOT
+from helios.checkpoint import read_config
 from helios.video import Mp4Writer, read_video
 from helios_client import api
 from helios_client.cli import Mp4Writer as ClientMp4Writer
@@ -86,6 +87,9 @@ def test_the_client_sends_the_inputs_the_helios_model_declares(tiny_checkpoint, 
          ROOT / "model_repository")
     config = text_format.Parse((tmp_path / "repo" / "helios" / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
+    # The longest prompt, which the gateway reads from here (HeliosClient.served).
+    assert config.parameters["max_prompt_bytes"].string_value == str(
+        read_config(tiny_checkpoint).text_encoder.max_prompt_bytes)
     declared = {i.name: model_config_pb2.DataType.Name(i.data_type).removeprefix("TYPE_")
                 for i in config.input}
     names = {t.name(): t.datatype() for t in sent}

@@ -116,7 +116,8 @@ def test_the_page_and_every_asset_come_from_the_gateway(gateway):
         assert gateway.call("GET", asset)[0] == 200
     status, config = gateway.call("GET", "/config")
     assert config == {"size": "128x128", "fps": 24, "max_seconds": 60.0, "default_seconds": 4.0,
-                      "lead_s": 0.5, "token_required": False, "max_sessions": 2}
+                      "max_prompt_bytes": 256, "lead_s": 0.5, "token_required": False,
+                      "max_sessions": 2}
 
 
 def _mp4(frames, folder) -> bytes:

@@ -31,6 +31,13 @@ class RequestError(RuntimeError):
         self.invalid_argument = invalid_argument
 
 
+@dataclass(frozen=True)
+class Served:
+    height: int
+    width: int
+    max_prompt_bytes: int
+
+
 @dataclass
 class Chunk:
     frames: np.ndarray   # uint8 [T, H, W, 3]
@@ -204,14 +211,15 @@ class HeliosClient:
             raise RequestError(_message(e), _is_invalid_argument(e)) from None
         return int(result.as_numpy("AT_FRAME")[0])
 
-    def frame_size(self) -> tuple[int, int]:
-        """(height, width) of the frames the server's ``helios`` model streams."""
+    def served(self) -> "Served":
+        """What the server's ``helios`` model serves: its frame size and longest prompt."""
         self.check_ready()
         config = self._client.get_model_config(STREAM_MODEL, **(
             {"as_json": True} if self.protocol == "grpc" else {}))
         config = config.get("config", config)  # gRPC wraps it, HTTP does not
         dims = next(o["dims"] for o in config["output"] if o["name"] == "FRAMES")
-        return int(dims[1]), int(dims[2])
+        prompt = config["parameters"]["max_prompt_bytes"]["string_value"]
+        return Served(int(dims[1]), int(dims[2]), int(prompt))
 
     def close(self) -> None:
         self._client.close()

@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from helios_client import HeliosClient, ServerUnavailable
+from helios_client.api import Served
 
 from . import fields
 from .live import LiveSession
@@ -91,14 +92,15 @@ class Gateway:
         self.settings = settings
         self.store = VideoStore(settings.store_dir, settings.max_store_bytes, settings.max_age_s)
         self.slots = Slots(settings.max_sessions)
-        self._served: tuple[int, int] | None = None
+        self._served: Served | None = None
 
-    def served(self) -> tuple[int, int]:
-        """(height, width) of the served video; ApiError 503 while Triton is unreachable."""
+    def served(self) -> Served:
+        """What Triton serves (frame size, longest prompt); ApiError 503 while it is
+        unreachable."""
         if self._served is None:
             client = HeliosClient(self.settings.triton_url, "grpc", timeout_s=10)
             try:
-                self._served = client.frame_size()
+                self._served = client.served()
             except ServerUnavailable as e:
                 raise ApiError(503, str(e), "server_error") from None
             finally:
@@ -106,8 +108,8 @@ class Gateway:
         return self._served
 
     def size_text(self) -> str:
-        height, width = self.served()
-        return f"{width}x{height}"
+        served = self.served()
+        return f"{served.width}x{served.height}"
 
     def spec(self, body) -> fields.VideoSpec:
         if not isinstance(body, dict):
@@ -195,8 +197,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def config():
         """What the page needs to know before it starts a session."""
         s = gw.settings
-        size = await asyncio.to_thread(gw.size_text)
-        return {"size": size, "fps": s.fps, "max_seconds": s.max_seconds,
+        served = await asyncio.to_thread(gw.served)
+        return {"size": gw.size_text(), "fps": s.fps, "max_seconds": s.max_seconds,
+                "max_prompt_bytes": served.max_prompt_bytes,
                 "default_seconds": s.default_seconds, "lead_s": s.lead_s,
                 "token_required": s.token is not None, "max_sessions": s.max_sessions}
 

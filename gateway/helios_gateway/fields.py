@@ -9,7 +9,8 @@ import math
 import re
 from dataclasses import dataclass
 
-MAX_PROMPT_BYTES = 256   # the text encoder's limit (helios TextEncoderConfig.max_prompt_bytes)
+from helios_client.api import Served
+
 SEED_MAX = 2**63 - 1
 # Triton's input names, as the gateway calls them.
 TRITON_NAMES = {"PROMPT": "prompt", "DURATION_S": "seconds", "NUM_FRAMES": "seconds",
@@ -31,16 +32,15 @@ class VideoSpec:
     seed: int
 
 
-def prompt(value, field: str = "prompt") -> str:
+def prompt(value, most: int, field: str = "prompt") -> str:
+    """``most``: the served checkpoint's longest prompt in UTF-8 bytes (``Served``)."""
     if not isinstance(value, str):
         raise FieldError(field, f"must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise FieldError(field, f"must be 1 to {MAX_PROMPT_BYTES} UTF-8 bytes of text, "
-                                "got an empty prompt")
+        raise FieldError(field, f"must be 1 to {most} UTF-8 bytes of text, got an empty prompt")
     size = len(value.encode("utf-8"))
-    if size > MAX_PROMPT_BYTES:
-        raise FieldError(field, f"must be 1 to {MAX_PROMPT_BYTES} UTF-8 bytes of text, "
-                                f"got {size} bytes")
+    if size > most:
+        raise FieldError(field, f"must be 1 to {most} UTF-8 bytes of text, got {size} bytes")
     return value
 
 
@@ -59,16 +59,15 @@ def seed(value) -> int:
     return value
 
 
-def size(value, served: tuple[int, int]) -> None:
+def size(value, served: Served) -> None:
     """``size`` (WIDTHxHEIGHT, OpenAI's form) must be the served model's: one size is served."""
-    height, width = served
-    if value is not None and value != f"{width}x{height}":
-        raise FieldError("size", f"must be {width}x{height} (the size this server generates), "
-                                 f"got {value!r}")
+    if value is not None and value != f"{served.width}x{served.height}":
+        raise FieldError("size", f"must be {served.width}x{served.height} (the size this "
+                                 f"server generates), got {value!r}")
 
 
 def video_spec(body: dict, max_seconds: float, default_seconds: float,
-               served: tuple[int, int]) -> VideoSpec:
+               served: Served) -> VideoSpec:
     """A job's or a live session's fields from a JSON object or a form."""
     unknown = sorted(set(body) - {"prompt", "seconds", "seed", "size", "model"})
     if unknown:
@@ -77,7 +76,7 @@ def video_spec(body: dict, max_seconds: float, default_seconds: float,
     if "prompt" not in body:
         raise FieldError("prompt", "is required")
     size(body.get("size"), served)
-    return VideoSpec(prompt(body["prompt"]), seconds(body.get("seconds", default_seconds),
+    return VideoSpec(prompt(body["prompt"], served.max_prompt_bytes), seconds(body.get("seconds", default_seconds),
                                                      max_seconds),
                      seed(body.get("seed", 0)))
 

@@ -102,15 +102,14 @@ class LiveSession:
         except ApiError as e:
             await self._error(e.status, e.message, e.param)
             return
-        height, width = self.gw.served()
-        fps = self.gw.settings.fps
-        video = self.video = self.gw.store.add(spec, f"{width}x{height}", fps, "live")
+        served, fps = self.gw.served(), self.gw.settings.fps
+        video = self.video = self.gw.store.add(spec, self.gw.size_text(), fps, "live")
         # The stream's client: prompt updates go over its connection (videos.generate).
         self.session_id = new_session_id()
         self.client = HeliosClient(self.gw.settings.triton_url, "grpc")
         self.ended = threading.Event()
-        self._put({"type": "started", "id": video.id, "fps": fps, "width": width,
-                   "height": height, "total": video.total})
+        self._put({"type": "started", "id": video.id, "fps": fps, "width": served.width,
+                   "height": served.height, "total": video.total})
         ended = self.ended
         threading.Thread(target=self._generate, args=(video, ended), daemon=True,
                          name=f"live-{video.id}").start()
@@ -134,7 +133,7 @@ class LiveSession:
 
     async def _update(self, message: dict) -> None:
         try:
-            prompt = fields.prompt(message.get("prompt"))
+            prompt = fields.prompt(message.get("prompt"), self.gw.served().max_prompt_bytes)
         except fields.FieldError as e:
             await self._error(400, str(e), e.field)
             return

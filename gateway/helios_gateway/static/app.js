@@ -21,6 +21,7 @@ async function loadConfig() {
   config = await r.json();
   $("served").textContent = `${config.size} at ${config.fps} fps, up to ${config.max_seconds} s`;
   $("seconds").max = config.max_seconds;
+  $("prompt").maxLength = $("next-prompt").maxLength = config.max_prompt_bytes;
   $("token-label").hidden = !config.token_required;
 }
 
