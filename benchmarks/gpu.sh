@@ -14,10 +14,14 @@
 #               chunk at the client for STREAMS concurrent streams (default "1 4 8"), GPU memory,
 #               the per-model profile of each, and the prompt-update latency (one stream)
 #   server-384p the same for 14b-384p (640x384) at one stream
-#   server-fused, server-384p-fused
-#               one stream of 14b, or of 14b-384p, with every stage inside the helios model's
-#               process (fill_repository --stages fused): no copies between processes
-#               (FILL_ARGS=--prefetch-plans: the AR decodes ahead beside the refiner there)
+#   server-fused
+#               14b with every stage inside the helios model's process (fill_repository
+#               --stages fused): no copies between processes; STREAMS (default "1 4") streams,
+#               the server filled for the most of them (above 1: batched AR rounds, renders
+#               in turn)
+#   server-384p-fused
+#               one stream of 14b-384p the same way (FILL_ARGS=--prefetch-plans: the AR
+#               decodes ahead beside the refiner)
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
 # helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).
@@ -97,7 +101,9 @@ for part in "${parts[@]}"; do
         server-384p)
             server_run server_14b-384p 14b-384p 1 || status=1 ;;
         server-fused)
-            FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b_fused 14b 1 || status=1 ;;
+            # shellcheck disable=SC2086  # STREAMS is a list
+            FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b_fused 14b ${STREAMS:-1 4} ||
+                status=1 ;;
         server-384p-fused)
             FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b-384p_fused 14b-384p 1 ||
                 status=1 ;;

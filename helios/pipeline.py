@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .accel import accelerate
 from .ar_runtime import ARRuntime
+from .ar_scheduler import ARJob, ARScheduler
 from .checkpoint import load_component, read_config
 from .config import HeliosConfig
 from .fp8 import quantize_ar, quantize_refiner
@@ -96,8 +97,8 @@ class HeliosPipeline:
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
                  ar_fp8: bool = False, prefetch_plans: bool = False, refiner_fp8: bool = False,
-                 compile: bool = True, cuda_graphs: bool = True):
-        self.config = config
+                 compile: bool = True, cuda_graphs: bool = True, shared_ar: bool = False):
+        self.config, self.max_streams = config, max_streams
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
         self.text_encoder, self.ar_backbone, self.draft = text_encoder, ar_backbone, draft
@@ -123,6 +124,16 @@ class HeliosPipeline:
                             cuda_graphs=graphs, max_positions=config.max_ar_positions(),
                             compile_steps=compile)
         self._ar_lock = threading.Lock()  # one ARRuntime, possibly several prefetch threads
+        # ``shared_ar``: up to ``max_streams`` streams at once, each iterated in a thread of its
+        # own (a server's requests). Their AR segments go to one ARScheduler, which decodes
+        # every live sequence in one batched round on a high-priority CUDA stream, ahead of
+        # the rendering (so prefetch_plans has nothing left to do); their renders and decodes
+        # take turns on the GPU in the order they were asked for (``_turns``): the refiner's
+        # and decoder's CUDA graphs have one set of input buffers each.
+        self.scheduler: ARScheduler | None = None
+        self._turns = _Turns() if shared_ar else contextlib.nullcontext()
+        if shared_ar:
+            prefetch_plans = False
         # ``prefetch_plans``: the AR backbone (memory-bound) decodes the next frames' plan
         # tokens in a thread, on a CUDA stream of its own, while the refiner (compute-bound)
         # renders. Off by default and never with --low-vram: with the compiled refiner the 14b
@@ -138,6 +149,11 @@ class HeliosPipeline:
                 # High priority: a decode step is a chain of small launches that the
                 # refiner's large matrix products would otherwise keep waiting.
                 self._ar_cuda_stream = torch.cuda.Stream(self.device, priority=-1)
+        if shared_ar:
+            # Every batch size built before the scheduler thread starts (no graph capture
+            # while another thread uses the GPU).
+            self.ar.prepare_static(range(1, max_streams + 1))
+            self.scheduler = ARScheduler(self.ar, config.num_draft_tokens)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)
@@ -187,13 +203,13 @@ class HeliosPipeline:
     @torch.no_grad()
     def encode_image(self, image: np.ndarray):
         """uint8 [H, W, 3] -> (first latent frame [1, C, h, w], its plan tokens)."""
-        with self._active(self.vae, self.refiner):
+        with self._active(self.vae, self.refiner), self._turns:
             return encode_image(self.config, self.vae, self.refiner, image)
 
     @torch.no_grad()
     def encode_video(self, video: np.ndarray):
         """uint8 [T, H, W, 3] -> (latent frames [1, C, h, w] each, their plan tokens)."""
-        with self._active(self.vae, self.refiner):
+        with self._active(self.vae, self.refiner), self._turns:
             latents, plans = encode_video(self.config, self.vae, self.refiner, video)
         return [z[None] for z in latents], plans
 
@@ -202,6 +218,40 @@ class HeliosPipeline:
         """Stream ``n`` plan tokens after the context prefix + tokens (one AR segment)."""
         seq = ("stream", next(_ids))
         speculative = speculative and self.draft is not None
+        if self.scheduler is not None:
+            return self._scheduled(f"{seq[0]}-{seq[1]}", prefix, draft_prefix, tokens, n, params,
+                                   bias, speculative)
+        return self._decoded(seq, prefix, draft_prefix, tokens, n, params, bias, speculative)
+
+    def _scheduled(self, request_id, prefix, draft_prefix, tokens, n, params, bias, speculative):
+        """``ar_stream`` through the shared scheduler: the request goes out now, the tokens
+        come from its rounds; closing the iterator stops the request (its KV blocks are freed
+        at the next round)."""
+        if prefix.is_cuda:  # the prefix was written on this thread's stream, read on another
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        out: queue.Queue = queue.Queue()
+        stopped = threading.Event()
+        self.scheduler.submit(ARJob(request_id, prefix, draft_prefix, list(tokens), n, params,
+                                    bias, speculative, emit=out.put,
+                                    finish=lambda error: out.put(_ARDone(error)),
+                                    cancelled=stopped.is_set))
+
+        def tokens_out():
+            try:
+                while not isinstance(item := out.get(), _ARDone):
+                    yield item
+                if item.error is not None:
+                    raise RuntimeError(item.error)
+            finally:
+                stopped.set()
+
+        return tokens_out()
+
+    @torch.no_grad()
+    def _decoded(self, seq, prefix, draft_prefix, tokens, n, params, bias, speculative):
+        """``ar_stream`` on this thread: one decode round after another."""
         with self._ar_lock:
             self.ar.add_sequence(seq, prefix, tokens, params, draft_prefix, bias)
         modules = [m for m in (self.ar_backbone, self.draft) if m is not None]
@@ -226,6 +276,11 @@ class HeliosPipeline:
             with self._ar_lock:
                 self.ar.free(seq)  # also when the consumer stops early (cancellation)
 
+    def close(self) -> None:
+        """Stop the shared AR scheduler's thread (``shared_ar``); streams still running fail."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+
     def prefetch(self, plans: Iterator[list[int]]) -> Iterator[list[int]]:
         """The plan-token stream run ahead in a thread (``prefetch_plans``), else as it is."""
         if not self.prefetch_plans:
@@ -237,7 +292,7 @@ class HeliosPipeline:
         """Plan tokens of latent frame ``index`` -> that latent frame [1, C, h, w]."""
         cfg = self.config
         shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
-        with self._active(self.refiner):
+        with self._active(self.refiner), self._turns:
             dev = self._dev(self.refiner)
             return self.refiner.render(
                 frame_noise(seed, index, shape).to(dev, self.dtype),
@@ -248,11 +303,22 @@ class HeliosPipeline:
     @torch.no_grad()
     def decode(self, latent, prev_latent):
         """Latent frame (+ the previous one) -> uint8 [4, H, W, 3]."""
-        with self._active(self.vae):
+        done = None
+        with self._active(self.vae), self._turns:
             dev = self._dev(self.vae)
             pixels = self.vae.decode(latent.to(dev),
                                      None if prev_latent is None else prev_latent.to(dev))
-        return to_uint8(pixels)[0].numpy()
+            if self.scheduler is not None and dev.type == "cuda":
+                # The frames' copy is queued and waited for after this stream's turn, so the
+                # next stream's render queues behind it without the GPU going idle.
+                frames = to_uint8(pixels, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                frames = to_uint8(pixels)
+        if done is not None:
+            done.synchronize()
+        return frames[0].numpy()
 
     # ---- the loop ----------------------------------------------------------------------
     def generate(self, prompt: str, prompt_at=None, **kwargs) -> Iterator[VideoChunk]:
@@ -313,6 +379,32 @@ class Session:
         """Stop the stream (its AR sequence and KV blocks are freed)."""
         self._chunks.close()
         self.switches.end()
+
+
+class _ARDone:
+    """The end of a scheduled AR request: None, or why it failed."""
+
+    def __init__(self, error: str | None):
+        self.error = error
+
+
+class _Turns:
+    """A lock granted in the order it was asked for: streams sharing the GPU render in turn,
+    none of them starved."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._asked = self._served = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket, self._asked = self._asked, self._asked + 1
+            self._cond.wait_for(lambda: self._served == ticket)
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._served += 1
+            self._cond.notify_all()
 
 
 class _Prefetch:

@@ -108,8 +108,9 @@ class VAE(nn.Module):
         return self.decoder(latent, prev_latent)
 
 
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """[B, T, 3, H, W] in [-1, 1] -> [B, T, H, W, 3] uint8 on the CPU."""
+def to_uint8(frames: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """[B, T, 3, H, W] in [-1, 1] -> [B, T, H, W, 3] uint8 on the CPU (``non_blocking``: from a
+    GPU, the copy is queued on the current stream and the caller waits for it)."""
     x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     # Channels last on the device, then one dense copy: a strided tensor would be reordered
     # element by element on the host. From a GPU the copy lands in pinned memory, which
@@ -118,7 +119,7 @@ def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     x = x.permute(0, 1, 3, 4, 2).contiguous()
     if not x.is_cuda:
         return x
-    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=non_blocking)
 
 
 def from_uint8(frames: torch.Tensor) -> torch.Tensor:

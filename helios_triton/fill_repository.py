@@ -4,7 +4,7 @@
     python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \\
         --out /repo --refiner-instances 1 --max-streams 4 --speculative off
     python -m helios_triton.fill_repository --checkpoint /models/helios-14b --device cuda \\
-        --out /repo --stages fused --speculative off     # one stream, every stage in helios
+        --out /repo --stages fused --max-streams 4 --speculative off  # every stage in helios
 
 The templates are the folders ``model_repository/`` (torch flavour) and
 ``model_repository_tensorrt/`` (the TensorRT flavour's replacements) of the source tree, found
@@ -101,6 +101,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
         "helios_instances": "1" if stages == "fused" else str(max_streams),
         "stages": stages,
         "prefetch_plans": "on" if prefetch_plans else "off",
+        "max_streams": str(max_streams),
         **{f"{m}_gpu_share": str((gpu_share or {}).get(m, "")) for m in GPU_SHARE_MODELS},
     }
 
@@ -163,10 +164,10 @@ def main(argv=None) -> int:
                     help="auto: KIND_GPU on cuda; KIND_CPU keeps device=cuda for the torch code")
     ap.add_argument("--stages", choices=["models", "fused"], default="models",
                     help="models: the stage models behind helios (BLS); fused: every stage in "
-                         "the helios model's process, one stream at a time (torch flavour)")
+                         "the helios model's process, --max-streams streams at once (torch flavour)")
     ap.add_argument("--prefetch-plans", action="store_true",
-                    help="with --stages fused: the AR decodes ahead in a thread of its own while "
-                         "the refiner renders")
+                    help="with --stages fused and --max-streams 1: the AR decodes ahead in a "
+                         "thread of its own while the refiner renders")
     ap.add_argument("--gpu-share", action="append", default=[], metavar="MODEL=PERCENT",
                     help="under CUDA MPS, the share of the GPU's SMs a stage's kernels may use "
                          "(ar_backbone, refiner, vae_decoder; repeatable; default all)")
@@ -184,6 +185,10 @@ def main(argv=None) -> int:
         if args.prefetch_plans and args.stages != "fused":
             raise HeliosError("prefetch-plans", "needs --stages fused: with the stage models "
                                                 "the AR runs ahead in its own process already")
+        if args.prefetch_plans and args.max_streams != 1:
+            raise HeliosError("prefetch-plans", f"needs --max-streams 1, got {args.max_streams}: "
+                                                "with several fused streams the shared AR "
+                                                "scheduler decodes ahead already")
         if args.stages == "fused" and args.flavour != "torch":
             raise HeliosError("stages", "fused runs the torch stages; the tensorrt flavour's "
                                         "stages are engines behind their own models")

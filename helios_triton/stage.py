@@ -205,10 +205,11 @@ def load_stage(args: dict, *components: str) -> Stage:
 
 def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable[[str], None]):
     """``stages = fused``: every stage of the video in the ``helios`` model's own process, as
-    the in-process ``HeliosPipeline`` (one stream at a time; its AR backbone decodes before the
-    refiner renders, as ``benchmarks/fps.py`` measures it, or beside it with the
-    ``prefetch_plans`` parameter on). The stage models are then not in the
-    repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
+    the in-process ``HeliosPipeline``. With the ``max_streams`` parameter at 1, one stream at a
+    time: its AR backbone decodes before the refiner renders, as ``benchmarks/fps.py``
+    measures it, or beside it with the ``prefetch_plans`` parameter on. Above 1, that many
+    streams at once (``shared_ar``): one batched AR round for all of them, renders in turn.
+    The stage models are then not in the repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
     every context a stream meets (the refiner's history lengths, the AR's decode step, the
     decoder's first and later frames), so that the first request pays none of it. ``report``
     takes the progress lines (the server's log)."""
@@ -216,8 +217,10 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
 
     t0 = time.perf_counter()
     device = model_device(args, params)
+    streams = int(params.get("max_streams", "1"))
     pipe = HeliosPipeline.from_checkpoint(
-        params["checkpoint"], device=device, dtype=model_dtype(device, params), max_streams=1,
+        params["checkpoint"], device=device, dtype=model_dtype(device, params),
+        max_streams=streams, shared_ar=streams > 1,
         ar_fp8=params.get("ar_weight_quantization") == "fp8",
         refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
         prefetch_plans=params.get("prefetch_plans") == "on",

@@ -1,9 +1,14 @@
 """``fill_repository --stages fused``: every stage inside the helios model's process. The same
 schedule as the stage models and the in-process pipeline, so the same frames for the same
-seed, prompt switches and HTTP clients included."""
+seed, prompt switches, HTTP clients and concurrent streams included."""
+
+import math
+import threading
 
 import numpy as np
 import pytest
+
+from helios.pipeline import HeliosPipeline
 
 from conftest import INSTANCES, free_ports, steer
 from helios_client import HeliosClient
@@ -19,7 +24,7 @@ BLUE = "a blue square moving right on a dark background"
 def fused(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fused")
     fill(tmp / "repo", values(tiny_checkpoint, "cpu", 4, True, INSTANCES, 0.5, stages="fused"),
-         fused=True)
+         fused=True)  # four streams at once
     http, grpc, metrics = free_ports(3)
     srv = TritonServer(tmp / "repo", http, grpc, metrics, log_file=tmp / "server.log",
                        backends=tmp / "backends")
@@ -85,3 +90,71 @@ def test_prefetch_needs_the_fused_stages(tiny_checkpoint, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "fill_repository: error: prefetch-plans needs --stages fused: with the stage models "
         "the AR runs ahead in its own process already")
+
+
+def test_prefetch_needs_one_stream(tiny_checkpoint, tmp_path, capsys):
+    assert fill_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "r"),
+                      "--stages", "fused", "--prefetch-plans"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fill_repository: error: prefetch-plans needs --max-streams 1, got 8: with several "
+        "fused streams the shared AR scheduler decodes ahead already")
+
+
+JOBS = [("a green triangle bouncing", 1), ("a yellow circle growing", 2), (RED, 3)]
+
+
+def _concurrently(run) -> dict:
+    """``run(prompt, seed)`` for every job at once, each in a thread: {seed: result}."""
+    results, errors = {}, []
+
+    def one(prompt, seed):
+        try:
+            results[seed] = run(prompt, seed)
+        except Exception as e:  # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=job) for job in JOBS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, [str(e) for e in errors]
+    return results
+
+
+def test_a_shared_pipeline_batches_concurrent_streams_without_changing_them(tiny_checkpoint, pipe):
+    """``shared_ar``: streams in threads of their own share batched AR rounds and take turns
+    rendering; each gets the frames it gets alone, and every KV block comes back, a stream
+    closed half-way included."""
+    shared = HeliosPipeline.from_checkpoint(tiny_checkpoint, max_streams=3, shared_ar=True)
+    try:
+        results = _concurrently(lambda prompt, seed: shared.generate_video(
+            prompt, num_frames=40, seed=seed))
+        for prompt, seed in JOBS:
+            assert np.array_equal(results[seed], pipe.generate_video(prompt, num_frames=40,
+                                                                     seed=seed))
+        tokens = 3 * math.ceil(40 / 4) * shared.config.plan_tokens_per_frame
+        assert shared.scheduler.iterations < tokens  # the rounds were shared
+        session = shared.session(RED, num_frames=96, seed=5)
+        next(iter(session))
+        session.close()
+        deadline = threading.Event()
+        for _ in range(100):  # the scheduler drops a closed stream at its next round
+            if shared.scheduler.stats()["kv_blocks_used"] == 0:
+                break
+            deadline.wait(0.05)
+        assert shared.scheduler.stats() | {"iterations": 0} == {
+            "kv_blocks_total": shared.ar.cache.num_blocks,
+            "kv_blocks_free": shared.ar.cache.num_blocks, "kv_blocks_used": 0,
+            "active_sequences": 0, "queued_requests": 0, "iterations": 0,
+            "draft_tokens": shared.ar.stats["draft_tokens"],
+            "accepted_draft_tokens": shared.ar.stats["accepted_tokens"]}
+    finally:
+        shared.close()
+
+
+def test_a_fused_server_streams_concurrent_streams_each_as_alone(fused, pipe):
+    results = _concurrently(lambda prompt, seed: HeliosClient(f"127.0.0.1:{fused.grpc}").generate(
+        prompt, num_frames=40, seed=seed))
+    for prompt, seed in JOBS:
+        assert np.array_equal(results[seed], pipe.generate_video(prompt, num_frames=40, seed=seed))

@@ -1,9 +1,14 @@
 """helios: the client-facing, decoupled model. Runs helios.orchestrator.stream_video with the
-stage functions implemented as BLS calls; one response per chunk.
+stage functions implemented as BLS calls, or, with the ``stages`` parameter "fused", by the
+in-process pipeline; one response per chunk.
 
-Each instance serves one stream at a time, inside ``execute``, on the stub's main thread;
-concurrent streams run in separate instances (instance_group count), and requests beyond them
-wait in Triton's queue. No threads of our own: with tritonserver 2.51 a Python thread that
+With the stage models, each instance serves one stream at a time, inside ``execute``, on the
+stub's main thread; concurrent streams run in separate instances (instance_group count), and
+requests beyond them wait in Triton's queue. With the fused stages, one instance serves up to
+``max_streams`` streams, each in a thread of its own; ``execute`` waits for a free slot, so
+requests beyond them wait in Triton's queue there too (no BLS call runs in that mode, so the
+hazard below does not apply). With the stage models, no threads of our own: with tritonserver
+2.51 a Python thread that
 runs while a BLS call of another thread receives its response can crash the stub (seen:
 SIGSEGV in pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
 The one concurrency here, ``refine_and_decode``, makes every tensor first and then only waits
@@ -45,12 +50,14 @@ class TritonPythonModel:
         self.slot_bias = params.get("slot_bias", "on") == "on"
         # "fused": the stages in this process (stage.load_pipeline), else BLS calls to the
         # stage models
-        self.pipeline, self.loop = None, None
+        self.pipeline, self.loop, self.slots = None, None, None
         if params.get("stages", "models") == "fused":
             t0 = time.perf_counter()
             self.pipeline = load_pipeline(args, params, settings, pb_utils.Logger.log_info)
+            self.slots = threading.BoundedSemaphore(self.pipeline.max_streams)
             pb_utils.Logger.log_info(f"helios: every stage in this process on "
-                                     f"{self.pipeline.device}, loaded and warmed up in "
+                                     f"{self.pipeline.device}, up to {self.pipeline.max_streams} "
+                                     f"streams at once, loaded and warmed up in "
                                      f"{time.perf_counter() - t0:.1f} s")
         else:
             # "on": a latent frame is decoded while the next one renders (OverlappedStages)
@@ -65,6 +72,7 @@ class TritonPythonModel:
         self.m_active = self.m_family.Metric(labels={"model": "helios",
                                                      "instance": args["model_instance_name"]})
         self.m_active.set(0)
+        self.active, self.active_lock = 0, threading.Lock()
         # How every request ended. tritonserver 2.51 counts a decoupled request as a success
         # whenever execute returns, whatever its responses said: these counters do not.
         self.m_outcome_family = pb_utils.MetricFamily(
@@ -77,15 +85,19 @@ class TritonPythonModel:
     def _request(self, request):
         return video_request(self.config, lambda name: input_array(request, name), self.speculative)
 
+    def _refused_while_draining(self, sender) -> bool:
+        if self.drain_file is None or not self.drain_file.exists():
+            return False
+        error = pb_utils.TritonError("the server is draining: it takes no new streams "
+                                     "(retry on another replica)", pb_utils.TritonError.UNAVAILABLE)
+        sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        self.m_outcome["refused"].increment(1)
+        return True
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            if self.drain_file is not None and self.drain_file.exists():
-                error = pb_utils.TritonError("the server is draining: it takes no new streams "
-                                             "(retry on another replica)",
-                                             pb_utils.TritonError.UNAVAILABLE)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
-                self.m_outcome["refused"].increment(1)
+            if self._refused_while_draining(sender):
                 continue
             switches = None
             try:
@@ -101,15 +113,39 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 self.m_outcome["invalid"].increment(1)
                 continue
-            self.m_active.set(1)
-            try:
-                outcome = self._serve(request, sender, req, switches)
-            finally:
-                self.m_active.set(0)
+            if self.slots is None:
+                self._counted(request, sender, req, switches)
+                continue
+            self.slots.acquire()  # the stream waits here for a free slot, later ones in Triton
+            if self._refused_while_draining(sender):
+                self.slots.release()
                 if switches is not None:
                     switches.mailbox.close()
-            self.m_outcome[outcome].increment(1)
+                continue
+            threading.Thread(target=self._counted, args=(request, sender, req, switches),
+                             name="helios-stream", daemon=True).start()
         return None
+
+    def _counted(self, request, sender, req, switches) -> None:
+        """``_serve``, counted in the metrics; frees the stream's slot (fused) at the end."""
+        with self.active_lock:
+            self.active += 1
+            self.m_active.set(self.active)
+        try:
+            outcome = self._serve(request, sender, req, switches)
+        finally:
+            with self.active_lock:
+                self.active -= 1
+                self.m_active.set(self.active)
+            if switches is not None:
+                switches.mailbox.close()
+            if self.slots is not None:
+                self.slots.release()
+        self.m_outcome[outcome].increment(1)
+
+    def finalize(self):
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     def _serve(self, request, sender, req, switches) -> str:
         """Stream one request's chunks; returns how it ended: completed, cancelled or failed."""
