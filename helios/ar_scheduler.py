@@ -42,6 +42,7 @@ class ARJob:
     emit: Callable[[list[int]], None]           # new tokens (streaming)
     finish: Callable[[str | None], None]        # end of the job: None or an error message
     cancelled: Callable[[], bool] = lambda: False
+    held: Callable[[], bool] = lambda: False    # true: skip this job's rounds for now
     remaining: int = field(init=False)
     seq_id: int = field(init=False, default=-1)
 
@@ -94,6 +95,11 @@ class ARScheduler:
         """TensorRT-LLM's stop request: end the job with this request id, keeping its tokens."""
         with self._cond:
             self._stops.add(request_id)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """A held job may run again: look at once rather than at the next poll."""
+        with self._cond:
             self._cond.notify()
 
     def stats(self) -> dict:
@@ -169,8 +175,11 @@ class ARScheduler:
                 log.info("request %s stopped after %d of %d tokens", job.request_id,
                          job.num_new - job.remaining, job.num_new)
                 self._end(job, None)
-        live = [j for j in live if j.seq_id in self._live]
+        live = [j for j in live if j.seq_id in self._live and not j.held()]
         if not live:
+            if self._live:  # every job held: wait for a wake (or poll)
+                with self._cond:
+                    self._cond.wait(0.01)
             return
         try:
             out = self.runtime.decode_round({j.seq_id: j.remaining for j in live},

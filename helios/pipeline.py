@@ -132,6 +132,7 @@ class HeliosPipeline:
         # and decoder's CUDA graphs have one set of input buffers each.
         self.scheduler: ARScheduler | None = None
         self._turns = _Turns() if shared_ar else contextlib.nullcontext()
+        self._local = threading.local()  # the plan stream a thread is iterating (shared_ar)
         if shared_ar:
             prefetch_plans = False
         # ``prefetch_plans``: the AR backbone (memory-bound) decodes the next frames' plan
@@ -233,10 +234,22 @@ class HeliosPipeline:
             done.synchronize()
         out: queue.Queue = queue.Queue()
         stopped = threading.Event()
-        self.scheduler.submit(ARJob(request_id, prefix, draft_prefix, list(tokens), n, params,
-                                    bias, speculative, emit=out.put,
-                                    finish=lambda error: out.put(_ARDone(error)),
-                                    cancelled=stopped.is_set))
+        delivered = [0]  # tokens decoded so far
+        # The first segment after a start or a switch decodes its first frame's tokens, then
+        # waits until the consumer asks for the next frame: that frame renders (and its chunk
+        # leaves) with the GPU to itself, for the latency of the first frame and of a switch.
+        plans = getattr(self._local, "plans", None)
+        first_frame = self.config.plan_tokens_per_frame
+        urgent = plans is not None and plans.asked <= 1
+
+        def emit(new):
+            delivered[0] += len(new)
+            out.put(new)
+
+        self.scheduler.submit(ARJob(
+            request_id, prefix, draft_prefix, list(tokens), n, params, bias, speculative,
+            emit=emit, finish=lambda error: out.put(_ARDone(error)), cancelled=stopped.is_set,
+            held=lambda: urgent and delivered[0] >= first_frame and plans.asked <= 1))
 
         def tokens_out():
             try:
@@ -282,7 +295,10 @@ class HeliosPipeline:
             self.scheduler.close()
 
     def prefetch(self, plans: Iterator[list[int]]) -> Iterator[list[int]]:
-        """The plan-token stream run ahead in a thread (``prefetch_plans``), else as it is."""
+        """The plan-token stream run ahead in a thread (``prefetch_plans``); with
+        ``shared_ar``, counted (``_Asked``); else as it is."""
+        if self.scheduler is not None:
+            return _Asked(plans, self._local, self.scheduler.wake)
         if not self.prefetch_plans:
             return plans
         return _Prefetch(plans, self._ar_cuda_stream, depth=self.config.ar_context_frames)
@@ -386,6 +402,32 @@ class _ARDone:
 
     def __init__(self, error: str | None):
         self.error = error
+
+
+class _Asked:
+    """A stream's plan frames (one start or switch: ``orchestrator.plan_stream``), counting the
+    frames its consumer has asked for; while it is being asked, the thread's ``local.plans``
+    names it, so that the AR requests it makes know whose they are."""
+
+    def __init__(self, source: Iterator, local: threading.local, asked_more):
+        self.source, self.local, self.asked_more = source, local, asked_more
+        self.asked = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.asked += 1
+        if self.asked == 2:
+            self.asked_more()  # its first AR request may be held until now
+        self.local.plans = self
+        try:
+            return next(self.source)
+        finally:
+            self.local.plans = None
+
+    def close(self):
+        self.source.close()
 
 
 class _Turns:
