@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -234,6 +235,24 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
                                         speculative=params.get("speculative") == "on")):
         report(f"helios: warm-up chunk {i} at {time.perf_counter() - t0:.1f} s")
     return pipe
+
+
+def stream_threads(pipe, report: Callable[[str], None]) -> ThreadPoolExecutor:
+    """The long-lived threads that run a fused pipeline's streams, one per stream it serves
+    at once, each through its first use now: ``max_streams`` short videos at once, so that
+    every thread's first GPU work and the batched AR rounds are behind us before the first
+    request. A thread per request instead paid about 0.5 s at the start of each 14b stream
+    on the H200 (docs/performance.md)."""
+    t0 = time.perf_counter()
+    n = pipe.max_streams
+    pool = ThreadPoolExecutor(n, thread_name_prefix="helios-stream")
+    frames = 2 * pipe.config.frames_per_latent
+    warm = [pool.submit(pipe.generate_video, "warm-up", num_frames=frames, seed=i)
+            for i in range(n)]
+    for future in warm:
+        future.result()
+    report(f"helios: {n} stream threads warmed up in {time.perf_counter() - t0:.1f} s")
+    return pool
 
 
 @dataclass

@@ -5,7 +5,7 @@ in-process pipeline; one response per chunk.
 With the stage models, each instance serves one stream at a time, inside ``execute``, on the
 stub's main thread; concurrent streams run in separate instances (instance_group count), and
 requests beyond them wait in Triton's queue. With the fused stages, one instance serves up to
-``max_streams`` streams, each in a thread of its own; ``execute`` waits for a free slot, so
+``max_streams`` streams, each on one of as many long-lived threads; ``execute`` waits for a free slot, so
 requests beyond them wait in Triton's queue there too (no BLS call runs in that mode, so the
 hazard below does not apply). With the stage models, no threads of our own: with tritonserver
 2.51 a Python thread that
@@ -33,7 +33,7 @@ from helios_triton.bls import OverlappedStages, TritonStages, input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
 from helios_triton.stage import (load_pipeline, model_parameters, process_settings,
-                                 requested_outputs, video_request)
+                                 requested_outputs, stream_threads, video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -54,6 +54,7 @@ class TritonPythonModel:
         if params.get("stages", "models") == "fused":
             t0 = time.perf_counter()
             self.pipeline = load_pipeline(args, params, settings, pb_utils.Logger.log_info)
+            self.threads = stream_threads(self.pipeline, pb_utils.Logger.log_info)
             self.slots = threading.BoundedSemaphore(self.pipeline.max_streams)
             pb_utils.Logger.log_info(f"helios: every stage in this process on "
                                      f"{self.pipeline.device}, up to {self.pipeline.max_streams} "
@@ -122,8 +123,7 @@ class TritonPythonModel:
                 if switches is not None:
                     switches.mailbox.close()
                 continue
-            threading.Thread(target=self._counted, args=(request, sender, req, switches),
-                             name="helios-stream", daemon=True).start()
+            self.threads.submit(self._counted, request, sender, req, switches)
         return None
 
     def _counted(self, request, sender, req, switches) -> None:
@@ -145,6 +145,7 @@ class TritonPythonModel:
 
     def finalize(self):
         if self.pipeline is not None:
+            self.threads.shutdown(wait=False)
             self.pipeline.close()
 
     def _serve(self, request, sender, req, switches) -> str:
@@ -168,9 +169,12 @@ class TritonPythonModel:
             return not final and sender.is_cancelled()
 
         try:
-            last = False
+            last, t0 = False, time.perf_counter()
             for chunk in stream_video(self.config, req, stages, cancelled=cancelled,
                                       switches=switches):
+                if sent == 0:
+                    pb_utils.Logger.log_info(f"helios {rid}: first chunk ready after "
+                                             f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
                 last = chunk.final
                 out = requested_outputs(wanted, {"FRAMES": chunk.frames,
                                                   "FRAME_OFFSET": np.array([chunk.offset], np.int32),
