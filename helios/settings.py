@@ -13,6 +13,7 @@ them on. The variables:
 | ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
 | ``HELIOS_DRAIN_FILE`` | unset | set by ``helios_triton.supervisor``: while the file exists, the helios model refuses new streams |
 | ``HELIOS_SESSIONS_DIR`` | unset | set by ``helios_triton.server``: the folder of the running streams' mailboxes for prompt updates (``helios_triton.sessions``) |
+| ``HELIOS_CALLS_DIR`` | unset | set by ``helios_triton.server``: the folder where the helios model marks the stage calls its streams wait on, for the supervisor's stall check (``helios_triton.calls``) |
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Settings:
     stacks_dir: Path | None = None
     drain_file: Path | None = None
     sessions_dir: Path | None = None
+    calls_dir: Path | None = None
 
 
 def _switch(env: Mapping[str, str], name: str) -> bool:
@@ -53,4 +55,5 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,
         drain_file=Path(env["HELIOS_DRAIN_FILE"]) if env.get("HELIOS_DRAIN_FILE") else None,
         sessions_dir=Path(env["HELIOS_SESSIONS_DIR"]) if env.get("HELIOS_SESSIONS_DIR") else None,
+        calls_dir=Path(env["HELIOS_CALLS_DIR"]) if env.get("HELIOS_CALLS_DIR") else None,
     )

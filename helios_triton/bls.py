@@ -13,18 +13,13 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from helios_triton.calls import CallWatch
+
 
 def input_array(request, name):
     """A request's input as a numpy array, or None where the request lacks it."""
     t = pb_utils.get_input_tensor_by_name(request, name)
     return None if t is None else t.as_numpy()
-
-
-def _call(model, inputs, outputs):
-    """One BLS request; returns {output name: numpy array} or raises with the stage's error."""
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                         requested_output_names=outputs).exec()
-    return _outputs(model, response, outputs)
 
 
 def _outputs(model, response, outputs):
@@ -40,24 +35,34 @@ def _t(name, array):
 class TritonStages:
     """The stage functions of helios.orchestrator over the stage models of this server."""
 
-    def __init__(self, config, speculative: bool, slot_bias: bool = True):
+    def __init__(self, config, speculative: bool, slot_bias: bool = True,
+                 watch: CallWatch = CallWatch(None)):
         self.config = config
         self.speculative = speculative
         self.slot_bias = slot_bias
         self.vocab_size = config.ar_backbone.vocab_size
+        self.watch = watch  # marks every wait on a stage for the supervisor (helios_triton.calls)
+
+    def _call(self, model, inputs, outputs):
+        """One BLS request; returns {output name: numpy array} or raises with the stage's
+        error."""
+        with self.watch.waiting(model):
+            response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
+                                                 requested_output_names=outputs).exec()
+        return _outputs(model, response, outputs)
 
     def encode_prompt(self, prompt):
-        out = _call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
+        out = self._call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
                     ["prompt_embedding_table", "draft_prompt_embedding_table"])
         # Kept as they came (FP32 here, FP16 from a TensorRT text encoder): passed on untouched.
         return out["prompt_embedding_table"][0], out["draft_prompt_embedding_table"][0]
 
     def encode_image(self, image):
-        out = _call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
+        out = self._call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
         return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
 
     def encode_video(self, video):
-        out = _call("video_encoder", [_t("frames", video)], ["latent", "plan_tokens"])
+        out = self._call("video_encoder", [_t("frames", video)], ["latent", "plan_tokens"])
         return [torch.from_numpy(z)[None] for z in out["latent"]], out["plan_tokens"].tolist()
 
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
@@ -82,10 +87,11 @@ class TritonStages:
             inputs.append(_t("draft_prompt_embedding_table", draft_prefix[None]))
         request_id = uuid.uuid4().hex
         # Sent now, not when the tokens are first asked for (orchestrator.plan_stream).
-        responses = pb_utils.InferenceRequest(
-            model_name="ar_backbone", inputs=inputs, request_id=request_id,
-            requested_output_names=["output_ids"]).exec(decoupled=True)
-        return _TokenStream(responses, n, lambda: self._stop(request_id))
+        with self.watch.waiting("ar_backbone"):
+            responses = pb_utils.InferenceRequest(
+                model_name="ar_backbone", inputs=inputs, request_id=request_id,
+                requested_output_names=["output_ids"]).exec(decoupled=True)
+        return _TokenStream(responses, n, lambda: self._stop(request_id), self.watch)
 
     def _stop(self, request_id):
         stop = pb_utils.InferenceRequest(
@@ -94,8 +100,9 @@ class TritonStages:
                     _t("input_lengths", np.ones((1, 1), np.int32)),
                     _t("request_output_len", np.ones((1, 1), np.int32)),
                     _t("stop", np.array([[True]]))])
-        for _ in stop.exec(decoupled=True):
-            pass
+        with self.watch.waiting("ar_backbone"):
+            for _ in stop.exec(decoupled=True):
+                pass
 
     def _refine_request(self, plan, index, seed, anchor, history):
         inputs = [_t("plan_tokens", np.array(plan, np.int32)),
@@ -115,11 +122,11 @@ class TritonStages:
         return "vae_decoder", inputs, ["frames"]
 
     def refine(self, plan, index, seed, anchor, history):
-        latent = _call(*self._refine_request(plan, index, seed, anchor, history))["latent"]
+        latent = self._call(*self._refine_request(plan, index, seed, anchor, history))["latent"]
         return torch.from_numpy(latent)[None]
 
     def decode(self, latent, prev_latent):
-        return _call(*self._decode_request(latent, prev_latent))["frames"]
+        return self._call(*self._decode_request(latent, prev_latent))["frames"]
 
 
 class OverlappedStages(TritonStages):
@@ -127,8 +134,8 @@ class OverlappedStages(TritonStages):
     orchestrator.stream_video decodes a latent frame while the next one renders."""
 
     def __init__(self, config, speculative: bool, slot_bias: bool,
-                 loop: asyncio.AbstractEventLoop):
-        super().__init__(config, speculative, slot_bias)
+                 loop: asyncio.AbstractEventLoop, watch: CallWatch = CallWatch(None)):
+        super().__init__(config, speculative, slot_bias, watch)
         self._loop = loop
 
     def refine_and_decode(self, refine, decode):
@@ -137,7 +144,8 @@ class OverlappedStages(TritonStages):
         host's share of both calls then hide behind the next frame's rendering. Every input
         tensor is made before either request goes out."""
         r, d = self._refine_request(*refine), self._decode_request(*decode)
-        latent, frames = self._loop.run_until_complete(_in_flight_together(r, d))
+        with self.watch.waiting("refiner, vae_decoder"):
+            latent, frames = self._loop.run_until_complete(_in_flight_together(r, d))
         return torch.from_numpy(latent["latent"])[None], frames["frames"]
 
 
@@ -154,8 +162,8 @@ class _TokenStream:
     (the client went away) ends the AR request, freeing its KV blocks, and takes the
     stream's remaining responses; it does so even if no token was asked for yet."""
 
-    def __init__(self, responses, n, stop):
-        self.responses, self.n, self.stop = iter(responses), n, stop
+    def __init__(self, responses, n, stop, watch: CallWatch):
+        self.responses, self.n, self.stop, self.watch = iter(responses), n, stop, watch
         self.received, self.closed = 0, False
 
     def __iter__(self):
@@ -163,7 +171,8 @@ class _TokenStream:
 
     def __next__(self):
         while not self.closed:
-            response = next(self.responses)  # StopIteration after the final response
+            with self.watch.waiting("ar_backbone"):
+                response = next(self.responses)  # StopIteration after the final response
             if response.has_error():
                 raise RuntimeError(f"ar_backbone: {response.error().message()}")
             out = pb_utils.get_output_tensor_by_name(response, "output_ids")
@@ -179,5 +188,6 @@ class _TokenStream:
         self.closed = True
         if self.received < self.n:
             self.stop()
-        for _ in self.responses:
-            pass
+        with self.watch.waiting("ar_backbone"):
+            for _ in self.responses:
+                pass

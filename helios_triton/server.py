@@ -9,7 +9,8 @@ and starts the server binary on a filled model repository.
     python -m helios_triton.server --run helios-client generate --prompt ...   # around a command
 
 Either way a supervisor (``helios_triton.supervisor``) watches the server's stage processes
-and restarts the server when one dies or stops, so that its health endpoints tell the truth.
+and restarts the server when one dies, stops, or leaves a stream waiting longer than
+``--stall-timeout-s``, so that its health endpoints tell the truth.
 In the foreground, SIGTERM drains: new streams are refused with UNAVAILABLE, running ones
 finish (at most ``--exit-timeout-secs``), then the process exits 0.
 
@@ -238,6 +239,8 @@ class TritonServer:
         self.repository, self.http, self.grpc, self.metrics = repository, http, grpc, metrics
         # The running streams' mailboxes for prompt updates (helios_triton.sessions).
         self.sessions_dir = sessions_dir or STATE / f"sessions-{http}"
+        # The stage calls its streams are waiting on (helios_triton.calls), beside them.
+        self.calls_dir = self.sessions_dir.with_name(self.sessions_dir.name + "-calls")
         self.address, self.exit_timeout_s, self.log_verbose = address, exit_timeout_s, log_verbose
         self.admin_key = secrets.token_hex(16)
         self.extra_env = env or {}
@@ -255,9 +258,11 @@ class TritonServer:
                             address=self.address)
         env.update(self.extra_env)
         # Emptied at each start: a stream that died with the last server left its folder.
-        shutil.rmtree(self.sessions_dir, ignore_errors=True)
-        self.sessions_dir.mkdir(parents=True)
+        for folder in (self.sessions_dir, self.calls_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         env["HELIOS_SESSIONS_DIR"] = str(self.sessions_dir)
+        env["HELIOS_CALLS_DIR"] = str(self.calls_dir)
         out = open(self.log_file, "a") if self.log_file else None  # a restart appends
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -276,8 +281,9 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        # No stream outlives its server: its mailboxes go with it.
-        shutil.rmtree(self.sessions_dir, ignore_errors=True)
+        # No stream outlives its server: its mailboxes and waits go with it.
+        for folder in (self.sessions_dir, self.calls_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self):
         return self.start()
@@ -303,6 +309,9 @@ def main(argv=None) -> int:
                     help="seconds to wait for every model to load (a GPU compiles at load)")
     ap.add_argument("--exit-timeout-secs", type=int, default=30,
                     help="on SIGTERM, how long running streams may take to finish")
+    ap.add_argument("--stall-timeout-s", type=float, default=3.0,
+                    help="a stage that a stream has waited on this long is hung: the supervisor "
+                         "restarts the server")
     ap.add_argument("--log-file", type=Path, default=None, help="default: STATE_DIR/server.log")
     ap.add_argument("--mps", action="store_true",
                     help="run the server's processes under CUDA MPS (GPU; see above)")
@@ -330,7 +339,7 @@ def _supervised(args, env: dict | None, log_file: Path | None) -> Supervisor:
                           sessions_dir=args.state_dir / "sessions")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     return Supervisor(server, args.state_dir / "draining", ready_timeout=args.ready_timeout,
-                      log=log)
+                      log=log, stall_s=args.stall_timeout_s)
 
 
 def serve(args, env: dict | None = None) -> int:

@@ -6,7 +6,11 @@ backend stub has died or been stopped, while every request that needs that stage
 hangs (docs/serving.md, "Faults"). The supervisor watches the stub processes of its server:
 
 - a stub that has exited (or is a zombie) is *dead*; one in the stopped state (SIGSTOP, a
-  debugger) for ``stopped_s`` is *paused*. Either way the supervisor kills the whole server
+  debugger) for ``stopped_s`` is *paused*, one in uninterruptible sleep (D: a frozen cgroup,
+  a driver call that does not return) that long is *stuck*; a stage that a stream has waited
+  on for longer
+  than ``stall_s`` (``helios_triton.calls``: the helios model marks every wait) is *hung*,
+  whatever its process state says. Each way the supervisor kills the whole server
   (process group: no stub outlives it), removes the shared-memory regions of its stubs, and
   starts it again. While it restarts, the server's ports are closed: readiness is false and
   the streams it carried end with an error at once; ready again means healed. Every heal is
@@ -28,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from helios_triton.calls import waits
 
 SHM = Path("/dev/shm")
 
@@ -69,9 +75,11 @@ def stubs_of(server_pid: int) -> dict[int, Stub]:
 
 class Supervisor:
     def __init__(self, server, drain_file: Path, poll_s: float = 0.5, stopped_s: float = 2.0,
-                 ready_timeout: float = 300, log: Callable[[str], None] = print):
+                 ready_timeout: float = 300, log: Callable[[str], None] = print,
+                 stall_s: float = 3.0):
         self.server, self.drain_file = server, Path(drain_file)
         self.poll_s, self.stopped_s, self.ready_timeout = poll_s, stopped_s, ready_timeout
+        self.stall_s = stall_s
         self.log = log
         self.heals: list[dict] = []
         self.stubs: dict[int, Stub] = {}
@@ -130,7 +138,8 @@ class Supervisor:
 
     # ---- watching and healing ------------------------------------------------------------
     def fault(self) -> str | None:
-        """What is wrong with the server now: a dead server or stub, a paused stub; or None."""
+        """What is wrong with the server now: a dead server or stub, a paused stub, a stage
+        that does not answer; or None."""
         proc = self.server.proc
         if proc is None or proc.poll() is not None:
             return f"tritonserver exited with code {None if proc is None else proc.returncode}"
@@ -138,8 +147,13 @@ class Supervisor:
             state = _state(pid)
             if state is None or state in "ZX":
                 return f"the {stub.model} stage process (pid {pid}) died"
-            if state in "Tt" and self._stopped_for(pid) >= self.stopped_s:
-                return f"the {stub.model} stage process (pid {pid}) is stopped"
+            if state in "TtD" and self._stopped_for(pid) >= self.stopped_s:
+                how = "stuck in uninterruptible sleep" if state == "D" else "stopped"
+                return f"the {stub.model} stage process (pid {pid}) is {how}"
+        for wait in waits(self.server.calls_dir)[:1]:
+            if wait.seconds > self.stall_s:
+                return (f"the {wait.stage} stage has not answered a stream for "
+                        f"{wait.seconds:.1f} s (waiting: pid {wait.caller_pid})")
         return None
 
     def _stopped_for(self, pid: int) -> float:
@@ -148,7 +162,7 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            for pid in [p for p in self._stopped_since if _state(p) not in ("T", "t")]:
+            for pid in [p for p in self._stopped_since if _state(p) not in ("T", "t", "D")]:
                 del self._stopped_since[pid]  # it ran again
             reason = self.fault()
             if reason is not None and not self._stop.is_set():

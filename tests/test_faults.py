@@ -17,6 +17,7 @@ from conftest import INSTANCES, ROOT, free_ports, live_metrics, metric
 from helios_client import HeliosClient
 from helios_triton.fill_repository import fill, values
 from helios_triton.server import TritonServer, is_ready as _ready
+from helios_triton.calls import CallWatch, waits
 from helios_triton.supervisor import SHM, Supervisor
 
 PROMPT = "a red circle moving left on a dark background"
@@ -76,7 +77,7 @@ def test_a_stopped_stage_is_healed_too(supervised):
     _fault_and_heal(supervised, "refiner", signal.SIGSTOP)
 
 
-def _fault_and_heal(sup, model, sig):
+def _fault_and_heal(sup, model, sig, fault=os.kill):
     grpc, http = sup.server.grpc, sup.server.http
     assert _ready(http)
     stream = _Stream(grpc)
@@ -84,7 +85,7 @@ def _fault_and_heal(sup, model, sig):
     (victim,) = [s for s in sup.stubs.values() if s.model == model][:1]
     heals = len(sup.heals)
     t0 = time.monotonic()
-    os.kill(victim.pid, sig)
+    fault(victim.pid, sig)
     # The stream ends with an error, and readiness turns false, within 5 s each.
     stream.thread.join(15)
     assert stream.ended_at is not None and stream.ended_at - t0 < 5, stream.ended_at
@@ -158,3 +159,82 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(tiny_checkpoint, tm
         if proc.poll() is None:
             proc.kill()
     assert not Path(tmp_path / "state" / "draining").exists()
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.fixture
+def freezer():
+    """A cgroup (v1 freezer) to freeze processes in: frozen, a process keeps a state of D or
+    S, as a deadlocked or stuck one does, not the T of a stopped one."""
+    group = FREEZER / f"helios-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"no writable cgroup freezer here ({e})")
+    yield group
+    (group / "freezer.state").write_text("THAWED")
+    for pid in (group / "cgroup.procs").read_text().split():  # a killed stub ends once thawed
+        _until(lambda: not Path(f"/proc/{pid}").exists(), 10)
+    group.rmdir()
+
+
+def test_a_frozen_stage_is_found_and_healed(supervised, freezer):
+    """The refiner frozen mid-stream: not dead, not stopped, its process in uninterruptible
+    sleep; the supervisor names it and heals the server."""
+    def freeze(pid, _sig):
+        (freezer / "cgroup.procs").write_text(str(pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        _until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN", 5)
+        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "TtZX"
+
+    _fault_and_heal(supervised, "refiner", signal.SIGSTOP, fault=freeze)
+    assert supervised.heals[-1]["reason"].startswith("the refiner stage process (pid ")
+    assert supervised.heals[-1]["reason"].endswith(") is stuck in uninterruptible sleep")
+
+
+def test_the_helios_model_marks_each_wait_on_a_stage_while_it_lasts(supervised):
+    """What the stall check reads: during a stream the calls folder names the stage being
+    waited on, and it is empty once the stream has ended."""
+    calls = supervised.server.calls_dir
+    seen = set()
+    stream = _Stream(supervised.server.grpc, seconds=2)
+    while stream.ended_at is None:
+        seen.update(w.stage for w in waits(calls))
+        time.sleep(0.002)
+    assert stream.error is None and stream.frames == 48
+    assert {"prompt_encoder", "ar_backbone"} <= seen and seen & {"refiner", "refiner, vae_decoder"}
+    assert waits(calls) == []
+
+
+def test_a_stage_that_leaves_a_stream_waiting_is_hung_and_healed(supervised):
+    """A wait on the refiner older than the stall timeout (as the helios model marks one
+    whose BLS call never returns; a stub that deadlocks keeps answering Triton's own health
+    check) makes the supervisor restart the server, naming the stage."""
+    assert _ready(supervised.server.http)
+    heals = len(supervised.heals)
+    with supervised._lock:  # the mark goes in between two polls, whole
+        mark = supervised.server.calls_dir / "4242-1"
+        mark.write_text("refiner")
+        os.utime(mark, (time.time() - 10, time.time() - 10))
+    assert _until(lambda: not _ready(supervised.server.http), 5) < 5
+    _until(lambda: _ready(supervised.server.http) and len(supervised.heals) > heals, 240, 0.5)
+    reason = supervised.heals[-1]["reason"]
+    assert reason.startswith("the refiner stage has not answered a stream for 1") and \
+        reason.endswith(" s (waiting: pid 4242)"), reason
+    assert not mark.exists()  # a restart empties the folder
+
+
+def test_waits_are_read_longest_first(tmp_path):
+    watch = CallWatch(tmp_path)
+    with watch.waiting("refiner"):
+        (tmp_path / "7-1").write_text("vae_decoder")
+        os.utime(tmp_path / "7-1", (time.time() - 5, time.time() - 5))
+        got = waits(tmp_path)
+        assert [(w.stage, w.caller_pid) for w in got] == [("vae_decoder", 7),
+                                                          ("refiner", os.getpid())]
+        assert 4.5 < got[0].seconds < 6 and got[1].seconds < 1
+    assert [w.stage for w in waits(tmp_path)] == ["vae_decoder"]
+    with CallWatch(None).waiting("refiner"):  # no folder: nothing marked
+        pass

@@ -30,6 +30,7 @@ from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
 from helios_triton.bls import OverlappedStages, TritonStages, input_array
+from helios_triton.calls import CallWatch
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
 from helios_triton.stage import (load_pipeline, model_parameters, process_settings,
@@ -44,6 +45,7 @@ class TritonPythonModel:
         faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
         settings = process_settings()
         self.drain_file, self.sessions_dir = settings.drain_file, settings.sessions_dir
+        self.watch = CallWatch(settings.calls_dir)
         params = model_parameters(args)
         self.config = read_config(params["checkpoint"])
         self.speculative = params.get("speculative", "off") == "on"
@@ -156,9 +158,10 @@ class TritonPythonModel:
         if self.pipeline is not None:
             stages = self.pipeline
         elif self.loop is not None:
-            stages = OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop)
+            stages = OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop,
+                                      self.watch)
         else:
-            stages = TritonStages(self.config, self.speculative, self.slot_bias)
+            stages = TritonStages(self.config, self.speculative, self.slot_bias, self.watch)
         sent, final = 0, False
         wanted = request.requested_output_names()
         outbox = _Outbox(sender, threaded=self.pipeline is not None)
