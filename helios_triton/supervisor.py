@@ -164,6 +164,11 @@ class Supervisor:
         while not self._stop.wait(self.poll_s):
             for pid in [p for p in self._stopped_since if _state(p) not in ("T", "t", "D")]:
                 del self._stopped_since[pid]  # it ran again
+            with self._lock:  # stubs Triton started since (it replaces one it finds unhealthy):
+                proc = self.server.proc  # their regions too are removed at a heal or stop
+                if proc is not None and proc.poll() is None:
+                    for pid, stub in stubs_of(proc.pid).items():
+                        self.stubs.setdefault(pid, stub)
             reason = self.fault()
             if reason is not None and not self._stop.is_set():
                 self.heal(reason)
