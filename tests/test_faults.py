@@ -77,6 +77,29 @@ def test_a_stopped_stage_is_healed_too(supervised):
     _fault_and_heal(supervised, "refiner", signal.SIGSTOP)
 
 
+def test_a_stage_stopped_for_a_moment_and_continued_never_hangs_the_server(supervised):
+    """SIGSTOP then SIGCONT of the refiner within a second (under the 2 s that make it a
+    fault): once hit by tritonserver 2.51 with a whole-server abort. The stream ends, whole or
+    with an error, never hangs, and the server serves the next request, healed if it had to."""
+    grpc, http = supervised.server.grpc, supervised.server.http
+    assert _ready(http)
+    stream = _Stream(grpc, seconds=10)
+    assert stream.first.wait(60) and stream.error is None, stream.error
+    (victim,) = [s for s in supervised.stubs.values() if s.model == "refiner"][:1]
+    heals = len(supervised.heals)
+    os.kill(victim.pid, signal.SIGSTOP)
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGCONT)
+    stream.thread.join(60)
+    assert stream.ended_at is not None
+    assert stream.error is not None or stream.frames == 240
+    _until(lambda: _ready(http) and supervised.fault() is None, 240, 0.5)
+    video = HeliosClient(f"127.0.0.1:{grpc}", timeout_s=120).generate(PROMPT, num_frames=8, seed=1)
+    assert video.shape == (8, 128, 128, 3)
+    print(f"SIGSTOP+SIGCONT: stream {'whole' if stream.error is None else stream.error}, "
+          f"{len(supervised.heals) - heals} heals: {supervised.heals[heals:]}")
+
+
 def _fault_and_heal(sup, model, sig, fault=os.kill):
     grpc, http = sup.server.grpc, sup.server.http
     assert _ready(http)
