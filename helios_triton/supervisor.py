@@ -8,9 +8,12 @@ hangs (docs/serving.md, "Faults"). The supervisor watches the stub processes of 
 - a stub that has exited (or is a zombie) is *dead*; one in the stopped state (SIGSTOP, a
   debugger) for ``stopped_s`` is *paused*, one in uninterruptible sleep (D: a frozen cgroup,
   a driver call that does not return) that long is *stuck*; a stage that a stream has waited
-  on for longer
-  than ``stall_s`` (``helios_triton.calls``: the helios model marks every wait) is *hung*,
-  whatever its process state says. Each way the supervisor kills the whole server
+  on for longer than ``stall_s``, that has answered no one for as long and whose processes
+  have not run meanwhile (``helios_triton.calls``: the helios model marks every wait and every
+  answer; the CPU time comes from ``/proc``) is *hung*, whatever its process state says, and
+  so is one that has answered no one for ``busy_stall_s`` while a stream waits (a loop that
+  never ends). A stage that is only slow, say sixteen streams queued on two CPU cores, runs
+  and answers, and is left alone. Each way the supervisor kills the whole server
   (process group: no stub outlives it), removes the shared-memory regions of its stubs, and
   starts it again. While it restarts, the server's ports are closed: readiness is false and
   the streams it carried end with an error at once; ready again means healed. Every heal is
@@ -24,6 +27,7 @@ Nothing here imports Triton's python backend; it works on processes and files.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from helios_triton.calls import waits
+from helios_triton.calls import hung
 
 SHM = Path("/dev/shm")
 
@@ -76,10 +80,11 @@ def stubs_of(server_pid: int) -> dict[int, Stub]:
 class Supervisor:
     def __init__(self, server, drain_file: Path, poll_s: float = 0.5, stopped_s: float = 2.0,
                  ready_timeout: float = 300, log: Callable[[str], None] = print,
-                 stall_s: float = 3.0):
+                 stall_s: float = 3.0, busy_stall_s: float = 30.0):
         self.server, self.drain_file = server, Path(drain_file)
         self.poll_s, self.stopped_s, self.ready_timeout = poll_s, stopped_s, ready_timeout
-        self.stall_s = stall_s
+        self.stall_s, self.busy_stall_s = stall_s, busy_stall_s
+        self._cpu: dict[int, collections.deque] = {}  # per stub: (time, CPU seconds) samples
         self.log = log
         self.heals: list[dict] = []
         self.stubs: dict[int, Stub] = {}
@@ -150,11 +155,36 @@ class Supervisor:
             if state in "TtD" and self._stopped_for(pid) >= self.stopped_s:
                 how = "stuck in uninterruptible sleep" if state == "D" else "stopped"
                 return f"the {stub.model} stage process (pid {pid}) is {how}"
-        for wait in waits(self.server.calls_dir)[:1]:
-            if wait.seconds > self.stall_s:
-                return (f"the {wait.stage} stage has not answered a stream for "
-                        f"{wait.seconds:.1f} s (waiting: pid {wait.caller_pid})")
+        wait = hung(self.server.calls_dir, self.stall_s)
+        if wait is not None and (wait.seconds > self.busy_stall_s
+                                 or self._idle(wait.stage.split(", "), self.stall_s)):
+            return (f"the {wait.stage} stage has not answered a stream for "
+                    f"{wait.seconds:.1f} s (waiting: pid {wait.caller_pid})")
         return None
+
+    def _sample_cpu(self) -> None:
+        now = time.monotonic()
+        for pid in self.stubs:
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                history = self._cpu.setdefault(pid, collections.deque(maxlen=256))
+                history.append((now, seconds))
+
+    def _idle(self, stages: list[str], window: float) -> bool:
+        """Whether the processes of ``stages`` (for an ensemble, which has none of its own,
+        every stage process but helios's) used under 5 % of a core over the last ``window``
+        seconds; False while the samples do not reach that far back."""
+        pids = [p for p, s in self.stubs.items() if s.model in stages] or \
+            [p for p, s in self.stubs.items() if s.model != "helios"]
+        now = time.monotonic()
+        for pid in pids:
+            history = self._cpu.get(pid, ())
+            before = [(t, c) for t, c in history if t <= now - window]
+            if not before:
+                return False
+            if history[-1][1] - before[-1][1] > 0.05 * (history[-1][0] - before[-1][0]):
+                return False
+        return True
 
     def _stopped_for(self, pid: int) -> float:
         first = self._stopped_since.setdefault(pid, time.monotonic())
@@ -169,6 +199,7 @@ class Supervisor:
                 if proc is not None and proc.poll() is None:
                     for pid, stub in stubs_of(proc.pid).items():
                         self.stubs.setdefault(pid, stub)
+                self._sample_cpu()
             reason = self.fault()
             if reason is not None and not self._stop.is_set():
                 self.heal(reason)
@@ -185,7 +216,7 @@ class Supervisor:
                 os.killpg(proc.pid, signal.SIGKILL)  # stubs too; a stopped one dies as well
                 proc.wait()
             _remove_regions(regions)
-            self._stopped_since = {}
+            self._stopped_since, self._cpu = {}, {}
             try:
                 self.server.start(self.ready_timeout)
             except Exception as e:  # noqa: BLE001 - reported; the next poll tries again
@@ -196,6 +227,15 @@ class Supervisor:
             seconds = time.monotonic() - t0
             self.heals.append({"reason": reason, "seconds": seconds})
             self.log(f"supervisor: healed in {seconds:.1f} s")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of a process so far, or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _remove_regions(names) -> None:

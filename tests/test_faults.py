@@ -17,7 +17,7 @@ from conftest import INSTANCES, ROOT, free_ports, live_metrics, metric
 from helios_client import HeliosClient
 from helios_triton.fill_repository import fill, values
 from helios_triton.server import TritonServer, is_ready as _ready
-from helios_triton.calls import CallWatch, waits
+from helios_triton.calls import CallWatch, hung, silent_for, waits
 from helios_triton.supervisor import SHM, Supervisor
 
 PROMPT = "a red circle moving left on a dark background"
@@ -232,21 +232,48 @@ def test_the_helios_model_marks_each_wait_on_a_stage_while_it_lasts(supervised):
 
 
 def test_a_stage_that_leaves_a_stream_waiting_is_hung_and_healed(supervised):
-    """A wait on the refiner older than the stall timeout (as the helios model marks one
-    whose BLS call never returns; a stub that deadlocks keeps answering Triton's own health
-    check) makes the supervisor restart the server, naming the stage."""
+    """A wait on the refiner older than the stall timeout, and no answer from the refiner to
+    anyone for as long (what the helios model marks when a BLS call never returns; a stub
+    that deadlocks keeps answering Triton's own health check), makes the supervisor restart
+    the server, naming the stage."""
     assert _ready(supervised.server.http)
     heals = len(supervised.heals)
-    with supervised._lock:  # the mark goes in between two polls, whole
-        mark = supervised.server.calls_dir / "4242-1"
+    calls = supervised.server.calls_dir
+    with supervised._lock:  # the marks go in between two polls, whole
+        mark, answered = calls / "4242-1", calls / "answered" / "refiner"
         mark.write_text("refiner")
-        os.utime(mark, (time.time() - 10, time.time() - 10))
+        answered.parent.mkdir(exist_ok=True)
+        answered.touch()
+        for path in (mark, answered):
+            os.utime(path, (time.time() - 10, time.time() - 10))
     assert _until(lambda: not _ready(supervised.server.http), 5) < 5
     _until(lambda: _ready(supervised.server.http) and len(supervised.heals) > heals, 240, 0.5)
     reason = supervised.heals[-1]["reason"]
     assert reason.startswith("the refiner stage has not answered a stream for 1") and \
         reason.endswith(" s (waiting: pid 4242)"), reason
     assert not mark.exists()  # a restart empties the folder
+
+
+def test_a_long_wait_on_a_stage_that_answers_others_is_a_queue_not_a_hang(tmp_path):
+    """Sixteen streams on two cores wait seconds for the refiner while it answers each in
+    turn: only a stage that has answered no one for the stall timeout is hung."""
+    now = time.time()
+    (tmp_path / "answered").mkdir()
+    for name, age in (("1-1", 5), ("2-1", 4), ("3-1", 1)):
+        (tmp_path / name).write_text({"1-1": "refiner", "2-1": "refiner, vae_decoder",
+                                      "3-1": "ar_backbone"}[name])
+        os.utime(tmp_path / name, (now - age, now - age))
+    for stage, age in (("refiner", 0.5), ("vae_decoder", 0.5), ("ar_backbone", 9)):
+        (tmp_path / "answered" / stage).touch()
+        os.utime(tmp_path / "answered" / stage, (now - age, now - age))
+    assert hung(tmp_path, 3.0, now) is None  # the refiner answered 0.5 s ago; 3-1 is recent
+    os.utime(tmp_path / "answered" / "vae_decoder", (now - 4, now - 4))
+    assert (hung(tmp_path, 3.0, now).stage, hung(tmp_path, 3.0, now).caller_pid) == (
+        "refiner, vae_decoder", 2)
+    os.utime(tmp_path / "answered" / "refiner", (now - 6, now - 6))
+    assert hung(tmp_path, 3.0, now).caller_pid == 1  # the longest wait first
+    assert silent_for(tmp_path, "text_encoder", now) == pytest.approx(
+        now - (tmp_path).stat().st_mtime)  # never answered: since the folder was made
 
 
 def test_waits_are_read_longest_first(tmp_path):
@@ -259,5 +286,6 @@ def test_waits_are_read_longest_first(tmp_path):
                                                           ("refiner", os.getpid())]
         assert 4.5 < got[0].seconds < 6 and got[1].seconds < 1
     assert [w.stage for w in waits(tmp_path)] == ["vae_decoder"]
+    assert silent_for(tmp_path, "refiner") < 1  # the answer was marked
     with CallWatch(None).waiting("refiner"):  # no folder: nothing marked
         pass
