@@ -1,13 +1,11 @@
 """The Kubernetes deployment renders, validates offline, and agrees with the real server:
 probe paths, ports and the autoscaling metric are checked against the live tritonserver."""
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -164,68 +162,6 @@ def test_every_container_runs_locked_down(overlay):
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert any(state.startswith(path) and "emptyDir" in volumes[name] for path, name in mounts.items())
-
-
-def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:
-    """A shell script that runs ``command`` as the pods run it: in a mount namespace of its own
-    where the root filesystem is read-only, /tmp and /root are empty tmpfs (the pod's /tmp is
-    an emptyDir), /dev/shm is writable, and the process has user ``uid``. The folders in
-    ``keep`` (this tree, the interpreter) stay readable where they are, even under /tmp or
-    /root (mode 700 for others)."""
-    hold = f"/dev/shm/helios-pod-{uid}-{os.getpid()}"
-    lines = ["set -eu", "mount --make-rprivate /"]
-    for i, path in enumerate(keep):
-        lines += [f"mkdir -p {hold}/{i}", f"mount --bind {shlex.quote(str(path))} {hold}/{i}"]
-    lines += ["mount -t tmpfs tmpfs /tmp", "mount -t tmpfs -o mode=755 tmpfs /root"]
-    for i, path in enumerate(keep):
-        q = shlex.quote(str(path))
-        lines += [f"mkdir -p {q}", f"mount --bind {hold}/{i} {q}", f"mount -o remount,bind,ro {q}"]
-    lines += [f"umount {hold}/{i}" for i in range(len(keep))] + [f"rm -rf {hold}"]
-    lines += ["mount -o remount,ro /root", "mount -o remount,bind,ro /",
-              f"exec setpriv --reuid {uid} --regid {uid} --clear-groups "
-              + " ".join(map(shlex.quote, command))]
-    return "\n".join(lines)
-
-
-def test_the_image_entrypoint_serves_as_a_non_root_user_on_a_read_only_root(tmp_path):
-    """build/entrypoint.sh as the cpu-tiny pod runs it (uid 1000, every file of the tree owned
-    by root and read-only, writes only to /tmp and /dev/shm): it fills the repository, serves
-    a stream, and drains to exit code 0 on SIGTERM."""
-    import signal  # noqa: PLC0415
-
-    from helios_client import HeliosClient  # noqa: PLC0415
-    from helios_triton.server import free_ports, is_ready  # noqa: PLC0415
-
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
-        pytest.skip("needs root, unshare and setpriv to make the pod's mounts and user")
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("no mount namespaces here")
-    http, grpc, metrics = free_ports(3)
-    script = _pod_like(["sh", str(ROOT / "build" / "entrypoint.sh")], 1000,
-                       [ROOT, Path(sys.base_prefix)])
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               HELIOS_HOME=str(ROOT), HELIOS_STATE_DIR="/tmp/helios",
-               HELIOS_PORTS=f"{http} {grpc} {metrics}", HELIOS_EXIT_TIMEOUT_S="30")
-    log = tmp_path / "pod.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not is_ready(http):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        uid = Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[0]
-        assert uid == "1000"  # the supervised server, PID of the container
-        video = HeliosClient(f"127.0.0.1:{grpc}").generate("a red circle", num_frames=8, seed=0)
-        assert video.shape == (8, 128, 128, 3)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,13 +1,19 @@
 """The server launcher (helios_triton.server) as an operator runs it: --run passes SIGTERM on
-to its command and never leaves a tritonserver behind."""
+to its command and never leaves a tritonserver behind; the image's entrypoint runs as the pod
+runs it."""
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from conftest import INSTANCES, free_ports
+import pytest
+
+from conftest import INSTANCES, ROOT, free_ports
 from helios_triton.fill_repository import fill, values
 from helios_triton.server import is_ready, port_in_use
 
@@ -46,42 +52,60 @@ def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint
     assert os.path.exists(tmp_path / "server.log")
 
 
-def test_the_image_entrypoint_serves_and_writes_only_its_state_dir(tmp_path):
-    """build/entrypoint.sh on a copy of what the image holds (templates, the tiny checkpoint):
-    it fills the repository, serves a stream, and writes nothing outside HELIOS_STATE_DIR,
-    which is what lets the pod run with a read-only root filesystem. (Run as root here, so
-    the copy's permissions cannot prove it; the check is that no file appears outside.)"""
-    import shutil
+def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:
+    """A shell script that runs ``command`` as the pods run it: in a mount namespace of its own
+    where the root filesystem is read-only, /tmp and /root are empty tmpfs (the pod's /tmp is
+    an emptyDir), /dev/shm is writable, and the process has user ``uid``. The folders in
+    ``keep`` (this tree, the interpreter) stay readable where they are, even under /tmp or
+    /root (mode 700 for others)."""
+    hold = f"/dev/shm/helios-pod-{uid}-{os.getpid()}"
+    lines = ["set -eu", "mount --make-rprivate /"]
+    for i, path in enumerate(keep):
+        lines += [f"mkdir -p {hold}/{i}", f"mount --bind {shlex.quote(str(path))} {hold}/{i}"]
+    lines += ["mount -t tmpfs tmpfs /tmp", "mount -t tmpfs -o mode=755 tmpfs /root"]
+    for i, path in enumerate(keep):
+        q = shlex.quote(str(path))
+        lines += [f"mkdir -p {q}", f"mount --bind {hold}/{i} {q}", f"mount -o remount,bind,ro {q}"]
+    lines += [f"umount {hold}/{i}" for i in range(len(keep))] + [f"rm -rf {hold}"]
+    lines += ["mount -o remount,ro /root", "mount -o remount,bind,ro /",
+              f"exec setpriv --reuid {uid} --regid {uid} --clear-groups "
+              + " ".join(map(shlex.quote, command))]
+    return "\n".join(lines)
 
-    from conftest import ROOT
-    from helios_client import HeliosClient
 
-    home = tmp_path / "opt-helios"
-    shutil.copytree(ROOT / "model_repository", home / "model_repository")
-    shutil.copytree(ROOT / "weights" / "helios-tiny", home / "weights" / "helios-tiny")
-    before = sorted(p for p in home.rglob("*"))
+def test_the_image_entrypoint_serves_as_a_non_root_user_on_a_read_only_root(tmp_path):
+    """build/entrypoint.sh as the cpu-tiny pod runs it (uid 1000, every file of the tree owned
+    by root and read-only, writes only to /tmp and /dev/shm): it fills the repository, serves
+    a stream, and drains to exit code 0 on SIGTERM."""
+    from helios_client import HeliosClient  # noqa: PLC0415
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs root, unshare and setpriv to make the pod's mounts and user")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
     http, grpc, metrics = free_ports(3)
-    state = tmp_path / "state"
-    env = dict(os.environ, HELIOS_HOME=str(home), HELIOS_STATE_DIR=str(state),
-               HELIOS_PORTS=f"{http} {grpc} {metrics}", HELIOS_EXIT_TIMEOUT_S="5",
-               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    server = subprocess.Popen(["sh", str(ROOT / "build" / "entrypoint.sh")], env=env, cwd=work,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    script = _pod_like(["sh", str(ROOT / "build" / "entrypoint.sh")], 1000,
+                       [ROOT, Path(sys.base_prefix)])
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               HELIOS_HOME=str(ROOT), HELIOS_STATE_DIR="/tmp/helios",
+               HELIOS_PORTS=f"{http} {grpc} {metrics}", HELIOS_EXIT_TIMEOUT_S="30")
+    log = tmp_path / "pod.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
-        client = HeliosClient(f"127.0.0.1:{grpc}", timeout_s=120)
         deadline = time.monotonic() + 180
         while not is_ready(http):
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(1)
-        video = client.generate("a red circle moving left", num_frames=8, seed=0)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        uid = Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[0]
+        assert uid == "1000"  # the supervised server, PID of the container
+        video = HeliosClient(f"127.0.0.1:{grpc}").generate("a red circle", num_frames=8, seed=0)
         assert video.shape == (8, 128, 128, 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
-    assert sorted(p for p in home.rglob("*")) == before
-    assert list(work.iterdir()) == []
-    assert (state / "model_repository" / "helios" / "config.pbtxt").is_file()
-    assert (state / "backends" / "python").is_dir()  # the server logs to stdout, for the pod
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
