@@ -210,10 +210,10 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
     time: its AR backbone decodes before the refiner renders, as ``benchmarks/fps.py``
     measures it, or beside it with the ``prefetch_plans`` parameter on. Above 1, that many
     streams at once (``shared_ar``): one batched AR round for all of them, renders in turn.
-    The stage models are then not in the repository. Returns the pipeline after one warm-up video, which compiles, captures and tunes
-    every context a stream meets (the refiner's history lengths, the AR's decode step, the
-    decoder's first and later frames), so that the first request pays none of it. ``report``
-    takes the progress lines (the server's log)."""
+    The stage models are then not in the repository. Returns the pipeline after one warm-up
+    video, which compiles, captures and tunes every context a stream meets (the refiner's
+    history lengths, the AR's decode step, the decoder's first and later frames), so that the
+    first request pays none of it. ``report`` takes the progress lines (the server's log)."""
     from helios.pipeline import HeliosPipeline  # the fused mode alone needs every stage's code
 
     t0 = time.perf_counter()

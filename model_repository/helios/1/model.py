@@ -5,11 +5,11 @@ in-process pipeline; one response per chunk.
 With the stage models, each instance serves one stream at a time, inside ``execute``, on the
 stub's main thread; concurrent streams run in separate instances (instance_group count), and
 requests beyond them wait in Triton's queue. With the fused stages, one instance serves up to
-``max_streams`` streams, each on one of as many long-lived threads; ``execute`` waits for a free slot, so
-requests beyond them wait in Triton's queue there too (no BLS call runs in that mode, so the
-hazard below does not apply). With the stage models, no threads of our own: with tritonserver
-2.51 a Python thread that
-runs while a BLS call of another thread receives its response can crash the stub (seen:
+``max_streams`` streams, each on one of as many long-lived threads; ``execute`` waits for a
+free slot, so requests beyond them wait in Triton's queue there too (no BLS call runs in that
+mode, so the hazard below does not apply). With the stage models, no threads of our own:
+with tritonserver 2.51 a Python thread that runs while a BLS call of another thread
+receives its response can crash the stub (seen:
 SIGSEGV in pb_utils.Tensor() during a concurrent exec(), under perf_analyzer at concurrency 2).
 The one concurrency here, ``refine_and_decode``, makes every tensor first and then only waits
 while the stub's own executor threads run the two requests (``async_exec``); it ran without a
