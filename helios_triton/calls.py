@@ -89,5 +89,6 @@ def waits(folder: Path, now: float | None = None) -> list[Wait]:
             stage, started = path.read_text(), path.stat().st_mtime
         except OSError:  # the answer came meanwhile
             continue
-        out.append(Wait(stage or "unknown", int(path.name.split("-")[0]), now - started))
+        if stage:  # else being written: a wait that has just begun
+            out.append(Wait(stage, int(path.name.split("-")[0]), now - started))
     return sorted(out, key=lambda w: -w.seconds)

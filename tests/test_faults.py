@@ -218,16 +218,19 @@ def test_a_frozen_stage_is_found_and_healed(supervised, freezer):
 
 
 def test_the_helios_model_marks_each_wait_on_a_stage_while_it_lasts(supervised):
-    """What the stall check reads: during a stream the calls folder names the stage being
-    waited on, and it is empty once the stream has ended."""
+    """What the stall check reads: during a stream the calls folder names the stages being
+    waited on, every stage the stream used has its answer marked, and no wait is left once
+    the stream has ended."""
     calls = supervised.server.calls_dir
-    seen = set()
+    seen, t0 = set(), time.time() - 1  # mtimes have whole-tick resolution on some filesystems
     stream = _Stream(supervised.server.grpc, seconds=2)
     while stream.ended_at is None:
         seen.update(w.stage for w in waits(calls))
         time.sleep(0.002)
     assert stream.error is None and stream.frames == 48
-    assert {"prompt_encoder", "ar_backbone"} <= seen and seen & {"refiner", "refiner, vae_decoder"}
+    stages = {"prompt_encoder", "ar_backbone", "refiner", "vae_decoder"}
+    assert seen and seen <= stages  # the waits seen (a prompt's encoding may be too short)
+    assert stages <= {p.name for p in (calls / "answered").iterdir() if p.stat().st_mtime >= t0}
     assert waits(calls) == []
 
 
