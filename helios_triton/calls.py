@@ -35,19 +35,24 @@ class CallWatch:
 
     @contextlib.contextmanager
     def waiting(self, stage: str):
+        """Marks the wait for the duration of the block, and its answer after it. Best
+        effort: a mark that cannot be written (the server stopping removes the folder)
+        never fails the call it marks."""
         if self.folder is None:
             yield
             return
         path = self.folder / f"{os.getpid()}-{threading.get_ident()}"
-        path.write_text(stage)
+        with contextlib.suppress(OSError):
+            path.write_text(stage)
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
-            answered = self.folder / "answered"
-            answered.mkdir(exist_ok=True)
-            for name in stage.split(", "):
-                (answered / name).touch()
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+                answered = self.folder / "answered"
+                answered.mkdir(exist_ok=True)
+                for name in stage.split(", "):
+                    (answered / name).touch()
 
 
 @dataclass

@@ -292,3 +292,5 @@ def test_waits_are_read_longest_first(tmp_path):
     assert silent_for(tmp_path, "refiner") < 1  # the answer was marked
     with CallWatch(None).waiting("refiner"):  # no folder: nothing marked
         pass
+    with CallWatch(tmp_path / "gone").waiting("refiner"):  # a folder removed: the call goes on
+        pass
