@@ -52,8 +52,9 @@ class TritonStages:
         return _outputs(model, response, outputs)
 
     def encode_prompt(self, prompt):
-        out = self._call("prompt_encoder", [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
-                    ["prompt_embedding_table", "draft_prompt_embedding_table"])
+        out = self._call("prompt_encoder",
+                         [_t("PROMPT", np.array([prompt.encode("utf-8")], np.object_))],
+                         ["prompt_embedding_table", "draft_prompt_embedding_table"])
         # Kept as they came (FP32 here, FP16 from a TensorRT text encoder): passed on untouched.
         return out["prompt_embedding_table"][0], out["draft_prompt_embedding_table"][0]
 

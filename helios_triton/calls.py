@@ -32,6 +32,9 @@ class CallWatch:
 
     def __init__(self, folder: Path | None):
         self.folder = folder
+        if folder is not None:  # once per process, not at every answer
+            with contextlib.suppress(OSError):
+                (folder / "answered").mkdir(exist_ok=True)
 
     @contextlib.contextmanager
     def waiting(self, stage: str):
@@ -49,10 +52,8 @@ class CallWatch:
         finally:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
-                answered = self.folder / "answered"
-                answered.mkdir(exist_ok=True)
                 for name in stage.split(", "):
-                    (answered / name).touch()
+                    (self.folder / "answered" / name).touch()
 
 
 @dataclass
