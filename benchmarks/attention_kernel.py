@@ -9,6 +9,7 @@ the ratio is to the bf16 matmul rate measured in the same run.
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     peak = 2 * 8192**3 / (triton.testing.do_bench(lambda: a @ a, return_mode="median") / 1e3)
-    results = {"device": torch.cuda.get_device_name(), "matmul_flop_per_s": peak, "rows": []}
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "matmul_flop_per_s": peak, "rows": []}
     print(f"{'shape':<22} {'variant':<16} {'median ms':>10} {'TFLOP/s':>8} {'of peak':>8}")
     for label, (b, h, nq, nc, d) in SHAPES.items():
         sets = [[torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)

@@ -136,6 +136,8 @@ def main(argv=None) -> int:
                     help="the served checkpoint's configuration, recorded in the JSON")
     ap.add_argument("--stats-url", default=None,
                     help="Triton's HTTP endpoint for its per-model statistics, e.g. localhost:8000")
+    ap.add_argument("--server", default=None,
+                    help="how the server was filled (fill_repository's options), recorded in the JSON")
     args = ap.parse_args(argv)
     if args.warmup_seconds > 0:  # not measured; 0 measures a cold server's first requests
         one_stream(args.url, PROMPTS[0], args.warmup_seconds, 99, {})
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "client_fps.json").write_text(json.dumps(
                 {"date": time.strftime("%Y-%m-%d"), "device": device_name(),
-                 "config": args.config, "seconds": args.seconds, "rows": rows},
+                 "config": args.config, "server": args.server, "seconds": args.seconds,
+                 "rows": rows},
                 indent=2) + "\n")
     print(f"{'streams':>7} {'FPS per stream (min / median)':>30} {'first chunk median ms':>22} "
           f"{'playback lag ms':>16} {'GPU MiB':>8} {'failed':>6} {'AR rounds':>9}")

@@ -56,21 +56,22 @@ server_run() {  # server_run TAG CONFIG STREAMS...
     echo "$tag: checkpoint ready in $(( $(date +%s) - t0 )) s"
     local streams=("$@") max=1
     for n in "${streams[@]}"; do [ "$n" -gt "$max" ] && max=$n; done
+    local fill="--max-streams $max --speculative off ${FILL_ARGS:-}"
+    # shellcheck disable=SC2086  # the options are words
     python3 -m helios_triton.fill_repository --checkpoint "/tmp/ck-$config" \
-        --out "/tmp/repo-$config" --device cuda --max-streams "$max" --speculative off \
-        ${FILL_ARGS:-} > /dev/null || return 1
+        --out "/tmp/repo-$config" --device cuda $fill > /dev/null || return 1
     local mps=(); [ "${MPS:-1}" = 0 ] || mps=(--mps)
     # Against the one server: FPS, first chunk and the per-model profile for each number of
     # streams, then the time a prompt update takes to show (one stream).
     python3 -m helios_triton.server --repository "/tmp/repo-$config" --log-file "$dir/server.log" \
         "${mps[@]}" --ready-timeout 480 --run bash -c '
-            seconds=$1 config=$2 dir=$3; shift 3
+            seconds=$1 config=$2 dir=$3 fill=$4; shift 4
             python3 benchmarks/client_fps.py --seconds "$seconds" --concurrency "$@" \
-                --config "$config" --metrics-url http://localhost:8002/metrics \
+                --config "$config" --server "$fill" --metrics-url http://localhost:8002/metrics \
                 --stats-url localhost:8000 --out "$dir"; a=$?
             python3 benchmarks/switch_latency.py --seconds "$seconds" --config "$config" \
-                --out "$dir"; b=$?
-            exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "${streams[@]}"
+                --server "$fill" --out "$dir"; b=$?
+            exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "$fill" "${streams[@]}"
     local rc=$?
     echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
     tail -40 "$dir/server.log" > "$dir/server_tail.log" 2>/dev/null

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=float, default=2.0, help="seconds of video between updates")
     ap.add_argument("--fps", type=int, default=24)
     ap.add_argument("--config", default=None, help="recorded in the JSON")
+    ap.add_argument("--server", default=None,
+                    help="how the server was filled (fill_repository's options), recorded in the JSON")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
             for u in sorted(updates, key=lambda u: u["sent_s"])]
     shown = [r["first_frame_ms"] for r in rows if r["first_frame_ms"] is not None]
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "config": args.config,
-              "seconds": args.seconds, "updates": rows,
+              "server": args.server, "seconds": args.seconds, "updates": rows,
               "answer_median_ms": statistics.median(r["answer_ms"] for r in rows) if rows else None,
               "first_frame_median_ms": statistics.median(shown) if shown else None,
               "first_frame_max_ms": max(shown) if shown else None,

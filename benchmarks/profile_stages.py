@@ -1,0 +1,198 @@
+"""Where the GPU time of an AR decode round and of a refiner render goes, kernel by kernel.
+
+    python benchmarks/profile_stages.py --config 14b --out results/
+
+Both stages are built as the pipeline runs them on CUDA: the AR's decode step compiled and
+replayed as a CUDA graph, the refiner's steps compiled and each render replayed as one graph.
+For each it prints and writes (``profile_stages.json``):
+
+- the median GPU time of one graph replay (CUDA events) against its floor (the AR's weight bytes
+  over the measured copy bandwidth; the render's FLOPs at the measured bf16 matrix rate);
+- torch.profiler's kernels of the same replays, summed by kind: matrix products, attention,
+  Inductor's fused kernels (norms, RoPE, activations, modulation), copies, other; what the
+  replay takes beyond the kernels' sum is the time between kernels;
+- the AR round once more with its projections fused (``fuse_projections``: q/k/v in one
+  matrix, gate/up in another), the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from fps import ceilings  # benchmarks/fps.py: the measured copy and matrix rates
+
+from helios.accel import accelerate
+from helios.ar_backbone import fuse_projections
+from helios.ar_runtime import ARRuntime
+from helios.attention import use_kernel
+from helios.checkpoint import random_components
+from helios.config import get_config
+from helios.refiner import render_flops
+from helios.sampling import SamplingParams
+from helios.schedule import plan_vocab_bias
+
+KINDS = (("attention", ("attention", "fmha", "flash", "cudnn")),
+         ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+         ("fused (Inductor)", ("triton_",)),
+         ("copy", ("memcpy", "memset", "copy", "cat")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, words in KINDS:
+        if any(w in low for w in words):
+            return kind
+    return "other"
+
+
+def gpu_ms(fn, reps: int = 30) -> float:
+    """Median GPU time of fn() by CUDA events, the first 3 calls left out."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[3:])
+
+
+def kernels(fn, reps: int) -> dict:
+    """The kernels fn() runs, by kind and by name: GPU ms per call."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name.setdefault(evt.name, [0.0, 0])
+            entry[0] += evt.device_time / 1e3 / reps
+            entry[1] += 1
+    by_kind: dict[str, float] = {}
+    for name, (ms, _) in by_name.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"by_kind_ms": by_kind, "kernels_ms": sum(by_kind.values()),
+            "launches": sum(n for _, n in by_name.values()) / reps,
+            "top": [{"name": n[:120], "ms": ms, "calls": c / reps} for n, (ms, c) in top]}
+
+
+def ar_round(cfg, ar, device, floor_ms: float) -> dict:
+    """One captured, compiled decode step of one stream, as the pipeline builds it."""
+    rt = ARRuntime(ar, None, num_blocks=cfg.kv_blocks_per_stream(), block_size=cfg.kv_block_size,
+                   device=device, cuda_graphs=True, max_positions=cfg.max_ar_positions(),
+                   compile_steps=True)
+    prefix = torch.randn(64, ar.config.hidden_size, device=device, dtype=torch.bfloat16)
+    rt.add_sequence(0, prefix, [ar.config.bos_token_id], SamplingParams(seed=0),
+                    bias=plan_vocab_bias(ar.config))
+    t0 = time.perf_counter()
+    for _ in range(4):
+        rt.step([0])
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    runner = rt.static_step(1)
+    replay = runner.graph.replay
+    out = {"build_s": build_s, "compiled": runner.compiled, "replay_ms": gpu_ms(replay),
+           "step_ms": gpu_ms(lambda: rt.step([0]), reps=20), "floor_ms": floor_ms,
+           "profile": kernels(replay, 10),
+           # the same kernels launched one by one (in case a profiler sees no graph's kernels)
+           "profile_launched": kernels(runner._run, 5)}
+    out["floor_ratio"] = out["replay_ms"] / floor_ms
+    rt.free(0)
+    return out
+
+
+def refiner_render(cfg, refiner, device, floor_ms: float) -> dict:
+    """A render at the full history, replayed as the pipeline's CUDA graph."""
+    accelerate(device, refiner=refiner)
+    shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    t0 = time.perf_counter()
+    refiner.warm_up(shape, torch.bfloat16, device)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    z = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    plan = torch.zeros(1, cfg.plan_tokens_per_frame, dtype=torch.long, device=device)
+    hist = [z] * cfg.refiner.history_frames
+    render = lambda: refiner.render(z, plan, z, hist)  # noqa: E731
+    with torch.no_grad():
+        sig = refiner.sigmas()
+        sig_t = torch.tensor(sig, device=device)
+        out = {"build_s": build_s, "replay_ms": gpu_ms(render, reps=20), "floor_ms": floor_ms,
+               "profile": kernels(render, 5),
+               "profile_launched": kernels(lambda: refiner._render(z, plan, z, hist, sig, sig_t), 3)}
+    out["floor_ratio"] = out["replay_ms"] / floor_ms
+    return out
+
+
+def table(title: str, r: dict) -> None:
+    p = r["profile"]
+    print(f"\n{title}: {r['replay_ms']:.2f} ms a replay, floor {r['floor_ms']:.2f} ms "
+          f"({r['floor_ratio']:.2f}x); {p['launches']:.0f} kernels, {p['kernels_ms']:.2f} ms of them")
+    for kind, ms in sorted(p["by_kind_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<18} {ms:>8.2f} ms  {ms / r['replay_ms'] * 100:>5.1f} %")
+    gap = r["replay_ms"] - p["kernels_ms"]
+    print(f"  {'between kernels':<18} {gap:>8.2f} ms  {gap / r['replay_ms'] * 100:>5.1f} %")
+    for k in p["top"][:6]:
+        print(f"    {k['ms']:>7.3f} ms  x{k['calls']:<4.0f} {k['name'][:90]}")
+    q = r["profile_launched"]
+    print(f"  launched one by one: {q['kernels_ms']:.2f} ms of kernels, "
+          + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(q["by_kind_ms"].items(),
+                                                                 key=lambda kv: -kv[1])))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="14b")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", default="ar,refiner,refiner-sdpa",
+                    help="ar: the decode round, plain and with fused projections; refiner: a "
+                         "render with the custom attention kernel; refiner-sdpa: with SDPA "
+                         "over the concatenated keys (cuDNN first) instead")
+    args = ap.parse_args(argv)
+    parts_wanted = args.parts.split(",")
+    device = torch.device("cuda")
+    cfg = get_config(args.config)
+    ceil = ceilings(device)
+    parts = random_components(cfg, device, torch.bfloat16)
+    ar = parts["ar_backbone"]
+    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
+    ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
+    flops = render_flops(cfg)[0]
+    result = {"config": cfg.name, "device": torch.cuda.get_device_name(device),
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil}
+    if "ar" in parts_wanted:
+        with torch.no_grad():
+            result["ar_round"] = ar_round(cfg, ar, device, ar_floor)
+            table("AR decode round (batch 1)", result["ar_round"])
+            fuse_projections(ar)
+            result["ar_round_fused"] = ar_round(cfg, ar, device, ar_floor)
+            table("AR decode round, projections fused", result["ar_round_fused"])
+    del parts["ar_backbone"], ar
+    torch.cuda.empty_cache()
+    rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
+    for part, kernel in (("refiner", True), ("refiner-sdpa", False)):
+        if part in parts_wanted:
+            use_kernel(kernel)
+            torch._dynamo.reset()
+            key = "refiner_render" + ("" if kernel else "_sdpa")
+            result[key] = refiner_render(cfg, parts["refiner"], device, rf_floor)
+            table(f"refiner render (full history), {'kernel' if kernel else 'SDPA'} attention",
+                  result[key])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_stages.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
