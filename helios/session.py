@@ -6,12 +6,12 @@ frames), and only there: what was rendered before stays as it was. ``PromptSwitc
 schedule that the renderer (``orchestrator.stream_video``) consults before each latent frame;
 updates come from any thread (an interactive client, a Triton request, a scripted list).
 
-At a switch the AR backbone starts a new segment: the new prompt's embedding, then the plan
-tokens of the last ``switch_keep`` latent frames, prefilled anew (the KV cache is rebuilt,
-as LongLive re-caches at a prompt switch). The AR is stateless between segments anyway, so
-this costs one prefill of at most a window of plan tokens and nothing is kept per session.
-The refiner keeps its anchor and history, so the picture turns into the new prompt's rather
-than cutting to it.
+At a switch the AR backbone starts a new segment under the new prompt's embedding, its
+context the plan tokens of the last ``switch_keep`` latent frames (none: see
+``helios.schedule.switch_keep``), prefilled anew. The AR is stateless between segments
+anyway, so this costs one prefill and nothing is kept per session. The refiner keeps its
+anchor and history, so the picture turns into the new prompt's rather than cutting to a
+new video.
 """
 
 from __future__ import annotations

@@ -275,3 +275,30 @@ def test_plan_bias_of_the_tiny_config():
     assert [(a.min().item(), a.max().item(), len(a)) for a in allowed[8:]] == \
         [(256, 287, 32), (288, 319, 32), (320, 327, 8)]
     assert plan_bias(get_config("14b")).shape == (1, get_config("14b").ar_backbone.vocab_size)
+
+
+def test_fused_projections_give_the_same_logits_and_tokens():
+    """q/k/v and gate/up in one matrix each (helios.ar_backbone.fuse_projections): the same
+    logits (to float32 rounding) and the same sampled tokens, prefill and decode steps."""
+    from helios.ar_backbone import fuse_projections
+
+    model, prefix = _model(CFG, 3), _prefix(6, CFG.hidden_size, 4)
+
+    def run():
+        rt = ARRuntime(model, num_blocks=16, block_size=8)
+        rt.add_sequence(0, prefix, [CFG.bos_token_id], SamplingParams(seed=5), bias=BIAS)
+        first = rt.logits(0)
+        rt.generate([0], 12)
+        return first, rt.tokens(0)
+
+    logits, tokens = run()
+    fused = fuse_projections(model)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.qkv_proj.weight.shape == (CFG.hidden_size + 2 * CFG.num_key_value_heads * CFG.head_dim,
+                                          CFG.hidden_size)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    assert mlp.gate_up_proj.weight.shape == (2 * CFG.intermediate_size, CFG.hidden_size)
+    fused_logits, fused_tokens = run()
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    assert fused_tokens == tokens
+    assert fuse_projections(model) is model  # already fused: left as it is

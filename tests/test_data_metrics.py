@@ -115,3 +115,16 @@ def test_true_plans_replay_the_tokens_they_are_given(pipe):
     got = np.concatenate([c.frames for c in stream_video(cfg, req, _TruePlans(pipe, list(decoded)))])
     assert len(decoded) == (cfg.ar_context_frames + 2) * cfg.plan_tokens_per_frame
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("start", [12, 30, 60])
+def test_motion_is_read_from_any_start_of_a_clip(start):
+    """A window that starts mid-clip: a growing object has restarted small in it, a moving one
+    has crossed an edge and come back at the other, a bouncing one is mid-bounce. Each is
+    still read as what it does (the windows after a prompt switch or a continuation start
+    there)."""
+    cases = _single_object_cases(n=40, seed=8, frames=start + 32)
+    got = [dominant_object(frames[start:]) for _, frames in cases]
+    truth = [spec.objects[0].motion for spec, _ in cases]
+    assert np.mean([g["motion"] == t for g, t in zip(got, truth)]) >= 0.95, \
+        [(g["motion"], t) for g, t in zip(got, truth) if g["motion"] != t]

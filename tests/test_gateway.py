@@ -418,7 +418,12 @@ def test_the_page_streams_steers_and_downloads_in_chromium(shipped_gateway, brow
         return window.heliosState.shown; }})()""")
     applied = browser.wait_for("window.heliosState.lastPrompt", timeout=10)
     assert applied["prompt"] == BLUE and 0 < applied["from_frame"] - shown <= 24, (shown, applied)
-    browser.wait_for(f"window.heliosState.shown >= {applied['from_frame']}", timeout=20)
+    # ... and the picture is blue one second of video after that frame.
+    after = []
+    for frame in (applied["from_frame"] + 24, applied["from_frame"] + 28):
+        browser.wait_for(f"window.heliosState.shown >= {frame}", timeout=20)
+        after.append(_canvas(browser))
+    assert dominant_object(np.stack(after))["color"] == "blue"
     browser.wait_for("!document.getElementById('download').hidden", timeout=60)
     assert browser.evaluate("window.heliosState.status") == "completed, 240 frames"
     download = browser.evaluate(DOWNLOAD)

@@ -130,6 +130,20 @@ def test_eval_scores_switches_on_held_out_pairs(pipe):
     assert all(r["jump"] > 0 for r in result["videos"])
 
 
+def test_the_trained_model_follows_a_switch_on_held_out_pairs():
+    """The shipped checkpoint, switched 2 s into a 5 s video between held-out prompts (pairs
+    other than `helios eval --switches`'): the frames from 0.5 s after the switch have the
+    new prompt's colour, and those before it are the video without the switch."""
+    from helios.evaluate import held_out_switches, switch_adherence
+    from helios.pipeline import HeliosPipeline
+
+    shipped = HeliosPipeline.from_checkpoint("weights/helios-tiny")
+    result = switch_adherence(shipped, held_out_switches(8, 2))
+    misses = [(r["after"], r["color"]) for r in result["videos"] if not r["color_ok"]]
+    assert result["color_adherence"] >= 0.9, misses
+    assert result["identical_before"] == 1.0
+
+
 def test_the_cli_switches_prompts(tiny_checkpoint, tmp_path):
     out = tmp_path / "a.mp4"
     run = subprocess.run([sys.executable, "-m", "helios.cli", "generate", "--checkpoint",
