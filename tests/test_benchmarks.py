@@ -87,3 +87,22 @@ def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path):
 def test_gpu_measurement_scripts_parse(script):
     """The scripts that run the GPU measurements cannot run here; they must at least parse."""
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+def test_kernel_kinds_of_the_stage_profile():
+    """benchmarks/profile_stages.py sums kernels by kind from their names, as the H200's
+    profiler named them; an Inductor kernel that fused the ops around attention is not
+    attention."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_stages import kind_of
+
+    assert kind_of("_context_attention_kernel") == "attention"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kind_of("nvjet_sm90_tst_256x112_64x4_2x1_v_bz_coopA_bias_TNT") == "matmul"
+    assert kind_of("void gemmSN_NN_kernel<float, 128, 2, 4, 8, 5, 4, false>") == "matmul"
+    assert kind_of("triton_red_fused__to_copy_add_context_attention_mean_mul_permute_pow") == \
+        "fused (Inductor)"
+    assert kind_of("void at::native::CatArrayBatchedCopy<at::native::OpaqueType<2>>") == "copy"
+    assert kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
