@@ -53,6 +53,19 @@ def _median_s(device, fn, reps: int = 12) -> float:
     return statistics.median(times[2:])
 
 
+def gpu_ms(fn, reps: int = 30) -> float:
+    """Median GPU time of fn() in ms by CUDA events, the first 3 calls left out."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[3:])
+
+
 def ceilings(device) -> dict:
     """Measured copy bandwidth (bytes read + written per second), bf16 matmul rate, and the
     e4m3 matmul rate of ``_scaled_mm`` with row-wise scales (the refiner's FP8 path)."""
@@ -206,17 +219,7 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     runner = pipe.ar.static_step(1)
     if device.type != "cuda":
         return out
-
-    def timed(fn):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ts = []
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end))
-        return statistics.median(ts[3:])
+    timed = lambda fn: gpu_ms(fn, reps)  # noqa: E731
 
     if runner is not None and runner.graph is not None:
         out["ar_graph_replay"] = timed(runner.graph.replay)

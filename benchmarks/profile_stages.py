@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from fps import ceilings  # benchmarks/fps.py: the measured copy and matrix rates
+from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
 
 from helios.accel import accelerate
 from helios.ar_backbone import fuse_projections
@@ -51,19 +51,6 @@ def kind_of(name: str) -> str:
         if any(w in low for w in words):
             return kind
     return "other"
-
-
-def gpu_ms(fn, reps: int = 30) -> float:
-    """Median GPU time of fn() by CUDA events, the first 3 calls left out."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
 
 
 def kernels(fn, reps: int) -> dict:
