@@ -19,26 +19,49 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fold(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+          start, n_keys, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+          HEAD_DIM: tl.constexpr):
+    """Fold one block of BLOCK_N keys/values from ``start`` into the running softmax state.
+    Only the last block of a source is MASKED (its keys past ``n_keys`` are not read)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        valid = keys < n_keys
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)                 # [BLOCK_N, D]
+        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+    else:
+        k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k))
+    # The scale goes into the exponent (log2 domain), one multiply-add per score.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # every block has a valid key: finite
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)                 # [BLOCK_N, D]
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             n_keys, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Fold the keys/values [0, n_keys) of one source into the running softmax state."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, n_keys, BLOCK_N):
-        keys = start + offs_n
-        valid = keys < n_keys
-        k = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=valid[None, :], other=0.0)                         # [D, BLOCK_N]
-        s = tl.dot(q, k) * qk_scale                                         # log2 domain
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))   # every block has a valid key: m_new is finite
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=valid[:, None], other=0.0)                         # [BLOCK_N, D]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    """Fold the keys/values [0, n_keys) of one source into the running softmax state: whole
+    blocks without masks, then the partial last one."""
+    n_whole = (n_keys // BLOCK_N) * BLOCK_N
+    for start in range(0, n_whole, BLOCK_N):
+        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                              stride_vn, stride_vd, start, n_keys, qk_scale, False, BLOCK_N,
+                              HEAD_DIM)
+    if n_whole < n_keys:
+        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                              stride_vn, stride_vd, n_whole, n_keys, qk_scale, True, BLOCK_N,
+                              HEAD_DIM)
     return acc, m_i, l_i
 
 
