@@ -179,7 +179,9 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     """The plan tokens of each latent frame from ``start`` on, one AR segment after another;
     appends them to ``plans`` (which holds those before ``start``: an image's, or those
     rendered before a prompt switch) as they come. The first segment's context keeps
-    ``kept`` of the frames before ``start``. ``generation`` counts the prompt switches
+    ``kept`` of the frames before ``start``; every later one the generation's first frames
+    (from ``start - kept`` on: ``sink_frames``) and the newest. ``generation`` counts the
+    prompt switches
     before this stream, so that each draws its own seeds. ``num_latent``: the schedule's
     latent frames (those of a continued clip included; default the request's).
 
@@ -192,8 +194,10 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     held = None
     if num_latent is None:
         num_latent = cfg.num_latent_frames(req.num_frames)
+    origin = start - kept  # the generation's first frame: the sink frames start there
     for seg in ar_segments(cfg, num_latent, start, kept):
-        context = [bos] + [t for p in plans[len(plans) - seg.kept:] for t in p]
+        frames = plans[origin:origin + seg.sink] + plans[len(plans) - (seg.kept - seg.sink):]
+        context = [bos] + [t for p in frames for t in p]
         path = (seg.index,) if generation == 0 else (seg.index, generation)
         params = dataclasses.replace(req.sampling, seed=derive_seed(req.sampling.seed, AR_SEED,
                                                                     *path))

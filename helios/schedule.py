@@ -71,13 +71,16 @@ AR_SEED, NOISE_SEED = 1, 2
 
 @dataclass(frozen=True)
 class Segment:
-    """One stateless AR request: the context keeps the last ``kept`` frames' plan tokens
-    (after the prompt and begin-of-video) and ``new`` frames are generated after them."""
+    """One stateless AR request: the context holds ``kept`` frames' plan tokens (after the
+    prompt and begin-of-video) and ``new`` frames are generated after them. The first
+    ``sink`` of the kept frames are the generation's first frames (``sink_frames``), the
+    rest the newest ones before ``first_frame``."""
 
     index: int
     first_frame: int   # index of the first new frame
     kept: int
     new: int
+    sink: int = 0
 
 
 def segment_keep(window: int) -> int:
@@ -86,6 +89,18 @@ def segment_keep(window: int) -> int:
     at their new positions once per half-window). Training shows the AR exactly these
     continuation windows."""
     return window - max(1, window // 2)
+
+
+def sink_frames(window: int) -> int:
+    """Of the frames a segment after the first keeps (``segment_keep``), how many are the
+    generation's first frames rather than the newest: half of them (2 of 4 at tiny's window
+    of 8). The first frames the generation saw or made (a video's start, the clip a video
+    continues, the start under a new prompt) stay in every later segment's context, an
+    attention sink of frames, so the AR's colour and shape stay those of the start: without
+    it the tiny AR, copying its own recent frames, drifted (a cyan circle was green after 2 s
+    and magenta after 8 of 60); with 2 sink frames, 5 prompts kept their colour in 100 % of
+    their seconds over 60 s (docs/sessions.md)."""
+    return segment_keep(window) // 2
 
 
 def switch_keep(cfg: HeliosConfig) -> int:
@@ -102,19 +117,20 @@ def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0,
                 kept: int | None = None) -> list[Segment]:
     """Split a video into AR segments so that the context never exceeds the window.
 
-    A segment fills the window; the next keeps ``segment_keep`` of its frames. Generation
-    starts at frame ``given`` (after an image, or at a prompt switch), and the first
-    segment's context keeps ``kept`` of the frames before it (all ``given`` by default).
+    A segment fills the window; the next keeps ``segment_keep`` frames: the ``sink_frames``
+    first of the generation, then the newest. Generation starts at frame ``given`` (after an
+    image, or at a prompt switch), and the first segment's context keeps ``kept`` of the
+    frames before it (all ``given`` by default); the generation's first frames start there.
     """
     window = cfg.ar_context_frames
-    keep_after = segment_keep(window)
+    keep_after, sink_after = segment_keep(window), sink_frames(window)
     kept = given if kept is None else kept
-    segments, done = [], given
+    segments, done, sink = [], given, 0
     while done < num_latent:
         new = min(window - kept, num_latent - done)
-        segments.append(Segment(len(segments), done, kept, new))
+        segments.append(Segment(len(segments), done, kept, new, sink))
         done += new
-        kept = keep_after
+        kept, sink = keep_after, sink_after
     return segments
 
 

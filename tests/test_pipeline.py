@@ -69,11 +69,58 @@ def test_long_video_keeps_memory_bounded(pipe):
 
 def test_ar_segments_bound_the_window(tiny_config):
     segs = ar_segments(tiny_config, 20)
-    assert [(s.first_frame, s.kept, s.new) for s in segs] == \
-        [(0, 0, 8), (8, 4, 4), (12, 4, 4), (16, 4, 4)]
+    assert [(s.first_frame, s.kept, s.sink, s.new) for s in segs] == \
+        [(0, 0, 0, 8), (8, 4, 2, 4), (12, 4, 2, 4), (16, 4, 2, 4)]
     # Image-to-video: the given first frame starts the first segment's context.
     segs = ar_segments(tiny_config, 10, given=1)
-    assert [(s.first_frame, s.kept, s.new) for s in segs] == [(1, 1, 7), (8, 4, 2)]
+    assert [(s.first_frame, s.kept, s.sink, s.new) for s in segs] == [(1, 1, 0, 7), (8, 4, 2, 2)]
+
+
+class _ReplayAR:
+    """Stages whose AR 'generates' a given clip's plan tokens and records each context."""
+
+    def __init__(self, clip):
+        self.clip, self.contexts, self.made = clip, [], 0
+
+    def ar_stream(self, prefix, draft_prefix, context, n, params, bias, speculative):
+        self.contexts.append(list(context))
+        tokens = self.clip.flatten()[self.made:self.made + n].tolist()
+        self.made += n
+        yield tokens
+
+
+@pytest.mark.parametrize("given", [0, 1, 5])
+def test_segments_keep_the_generation_start_as_training_shows_it(tiny_config, given):
+    """Each later segment's context is the generation's first frames (the sink) then the
+    newest: a cyan circle drifted to magenta over a minute without it. The AR is trained on
+    exactly the windows these segments show (helios.training.ar.ar_batch)."""
+    from types import SimpleNamespace
+
+    from helios.orchestrator import plan_stream
+    from helios.training.ar import ar_batch
+
+    cfg, n = tiny_config, tiny_config.plan_tokens_per_frame
+    bos = cfg.ar_backbone.bos_token_id
+    clip = torch.arange(20 * n).reshape(20, n) % cfg.refiner.codebook_size
+    stages = _ReplayAR(clip[given:])
+    req = validate_request(cfg, PROMPT, num_frames=(20 - given) * cfg.frames_per_latent)
+    plans = [list(map(int, p)) for p in clip[:given]]
+    kept = min(given, 4)
+    out = list(plan_stream(cfg, req, stages, None, None, plans, given, kept, num_latent=20))
+    assert torch.equal(torch.tensor(out), clip[given:])
+    origin = given - kept
+    sink = [origin, origin + 1]
+    expected = [list(range(origin, given)), sink + [origin + 6, origin + 7],
+                sink + [origin + 10, origin + 11], sink + [origin + 14, origin + 15]]
+    expected = [[f for f in frames if f < 20] for frames in expected]
+    assert stages.contexts == [[bos] + clip[frames].flatten().tolist() for frames in expected][
+        :len(stages.contexts)]
+    assert len(stages.contexts) == len(ar_segments(cfg, 20, given, kept))
+    if given == 0:  # a video's second segment is the training's continuation window
+        t = SimpleNamespace(cfg=cfg, source=None, settings=SimpleNamespace(
+            ar_start=0.0, caption_dropout=0.0, switch_windows=0.0))
+        _, toks = ar_batch(t, clip[None, :12], [PROMPT], np.random.default_rng(0), 1)
+        assert toks[0].tolist() == stages.contexts[1] + clip[8:12].flatten().tolist()
 
 
 def test_cancelled_stream_returns_its_blocks(pipe):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import drop_attribute_words
-from ..schedule import segment_keep
+from ..schedule import segment_keep, sink_frames
 from ..text_encoder import tokenize
 from .run import PhaseRun
 from .sources import SyntheticClips
@@ -26,19 +26,22 @@ class _CausalAttention:
 
 def ar_batch(t, plans, captions, rng, batch: int, switches=None):
     """Teacher-forcing batch of the windows the pipeline's AR segments show: a video's start
-    (begin-of-video, frames 0..7) or a continuation (begin-of-video, frames 4..11); with
+    (begin-of-video, frames 0..7) or a continuation (begin-of-video, the sink frames 0..1,
+    the newest kept frames 6..7, then 8..11); with
     ``switches`` (t.switch_plans()), a share ``switch_windows`` of prompt switches: the
     frames before the switch (up to the newest half of a window) then those after it, under
     the caption after it, as a session's switch segment shows them.
     -> (byte ids, token ids [B, T] after the prefix)."""
     cfg = t.cfg
     window = cfg.ar_context_frames
-    keep = segment_keep(window)
+    keep, sink = segment_keep(window), sink_frames(window)
     idx = rng.integers(plans.shape[0], size=batch)
     starts = np.where(rng.random(batch) < t.settings.ar_start, 0, window - keep)
     starts = np.minimum(starts, plans.shape[1] - window)
     bos = torch.tensor([cfg.ar_backbone.bos_token_id], device=plans.device)
-    rows = [plans[i, st:st + window] for i, st in zip(idx, starts)]
+    rows = [plans[i, :window] if st == 0 else
+            torch.cat([plans[i, :sink], plans[i, st + sink:st + window]])
+            for i, st in zip(idx, starts)]
     texts = [captions[i] for i in idx]
     if switches is not None:
         s_plans, s_captions, s_at = switches
