@@ -319,6 +319,20 @@ def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tm
                                   "got 'soon'")
 
 
+def test_a_minute_of_video_keeps_its_colour_and_background():
+    """The shipped checkpoint's minute of `helios eval`'s long-video prompt: the object has
+    the prompt's colour in at least 90 % of its seconds (30 % when each AR segment kept only
+    the newest frames: helios.schedule.sink_frames) and the background holds."""
+    from helios.evaluate import long_video_drift
+    from helios.pipeline import HeliosPipeline
+
+    shipped = HeliosPipeline.from_checkpoint("weights/helios-tiny")
+    drift = long_video_drift(shipped, "a cyan circle moving down on a light background", 60,
+                             color="cyan")
+    assert drift["seconds_with_color"] >= 0.9, drift["seconds_with_color"]
+    assert drift["color_shift"] <= 0.05
+
+
 def test_a_long_session_with_switches_stays_flat_in_memory(pipe):
     """A minute of video, a prompt switch every 10 s: the KV pool ends where it started and
     the process's resident memory after the last second is within 32 MiB of the tenth (the
