@@ -181,9 +181,8 @@ def plan_stream(cfg: HeliosConfig, req: VideoRequest, stages: Stages, prefix, dr
     rendered before a prompt switch) as they come. The first segment's context keeps
     ``kept`` of the frames before ``start``; every later one the generation's first frames
     (from ``start - kept`` on: ``sink_frames``) and the newest. ``generation`` counts the
-    prompt switches
-    before this stream, so that each draws its own seeds. ``num_latent``: the schedule's
-    latent frames (those of a continued clip included; default the request's).
+    prompt switches before this stream, so that each draws its own seeds. ``num_latent``:
+    the schedule's latent frames (those of a continued clip included; default the request's).
 
     The last frame of a segment is held back until the next segment's AR request has gone
     out (its context is plan tokens only, known once the last token arrives), so the AR never
