@@ -56,8 +56,8 @@ class TrainSettings:
     # encoder latents.
     decoder_rendered: float = 0.5
     # Share of AR windows that are a video's start (the rest are continuations, which keep the
-    # newest half of the window): a video's first AR segment is a start, every later one a
-    # continuation.
+    # video's first frames and the newest, as helios.schedule.ar_segments does): a video's
+    # first AR segment is a start, every later one a continuation.
     ar_start: float = 0.5
     # Share of AR windows taken from prompt-switch clips (sources.synthetic_switch_clip): the
     # context holds the frames before the switch, the caption is the one after it, as a
