@@ -99,7 +99,8 @@ def sink_frames(window: int) -> int:
     attention sink of frames, so the AR's colour and shape stay those of the start: without
     it the tiny AR, copying its own recent frames, drifted (a cyan circle was green after 2 s
     and magenta after 8 of 60); with 2 sink frames, 5 prompts kept their colour in 100 % of
-    their seconds over 60 s (docs/sessions.md)."""
+    their seconds over 60 s (docs/sessions.md). Training shows the AR the same windows
+    (``helios.training.ar.ar_batch``)."""
     return segment_keep(window) // 2
 
 

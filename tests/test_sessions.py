@@ -321,7 +321,7 @@ def test_the_client_switches_prompts_scripted_and_from_standard_input(server, tm
 
 def test_a_minute_of_video_keeps_its_colour_and_background():
     """The shipped checkpoint's minute of `helios eval`'s long-video prompt: the object has
-    the prompt's colour in at least 90 % of its seconds (30 % when each AR segment kept only
+    the prompt's colour in at least 90 % of its seconds (8 % when each AR segment keeps only
     the newest frames: helios.schedule.sink_frames) and the background holds."""
     from helios.evaluate import long_video_drift
     from helios.pipeline import HeliosPipeline
