@@ -35,7 +35,6 @@ def _track(masks: list) -> np.ndarray:
     h, w = masks[0].shape
     angles = [2 * np.pi * np.arange(n) / n for n in (h, w)]
     out = np.zeros((len(masks), 3))
-    prev = None
     for t, m in enumerate(masks):
         area = m.sum()
         if area == 0:
@@ -45,11 +44,10 @@ def _track(masks: list) -> np.ndarray:
         for axis, (a, n) in enumerate(zip(angles, (h, w))):
             mass = m.sum(1 - axis)
             pos = np.arctan2(mass @ np.sin(a), mass @ np.cos(a)) * n / (2 * np.pi) % n
-            if prev is not None:
-                step = (pos - prev[axis] + n / 2) % n - n / 2
-                pos = out[t - 1, axis] + step
+            last = out[t - 1, axis] if t else np.nan  # unwrapped; NaN before the object is seen
+            if not np.isnan(last):
+                pos = last + (pos - last + n / 2) % n - n / 2
             centre.append(pos)
-        prev = [c % n for c, n in zip(centre, (h, w))]
         out[t] = (*centre, area)
     return out
 
