@@ -22,6 +22,9 @@
 #   server-384p-fused
 #               one stream of 14b-384p the same way (FILL_ARGS=--prefetch-plans: the AR
 #               decodes ahead beside the refiner)
+#   kernels     benchmarks/attention_kernel.py and benchmarks/fusions.py: the refiner's
+#               attention kernel, the MLP's GELU epilogue and the AR's decode attention,
+#               each against the alternatives
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
 # helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).
@@ -96,6 +99,13 @@ for part in "${parts[@]}"; do
                 [ $rc -eq 0 ] || status=1
                 grep -v "^ " "$out/fps_${config}_$tag.txt" | grep -iv "warn" | tail -12
             done ;;
+        kernels)
+            for b in attention_kernel fusions; do
+                timeout 300 python3 "benchmarks/$b.py" --out "$out/kernels" > "$out/$b.txt" 2>&1
+                rc=$?
+                echo "$b.py: rc $rc"; [ $rc -eq 0 ] || status=1
+                grep -iv "warn" "$out/$b.txt" | tail -24
+            done ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
@@ -110,7 +120,7 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, kernels)" >&2; exit 2 ;;
     esac
 done
 exit $status

@@ -136,3 +136,34 @@ def test_prefetching_pipeline_gives_the_frames_of_the_sequential_one(tmp_path):
     a = prefetching.generate_video(prompt, num_frames=40, seed=3)
     b = sequential.generate_video(prompt, num_frames=40, seed=3)
     assert (a == b).all()
+
+
+def test_refiner_mlp_takes_the_gelu_epilogue_and_keeps_its_numbers(monkeypatch):
+    import torch.nn.functional as F
+
+    import helios.refiner as refiner
+
+    calls = []
+    fused = refiner._linear_gelu
+    monkeypatch.setattr(refiner, "_linear_gelu", lambda *a: calls.append(1) or fused(*a))
+    g = torch.Generator().manual_seed(0)
+    fc1 = torch.nn.Linear(256, 1024).cuda().to(torch.bfloat16)
+    h = torch.randn(3, 50, 256, generator=g).cuda().to(torch.bfloat16)
+    exact = F.gelu(F.linear(h.float(), fc1.weight.float(), fc1.bias.float()), approximate="tanh")
+    plain = F.gelu(fc1(h), approximate="tanh")
+    with torch.no_grad():
+        out = refiner._fc1_gelu(fc1, h)
+    assert calls and out.shape == plain.shape
+    # The epilogue rounds once, from float32; the plain form rounds the product, then the GELU.
+    assert (out.float() - exact).abs().max() <= (plain.float() - exact).abs().max() * 1.5
+    assert (out.float() - exact).abs().max() < 0.05
+    # The epilogue's GELU is the tanh form: at -3 the two forms differ by 11 %.
+    zero = torch.nn.Linear(256, 8).cuda().to(torch.bfloat16)
+    torch.nn.init.zeros_(zero.weight), torch.nn.init.constant_(zero.bias, -3.0)
+    with torch.no_grad():
+        at_minus_3 = refiner._fc1_gelu(zero, h).float()
+    tanh_form = F.gelu(torch.tensor(-3.0), approximate="tanh").item()
+    torch.testing.assert_close(at_minus_3, torch.full_like(at_minus_3, tanh_form), rtol=1e-2, atol=0)
+    calls.clear()
+    out = refiner._fc1_gelu(fc1, h)  # with gradients wanted: the plain form (no backward)
+    assert not calls

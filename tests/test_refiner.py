@@ -57,3 +57,15 @@ def test_vae_decoder_streams_statelessly(tiny_checkpoint, tiny_config):
                                 for i in range(5)])
     assert batch.shape == (5, 4, 3, cfg.height, cfg.width)
     torch.testing.assert_close(one_by_one, batch, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gelu_operator_is_the_projection_then_tanh_gelu():
+    # The refiner's MLP on CUDA runs helios::linear_gelu (cuBLASLt's GELU epilogue, checked
+    # on a GPU in tests/test_cuda_graphs.py); its CPU kernel is the same function.
+    from helios.refiner import _linear_gelu
+
+    x, w, b = _rand(37, 24, seed=0), _rand(40, 24, seed=1), _rand(40, seed=2)
+    out = _linear_gelu(x, w, b)
+    torch.testing.assert_close(out, F.gelu(F.linear(x, w, b), approximate="tanh"),
+                               rtol=1e-6, atol=1e-6)
+    assert (out - F.gelu(F.linear(x, w, b))).abs().max() > 1e-4  # the tanh form, not erf
