@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-windows", type=_float("switch_windows"), default=None,
                    help="AR phase: share of AR windows that are prompt switches (needs "
                         "--switch-clips)")
+    p.add_argument("--long-clips", type=_int("long_clips"), default=None,
+                   help="AR phase: long-session clips (a clip's first frames, then its frames "
+                        "up to 35 latent frames later) encoded into a bank of their own "
+                        "(default 0: none)")
+    p.add_argument("--long-windows", type=_float("long_windows"), default=None,
+                   help="AR phase: share of continuation windows cut from long-session clips "
+                        "(needs --long-clips)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int("seed"), default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -272,18 +279,16 @@ def cmd_train(args) -> None:
     settings.steps.update(_steps(args.steps))
     if args.bank_clips is not None:
         settings.bank_clips = args.bank_clips
-    if args.caption_dropout is not None:
-        if not 0 <= args.caption_dropout <= 1:
-            raise HeliosError("caption_dropout", f"must be in [0, 1], got {args.caption_dropout}")
-        settings.caption_dropout = args.caption_dropout
-    if args.switch_clips is not None:
-        if args.switch_clips < 0:
-            raise HeliosError("switch_clips", f"must be >= 0, got {args.switch_clips}")
-        settings.switch_clips = args.switch_clips
-    if args.switch_windows is not None:
-        if not 0 <= args.switch_windows <= 1:
-            raise HeliosError("switch_windows", f"must be in [0, 1], got {args.switch_windows}")
-        settings.switch_windows = args.switch_windows
+    for name, share in (("caption_dropout", True), ("switch_clips", False),
+                        ("switch_windows", True), ("long_clips", False), ("long_windows", True)):
+        value = getattr(args, name)  # a share in [0, 1], or a number of clips
+        if value is None:
+            continue
+        if share and not 0 <= value <= 1:
+            raise HeliosError(name, f"must be in [0, 1], got {value}")
+        if not share and value < 0:
+            raise HeliosError(name, f"must be >= 0, got {value}")
+        setattr(settings, name, value)
     trainer = Trainer(args.out, args.config, init=init, data=args.data, device=args.device,
                       seed=args.seed, settings=settings, progress=not args.no_progress)
     rejected = getattr(trainer.source, "rejected", [])

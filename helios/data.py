@@ -170,3 +170,12 @@ def render_clip(spec: ClipSpec, num_frames: int, size: int = 128, seed: int = 0,
         for o, (cy, cx, r) in zip(spec.objects, starts):
             _draw(frames[t], o, *object_state(o, start + t, cy, cx, r, size))
     return frames
+
+
+def render_long_session_clip(spec: ClipSpec, num_frames: int, head: int, gap: int,
+                             size: int = 128, seed: int = 0) -> np.ndarray:
+    """uint8 [T, size, size, 3]: the first ``head`` frames of ``spec``'s video, then its
+    frames from ``head + gap`` on, as a long video's later AR segments see it: its first
+    frames beside its newest, ``gap`` frames left out between them."""
+    return np.concatenate([render_clip(spec, head, size, seed),
+                           render_clip(spec, num_frames - head, size, seed, start=head + gap)])

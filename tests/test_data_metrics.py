@@ -4,7 +4,8 @@ clips score as correct, clips paired with another clip's caption score as wrong.
 import numpy as np
 import pytest
 
-from helios.data import COLORS, MOTIONS, SHAPES, ObjectSpec, is_held_out, render_clip, sample_spec
+from helios.data import (COLORS, MOTIONS, SHAPES, ObjectSpec, is_held_out, render_clip,
+                         render_long_session_clip, sample_spec)
 from helios.metrics import dominant_object, drift, flicker
 
 
@@ -15,6 +16,14 @@ def test_clips_are_deterministic_and_captioned():
     assert not np.array_equal(a, render_clip(spec, 16, seed=4))
     assert spec.caption.startswith("a ") and spec.caption.endswith("background")
     assert len(COLORS) >= 6 and {"circle", "square", "triangle"} <= set(SHAPES)
+
+
+def test_a_long_session_clip_is_the_video_start_then_its_later_frames():
+    spec = sample_spec(np.random.default_rng(4))
+    video = render_clip(spec, 80, 32, seed=3)
+    clip = render_long_session_clip(spec, 48, 8, 20, 32, seed=3)
+    assert np.array_equal(clip, np.concatenate([video[:8], video[28:68]]))
+    assert not np.array_equal(clip, video[:48])
 
 
 def test_held_out_combinations_never_appear_in_training():

@@ -121,6 +121,13 @@ def test_segments_keep_the_generation_start_as_training_shows_it(tiny_config, gi
             ar_start=0.0, caption_dropout=0.0, switch_windows=0.0))
         _, toks = ar_batch(t, clip[None, :12], [PROMPT], np.random.default_rng(0), 1)
         assert toks[0].tolist() == stages.contexts[1] + clip[8:12].flatten().tolist()
+        # The third segment, whose newest frames lie 8 after the sink, is a long-session
+        # window: a clip of the first 2 frames, then the video from frame 6 on.
+        t.settings.long_windows = 1.0
+        long = torch.cat([clip[:2], clip[6:16]])[None]
+        _, toks = ar_batch(t, clip[None, :12], ["another prompt"], np.random.default_rng(0), 1,
+                           longs=(long, [PROMPT]))
+        assert toks[0].tolist() == stages.contexts[2] + clip[12:16].flatten().tolist()
 
 
 def test_cancelled_stream_returns_its_blocks(pipe):

@@ -24,7 +24,10 @@ def _settings(steps: int, **kw) -> TrainSettings:
 
 def test_a_few_steps_lower_every_phase_loss(tmp_path):
     torch.manual_seed(0)
-    losses = Trainer(tmp_path / "ckpt", settings=_settings(30), progress=False).run()
+    # The AR and draft phases cut half their continuation windows from long-session clips.
+    settings = _settings(30, long_clips=6, long_windows=0.5)
+    losses = Trainer(tmp_path / "ckpt", settings=settings, progress=False).run()
+    assert (tmp_path / "ckpt" / "train_state" / "long_plans.pt").is_file()
     assert set(losses) == set(PHASES)
     for phase, values in losses.items():
         first, last = np.mean(values[:5]), np.mean(values[-5:])
@@ -171,10 +174,14 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert capsys.readouterr().err.strip() == "helios: error: prompts must be an integer >= 1, got 0"
 
 
-def test_train_refuses_a_caption_dropout_outside_0_1(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "x"), "--caption-dropout", "1.5"]) == 2
-    assert capsys.readouterr().err.strip() == \
-        "helios: error: caption_dropout must be in [0, 1], got 1.5"
+@pytest.mark.parametrize("flag,value,message", [
+    ("--caption-dropout", "1.5", "caption_dropout must be in [0, 1], got 1.5"),
+    ("--long-windows", "-0.1", "long_windows must be in [0, 1], got -0.1"),
+    ("--long-clips", "-3", "long_clips must be >= 0, got -3"),
+    ("--switch-clips", "-1", "switch_clips must be >= 0, got -1")])
+def test_train_refuses_settings_outside_their_range(tmp_path, capsys, flag, value, message):
+    assert main(["train", "--out", str(tmp_path / "x"), flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"helios: error: {message}"
 
 
 # ---- geometry tokens and starting from a checkpoint of another config -----------------------

@@ -24,10 +24,12 @@ class _CausalAttention:
                                               v.repeat_interleave(g, 1), is_causal=True)
 
 
-def ar_batch(t, plans, captions, rng, batch: int, switches=None):
+def ar_batch(t, plans, captions, rng, batch: int, switches=None, longs=None):
     """Teacher-forcing batch of the windows the pipeline's AR segments show: a video's start
     (begin-of-video, frames 0..7) or a continuation (begin-of-video, the sink frames 0..1,
-    the newest kept frames 6..7, then 8..11); with
+    the newest kept frames 6..7, then 8..11); with ``longs`` (t.long_plans()), a share
+    ``long_windows`` of the continuations cut the same way from long-session clips, whose
+    newest frames lie 4 to 35 latent frames after the sink frames; with
     ``switches`` (t.switch_plans()), a share ``switch_windows`` of prompt switches: the
     frames before the switch (up to the newest half of a window) then those after it, under
     the caption after it, as a session's switch segment shows them.
@@ -43,6 +45,12 @@ def ar_batch(t, plans, captions, rng, batch: int, switches=None):
             torch.cat([plans[i, :sink], plans[i, st + sink:st + window]])
             for i, st in zip(idx, starts)]
     texts = [captions[i] for i in idx]
+    if longs is not None:
+        l_plans, l_captions = longs
+        for r in np.nonzero((starts > 0) & (rng.random(batch) < t.settings.long_windows))[0]:
+            i, st = int(rng.integers(l_plans.shape[0])), starts[r]
+            rows[r] = torch.cat([l_plans[i, :sink], l_plans[i, st + sink:st + window]])
+            texts[r] = l_captions[i]
     if switches is not None:
         s_plans, s_captions, s_at = switches
         for r in np.nonzero(rng.random(batch) < t.settings.switch_windows)[0]:
@@ -86,11 +94,12 @@ def train_ar(t) -> None:
     te, ar = t.models["text_encoder"].train(), t.models["ar_backbone"].train()
     plans, captions = t.plans()
     switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
+    longs = t.long_plans() if s.long_windows > 0 and s.long_clips > 0 else None
     params = list(te.parameters()) + list(ar.parameters())
     run = PhaseRun(t, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
                    s.lr["ar"])
     for _ in run:
-        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["ar"], switches)
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["ar"], switches, longs)
         prefix, lengths = _prefix(t, byte_ids)
         logits = ar_logits(ar, prefix, lengths, toks)
         target = toks[:, 1:]
@@ -121,12 +130,13 @@ def train_draft(t) -> None:
     te.draft_proj.requires_grad_(True)
     plans, captions = t.plans()
     switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
+    longs = t.long_plans() if s.long_windows > 0 and s.long_clips > 0 else None
     params = list(draft.parameters()) + list(te.draft_proj.parameters())
     run = PhaseRun(t, "draft", {"draft": draft, "draft_proj": te.draft_proj}, params,
                    s.steps["draft"], s.lr["draft"])
     k = t.cfg.ar_backbone.plan_vocab_size
     for _ in run:
-        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["draft"], switches)
+        byte_ids, toks = ar_batch(t, plans, captions, run.rng(), s.batch["draft"], switches, longs)
         with torch.no_grad():
             prefix, lengths = _prefix(t, byte_ids)
             teacher = ar_logits(ar, prefix, lengths, toks)[..., :k]

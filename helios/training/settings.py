@@ -65,6 +65,12 @@ class TrainSettings:
     # the context's colour and ignored the new prompt (docs/sessions.md).
     switch_windows: float = 0.0
     switch_clips: int = 0            # clips encoded into the switch bank (0: none)
+    # Share of continuation windows taken from long-session clips (sources.synthetic_long_clip):
+    # the video's first frames and its newest up to 35 latent frames apart, as the later
+    # segments of a long video or of the time after a prompt switch show them; the bank's
+    # clips only show them 4 apart.
+    long_windows: float = 0.0
+    long_clips: int = 0              # clips encoded into the long-session bank (0: none)
     change_weight: float = 5.0       # AR loss on plan tokens that change from the last frame
     # AR captions of synthetic clips lose each colour / shape word with this probability
     # (data.drop_attribute_words): motion words then have to work alone (docs/training.md).

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import HeliosConfig
-from ..data import render_clip, render_switch_clip, sample_spec
+from ..data import render_clip, render_long_session_clip, render_switch_clip, sample_spec
 from ..errors import HeliosError
 from ..text_encoder import tokenize
 
@@ -36,6 +36,28 @@ def synthetic_bank_clip(job) -> tuple[np.ndarray, str]:
     """Clip ``i`` of a synthetic latent bank (run in a worker process)."""
     size, seed, i, num_frames = job
     return synthetic_clip(np.random.default_rng([seed, 99, i]), num_frames, size)
+
+
+# A long session's later AR segments keep the video's first frames and its newest, any number
+# of latent frames apart; the bank's clips show them 4 apart. One period of the slowest
+# synthetic motion (an object crosses the frame in 128 frames, 32 latent frames) covers every
+# distance a long video reaches.
+LONG_GAPS = 32
+
+
+def synthetic_long_clip(job) -> tuple[np.ndarray, str]:
+    """Clip ``i`` of a bank of long-session windows (run in a worker process): a synthetic
+    clip's first ``sink`` latent frames, then the rest of its latent frames from 0 to
+    ``LONG_GAPS - 1`` latent frames later on. ``helios.training.ar.ar_batch`` cuts a
+    continuation window from it as from a bank clip: the first frames, then the newest kept
+    ones 4 to 35 latent frames after them (4 in the bank's clips), then those to predict."""
+    size, seed, i, num_frames, frames_per_latent, sink = job
+    rng = np.random.default_rng([seed, 97, i])
+    spec = sample_spec(rng, max_objects=2 if rng.random() < 0.25 else 1)
+    clip_seed, gap = int(rng.integers(2**31)), int(rng.integers(LONG_GAPS))
+    clip = render_long_session_clip(spec, num_frames, sink * frames_per_latent,
+                                    gap * frames_per_latent, size, clip_seed)
+    return clip, spec.caption
 
 
 def synthetic_switch_clip(job) -> tuple[np.ndarray, str, int]:

@@ -24,10 +24,12 @@ from ..checkpoint import (COMPONENTS, init_checkpoint, load_component, read_conf
                           save_component, write_index)
 from ..config import get_config
 from ..errors import HeliosError
+from ..schedule import sink_frames
 from ..vae import from_uint8
 from . import ar as ar_phases, refiner as refiner_phase, vae as vae_phases
 from .settings import CLIP_LATENTS, PHASES, TrainSettings
-from .sources import FolderClips, SyntheticClips, synthetic_bank_clip, synthetic_switch_clip
+from .sources import (FolderClips, SyntheticClips, synthetic_bank_clip, synthetic_long_clip,
+                      synthetic_switch_clip)
 
 # The function that trains each phase, and the component each phase leaves in eval mode.
 PHASE_RUNNERS = {"vae": vae_phases.train_vae, "refiner": refiner_phase.train_refiner,
@@ -190,24 +192,38 @@ class Trainer:
         return torch.stack(latents), rows
 
     @torch.no_grad()
-    def switch_plans(self) -> tuple[torch.Tensor, list[str], list[int]]:
-        """Plan tokens [N, 12, n] of ``switch_clips`` prompt-switch clips, the captions after
-        their switches and the latent frames of the switches (cached in switch_plans.pt)."""
-        path = self.state_dir / "switch_plans.pt"
+    def _plan_bank(self, name: str, worker, jobs: list, desc: str):
+        """Plan tokens [N, 12, n] of the synthetic clips ``worker`` renders from ``jobs``, and
+        each clip's other fields (cached in ``name``.pt)."""
+        path = self.state_dir / f"{name}.pt"
         if path.is_file():
             b = torch.load(path, weights_only=True)
-            return b["plans"].to(self.device), b["captions"], b["at"]
-        f = self.cfg.frames_per_latent
-        jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f, f)
-                for i in range(self.settings.switch_clips)]
-        latents, rows = self._encode(synthetic_switch_clip, jobs, "switch bank")
+            return b["plans"].to(self.device), b["rows"]
+        latents, rows = self._encode(worker, jobs, desc)
         refiner = self.models["refiner"].eval()
         plans = torch.stack([refiner.plan_tokenizer(z.to(self.device), refiner.plan_embed.weight)
                              for z in latents])
-        captions, at = [r[0] for r in rows], [r[1] for r in rows]
-        torch.save({"plans": plans.cpu(), "captions": captions, "at": at}, path)
-        self.log(f"switch bank: {len(captions)} clips")
-        return plans, captions, at
+        rows = [list(r) for r in rows]
+        torch.save({"plans": plans.cpu(), "rows": rows}, path)
+        self.log(f"{desc}: {len(rows)} clips")
+        return plans, rows
+
+    def switch_plans(self) -> tuple[torch.Tensor, list[str], list[int]]:
+        """Plan tokens [N, 12, n] of ``switch_clips`` prompt-switch clips, the captions after
+        their switches and the latent frames of the switches."""
+        f = self.cfg.frames_per_latent
+        jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f, f)
+                for i in range(self.settings.switch_clips)]
+        plans, rows = self._plan_bank("switch_plans", synthetic_switch_clip, jobs, "switch bank")
+        return plans, [r[0] for r in rows], [r[1] for r in rows]
+
+    def long_plans(self) -> tuple[torch.Tensor, list[str]]:
+        """Plan tokens [N, 12, n] of ``long_clips`` long-session clips and their captions."""
+        f = self.cfg.frames_per_latent
+        jobs = [(self.cfg.height, self.seed, i, CLIP_LATENTS * f, f,
+                 sink_frames(self.cfg.ar_context_frames)) for i in range(self.settings.long_clips)]
+        plans, rows = self._plan_bank("long_plans", synthetic_long_clip, jobs, "long-session bank")
+        return plans, [r[0] for r in rows]
 
     @torch.no_grad()
     def plans(self) -> tuple[torch.Tensor, list[str]]:
