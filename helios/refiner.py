@@ -97,8 +97,8 @@ def _(x, weight, bias):
 
 def _fc1_gelu(fc1: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The MLP's first projection and its tanh GELU. On CUDA in 16-bit floats, one matmul with
-    the GELU in its epilogue: at 14b's 720p shape (3600 x 2048 into 8192) 0.198 ms against
-    0.222 for the matmul then Inductor's fused bias and GELU, on an H200 (benchmarks/fusions.py),
+    the GELU in its epilogue: at 14b's 720p shape (3600 x 2048 into 8192) 0.191 ms against
+    0.220 for the matmul then Inductor's fused bias and GELU, on an H200 (benchmarks/fusions.py),
     60 of them a render. Training (the operator has no backward), exports (ONNX) and other
     layers (the FP8 option's) take the plain form."""
     if (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and type(fc1) is nn.Linear
