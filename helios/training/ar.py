@@ -41,16 +41,17 @@ def ar_batch(t, plans, captions, rng, batch: int, switches=None, longs=None):
     starts = np.where(rng.random(batch) < t.settings.ar_start, 0, window - keep)
     starts = np.minimum(starts, plans.shape[1] - window)
     bos = torch.tensor([cfg.ar_backbone.bos_token_id], device=plans.device)
-    rows = [plans[i, :window] if st == 0 else
-            torch.cat([plans[i, :sink], plans[i, st + sink:st + window]])
-            for i, st in zip(idx, starts)]
+
+    def cut(clip, st):  # a start, or a continuation: the sink frames, then from st on
+        return clip[:window] if st == 0 else torch.cat([clip[:sink], clip[st + sink:st + window]])
+
+    rows = [cut(plans[i], st) for i, st in zip(idx, starts)]
     texts = [captions[i] for i in idx]
     if longs is not None:
         l_plans, l_captions = longs
         for r in np.nonzero((starts > 0) & (rng.random(batch) < t.settings.long_windows))[0]:
-            i, st = int(rng.integers(l_plans.shape[0])), starts[r]
-            rows[r] = torch.cat([l_plans[i, :sink], l_plans[i, st + sink:st + window]])
-            texts[r] = l_captions[i]
+            i = int(rng.integers(l_plans.shape[0]))
+            rows[r], texts[r] = cut(l_plans[i], starts[r]), l_captions[i]
     if switches is not None:
         s_plans, s_captions, s_at = switches
         for r in np.nonzero(rng.random(batch) < t.settings.switch_windows)[0]:
@@ -62,6 +63,13 @@ def ar_batch(t, plans, captions, rng, batch: int, switches=None, longs=None):
     byte_ids = [tokenize(drop_attribute_words(c, rng, p) if p > 0 else c,
                          cfg.text_encoder.max_prompt_bytes) for c in texts]
     return byte_ids, toks
+
+
+def _window_banks(t):
+    """The prompt-switch and long-session banks the settings ask windows of (each or None)."""
+    s = t.settings
+    return (t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None,
+            t.long_plans() if s.long_windows > 0 and s.long_clips > 0 else None)
 
 
 def _prefix(t, byte_ids, draft: bool = False):
@@ -93,8 +101,7 @@ def train_ar(t) -> None:
     s = t.settings
     te, ar = t.models["text_encoder"].train(), t.models["ar_backbone"].train()
     plans, captions = t.plans()
-    switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
-    longs = t.long_plans() if s.long_windows > 0 and s.long_clips > 0 else None
+    switches, longs = _window_banks(t)
     params = list(te.parameters()) + list(ar.parameters())
     run = PhaseRun(t, "ar", {"text_encoder": te, "ar_backbone": ar}, params, s.steps["ar"],
                    s.lr["ar"])
@@ -129,8 +136,7 @@ def train_draft(t) -> None:
         p.requires_grad_(False)
     te.draft_proj.requires_grad_(True)
     plans, captions = t.plans()
-    switches = t.switch_plans() if s.switch_windows > 0 and s.switch_clips > 0 else None
-    longs = t.long_plans() if s.long_windows > 0 and s.long_clips > 0 else None
+    switches, longs = _window_banks(t)
     params = list(draft.parameters()) + list(te.draft_proj.parameters())
     run = PhaseRun(t, "draft", {"draft": draft, "draft_proj": te.draft_proj}, params,
                    s.steps["draft"], s.lr["draft"])
