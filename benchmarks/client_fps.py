@@ -30,6 +30,7 @@ from pathlib import Path
 
 
 from helios_client import HeliosClient
+from helios_client.api import STREAM_MODEL
 
 PROMPTS = ["a red circle moving left on a dark background", "a blue square moving up",
            "a green triangle bouncing", "a yellow circle growing on a light background"]
@@ -109,6 +110,21 @@ def model_stats(stats_url: str | None) -> dict | None:
     return out
 
 
+def stats_after(stats_url: str | None, before: dict | None, requests: int,
+                timeout_s: float = 10.0) -> dict | None:
+    """The statistics after a level of ``requests`` streams. Triton counts a decoupled
+    request once its last response has been sent, which can be a moment after the client
+    holds it: wait (up to ``timeout_s``) until the streaming model counts every one."""
+    after = model_stats(stats_url)
+    deadline = time.monotonic() + timeout_s
+    while (after is not None and before is not None and time.monotonic() < deadline
+           and after.get(STREAM_MODEL, {}).get("count", 0)
+           < before.get(STREAM_MODEL, {}).get("count", 0) + requests):
+        time.sleep(0.1)
+        after = model_stats(stats_url)
+    return after
+
+
 def stats_delta(before: dict | None, after: dict | None) -> dict | None:
     """Per model: requests in between and the mean milliseconds of each part per request."""
     if before is None or after is None:
@@ -155,7 +171,7 @@ def main(argv=None) -> int:
         ok = [r for r in results if "fps" in r]
         rounds1 = ar_rounds(args.metrics_url)
         rows.append({"concurrency": n, "streams": results, "gpu_memory_used_mib": gpu_memory_mib(),
-                     "per_model": stats_delta(stats0, model_stats(args.stats_url)),
+                     "per_model": stats_delta(stats0, stats_after(args.stats_url, stats0, n)),
                      "ar_rounds": None if rounds0 is None else rounds1 - rounds0,
                      "failed": n - len(ok),
                      "fps_min": min((r["fps"] for r in ok), default=float("nan")),
