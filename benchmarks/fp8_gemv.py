@@ -1,16 +1,25 @@
-"""The FP8 decode-step GEMV against bf16 cuBLAS, at the 14b AR's projection shapes (GPU).
+"""The AR decode step's matrix-vector products in FP8 against bf16 cuBLAS, at the 14b AR's
+shapes (GPU).
 
-For 1 and 4 rows (streams) and every projection of a decoder layer: the median time
-(triton.testing.do_bench: L2 flushed between calls, one kernel at a time) of F.linear on bf16
-weights and of helios.fp8.fp8_gemv on e4m3 weights, with the bandwidth each reaches on its
-weight bytes; the last rows sum one decoder layer. One kernel at a time with a cold L2 is not
-how a graph-replayed decode step runs them: benchmarks/fps.py measures that.
+Two measurements, for 1 and 4 rows (streams):
 
-    python benchmarks/fp8_gemv.py --out OUT        prints the table, writes OUT/fp8_gemv.json
+- **one decode step's products**: every projection of all 40 decoder layers (each layer its
+  own weights, 22 GB in bf16, 11 GB in e4m3), captured as one CUDA graph and replayed, the way
+  the compiled decode step runs them; the median replay, the bandwidth it reaches on the
+  weight bytes and its ratio to the copy floor (the weight bytes over the measured
+  device-to-device copy rate);
+- **one product at a time** (``triton.testing.do_bench``, L2 flushed), per projection.
+
+Variants: ``F.linear`` on bf16 weights (cuBLAS); ``helios.fp8.fp8_gemv`` (e4m3 weights, the
+kernel that the AR's FP8 option runs); the same products with q/k/v and gate/up each one
+matrix (``fuse_projections``'s shapes). ``--variants`` picks.
+
+    python benchmarks/fp8_gemv.py --out OUT        prints the tables, writes OUT/fp8_gemv.json
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,46 +29,132 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from helios import fp8
 from helios.config import get_config
-from helios.fp8 import fp8_gemv, quantize_weight
+
+VARIANTS = {
+    "bf16": lambda x, w: F.linear(x, w),
+    "fp8": lambda x, w: fp8.fp8_gemv(x, *w),
+    "fp8_dot": lambda x, w: fp8.fp8_gemv(x, *w, fma=False),
+    "fp8_unsplit": lambda x, w: fp8.fp8_gemv_unsplit(x, *w),
+}
+ONE_ROW_ONLY = {"fp8_dot"}  # at more rows it is "fp8"
+
+
+def projections(c, fused: bool) -> dict[str, tuple[int, int]]:
+    d, hd = c.hidden_size, c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    if fused:
+        return {"qkv_proj": (q + 2 * kv, d), "o_proj": (d, q),
+                "gate_up_proj": (2 * c.intermediate_size, d), "down_proj": (d, c.intermediate_size)}
+    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+            "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
+            "down_proj": (d, c.intermediate_size)}
+
+
+def copy_rate(dev) -> float:
+    """Bytes read plus written per second of a 4 GiB device-to-device copy (median of 20)."""
+    a = torch.empty(2 ** 31, dtype=torch.int16, device=dev)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
+    del a, b
+    return 2 * 2 ** 32 / (ms / 1e3)
+
+
+def weights(shapes, layers: int, kind: str, dev):
+    """One layer's weights per entry: bf16 tensors, or (e4m3, scale) pairs."""
+    out = []
+    for _ in range(layers):
+        layer = {}
+        for name, (n, k) in shapes.items():
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+            layer[name] = w if kind == "bf16" else fp8.quantize_weight(w)
+        out.append(layer)
+    return out
+
+
+def step_replay_ms(fn, xs, layer_weights, reps: int = 20) -> list[float]:
+    """Every layer's products as one CUDA graph; each replay's time in ms."""
+    def step():
+        for layer in layer_weights:
+            for name, w in layer.items():
+                fn(xs[name], w)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()  # autotuning and compilation happen here, outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
     c = get_config("14b").ar_backbone
-    d, hd = c.hidden_size, c.hidden_size // c.num_attention_heads
-    shapes = {"q_proj": (c.num_attention_heads * hd, d), "k_proj": (c.num_key_value_heads * hd, d),
-              "v_proj": (c.num_key_value_heads * hd, d), "o_proj": (d, c.num_attention_heads * hd),
-              "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
-              "down_proj": (d, c.intermediate_size)}
     dev = torch.device("cuda")
-    rows = []
-    for m in (1, 4):
-        total = {"bf16": 0.0, "fp8": 0.0}
-        for name, (n, k) in shapes.items():
-            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-            q, s = quantize_weight(w)
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            row = {"rows": m, "proj": name, "n": n, "k": k}
-            for key, fn, nbytes in (("bf16", lambda: F.linear(x, w), 2 * n * k),
-                                    ("fp8", lambda: fp8_gemv(x, q, s), n * k)):
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                row[f"{key}_us"] = ms * 1e3
-                row[f"{key}_tb_s"] = nbytes / (ms / 1e3) / 1e12
-                total[key] += ms * 1e3
-            rows.append(row)
-            print(f"M={m} {name:<9} {n:>6}x{k:<6} bf16 {row['bf16_us']:7.1f} us "
-                  f"({row['bf16_tb_s']:.2f} TB/s)  fp8 {row['fp8_us']:7.1f} us ({row['fp8_tb_s']:.2f})",
-                  flush=True)
-        rows.append({"rows": m, "proj": "layer", **{f"{k}_us": v for k, v in total.items()}})
-        print(f"M={m} one layer: bf16 {total['bf16']:.1f} us, fp8 {total['fp8']:.1f} us; "
-              f"x{c.num_hidden_layers} layers: bf16 "
-              f"{total['bf16'] * c.num_hidden_layers / 1e3:.2f} ms, fp8 "
-              f"{total['fp8'] * c.num_hidden_layers / 1e3:.2f} ms")
+    copy = copy_rate(dev)
+    print(f"copy rate {copy / 1e12:.2f} TB/s (bytes read plus written)", flush=True)
+    steps, singles = [], []
+    for fused in (False, True):
+        shapes = projections(c, fused)
+        layout = "q/k/v, gate/up fused" if fused else "7 projections"
+        for kind in ("bf16", "fp8"):
+            variants = [v for v in args.variants if (v == "bf16") == (kind == "bf16")]
+            if not variants:
+                continue
+            ws = weights(shapes, c.num_hidden_layers, kind, dev)
+            nbytes = sum(n * k for n, k in shapes.values()) * c.num_hidden_layers * (2 if kind == "bf16" else 1)
+            for m in args.rows:
+                xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                      for name, (n, k) in shapes.items()}
+                for v in variants:
+                    if m > 1 and v in ONE_ROW_ONLY:
+                        continue
+                    ms = statistics.median(step_replay_ms(VARIANTS[v], xs, ws))
+                    floor = nbytes / (copy / 2) * 1e3  # the weights read once at the copy rate
+                    row = {"layout": layout, "variant": v, "rows": m, "replay_ms": ms,
+                           "weight_gb": nbytes / 1e9, "tb_s": nbytes / (ms / 1e3) / 1e12,
+                           "floor_ms": floor, "ratio": ms / floor}
+                    steps.append(row)
+                    print(f"step  {layout:<22} {v:<5} rows {m}: {ms:6.2f} ms, {row['tb_s']:.2f} TB/s "
+                          f"on {row['weight_gb']:.1f} GB, {row['ratio']:.2f}x the floor "
+                          f"{floor:.2f} ms", flush=True)
+                    for name, (n, k) in shapes.items():
+                        w = ws[0][name]
+                        us = do_bench(lambda: VARIANTS[v](xs[name], w), warmup=25, rep=100,
+                                      return_mode="median") * 1e3
+                        singles.append({"layout": layout, "variant": v, "rows": m, "proj": name,
+                                        "n": n, "k": k, "us": us})
+            del ws
+            torch.cuda.empty_cache()
+    print(f"\n{'one product at a time (us, L2 flushed)':<44}" + "".join(
+        f"{v + ' x' + str(m):>12}" for v in args.variants for m in args.rows))
+    for layout in dict.fromkeys(r["layout"] for r in singles):
+        for proj in dict.fromkeys(r["proj"] for r in singles if r["layout"] == layout):
+            got = {(r["variant"], r["rows"]): r["us"] for r in singles
+                   if r["layout"] == layout and r["proj"] == proj}
+            n, k = next((r["n"], r["k"]) for r in singles if r["proj"] == proj)
+            print(f"{proj + f' {n}x{k}':<44}" + "".join(
+                f"{got.get((v, m), float('nan')):12.1f}" for v in args.variants for m in args.rows))
     result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
+              "torch": torch.__version__, "triton": triton.__version__,
+              "command": "python benchmarks/fp8_gemv.py " + " ".join(argv or sys.argv[1:]),
+              "copy_bytes_per_s": copy, "steps": steps, "products": singles}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fp8_gemv.json").write_text(json.dumps(result, indent=2) + "\n")

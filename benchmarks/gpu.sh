@@ -25,6 +25,8 @@
 #   kernels     benchmarks/attention_kernel.py and benchmarks/fusions.py: the refiner's
 #               attention kernel, the MLP's GELU epilogue and the AR's decode attention,
 #               each against the alternatives
+#   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
+#               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
 # helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).
@@ -99,6 +101,21 @@ for part in "${parts[@]}"; do
                 [ $rc -eq 0 ] || status=1
                 grep -v "^ " "$out/fps_${config}_$tag.txt" | grep -iv "warn" | tail -12
             done ;;
+        fp8)
+            timeout 240 python3 benchmarks/fp8_gemv.py --out "$out/kernels" > "$out/fp8_gemv.txt" 2>&1
+            rc=$?
+            echo "fp8_gemv.py: rc $rc"; [ $rc -eq 0 ] || status=1
+            grep -iv "warn" "$out/fp8_gemv.txt" | tail -30
+            for v in "ar_fp8:--ar-fp8" "ar_refiner_fp8:--ar-fp8 --refiner-fp8"; do
+                IFS=: read -r tag flags <<< "$v"
+                # shellcheck disable=SC2086  # the flags are words
+                timeout 300 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 \
+                    --out "$out/inprocess" --tag "$tag" $flags > "$out/fps_14b_$tag.txt" 2>&1
+                rc=$?
+                echo "fps.py 14b $tag: rc $rc"
+                [ $rc -eq 0 ] || status=1
+                grep -v "^ " "$out/fps_14b_$tag.txt" | grep -iv "warn" | tail -14
+            done ;;
         kernels)
             for b in attention_kernel fusions; do
                 timeout 300 python3 "benchmarks/$b.py" --out "$out/kernels" > "$out/$b.txt" 2>&1
@@ -120,7 +137,7 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused, kernels)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, kernels, fp8)" >&2; exit 2 ;;
     esac
 done
 exit $status

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ar_backbone import fuse_projections
+
 E4M3_MAX = 448.0
 GEMV_MAX_ROWS = 16
 
@@ -95,15 +97,116 @@ if triton is not None:
                  mask=(offs_m[:, None] < M) & n_ok[None, :])
 
 
+    # The split-K kernels: the weight's columns cut into SPLIT_K slices, each program one
+    # BLOCK_N x slice tile, its partial sums to P[split] (float32) or straight to the output
+    # when there is one slice. The weight widens to float16, not bfloat16: Hopper converts
+    # two e4m3 values to two float16 in one instruction (cvt.rn.f16x2.e4m3x2), exactly (every
+    # e4m3 value is a float16), and the activation rows are cast to float16 as they load.
+    _SPLIT_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                      for n, k, w, s in ((16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 4),
+                                         (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2),
+                                         (8, 1024, 4, 3), (8, 512, 2, 4))]
+
+    @triton.autotune([c for c in _SPLIT_CONFIGS if c.kwargs["BLOCK_N"] >= 16],
+                     key=["N", "K", "BLOCK_M", "SPLIT_K"])
+    @triton.jit
+    def _fp8_gemv_dot_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT_K: tl.constexpr):
+        """P[split, m, n] = sum over the split's k of X[m, k] * W[n, k] * S[n], on the tensor
+        cores (the rows padded to BLOCK_M)."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        k_lo = pid_k * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :],
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :],
+                        mask=(offs_n[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        s = tl.load(S + offs_n, mask=offs_n < N, other=0.0)
+        y = acc * s[None, :]
+        tl.store(P + pid_k * spk + offs_m[:, None] * spm + offs_n[None, :],
+                 y.to(P.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.autotune(_SPLIT_CONFIGS, key=["N", "K", "BLOCK_M", "SPLIT_K"])
+    @triton.jit
+    def _fp8_gemv_fma_split_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The same partial sums without tensor cores, for one row: a [BLOCK_N, BLOCK_K]
+        float32 accumulator of the widened weight times the row, summed over k at the end."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        k_lo = pid_k * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_hi
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            x = tl.load(X + kk, mask=k_ok, other=0.0)
+            acc += w.to(tl.float16).to(tl.float32) * x.to(tl.float32)[None, :]
+        s = tl.load(S + offs_n, mask=n_ok, other=0.0)
+        y = tl.sum(acc, axis=1) * s
+        tl.store(P + pid_k * spk + offs_n, y.to(P.dtype.element_ty), mask=n_ok)
+
+
 # One row (one stream's decode step) takes the FMA kernel: inside the 14b's graph-replayed
 # decode step it made the step 1.1 ms faster than the tensor-core kernel (9.1 vs 10.3 ms, H100,
 # 2026-11-24), though the two time alike one kernel at a time (benchmarks/fp8_gemv.py, L2
 # flushed). At 4 rows it was 1.7x slower there, so more rows take the tensor-core kernel.
 FMA_MAX_ROWS = 1
+_SMS = {}
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, M <= GEMV_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N]."""
+def split_k(n: int, k: int, device) -> int:
+    """How many slices the split-K kernels cut a weight's columns into: enough that the
+    narrowest tile count (n / 16 programs a slice) gives every multiprocessor about four
+    programs, in slices of at least 1024 columns."""
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * _SMS[device] // -(-n // 16))
+    return max(1, min(want, k // 1024))
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+             splits: int | None = None, fma: bool | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, M <= GEMV_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N].
+    ``splits``: the K slices (default ``split_k``); ``fma`` picks the kernel (default: the
+    FMA one for one row)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.contiguous()
+    splits = splits or split_k(n, k, x.device)
+    per_split = -(-k // splits)
+    per_split = -(-per_split // 16) * 16  # a multiple of 16: loads stay 16 bytes wide
+    splits = -(-k // per_split)
+    if splits == 1:
+        p = torch.empty(1, m, n, device=x.device, dtype=x.dtype)
+    else:
+        p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    fma = m <= FMA_MAX_ROWS if fma is None else fma
+    if fma and m > 1:
+        raise ValueError(f"the FMA kernel takes one row, not {m}")
+    kernel = _fp8_gemv_fma_split_kernel if fma else _fp8_gemv_dot_kernel
+    kernel[grid](x, weight, scale, p, m, n, k, per_split, x.stride(0), weight.stride(0),
+                 p.stride(0), p.stride(1), BLOCK_M=max(16, triton.next_power_of_2(m)),
+                 SPLIT_K=splits)
+    return p[0] if splits == 1 else p.sum(0).to(x.dtype)
+
+
+def fp8_gemv_unsplit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The one-slice kernels (one program per BLOCK_N outputs over all of K), for comparison."""
     m, k = x.shape
     n = weight.shape[0]
     x = x.contiguous()
@@ -137,6 +240,8 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", s)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # Fixed here, so that a compiled decode step sees a constant.
+        self.splits = split_k(*q.shape, q.device) if q.is_cuda else None
 
     def dequantized(self, dtype) -> torch.Tensor:
         return (self.weight.float() * self.scale[:, None]).to(dtype)
@@ -144,15 +249,21 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if x.is_cuda and triton is not None and rows <= GEMV_MAX_ROWS:
-            y = fp8_gemv(x.reshape(rows, -1), self.weight, self.scale)
+            y = fp8_gemv(x.reshape(rows, -1), self.weight, self.scale, self.splits)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized(x.dtype))
 
 
-def quantize_ar(model: nn.Module) -> int:
+def quantize_ar(model: nn.Module, fuse: bool = True) -> int:
     """Replace the projections of every decoder layer (attention q/k/v/o, MLP gate/up/down) by
     FP8Linear, in place; embeddings, norms and the head stay as they are (the head is 0.4 % of
-    the 14b AR's bytes and sets the logits directly). Returns the bytes saved."""
+    the 14b AR's bytes and sets the logits directly). With ``fuse``, q/k/v and gate/up are
+    first merged into one matrix each (``fuse_projections``; the scales are per output
+    channel, so the quantized values are the same): the GEMV kernel then runs 4 products a
+    layer, and k and v (a fifth of q each) no longer run as products too small to fill the
+    GPU. Returns the bytes saved."""
+    if fuse:
+        fuse_projections(model)
     saved = 0
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
