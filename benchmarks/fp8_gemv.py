@@ -8,7 +8,7 @@ Two measurements, for 1 and 4 rows (streams):
   the compiled decode step runs them; the median replay, the bandwidth it reaches on the
   weight bytes and its ratio to the copy floor (the weight bytes over the measured
   device-to-device copy rate);
-- **one product at a time** (``triton.testing.do_bench``, L2 flushed), per projection.
+- **one projection**: the same, for each projection of the 40 layers alone (per product).
 
 Variants: ``F.linear`` on bf16 weights (cuBLAS); ``helios.fp8.fp8_gemv`` (e4m3 weights, the
 kernel that the AR's FP8 option runs); the same products with q/k/v and gate/up each one
@@ -32,13 +32,18 @@ from triton.testing import do_bench
 from helios import fp8
 from helios.config import get_config
 
+def _dequantized(x, w):
+    return F.linear(x, (w[0].float() * w[1][:, None]).to(x.dtype))
+
+
+# name: (product, the row counts it is timed at)
 VARIANTS = {
-    "bf16": lambda x, w: F.linear(x, w),
-    "fp8": lambda x, w: fp8.fp8_gemv(x, *w),
-    "fp8_dot": lambda x, w: fp8.fp8_gemv(x, *w, fma=False),
-    "fp8_unsplit": lambda x, w: fp8.fp8_gemv_unsplit(x, *w),
+    "bf16": (lambda x, w: F.linear(x, w), lambda m: True),
+    "fp8": (lambda x, w: fp8.fp8_gemv(x, *w), lambda m: True),
+    "fp8_dot": (lambda x, w: fp8.fp8_gemv(x, *w, fma=False), lambda m: m == 1),
+    "fp8_unsplit": (lambda x, w: fp8.fp8_gemv_unsplit(x, *w), lambda m: m <= fp8.GEMV_MAX_ROWS),
+    "fp8_dequant": (_dequantized, lambda m: m > fp8.GEMV_MAX_ROWS),
 }
-ONE_ROW_ONLY = {"fp8_dot"}  # at more rows it is "fp8"
 
 
 def projections(c, fused: bool) -> dict[str, tuple[int, int]]:
@@ -102,7 +107,7 @@ def step_replay_ms(fn, xs, layer_weights, reps: int = 20) -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 96])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
     c = get_config("14b").ar_backbone
@@ -123,10 +128,11 @@ def main(argv=None) -> int:
                 xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                       for name, (n, k) in shapes.items()}
                 for v in variants:
-                    if m > 1 and v in ONE_ROW_ONLY:
+                    fn, timed_at = VARIANTS[v]
+                    if not timed_at(m):
                         continue
-                    ms = statistics.median(step_replay_ms(VARIANTS[v], xs, ws))
-                    floor = nbytes / (copy / 2) * 1e3  # the weights read once at the copy rate
+                    ms = statistics.median(step_replay_ms(fn, xs, ws))
+                    floor = nbytes / copy * 1e3  # the weights read once at the copy rate
                     row = {"layout": layout, "variant": v, "rows": m, "replay_ms": ms,
                            "weight_gb": nbytes / 1e9, "tb_s": nbytes / (ms / 1e3) / 1e12,
                            "floor_ms": floor, "ratio": ms / floor}
@@ -134,15 +140,15 @@ def main(argv=None) -> int:
                     print(f"step  {layout:<22} {v:<5} rows {m}: {ms:6.2f} ms, {row['tb_s']:.2f} TB/s "
                           f"on {row['weight_gb']:.1f} GB, {row['ratio']:.2f}x the floor "
                           f"{floor:.2f} ms", flush=True)
-                    for name, (n, k) in shapes.items():
-                        w = ws[0][name]
-                        us = do_bench(lambda: VARIANTS[v](xs[name], w), warmup=25, rep=100,
-                                      return_mode="median") * 1e3
+                    for name, (n, k) in shapes.items():  # each projection of all layers alone
+                        one = [{name: layer[name]} for layer in ws]
+                        us = statistics.median(step_replay_ms(fn, xs, one)) * 1e3 / len(ws)
                         singles.append({"layout": layout, "variant": v, "rows": m, "proj": name,
-                                        "n": n, "k": k, "us": us})
+                                        "n": n, "k": k, "us": us,
+                                        "tb_s": n * k * (2 if kind == "bf16" else 1) / us / 1e6})
             del ws
             torch.cuda.empty_cache()
-    print(f"\n{'one product at a time (us, L2 flushed)':<44}" + "".join(
+    print(f"\n{'one product, us (40 layers in one graph)':<44}" + "".join(
         f"{v + ' x' + str(m):>12}" for v in args.variants for m in args.rows))
     for layout in dict.fromkeys(r["layout"] for r in singles):
         for proj in dict.fromkeys(r["proj"] for r in singles if r["layout"] == layout):
@@ -151,10 +157,16 @@ def main(argv=None) -> int:
             n, k = next((r["n"], r["k"]) for r in singles if r["proj"] == proj)
             print(f"{proj + f' {n}x{k}':<44}" + "".join(
                 f"{got.get((v, m), float('nan')):12.1f}" for v in args.variants for m in args.rows))
+    picks = {kernel: {str(key): str(config) for key, config in getattr(fp8, kernel).cache.items()}
+             for kernel in ("_fp8_gemv_fma_split_kernel", "_fp8_gemv_dot_kernel")}
+    for kernel, got in picks.items():
+        print(f"\n{kernel}: the autotuner's picks (N, K, BLOCK_M, SPLIT_K, dtypes...)")
+        for key, config in got.items():
+            print(f"  {key}: {config}")
     result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "triton": triton.__version__,
               "command": "python benchmarks/fp8_gemv.py " + " ".join(argv or sys.argv[1:]),
-              "copy_bytes_per_s": copy, "steps": steps, "products": singles}
+              "copy_bytes_per_s": copy, "steps": steps, "products": singles, "autotuned": picks}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fp8_gemv.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -31,7 +31,8 @@ from torch import nn
 from .ar_backbone import fuse_projections
 
 E4M3_MAX = 448.0
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = 16      # decode steps: split-K, the rows in one block
+KERNEL_MAX_ROWS = 256   # prefills up to here: the kernel's row blocks; above, dequantized
 
 try:  # the kernel exists where triton does (CUDA machines); the reference path runs anywhere
     import triton
@@ -105,7 +106,9 @@ if triton is not None:
     _SPLIT_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                       for n, k, w, s in ((16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 4),
                                          (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2),
-                                         (8, 1024, 4, 3), (8, 512, 2, 4))]
+                                         (8, 1024, 4, 3), (8, 512, 2, 4), (64, 128, 4, 4),
+                                         (32, 128, 4, 4), (16, 128, 4, 4), (32, 1024, 8, 1),
+                                         (16, 1024, 4, 1), (8, 2048, 8, 1))]
 
     @triton.autotune([c for c in _SPLIT_CONFIGS if c.kwargs["BLOCK_N"] >= 16],
                      key=["N", "K", "BLOCK_M", "SPLIT_K"])
@@ -114,10 +117,11 @@ if triton is not None:
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              SPLIT_K: tl.constexpr):
         """P[split, m, n] = sum over the split's k of X[m, k] * W[n, k] * S[n], on the tensor
-        cores (the rows padded to BLOCK_M)."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        cores (the rows padded to BLOCK_M). The row blocks are the grid's first axis, so that
+        the programs reading one weight tile run together and share it in L2."""
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
         k_lo = pid_k * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -141,7 +145,7 @@ if triton is not None:
                                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         """The same partial sums without tensor cores, for one row: a [BLOCK_N, BLOCK_K]
         float32 accumulator of the widened weight times the row, summed over k at the end."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        pid_n, pid_k = tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_ok = offs_n < N
@@ -180,13 +184,14 @@ def split_k(n: int, k: int, device) -> int:
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
              splits: int | None = None, fma: bool | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, M <= GEMV_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N].
-    ``splits``: the K slices (default ``split_k``); ``fma`` picks the kernel (default: the
-    FMA one for one row)."""
+    """x [M, K] (bf16/fp16, M <= KERNEL_MAX_ROWS), weight [N, K] e4m3, scale [N] -> [M, N].
+    ``splits``: the K slices (default ``split_k``; one above GEMV_MAX_ROWS rows, where the
+    row blocks fill the GPU); ``fma`` picks the kernel (default: the FMA one for one row)."""
     m, k = x.shape
     n = weight.shape[0]
     x = x.contiguous()
-    splits = splits or split_k(n, k, x.device)
+    block_m = max(16, triton.next_power_of_2(m)) if m <= GEMV_MAX_ROWS else 64
+    splits = splits or (split_k(n, k, x.device) if m <= GEMV_MAX_ROWS else 1)
     per_split = -(-k // splits)
     per_split = -(-per_split // 16) * 16  # a multiple of 16: loads stay 16 bytes wide
     splits = -(-k // per_split)
@@ -194,14 +199,13 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         p = torch.empty(1, m, n, device=x.device, dtype=x.dtype)
     else:
         p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
     fma = m <= FMA_MAX_ROWS if fma is None else fma
     if fma and m > 1:
         raise ValueError(f"the FMA kernel takes one row, not {m}")
     kernel = _fp8_gemv_fma_split_kernel if fma else _fp8_gemv_dot_kernel
     kernel[grid](x, weight, scale, p, m, n, k, per_split, x.stride(0), weight.stride(0),
-                 p.stride(0), p.stride(1), BLOCK_M=max(16, triton.next_power_of_2(m)),
-                 SPLIT_K=splits)
+                 p.stride(0), p.stride(1), BLOCK_M=block_m, SPLIT_K=splits)
     return p[0] if splits == 1 else p.sum(0).to(x.dtype)
 
 
@@ -248,7 +252,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.is_cuda and triton is not None and rows <= GEMV_MAX_ROWS:
+        if x.is_cuda and triton is not None and rows <= KERNEL_MAX_ROWS:
             y = fp8_gemv(x.reshape(rows, -1), self.weight, self.scale, self.splits)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized(x.dtype))

@@ -60,7 +60,8 @@ def test_fp8_linear_reference_path_and_quantize_ar():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,n,k", [(1, 5120, 5120), (3, 1024, 5120), (16, 13824, 5120),
-                                   (2, 1000, 520), (4, 5120, 13824), (5, 64, 256)])
+                                   (2, 1000, 520), (4, 5120, 13824), (5, 64, 256),
+                                   (96, 7168, 5120), (200, 1000, 520)])
 def test_fp8_gemv_kernel_matches_the_dequantized_matmul(m, n, k):
     g = torch.Generator().manual_seed(m + n + k)
     w, s = quantize_weight(torch.randn(n, k, generator=g) * 0.02)
