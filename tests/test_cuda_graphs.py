@@ -1,6 +1,6 @@
-"""On a GPU: the CUDA-graph decode step (captured once, replayed; compiled or not) gives the
-logits of the general eager path, step after step, for one and several streams; the compiled
-refiner renders what the eager one does. Skips without CUDA."""
+"""On a GPU: the CUDA-graph decode step (captured once, replayed; compiled or not; bf16 or
+FP8 weights) gives the logits of the general eager path, step after step, for one and several
+streams; the compiled refiner renders what the eager one does. Skips without CUDA."""
 
 import pytest
 import torch
@@ -8,20 +8,25 @@ import torch
 from helios.ar_backbone import ARBackbone
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config
+from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("batch,compiled", [(1, False), (3, False), (1, True), (3, True)])
-def test_cuda_graph_decode_matches_eager(batch, compiled):
+@pytest.mark.parametrize("batch,compiled,fp8", [(1, False, False), (3, False, False),
+                                                (1, True, False), (3, True, False),
+                                                (1, True, True), (3, True, True)])
+def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
     cfg = get_config("tiny").ar_backbone
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = ARBackbone(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     model = model.to(dev, torch.bfloat16).eval()
+    if fp8:  # the split-K GEMV inside the compiled, captured step; the eager side runs it too
+        quantize_ar(model)
     graph = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
                       max_positions=256, compile_steps=compiled)
     eager = ARRuntime(model, num_blocks=64, block_size=16, device=dev, static_decode=False)
