@@ -103,14 +103,13 @@ if triton is not None:
     # when there is one slice. The weight widens to float16, not bfloat16: Hopper converts
     # two e4m3 values to two float16 in one instruction (cvt.rn.f16x2.e4m3x2), exactly (every
     # e4m3 value is a float16), and the activation rows are cast to float16 as they load.
-    _SPLIT_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                      for n, k, w, s in ((16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 4, 4),
-                                         (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2),
-                                         (8, 1024, 4, 3), (8, 512, 2, 4), (64, 128, 4, 4),
-                                         (32, 128, 4, 4), (16, 128, 4, 4), (32, 1024, 8, 1),
-                                         (16, 1024, 4, 1), (8, 2048, 8, 1))]
+    # The tiles each kernel's autotuner picked at the 14b's shapes among 14 (H200, 2026-12-01,
+    # benchmarks/fp8_gemv.py), and one beside them.
+    def _configs(*tiles):
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n, k, w, s in tiles]
 
-    @triton.autotune([c for c in _SPLIT_CONFIGS if c.kwargs["BLOCK_N"] >= 16],
+    @triton.autotune(_configs((32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 4)),
                      key=["N", "K", "BLOCK_M", "SPLIT_K"])
     @triton.jit
     def _fp8_gemv_dot_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
@@ -138,7 +137,9 @@ if triton is not None:
         tl.store(P + pid_k * spk + offs_m[:, None] * spm + offs_n[None, :],
                  y.to(P.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
-    @triton.autotune(_SPLIT_CONFIGS, key=["N", "K", "BLOCK_M", "SPLIT_K"])
+    @triton.autotune(_configs((8, 512, 2, 4), (16, 512, 4, 3), (16, 256, 4, 4), (8, 1024, 4, 3),
+                              (32, 256, 4, 4)),
+                     key=["N", "K", "BLOCK_M", "SPLIT_K"])
     @triton.jit
     def _fp8_gemv_fma_split_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
