@@ -1,7 +1,7 @@
 """The AR decode step's matrix-vector products in FP8 against bf16 cuBLAS, at the 14b AR's
 shapes (GPU).
 
-Two measurements, for 1 and 4 rows (streams):
+Two measurements, for 1 and 4 rows (streams) and a 96-row prefill (`--rows`):
 
 - **one decode step's products**: every projection of all 40 decoder layers (each layer its
   own weights, 22 GB in bf16, 11 GB in e4m3), captured as one CUDA graph and replayed, the way
@@ -10,9 +10,12 @@ Two measurements, for 1 and 4 rows (streams):
   device-to-device copy rate);
 - **one projection**: the same, for each projection of the 40 layers alone (per product).
 
-Variants: ``F.linear`` on bf16 weights (cuBLAS); ``helios.fp8.fp8_gemv`` (e4m3 weights, the
-kernel that the AR's FP8 option runs); the same products with q/k/v and gate/up each one
-matrix (``fuse_projections``'s shapes). ``--variants`` picks.
+Variants (``--variants`` picks): ``bf16``, ``F.linear`` on bf16 weights (cuBLAS); ``fp8``,
+``helios.fp8.fp8_gemv`` on e4m3 weights, as the AR's FP8 option runs it; ``fp8_dot``, the
+same on the tensor cores at one row; ``fp8_dequant``, prefill rows the way they ran before
+the kernel took them (the weight dequantized per call, then cuBLAS). Each in two layouts:
+the 7 projections of a layer, and q/k/v and gate/up each one matrix (``fuse_projections``,
+the layout ``quantize_ar`` gives).
 
     python benchmarks/fp8_gemv.py --out OUT        prints the tables, writes OUT/fp8_gemv.json
 """
@@ -41,7 +44,6 @@ VARIANTS = {
     "bf16": (lambda x, w: F.linear(x, w), lambda m: True),
     "fp8": (lambda x, w: fp8.fp8_gemv(x, *w), lambda m: True),
     "fp8_dot": (lambda x, w: fp8.fp8_gemv(x, *w, fma=False), lambda m: m == 1),
-    "fp8_unsplit": (lambda x, w: fp8.fp8_gemv_unsplit(x, *w), lambda m: m <= fp8.GEMV_MAX_ROWS),
     "fp8_dequant": (_dequantized, lambda m: m > fp8.GEMV_MAX_ROWS),
 }
 
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
             print(f"{proj + f' {n}x{k}':<44}" + "".join(
                 f"{got.get((v, m), float('nan')):12.1f}" for v in args.variants for m in args.rows))
     picks = {kernel: {str(key): str(config) for key, config in getattr(fp8, kernel).cache.items()}
-             for kernel in ("_fp8_gemv_fma_split_kernel", "_fp8_gemv_dot_kernel")}
+             for kernel in ("_fp8_gemv_fma_kernel", "_fp8_gemv_dot_kernel")}
     for kernel, got in picks.items():
         print(f"\n{kernel}: the autotuner's picks (N, K, BLOCK_M, SPLIT_K, dtypes...)")
         for key, config in got.items():

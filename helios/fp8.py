@@ -3,12 +3,23 @@ torch runtime.
 
 **AR backbone.** A decode step reads every weight once for one token per stream, so it is
 bound by weight bytes: e4m3 weights (1 byte) with one float32 scale per output channel halve
-them against bf16. Activations stay bf16. At batch sizes up to ``GEMV_MAX_ROWS`` (decode steps) a Triton-lang
-kernel reads the FP8 weight tile, widens it in registers and accumulates in float32 (an FMA
-kernel for one row, a tensor-core kernel for more): the weight is never materialised in bf16.
-Larger batches (prefill) dequantize the weight once per call and run the ordinary matmul.
-``torch._scaled_mm`` measured no gain at batch 1 (ARCHITECTURE.md section 4: it pads the
-activation to a full tile and quantizes it).
+them against bf16. Activations stay bf16. q/k/v and gate/up are merged into one matrix each
+before quantizing (``quantize_ar``). Up to ``KERNEL_MAX_ROWS`` rows a Triton-lang kernel reads
+the FP8 weight tile, widens it to float16 in registers and accumulates in float32; the weight
+is never materialised in bf16:
+
+- decode steps (up to ``GEMV_MAX_ROWS`` rows): the weight's columns are cut into slices
+  (split-K, ``split_k``) so that even the narrow products give every multiprocessor a few
+  programs, and the slices' partial sums are added after; one row runs an FMA kernel, more
+  rows the tensor cores;
+- prefills (up to ``KERNEL_MAX_ROWS``): blocks of 64 rows on the tensor cores, the blocks of
+  one weight tile side by side so that they share it in L2.
+
+Larger batches dequantize the weight per call and run the ordinary matmul. Measured on an
+H200 (2026-12-01, ``benchmarks/fp8_gemv.py``, the 40 layers' products in one CUDA graph):
+3.88 ms at one row against 5.95 in bf16, 4.41 at four rows, 15.5 ms for a 96-row prefill
+(86.5 dequantizing per call). ``torch._scaled_mm`` measured no gain at batch 1: it pads the
+activation to a full tile and quantizes it.
 
 The per-channel scale is amax / 448 (e4m3's largest normal), so every row uses the full range.
 
@@ -41,63 +52,6 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 if triton is not None:
-    @triton.autotune(
-        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-         for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 5),
-                            (64, 128, 4, 4), (64, 256, 8, 3))],
-        key=["N", "K"])
-    @triton.jit
-    def _fp8_gemv_kernel(X, W, S, Y, M, N, K, sxm, swn, sym,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Y[m, n] = sum_k X[m, k] * W[n, k] * S[n]; one program per BLOCK_N outputs, all rows."""
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :],
-                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-            w = tl.load(W + offs_n[:, None] * swn + kk[None, :],
-                        mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        s = tl.load(S + offs_n, mask=offs_n < N, other=0.0)
-        y = acc * s[None, :]
-        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], y.to(Y.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-    @triton.autotune(
-        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-         for n, k, w, s in ((8, 256, 2, 4), (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3),
-                            (32, 256, 4, 3), (16, 1024, 8, 2), (32, 512, 8, 3), (4, 512, 2, 4))],
-        key=["N", "K", "BLOCK_M"])
-    @triton.jit
-    def _fp8_gemv_fma_kernel(X, W, S, Y, M, N, K, sxm, swn, sym,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The same product without tensor cores, for a row or few: each thread widens its
-        contiguous weight bytes to float32 and multiplies them into a [rows, BLOCK_N, BLOCK_K]
-        accumulator that is summed over k once, at the end (no layout change of the weight
-        tile for an MMA, no shuffle per step)."""
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            w = tl.load(W + offs_n[:, None] * swn + kk[None, :],
-                        mask=n_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :],
-                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
-            acc += w[None, :, :] * x[:, None, :]
-        s = tl.load(S + offs_n, mask=n_ok, other=0.0)
-        y = tl.sum(acc, axis=2) * s[None, :]
-        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], y.to(Y.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & n_ok[None, :])
-
-
     # The split-K kernels: the weight's columns cut into SPLIT_K slices, each program one
     # BLOCK_N x slice tile, its partial sums to P[split] (float32) or straight to the output
     # when there is one slice. The weight widens to float16, not bfloat16: Hopper converts
@@ -141,9 +95,9 @@ if triton is not None:
                               (32, 256, 4, 4)),
                      key=["N", "K", "BLOCK_M", "SPLIT_K"])
     @triton.jit
-    def _fp8_gemv_fma_split_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _fp8_gemv_fma_kernel(X, W, S, P, M, N, K, K_PER_SPLIT, sxm, swn, spk, spm,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT_K: tl.constexpr):
         """The same partial sums without tensor cores, for one row: a [BLOCK_N, BLOCK_K]
         float32 accumulator of the widened weight times the row, summed over k at the end."""
         pid_n, pid_k = tl.program_id(1), tl.program_id(2)
@@ -165,10 +119,9 @@ if triton is not None:
         tl.store(P + pid_k * spk + offs_n, y.to(P.dtype.element_ty), mask=n_ok)
 
 
-# One row (one stream's decode step) takes the FMA kernel: inside the 14b's graph-replayed
-# decode step it made the step 1.1 ms faster than the tensor-core kernel (9.1 vs 10.3 ms, H100,
-# 2026-11-24), though the two time alike one kernel at a time (benchmarks/fp8_gemv.py, L2
-# flushed). At 4 rows it was 1.7x slower there, so more rows take the tensor-core kernel.
+# One row (one stream's decode step) takes the FMA kernel: over the 40 layers' products of
+# the 14b in one CUDA graph, 3.88 ms against 4.56 for the tensor-core kernel (H200,
+# 2026-12-01, benchmarks/fp8_gemv.py); more rows take the tensor-core kernel.
 FMA_MAX_ROWS = 1
 _SMS = {}
 
@@ -204,26 +157,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     fma = m <= FMA_MAX_ROWS if fma is None else fma
     if fma and m > 1:
         raise ValueError(f"the FMA kernel takes one row, not {m}")
-    kernel = _fp8_gemv_fma_split_kernel if fma else _fp8_gemv_dot_kernel
+    kernel = _fp8_gemv_fma_kernel if fma else _fp8_gemv_dot_kernel
     kernel[grid](x, weight, scale, p, m, n, k, per_split, x.stride(0), weight.stride(0),
                  p.stride(0), p.stride(1), BLOCK_M=block_m, SPLIT_K=splits)
     return p[0] if splits == 1 else p.sum(0).to(x.dtype)
-
-
-def fp8_gemv_unsplit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The one-slice kernels (one program per BLOCK_N outputs over all of K), for comparison."""
-    m, k = x.shape
-    n = weight.shape[0]
-    x = x.contiguous()
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    if m <= FMA_MAX_ROWS:
-        _fp8_gemv_fma_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
-                                   y.stride(0), BLOCK_M=triton.next_power_of_2(m))
-    else:
-        _fp8_gemv_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0),
-                               y.stride(0), BLOCK_M=16)
-    return y
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
