@@ -153,7 +153,8 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         p = torch.empty(1, m, n, device=x.device, dtype=x.dtype)
     else:
         p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), splits)
     fma = m <= FMA_MAX_ROWS if fma is None else fma
     if fma and m > 1:
         raise ValueError(f"the FMA kernel takes one row, not {m}")
