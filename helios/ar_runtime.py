@@ -83,9 +83,9 @@ class _StaticDecode:
         CUDA graph each kernel still costs a few microseconds of GPU time, 40 layers x 60 of
         them about as much as the weights' bandwidth floor. One layer is compiled and serves
         all of them (their weights and their ``LayerSlot`` are inputs, not constants): at 14b
-        compiling the whole 40-layer step took minutes, and in a Triton stub over 7 minutes. The cache
-        writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes,
-        larger batches once more in dynamic ones. Falls back to eager if compilation fails."""
+        compiling the whole 40-layer step took minutes, and in a Triton stub over 7 minutes.
+        The cache writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes, larger
+        batches once more in dynamic ones. Falls back to eager if compilation fails."""
         self._slots = self.view.layer_slots()
         self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer")
         self._run = self._forward_compiled
