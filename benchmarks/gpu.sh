@@ -83,6 +83,26 @@ server_run() {  # server_run TAG CONFIG STREAMS...
     return $rc
 }
 
+fps_run() {  # fps_run CONFIG TAG LINES [FLAGS...]: benchmarks/fps.py, its last LINES lines shown
+    local config="$1" tag="$2" lines="$3"; shift 3
+    local log="$out/fps_${config}_$tag.txt"
+    timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds 2 \
+        --out "$out/inprocess" --tag "$tag" "$@" > "$log" 2>&1
+    local rc=$?
+    echo "fps.py $config $tag: rc $rc"
+    grep -v "^ " "$log" | grep -iv "warn" | tail -"$lines"
+    return $rc
+}
+
+kernel_run() {  # kernel_run NAME SECONDS LINES: benchmarks/NAME.py --out OUT/kernels
+    local name="$1" limit="$2" lines="$3"
+    timeout "$limit" python3 "benchmarks/$name.py" --out "$out/kernels" > "$out/$name.txt" 2>&1
+    local rc=$?
+    echo "$name.py: rc $rc"
+    grep -iv "warn" "$out/$name.txt" | tail -"$lines"
+    return $rc
+}
+
 status=0
 for part in "${parts[@]}"; do
     echo "== $part"
@@ -92,37 +112,16 @@ for part in "${parts[@]}"; do
                 tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         inprocess)
-            for v in "14b:bf16:" "14b:fp8_refiner:--refiner-fp8" "14b-384p:bf16:"; do
-                IFS=: read -r config tag flags <<< "$v"
-                timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds 2 \
-                    --out "$out/inprocess" --tag "$tag" $flags > "$out/fps_${config}_$tag.txt" 2>&1
-                rc=$?
-                echo "fps.py $config $tag: rc $rc"
-                [ $rc -eq 0 ] || status=1
-                grep -v "^ " "$out/fps_${config}_$tag.txt" | grep -iv "warn" | tail -12
-            done ;;
+            fps_run 14b bf16 14 || status=1
+            fps_run 14b fp8_refiner 14 --refiner-fp8 || status=1
+            fps_run 14b-384p bf16 14 || status=1 ;;
         fp8)
-            timeout 240 python3 benchmarks/fp8_gemv.py --out "$out/kernels" > "$out/fp8_gemv.txt" 2>&1
-            rc=$?
-            echo "fp8_gemv.py: rc $rc"; [ $rc -eq 0 ] || status=1
-            grep -iv "warn" "$out/fp8_gemv.txt" | tail -30
-            for v in "ar_fp8:--ar-fp8" "ar_refiner_fp8:--ar-fp8 --refiner-fp8"; do
-                IFS=: read -r tag flags <<< "$v"
-                # shellcheck disable=SC2086  # the flags are words
-                timeout 300 python3 benchmarks/fps.py --config 14b --device cuda --seconds 2 \
-                    --out "$out/inprocess" --tag "$tag" $flags > "$out/fps_14b_$tag.txt" 2>&1
-                rc=$?
-                echo "fps.py 14b $tag: rc $rc"
-                [ $rc -eq 0 ] || status=1
-                grep -v "^ " "$out/fps_14b_$tag.txt" | grep -iv "warn" | tail -14
-            done ;;
+            kernel_run fp8_gemv 240 30 || status=1
+            fps_run 14b ar_fp8 14 --ar-fp8 || status=1
+            fps_run 14b ar_refiner_fp8 14 --ar-fp8 --refiner-fp8 || status=1 ;;
         kernels)
-            for b in attention_kernel fusions; do
-                timeout 300 python3 "benchmarks/$b.py" --out "$out/kernels" > "$out/$b.txt" 2>&1
-                rc=$?
-                echo "$b.py: rc $rc"; [ $rc -eq 0 ] || status=1
-                grep -iv "warn" "$out/$b.txt" | tail -24
-            done ;;
+            kernel_run attention_kernel 300 24 || status=1
+            kernel_run fusions 300 24 || status=1 ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;

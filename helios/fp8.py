@@ -172,6 +172,11 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wf / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """e4m3 [N, K] and its per-channel scale [N] -> the weight in ``dtype``."""
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
 class FP8Linear(nn.Module):
     """A bias-free nn.Linear with e4m3 weights and per-output-channel scales."""
 
@@ -187,7 +192,7 @@ class FP8Linear(nn.Module):
         self.splits = split_k(*q.shape, q.device) if q.is_cuda else None
 
     def dequantized(self, dtype) -> torch.Tensor:
-        return (self.weight.float() * self.scale[:, None]).to(dtype)
+        return dequantize(self.weight, self.scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
