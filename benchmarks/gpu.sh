@@ -25,6 +25,9 @@
 #   kernels     benchmarks/attention_kernel.py and benchmarks/fusions.py: the refiner's
 #               attention kernel, the MLP's GELU epilogue and the AR's decode attention,
 #               each against the alternatives
+#   memory      benchmarks/server_memory.py: the fused server's build at STREAMS (default 4)
+#               streams in-process (FILL_ARGS may add --ar-fp8, --refiner-fp8), its memory
+#               phase by phase and by allocator pool
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
@@ -76,6 +79,8 @@ server_run() {  # server_run TAG CONFIG STREAMS...
                 --stats-url localhost:8000 --out "$dir"; a=$?
             python3 benchmarks/switch_latency.py --seconds "$seconds" --config "$config" \
                 --server "$fill" --out "$dir"; b=$?
+            nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv \
+                > "$dir/gpu_processes.csv"; nvidia-smi > "$dir/nvidia_smi.txt"
             exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "$fill" "${streams[@]}"
     local rc=$?
     echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
@@ -119,6 +124,15 @@ for part in "${parts[@]}"; do
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1
             fps_run 14b ar_refiner_fp8 14 --ar-fp8 --refiner-fp8 || status=1 ;;
+        memory)
+            opts=()  # the FP8 options of FILL_ARGS, as the server would be filled
+            for w in ${FILL_ARGS:-}; do
+                case "$w" in --ar-fp8|--refiner-fp8) opts+=("$w") ;; esac
+            done
+            timeout 300 python3 benchmarks/server_memory.py --config 14b \
+                --max-streams "${STREAMS:-4}" --out "$out/memory" "${opts[@]}" \
+                > "$out/server_memory.txt" 2>&1 || status=1
+            grep -iv "warn" "$out/server_memory.txt" | tail -34 ;;
         kernels)
             kernel_run attention_kernel 300 24 || status=1
             kernel_run fusions 300 24 || status=1 ;;
@@ -136,7 +150,7 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused, kernels, fp8)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, memory, kernels, fp8)" >&2; exit 2 ;;
     esac
 done
 exit $status
