@@ -4,7 +4,8 @@ builds it, phase by phase, with the allocator's own account of every segment.
     python benchmarks/server_memory.py --config 14b --max-streams 4 --out results/
 
 The phases are those of the server's load (``helios_triton.stage.load_pipeline`` and
-``stream_threads``), on random weights of the real shapes created on the device: build (AR
+``stream_threads``), on random weights of the real shapes created on the device, or read
+from a checkpoint folder as the server reads it (--checkpoint): build (AR
 steps compiled and captured for every batch size up to --max-streams), the warm-up video,
 the stream threads' warm-up, then --max-streams videos at once. After each, the table gives
 the device's memory in use (``cudaMemGetInfo``, what nvidia-smi reads, this process's CUDA
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="14b")
     ap.add_argument("--max-streams", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each concurrent video")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="load this checkpoint as the server does (default: random weights)")
     ap.add_argument("--ar-fp8", action="store_true")
     ap.add_argument("--refiner-fp8", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
@@ -85,30 +88,42 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     cfg = get_config(args.config)
     torch.cuda.memory._record_memory_history(max_entries=200_000)
-    phases = {"empty": reading(device)}
+    phases = {}
 
+    def phase(name):  # printed as it is reached: a run cut short still tells where it got
+        phases[name] = r = reading(device)
+        print(f"{name:<32} {r['device_in_use_mib']:>9.0f} {r['reserved_mib']:>9.0f} "
+              f"{r['allocated_mib']:>10.0f} {r['peak_allocated_mib']:>9.0f}", flush=True)
+
+    print(f"{'phase':<32} {'in use':>9} {'reserved':>9} {'allocated':>10} {'peak':>9}  (MiB)")
+    phase("empty")
     t0 = time.perf_counter()
-    parts = random_components(cfg, device, torch.bfloat16)
-    phases["weights"] = reading(device)
     n = args.max_streams
-    pipe = HeliosPipeline(cfg, **parts, device=device, max_streams=n, shared_ar=n > 1,
-                          ar_fp8=args.ar_fp8, refiner_fp8=args.refiner_fp8)
-    phases["built (AR steps captured)"] = reading(device)
+    kw = dict(max_streams=n, shared_ar=n > 1, ar_fp8=args.ar_fp8, refiner_fp8=args.refiner_fp8)
+    if args.checkpoint:
+        pipe = HeliosPipeline.from_checkpoint(args.checkpoint, device=device,
+                                              dtype=torch.bfloat16, **kw)
+        cfg = pipe.config
+    else:
+        parts = random_components(cfg, device, torch.bfloat16)
+        phase("weights")
+        pipe = HeliosPipeline(cfg, **parts, device=device, **kw)
+    phase("built (AR steps captured)")
     warm = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
     for _ in pipe.generate("warm-up", num_frames=warm, seed=0):
         pass
-    phases["warm-up video"] = reading(device)
+    phase("warm-up video")
     frames = 2 * cfg.frames_per_latent
     with ThreadPoolExecutor(n, thread_name_prefix="helios-stream") as pool:
         for f in [pool.submit(pipe.generate_video, "warm-up", num_frames=frames, seed=i)
                   for i in range(n)]:
             f.result()
-        phases["stream threads warmed up"] = reading(device)
+        phase("stream threads warmed up")
         frames = int(args.seconds * cfg.fps)
         for f in [pool.submit(pipe.generate_video, "a red circle moving left", num_frames=frames,
                               seed=i) for i in range(n)]:
             f.result()
-    phases[f"{n} videos of {args.seconds:g} s at once"] = reading(device)
+    phase(f"{n} videos of {args.seconds:g} s at once")
     load_s = time.perf_counter() - t0
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -117,10 +132,6 @@ def main(argv=None) -> int:
 
     print(f"{args.config}, max streams {n}{', AR fp8' if args.ar_fp8 else ''}"
           f"{', refiner fp8' if args.refiner_fp8 else ''}: {load_s:.0f} s")
-    print(f"{'phase':<32} {'in use':>9} {'reserved':>9} {'allocated':>10} {'peak':>9}  (MiB)")
-    for name, r in phases.items():
-        print(f"{name:<32} {r['device_in_use_mib']:>9.0f} {r['reserved_mib']:>9.0f} "
-              f"{r['allocated_mib']:>10.0f} {r['peak_allocated_mib']:>9.0f}")
     acc = account(snapshot)
     print("reserved by CUDA stream and pool (MiB):")
     for k, v in acc["reserved_by_stream_and_pool_mib"].items():
@@ -132,6 +143,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
                   "torch": torch.__version__, "config": args.config, "max_streams": n,
+                  "checkpoint": str(args.checkpoint) if args.checkpoint else "random weights",
                   "ar_fp8": args.ar_fp8, "refiner_fp8": args.refiner_fp8,
                   "command": "python benchmarks/server_memory.py " + " ".join(argv or sys.argv[1:]),
                   "phases_mib": phases, **acc}

@@ -229,6 +229,41 @@ def wait_ready(http: int, timeout: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s")
 
 
+def group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that still run (zombies left out), from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        state, _ppid, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if state != "Z" and int(group) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def end_group(pgid: int, grace: float = 10) -> list[int]:
+    """After tritonserver itself has exited: what is left of its process group gets
+    ``grace`` seconds, then SIGKILL. A python stub can outlive its server: on an H200 a fused
+    14b model's stub, under MPS, was still running after the server had stopped, holding
+    21.6 GB of GPU memory, and the MPS daemon could not quit while it was attached. Returns
+    the processes killed."""
+    deadline = time.monotonic() + grace
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return []
+        print(f"tritonserver stopped; {len(left)} process(es) of its group still running after "
+              f"{grace:g} s were killed: {', '.join(map(str, left))}", file=sys.stderr)
+    return left
+
+
 class TritonServer:
     """Start tritonserver in the background; ``with TritonServer(...) as s:`` stops it after."""
 
@@ -281,6 +316,8 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is not None:
+            end_group(self.proc.pid)
         # No stream outlives its server: its mailboxes and waits go with it.
         for folder in (self.sessions_dir, self.calls_dir):
             shutil.rmtree(folder, ignore_errors=True)

@@ -237,6 +237,16 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
     return pipe
 
 
+def gpu_memory(device) -> str:
+    """", PyTorch holds A GiB of GPU memory (R reserved)" on CUDA, else "": for the load's log
+    line, beside what nvidia-smi reads for the whole process."""
+    if torch.device(device).type != "cuda":
+        return ""
+    gib = 1 << 30
+    return (f", PyTorch holds {torch.cuda.memory_allocated(device) / gib:.1f} GiB of GPU memory "
+            f"({torch.cuda.memory_reserved(device) / gib:.1f} reserved)")
+
+
 def stream_threads(pipe, report: Callable[[str], None]) -> ThreadPoolExecutor:
     """The long-lived threads that run a fused pipeline's streams, one per stream it serves
     at once, each through its first use now: ``max_streams`` short videos at once, so that

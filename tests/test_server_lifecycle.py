@@ -15,7 +15,7 @@ import pytest
 
 from conftest import INSTANCES, ROOT, free_ports
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import is_ready, port_in_use
+from helios_triton.server import end_group, group_members, is_ready, port_in_use
 
 
 def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint, tmp_path):
@@ -50,6 +50,30 @@ def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint
     stubs = subprocess.run(["pgrep", "-f", str(tmp_path / "repo")], capture_output=True, text=True)
     assert stubs.stdout.strip() == "", f"processes left behind: {stubs.stdout}"
     assert os.path.exists(tmp_path / "server.log")
+
+
+def test_what_outlives_the_server_in_its_process_group_is_killed_after_the_grace():
+    # The leader exits on SIGTERM as tritonserver does; a child that ignores it (as a stub
+    # stuck in its teardown does) stays in the group until end_group kills it.
+    leader = subprocess.Popen(["bash", "-c", "(trap '' TERM; exec sleep 120) & sleep 120"],
+                              start_new_session=True)
+    pgid = leader.pid
+    deadline = time.monotonic() + 10
+    while len(group_members(pgid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGTERM)
+    leader.wait(10)
+    time.sleep(0.5)
+    left = group_members(pgid)
+    assert len(left) == 1, left  # the child that ignored SIGTERM
+    t = time.monotonic()
+    assert end_group(pgid, grace=1) == left
+    assert time.monotonic() - t >= 1
+    deadline = time.monotonic() + 10
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == []
+    assert end_group(pgid, grace=1) == []  # nothing left: returns at once
 
 
 def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:

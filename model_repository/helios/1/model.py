@@ -33,7 +33,7 @@ from helios_triton.bls import OverlappedStages, TritonStages, input_array
 from helios_triton.calls import CallWatch
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
-from helios_triton.stage import (load_pipeline, model_parameters, process_settings,
+from helios_triton.stage import (gpu_memory, load_pipeline, model_parameters, process_settings,
                                  requested_outputs, stream_threads, video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -61,7 +61,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"helios: every stage in this process on "
                                      f"{self.pipeline.device}, up to {self.pipeline.max_streams} "
                                      f"streams at once, loaded and warmed up in "
-                                     f"{time.perf_counter() - t0:.1f} s")
+                                     f"{time.perf_counter() - t0:.1f} s{gpu_memory(self.pipeline.device)}")
         else:
             # "on": a latent frame is decoded while the next one renders (OverlappedStages)
             if params.get("overlap_decode", "off") == "on":
