@@ -5,9 +5,9 @@ builds it, phase by phase, with the allocator's own account of every segment.
 
 The phases are those of the server's load (``helios_triton.stage.load_pipeline`` and
 ``stream_threads``), on random weights of the real shapes created on the device, or read
-from a checkpoint folder as the server reads it (--checkpoint): build (AR
-steps compiled and captured for every batch size up to --max-streams), the warm-up video,
-the stream threads' warm-up, then --max-streams videos at once. After each, the table gives
+from a checkpoint folder as the server reads it (--checkpoint): build (AR steps compiled
+and captured for every batch size up to --max-streams), the warm-up video, the stream
+threads' warm-up, then --max-streams videos at once. After each, the table gives
 the device's memory in use (``cudaMemGetInfo``, what nvidia-smi reads, this process's CUDA
 context and libraries included), the allocator's reserved and allocated bytes, and its peak.
 At the end the reserved segments are summed by CUDA stream and memory pool (CUDA graphs
@@ -27,8 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 from helios.checkpoint import random_components
 from helios.config import get_config
