@@ -89,6 +89,34 @@ def test_gpu_measurement_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
 
 
+def test_memory_account_sums_segments_by_stream_and_pool_and_live_blocks_by_project_line():
+    """benchmarks/server_memory.py reads the allocator's snapshot (the format of
+    ``torch.cuda.memory._snapshot``): reserved bytes by CUDA stream and pool, live bytes by
+    the innermost frame of the project's code; free blocks count as reserved, not live."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from server_memory import account
+
+    mib = 1 << 20
+    torch_frame = {"filename": "/venv/torch/nn/modules/linear.py", "line": 125, "name": "forward"}
+    ours = {"filename": "/repo/helios/kv_cache.py", "line": 226, "name": "read"}
+    outer = {"filename": "/repo/helios/pipeline.py", "line": 40, "name": "generate"}
+    snapshot = {"segments": [
+        {"total_size": 6 * mib, "stream": 0, "segment_pool_id": (0, 0), "blocks": [
+            {"state": "active_allocated", "size": 2 * mib, "frames": [torch_frame, ours, outer]},
+            {"state": "active_allocated", "size": 1 * mib, "frames": [torch_frame]},
+            {"state": "inactive", "size": 3 * mib, "frames": [ours]}]},
+        {"total_size": 4 * mib, "stream": 0x2F, "segment_pool_id": (1, 0), "blocks": [
+            {"state": "active_allocated", "size": 4 * mib, "frames": [ours]}]},
+        {"total_size": 2 * mib, "stream": 0, "segment_pool_id": (0, 0), "blocks": []}]}
+    acc = account(snapshot)
+    assert acc["reserved_by_stream_and_pool_mib"] == {"stream 0x0, pool (0, 0)": 8.0,
+                                                      "stream 0x2f, pool (1, 0)": 4.0}
+    assert acc["live_by_source_mib"] == {"helios/kv_cache.py:226 read": 6.0,
+                                         "(outside the project)": 1.0}
+
+
 def test_kernel_kinds_of_the_stage_profile():
     """benchmarks/profile_stages.py sums kernels by kind from their names, as the H200's
     profiler named them; an Inductor kernel that fused the ops around attention is not
