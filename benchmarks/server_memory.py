@@ -23,7 +23,6 @@ import collections
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from helios.checkpoint import random_components
 from helios.config import get_config
 from helios.pipeline import HeliosPipeline
+from helios_triton.stage import stream_threads
 
 MIB = 1 << 20
 
@@ -111,11 +111,7 @@ def main(argv=None) -> int:
     for _ in pipe.generate("warm-up", num_frames=warm, seed=0):
         pass
     phase("warm-up video")
-    frames = 2 * cfg.frames_per_latent
-    with ThreadPoolExecutor(n, thread_name_prefix="helios-stream") as pool:
-        for f in [pool.submit(pipe.generate_video, "warm-up", num_frames=frames, seed=i)
-                  for i in range(n)]:
-            f.result()
+    with stream_threads(pipe, print) as pool:  # the server's own threads and their warm-up
         phase("stream threads warmed up")
         frames = int(args.seconds * cfg.fps)
         for f in [pool.submit(pipe.generate_video, "a red circle moving left", num_frames=frames,
