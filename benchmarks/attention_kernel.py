@@ -4,6 +4,10 @@
     git show REV:helios/kernels/context_attention.py > /tmp/previous.py
     python benchmarks/attention_kernel.py --against /tmp/previous.py   # a kernel change, A/B
 
+Where FlashAttention-4 (`flash_attn.cute`, the flash-attn-4 package on CUTLASS's Python DSL)
+is installed, it is timed too: once through `helios.attention` (the concatenation, then the
+kernel: the refiner's path), once on K/V already in one tensor (the kernel alone).
+
 Median times of CUDA-graph replays (triton.testing.do_bench_cudagraph: the refiner replays
 its renders as graphs, and at the small shapes the host's launch time would otherwise be
 measured instead of the kernel), random bf16 inputs in the refiner's [B, N, H, D] memory
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from helios import attention
 from helios.kernels.context_attention import context_attention
 
 SHAPES = {"14b 720p": (1, 16, 3600, 888, 128), "14b 720p x4 streams": (4, 16, 3600, 888, 128),
@@ -66,13 +71,24 @@ def main(argv=None):
                     return F.scaled_dot_product_attention(q, torch.cat([kc, ks], 2),
                                                           torch.cat([vc, vs], 2))
             variants[name] = sdpa
+        if attention.backend() == "flash_attn.cute":  # installed, on Hopper or Blackwell
+            from flash_attn.cute import flash_attn_func  # noqa: PLC0415
+
+            dense = [(q, torch.cat([kc, ks], 2).transpose(1, 2).contiguous(),
+                      torch.cat([vc, vs], 2).transpose(1, 2).contiguous())
+                     for q, kc, vc, ks, vs in sets]
+            def fa4_dense(q, *_, sets=sets, dense=dense):
+                _, k, v = dense[next(i for i, s in enumerate(sets) if s[0] is q)]
+                return flash_attn_func(q.transpose(1, 2), k, v)[0].transpose(1, 2)
+            variants["fa4 + concat"] = attention.context_attention  # the refiner's path
+            variants["fa4 dense K/V"] = fa4_dense
         for name, fn in variants.items():
             try:
                 error = (fn(*sets[0]).float() - exact).abs().max().item()  # compiles, autotunes
                 def timed(fn=fn, sets=sets, it=it):
                     return fn(*sets[next(it) % 4])
                 ms = triton.testing.do_bench_cudagraph(timed, rep=300, return_mode="median")
-            except RuntimeError as e:  # a backend that does not take this shape
+            except (RuntimeError, AssertionError, TypeError) as e:  # a shape it does not take
                 print(f"{label:<22} {name:<16} unavailable: {str(e)[:60]}")
                 continue
             rate = flops / (ms / 1e3)

@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from helios import attention
 from helios.checkpoint import random_components
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config, with_plan_tokens
@@ -34,6 +35,7 @@ from helios.pipeline import HeliosPipeline
 from helios.refiner import render_flops
 from helios.sampling import SamplingParams
 from helios.schedule import validate_request
+from helios.settings import from_environment
 
 
 def sync(device):
@@ -279,6 +281,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    settings = from_environment()  # HELIOS_FLASH_ATTENTION=0 etc., as the entry points read them
+    attention.use_kernel(settings.attention_kernel, flash=settings.flash_attention)
     cfg = get_config(args.config)
     if args.plan_tokens:
         cfg = with_plan_tokens(cfg, args.plan_tokens)
@@ -332,7 +336,8 @@ def main(argv=None) -> int:
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "speculative": spec,
-        "cuda_graphs": pipe.ar.cuda_graphs, "prefetch_plans": pipe.prefetch_plans,
+        "cuda_graphs": pipe.ar.cuda_graphs, "attention": attention.backend()
+        if device.type == "cuda" else "reference", "prefetch_plans": pipe.prefetch_plans,
         "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
         "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
         "build_s": build_s, "warmup_s": warm_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
@@ -359,8 +364,8 @@ def main(argv=None) -> int:
 
     print(f"\nHelios {cfg.name} on {result['device']} ({result['dtype']}), speculative "
           f"{'on' if spec else 'off'}, CUDA graphs {'on' if pipe.ar.cuda_graphs else 'off'}, AR "
-          f"{'prefetched beside' if pipe.prefetch_plans else 'before'} the refiner: "
-          f"{frames} frames ({latent_frames} latent) in {wall:.2f} s")
+          f"{'prefetched beside' if pipe.prefetch_plans else 'before'} the refiner, attention "
+          f"{result['attention']}: {frames} frames ({latent_frames} latent) in {wall:.2f} s")
     print(f"{'stage':<14} {'median ms':>10} {'floor ms':>9} {'ratio':>6}   note")
     floors = result.get("floors_ms", {})
     for key, note in (("text_encoder", "once per request"),

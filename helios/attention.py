@@ -9,6 +9,14 @@ reference and the dispatch between them.
 On CUDA the kernel is used whenever the ``triton`` package is there (PyTorch's CUDA wheels
 bring it). Without it, or after ``use_kernel(False)``, attention runs through SDPA over the
 concatenation, and a warning says so once: never silently.
+
+On a Hopper or Blackwell GPU where FlashAttention-4 is installed (``flash_attn.cute``, the
+``flash-attn-4`` package, built on CUTLASS's Python DSL), it runs instead of the kernel: its
+warp-specialized tiles reach 558 TFLOP/s at the 720p shape on an H200 where the Triton-lang
+kernel reaches 411 (``benchmarks/attention_kernel.py``). It needs the keys and values in one
+tensor, so the concatenation is written in the compiled graph, where Inductor can have the
+kernels before it (the key norm) write into it. ``use_kernel(True, flash=False)`` keeps the
+Triton-lang kernel.
 """
 
 from __future__ import annotations
@@ -24,13 +32,43 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger("helios.attention")
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_state = {"enabled": True, "kernel": None, "checked": False}
+_state = {"enabled": True, "flash": True, "kernel": None, "checked": False, "flash_fn": None,
+          "flash_checked": False}
 
 
-def use_kernel(enabled: bool) -> None:
-    """Switch the Triton-lang kernel on or off for this process (off: SDPA), e.g. to compare
-    the two; ``helios.settings`` reads the entry points' default from the environment."""
-    _state.update(enabled=enabled, kernel=None, checked=False)
+def use_kernel(enabled: bool, flash: bool = True) -> None:
+    """Switch the fused kernels on or off for this process (off: SDPA), e.g. to compare them;
+    ``flash`` allows FlashAttention-4 before the Triton-lang kernel where it is installed.
+    ``helios.settings`` reads the entry points' defaults from the environment."""
+    _state.update(enabled=enabled, flash=flash, kernel=None, checked=False, flash_fn=None,
+                  flash_checked=False)
+
+
+@torch.compiler.assume_constant_result
+def _flash_selected() -> bool:
+    """Whether FlashAttention-4 runs the CUDA attention of this process: switched on, the
+    ``flash_attn.cute`` package importable and the current GPU a Hopper or Blackwell one
+    (compute capability 9 or 10). Decided once; a failed import is logged, and the
+    Triton-lang kernel runs instead."""
+    if not _state["flash_checked"]:
+        _state["flash_checked"] = True
+        major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+        if (_state["enabled"] and _state["flash"] and major in (9, 10)
+                and importlib.util.find_spec("flash_attn") is not None):
+            _state["flash_fn"] = _import_flash()
+    return _state["flash_fn"] is not None
+
+
+def _import_flash():
+    """``flash_attn.cute.flash_attn_func``, or None (logged) where it does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: PLC0415
+    except ImportError as e:
+        log.warning("context attention: FlashAttention-4 does not import (%s); the "
+                    "Triton-lang kernel runs instead", e)
+        return None
+    log.info("context attention: FlashAttention-4 (flash_attn.cute)")
+    return flash_attn_func
 
 
 def _load_kernel():
@@ -46,6 +84,14 @@ def _load_kernel():
             from .kernels.context_attention import context_attention as kernel  # noqa: PLC0415
             _state["kernel"] = kernel
     return _state["kernel"]
+
+
+def backend() -> str:
+    """The refiner's attention on CUDA in this process, by name: ``flash_attn.cute``
+    (FlashAttention-4), ``triton kernel`` or ``sdpa`` (benchmarks record it)."""
+    if _flash_selected():
+        return "flash_attn.cute"
+    return "triton kernel" if _load_kernel() is not None else "sdpa"
 
 
 def context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
@@ -126,6 +172,30 @@ def _(q, k_ctx, v_ctx, k_self, v_self, scale):
     return q.new_empty(b, n, h, d).transpose(1, 2)
 
 
+# FlashAttention-4 in FlashAttention's own layout: q [B, Nq, H, D], k and v [B, Nk, H, D]
+# (last dimension contiguous), out [B, Nq, H, D]; opaque to torch.compile as the kernel is.
+@torch.library.custom_op("helios::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    # A graph traced while FlashAttention-4 was selected runs it even after ``use_kernel``
+    # reset the choice (the decision is a constant of the trace).
+    fn = _state["flash_fn"] or _import_flash()
+    return fn(q, k, v, softmax_scale=scale)[0]
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _flash_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> torch.Tensor:
+    """FlashAttention-4 over [context; own] keys/values, concatenated along the sequence in
+    [B, N, H, D]; the result is [B, N, H, D] memory viewed as [B, H, N, D], as the kernel's."""
+    k = torch.cat([k_ctx.transpose(1, 2), k_self.transpose(1, 2)], 1)
+    v = torch.cat([v_ctx.transpose(1, 2), v_self.transpose(1, 2)], 1)
+    return _flash_attention_op(q.transpose(1, 2), k, v, scale).transpose(1, 2)
+
+
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.onnx.is_in_onnx_export():
@@ -136,5 +206,8 @@ def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = Non
         # Training: the kernel has no backward; SDPA has one.
         return _sdpa_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale)
     if q.is_cuda:
+        if (_flash_selected() and q.dtype in (torch.bfloat16, torch.float16)
+                and q.shape[-1] % 8 == 0 and 8 <= q.shape[-1] <= 256):
+            return _flash_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, float(scale))
         return _context_attention_op(q, k_ctx, v_ctx, k_self, v_self, float(scale))
     return context_attention_reference(q, k_ctx, v_ctx, k_self, v_self, scale)

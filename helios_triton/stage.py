@@ -53,7 +53,7 @@ def process_settings() -> Settings:
     settings = from_environment()
     if settings.stacks_dir is not None:
         enable_stack_dumps(str(settings.stacks_dir))
-    attention.use_kernel(settings.attention_kernel)
+    attention.use_kernel(settings.attention_kernel, flash=settings.flash_attention)
     return settings
 
 
@@ -199,6 +199,8 @@ def load_stage(args: dict, *components: str) -> Stage:
         quantize_refiner(modules["refiner"])  # before compiling (helios/fp8.py)
     done = accelerate(device, modules.get("refiner"), modules.get("vae"), settings.compile,
                       settings.cuda_graphs)
+    if "refiner" in modules and device.type == "cuda":
+        done.append(f"attention {attention.backend()}")
     if done:
         log.info("%s: %s", "+".join(components), ", ".join(done))
     return Stage(params, device, dtype, config, modules)
@@ -227,13 +229,15 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
         prefetch_plans=params.get("prefetch_plans") == "on",
         compile=settings.compile, cuda_graphs=settings.cuda_graphs)
     cfg = pipe.config
+    attn = f", attention {attention.backend()}" if device.type == "cuda" else ""
     report(f"helios: every stage loaded in {time.perf_counter() - t0:.1f} s "
-           f"({', '.join(pipe.accelerated) or 'eager'})")
+           f"({', '.join(pipe.accelerated) or 'eager'}{attn}){gpu_memory(device)}")
     t0 = time.perf_counter()
     warm_frames = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
     for i, _ in enumerate(pipe.generate("warm-up", num_frames=warm_frames, seed=0,
                                         speculative=params.get("speculative") == "on")):
         report(f"helios: warm-up chunk {i} at {time.perf_counter() - t0:.1f} s")
+    report(f"helios: warm-up video done{gpu_memory(device)}")
     return pipe
 
 

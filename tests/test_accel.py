@@ -49,3 +49,56 @@ def test_a_piece_whose_compiler_cannot_load_runs_eagerly(caplog, monkeypatch):
         piece = CompiledOrEager(lambda x: x + 1, "test piece")
     assert not piece.compiled and torch.equal(piece(torch.zeros(2)), torch.ones(2))
     assert "test piece stays eager, torch.compile failed: UnicodeDecodeError" in caplog.text
+
+
+def test_the_attention_switches_are_read_from_the_environment():
+    """HELIOS_FLASH_ATTENTION beside HELIOS_ATTENTION_KERNEL: on by default, 0 switches it
+    off, anything else is one line naming the variable."""
+    import pytest
+
+    from helios.errors import HeliosError
+    from helios.settings import from_environment
+
+    assert from_environment({}).flash_attention is True
+    assert from_environment({"HELIOS_FLASH_ATTENTION": "0"}).flash_attention is False
+    with pytest.raises(HeliosError, match=r"^HELIOS_FLASH_ATTENTION must be 0 or 1, got 'yes'$"):
+        from_environment({"HELIOS_FLASH_ATTENTION": "yes"})
+
+
+def test_flash_attention_is_selected_on_hopper_and_blackwell_only(monkeypatch):
+    """FlashAttention-4 runs the CUDA attention only where flash_attn.cute imports, on compute
+    capability 9 or 10, and not when switched off; elsewhere the backend names what runs."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch
+
+    from helios import attention
+
+    def flash_attn_func(q, k, v, softmax_scale=None):  # stands in for the installed package
+        return q, None
+
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    package.__path__ = []
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    selected = {}
+    try:
+        for major in (8, 9, 10, 12):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, m=major: (m, 0))
+            attention.use_kernel(True)
+            selected[major] = attention._flash_selected()
+        assert selected == {8: False, 9: True, 10: True, 12: False}
+        assert attention.backend() in ("triton kernel", "sdpa")   # capability 12
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        attention.use_kernel(True, flash=False)
+        assert not attention._flash_selected()
+        attention.use_kernel(True)
+        assert attention.backend() == "flash_attn.cute"
+    finally:
+        attention.use_kernel(True)
+

@@ -74,3 +74,43 @@ def test_aot_kernel_compiles_to_ptx_with_the_plugin_signature():
     # Newer Triton appends two scratch pointers to every kernel; they must be unused here.
     assert params[:9] == ["u64"] * 5 + ["u32"] * 3 + ["u64"], params
     assert compiled.metadata.shared > 0
+
+
+def _flash_attention_installed() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return False
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _flash_attention_installed(),
+                    reason="needs flash_attn.cute (flash-attn-4) on a Hopper or Blackwell GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_flash_attention_path_matches_reference(shape, compiled):
+    """helios.attention with FlashAttention-4 installed: it is the path taken, in the refiner's
+    [B, N, H, D] memory layout, eager and under torch.compile (the concatenation in the
+    graph), and it matches a float64 reference as the Triton-lang kernel does."""
+    from helios import attention
+
+    b, h, nq, nc, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(2 + hash(shape) % 2**31)
+    r = lambda n: torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16,  # noqa: E731
+                              generator=gen).transpose(1, 2)
+    q, kc, vc, ks, vs = r(nq), r(nc), r(nc), r(nq), r(nq)
+    attention.use_kernel(True)
+    try:
+        fn = torch.compile(attention.context_attention, fullgraph=True) if compiled \
+            else attention.context_attention
+        out = fn(q, kc, vc, ks, vs)
+        assert attention._flash_selected()
+        assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    finally:
+        attention.use_kernel(True)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), torch.cat([kc, ks], 2).double(), torch.cat([vc, vs], 2).double())
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
