@@ -9,7 +9,7 @@ PYTRITON := 0.7.0
 FILL_ARGS ?=
 PROMPT   ?= a red circle moving left on a dark background
 
-.PHONY: setup browser repository serve demo web perf test soak offline-bundle clean
+.PHONY: setup browser repository serve demo web perf test soak offline-bundle offline-flash clean
 
 setup: $(VENV)/.installed
 
@@ -65,5 +65,10 @@ BUNDLE_PYTHON ?= 3.12
 offline-bundle: setup
 	$(PY) build/offline_bundle.py --out .offline --python $(BUNDLE_PYTHON)
 
+# Optional: FlashAttention-4 for the refiner on Hopper/Blackwell, in parts (.offline-flash);
+# benchmarks/gpu.sh installs it when every part is there.
+offline-flash: setup
+	$(PY) build/offline_bundle.py --flash-attention .offline-flash --python $(BUNDLE_PYTHON)
+
 clean:
-	rm -rf $(VENV) .triton .offline .gateway out.mp4
+	rm -rf $(VENV) .triton .offline .offline-flash .gateway out.mp4

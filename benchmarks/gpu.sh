@@ -32,7 +32,13 @@
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
-# helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server).
+# helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server),
+# EXTRA_SITE (site folders of more packages), HELIOS_FLASH_ATTENTION=0 (the Triton-lang
+# attention kernel where FlashAttention-4 is installed).
+#
+# FlashAttention-4 on a host without internet: `make offline-flash` packs it in parts of 40 MiB
+# (.offline-flash/); where one copy to the host cannot take them all, carry them in turns to
+# the same machine: this script installs it once install.sh and every part are there.
 set -uo pipefail
 out="${1:?usage: gpu.sh OUT [check|inprocess|server|server-384p ...]}"; shift
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(check inprocess server server-384p)
@@ -52,6 +58,31 @@ if ! python3 -c 'import helios_triton, helios_client' 2>/dev/null; then
         exit 2
     fi
 fi
+if [[ "$(command -v python3)" == /tmp/helios-env/* ]]; then
+    # The bundle's environment: Triton's python-backend stubs import the project from its own
+    # site-packages and did not see PYTHONPATH (H200, 2026-12-02: a package that PYTHONPATH
+    # alone provided was not found in the helios model's process), so the bundle's wheels
+    # would run there although the tree has changed since. The tree's packages (pure Python)
+    # take their place.
+    own="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
+    for pkg in helios helios_triton client/helios_client; do
+        rm -rf "${own:?}/$(basename "$pkg")"; cp -r "$pkg" "$own/"
+    done
+    # FlashAttention-4 (make offline-flash), where every part of it was carried here.
+    if [ -f .offline-flash/install.sh ] && [ ! -d /tmp/helios-flash ]; then
+        bash .offline-flash/install.sh /tmp/helios-flash || exit 1
+    fi
+    [ -d /tmp/helios-flash ] && EXTRA_SITE="/tmp/helios-flash${EXTRA_SITE:+:$EXTRA_SITE}"
+    # EXTRA_SITE: more site folders (':'-separated), seen by every process of the environment,
+    # the stubs included, through a .pth file (which also runs the folders' own .pth files).
+    rm -f "$own/helios-extra-site.pth"
+    IFS=: read -ra extra <<< "${EXTRA_SITE:-}"
+    for d in "${extra[@]}"; do
+        echo "import site; site.addsitedir('$d')" >> "$own/helios-extra-site.pth"
+    done
+fi
+python3 -c 'from helios import attention; print("refiner attention:", attention.backend())' |
+    tee "$out/attention.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 server_run() {  # server_run TAG CONFIG STREAMS...

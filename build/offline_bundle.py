@@ -17,6 +17,14 @@ do) but neither Triton nor this project. The bundle holds:
 - ``install.sh``: makes a virtual environment on the host whose own packages are these
   wheels, with the host's packages (torch, ...) behind them, and unpacks the server.
 
+``--flash-attention DIR`` builds a second, optional bundle: FlashAttention-4 (``flash_attn.cute``,
+which ``helios.attention`` runs on Hopper and Blackwell GPUs where it is installed) with
+CUTLASS's Python DSL and their other needs, unpacked into one folder and packed as
+``site.tar.xz`` in parts of at most ``--part-mib`` MiB (``site.tar.xz.00``, ``.01``, ...), since
+CUTLASS's compiler library alone is larger than one copy to a lent GPU machine may be. Its
+``install.sh`` joins the parts and unpacks them; ``benchmarks/gpu.sh`` installs it when it finds
+``.offline-flash/install.sh`` and every part beside it.
+
 On the host: ``bash .offline/install.sh /tmp/helios-env`` then
 ``source /tmp/helios-env/activate.sh``; ``benchmarks/gpu.sh`` does both itself when it finds
 the bundle. The bundle is built for the newest pins of requirements.txt and must stay within
@@ -137,6 +145,69 @@ def write_wheels(out: Path, python: str) -> Path:
     return wheels
 
 
+# FlashAttention-4 and what it needs beyond the host's packages (torch, cuda-bindings, einops),
+# at the versions measured with (docs/performance.md); CUDA 13 builds of CUTLASS's compiler.
+FLASH_PACKAGES = ("flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl==4.8.1",
+                  "nvidia-cutlass-dsl-libs-base==4.8.1", "nvidia-cutlass-dsl-libs-core==4.8.1",
+                  "nvidia-cutlass-dsl-libs-cu13==4.8.1", "apache-tvm-ffi==0.1.15.post2",
+                  "torch-c-dlpack-ext==0.1.5", "quack-kernels==0.6.5")
+
+FLASH_INSTALL = r"""#!/usr/bin/env bash
+# Unpack FlashAttention-4 and CUTLASS's Python DSL into DIR: bash install.sh DIR
+# DIR is then a site folder: add it with site.addsitedir (its .pth files put CUTLASS's DSL
+# on the path), as benchmarks/gpu.sh does through EXTRA_SITE.
+set -euo pipefail
+dir="${1:?usage: install.sh DIR}"
+here="$(cd "$(dirname "$0")" && pwd)"
+n=$(cat "$here/parts")
+shopt -s nullglob
+found=("$here"/site.tar.xz.[0-9][0-9])
+[ "${#found[@]}" -eq "$n" ] || {
+    echo "install.sh: ${#found[@]} of $n parts of site.tar.xz here" >&2; exit 1; }
+mkdir -p "$dir"
+cat "${found[@]}" | tar -xJf - -C "$dir"
+echo "FlashAttention-4 unpacked in $dir"
+"""
+
+
+def write_flash(out: Path, python: str, part_mib: int) -> None:
+    """The optional FlashAttention-4 bundle (module docstring): the wheels of FLASH_PACKAGES
+    for the host, unpacked together (the CUTLASS wheels share one top folder), without the
+    libraries for other processors, packed and split."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "--python-version", python, "--implementation",
+                        "cp", *plat, "-d", str(wheels), *FLASH_PACKAGES], check=True)
+        for wheel in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
+        for stubs in site.glob("nvidia_cutlass_dsl/*/lib/stubs"):  # aarch64 and QNX builds
+            shutil.rmtree(stubs)
+        print("packing FlashAttention-4 (xz, a few minutes) ...", file=sys.stderr, flush=True)
+        pack_site(site, out, part_mib << 20)
+
+
+def pack_site(site: Path, out: Path, part_bytes: int) -> int:
+    """``site`` packed as OUT/site.tar.xz.NN, parts of at most ``part_bytes``, with their
+    count in OUT/parts and the ``install.sh`` that joins and unpacks them; returns the count."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz", preset=6) as tar:
+        for path in sorted(site.iterdir()):
+            tar.add(path, arcname=path.name)
+    data = buf.getvalue()
+    parts = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)]
+    for i, part in enumerate(parts):
+        (out / f"site.tar.xz.{i:02d}").write_bytes(part)
+    (out / "parts").write_text(f"{len(parts)}\n")
+    (out / "install.sh").write_text(FLASH_INSTALL)
+    return len(parts)
+
+
 INSTALL = r"""#!/usr/bin/env bash
 # Install this bundle on a host without internet: bash install.sh ENV_DIR
 # ENV_DIR gets a venv whose own packages are the bundle's wheels, with the host's packages
@@ -166,7 +237,15 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default="3.12", help="the GPU host's Python (major.minor)")
     ap.add_argument("--project-wheels-only", action="store_true",
                     help="only this project's and its client's wheels, into OUT")
+    ap.add_argument("--flash-attention", type=Path, default=None, metavar="DIR",
+                    help="build the optional FlashAttention-4 bundle into DIR instead")
+    ap.add_argument("--part-mib", type=int, default=40,
+                    help="the largest part of the FlashAttention-4 bundle, MiB (default 40)")
     args = ap.parse_args(argv)
+    if args.flash_attention:
+        write_flash(args.flash_attention, args.python, args.part_mib)
+        report(args.flash_attention)
+        return 0
     if args.project_wheels_only:
         args.out.mkdir(parents=True, exist_ok=True)
         project_wheels(args.out)
@@ -179,13 +258,18 @@ def main(argv=None) -> int:
     print("wheels ...", file=sys.stderr, flush=True)
     write_wheels(args.out, args.python)
     (args.out / "install.sh").write_text(INSTALL)
+    report(args.out)
+    return 0
+
+
+def report(out: Path) -> None:
+    """Every file of a bundle with its size, and the total."""
     total = 0
-    for path in sorted(p for p in args.out.rglob("*") if p.is_file()):
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
         size = path.stat().st_size
         total += size
-        print(f"{size / 2**20:8.1f} MiB  {path.relative_to(args.out)}")
-    print(f"{total / 2**20:8.1f} MiB  in all ({args.out})")
-    return 0
+        print(f"{size / 2**20:8.1f} MiB  {path.relative_to(out)}")
+    print(f"{total / 2**20:8.1f} MiB  in all ({out})")
 
 
 if __name__ == "__main__":

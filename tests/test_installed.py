@@ -39,3 +39,38 @@ def test_an_installed_helios_has_its_kernels_and_triton_glue(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for line in out.stdout.split():
         assert line.startswith(str(site)), line
+
+
+def test_the_flash_attention_bundle_joins_its_parts_and_refuses_a_missing_one(tmp_path):
+    """build/offline_bundle.py --flash-attention packs a site folder in parts small enough for
+    one copy each; its install.sh unpacks them joined, and says how many it found when one
+    did not travel."""
+    import os
+    import random
+
+    sys.path.insert(0, str(ROOT / "build"))
+    from offline_bundle import pack_site
+
+    site, out = tmp_path / "site", tmp_path / "bundle"
+    (site / "pkg").mkdir(parents=True)
+    out.mkdir()
+    blob = random.Random(0).randbytes(5000)   # incompressible: several parts of 2 KiB
+    (site / "pkg" / "blob.bin").write_bytes(blob)
+    (site / "pkg.pth").write_text("import pkg\n")
+    n = pack_site(site, out, 2048)
+    assert n == len(list(out.glob("site.tar.xz.*"))) >= 3
+    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "unpacked")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "unpacked" / "pkg" / "blob.bin").read_bytes() == blob
+    assert (tmp_path / "unpacked" / "pkg.pth").read_text() == "import pkg\n"
+    os.remove(out / "site.tar.xz.01")
+    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "again")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"install.sh: {n - 1} of {n} parts of site.tar.xz here"
+    for part in out.glob("site.tar.xz.*"):
+        os.remove(part)
+    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "again")],
+                         capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stderr.strip()) == (1, f"install.sh: 0 of {n} parts of site.tar.xz here")
