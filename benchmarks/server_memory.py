@@ -7,7 +7,8 @@ The phases are those of the server's load (``helios_triton.stage.load_pipeline``
 ``stream_threads``), on random weights of the real shapes created on the device, or read
 from a checkpoint folder as the server reads it (--checkpoint): build (AR steps compiled
 and captured for every batch size up to --max-streams), the warm-up video, the stream
-threads' warm-up, then --max-streams videos at once. After each, the table gives
+threads' warm-up, then --max-streams videos at once, all decoded as the server decodes them
+(--speculative, off as benchmarks/gpu.sh fills the server). After each, the table gives
 the device's memory in use (``cudaMemGetInfo``, what nvidia-smi reads, this process's CUDA
 context and libraries included), the allocator's reserved and allocated bytes, and its peak.
 At the end the reserved segments are summed by CUDA stream and memory pool (CUDA graphs
@@ -30,7 +31,7 @@ import torch
 from helios.checkpoint import random_components
 from helios.config import get_config
 from helios.pipeline import HeliosPipeline
-from helios_triton.stage import stream_threads
+from helios_triton.stage import stream_threads, warm_up
 
 MIB = 1 << 20
 
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
                     help="load this checkpoint as the server does (default: random weights)")
     ap.add_argument("--ar-fp8", action="store_true")
     ap.add_argument("--refiner-fp8", action="store_true")
+    ap.add_argument("--speculative", choices=("on", "off"), default="off",
+                    help="decode as a server filled with this --speculative does (gpu.sh's: off)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
@@ -107,15 +110,14 @@ def main(argv=None) -> int:
         phase("weights")
         pipe = HeliosPipeline(cfg, **parts, device=device, **kw)
     phase("built (AR steps captured)")
-    warm = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
-    for _ in pipe.generate("warm-up", num_frames=warm, seed=0):
-        pass
+    spec = args.speculative == "on"
+    warm_up(pipe, print, spec)   # the server's own warm-up, threads and their warm-up below
     phase("warm-up video")
-    with stream_threads(pipe, print) as pool:  # the server's own threads and their warm-up
+    with stream_threads(pipe, print, spec) as pool:
         phase("stream threads warmed up")
         frames = int(args.seconds * cfg.fps)
         for f in [pool.submit(pipe.generate_video, "a red circle moving left", num_frames=frames,
-                              seed=i) for i in range(n)]:
+                              seed=i, speculative=spec) for i in range(n)]:
             f.result()
     phase(f"{n} videos of {args.seconds:g} s at once")
     load_s = time.perf_counter() - t0
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
                   "torch": torch.__version__, "config": args.config, "max_streams": n,
                   "checkpoint": str(args.checkpoint) if args.checkpoint else "random weights",
                   "ar_fp8": args.ar_fp8, "refiner_fp8": args.refiner_fp8,
+                  "speculative": args.speculative,
                   "command": "python benchmarks/server_memory.py " + " ".join(argv or sys.argv[1:]),
                   "phases_mib": phases, **acc}
         name = f"server_memory_{args.config}_{n}streams{'_' + args.tag if args.tag else ''}.json"

@@ -11,12 +11,12 @@ bring it). Without it, or after ``use_kernel(False)``, attention runs through SD
 concatenation, and a warning says so once: never silently.
 
 On a Hopper or Blackwell GPU where FlashAttention-4 is installed (``flash_attn.cute``, the
-``flash-attn-4`` package, built on CUTLASS's Python DSL), it runs instead of the kernel: its
-warp-specialized tiles reach 558 TFLOP/s at the 720p shape on an H200 where the Triton-lang
-kernel reaches 411 (``benchmarks/attention_kernel.py``). It needs the keys and values in one
-tensor, so the concatenation is written in the compiled graph, where Inductor can have the
-kernels before it (the key norm) write into it. ``use_kernel(True, flash=False)`` keeps the
-Triton-lang kernel.
+``flash-attn-4`` package, built on CUTLASS's Python DSL), it runs instead of the kernel: at
+the 720p shape on an H200 it reaches 512 TFLOP/s, the concatenation included, where the
+Triton-lang kernel reaches 411 (``benchmarks/attention_kernel.py``). It needs the keys and
+values in one tensor, so the concatenation is written in the compiled graph, where Inductor
+can have the kernels before it (the key norm) write into it. ``use_kernel(True,
+flash=False)`` keeps the Triton-lang kernel.
 """
 
 from __future__ import annotations

@@ -228,17 +228,24 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
         refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
         prefetch_plans=params.get("prefetch_plans") == "on",
         compile=settings.compile, cuda_graphs=settings.cuda_graphs)
-    cfg = pipe.config
     attn = f", attention {attention.backend()}" if device.type == "cuda" else ""
     report(f"helios: every stage loaded in {time.perf_counter() - t0:.1f} s "
            f"({', '.join(pipe.accelerated) or 'eager'}{attn}){gpu_memory(device)}")
-    t0 = time.perf_counter()
-    warm_frames = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
-    for i, _ in enumerate(pipe.generate("warm-up", num_frames=warm_frames, seed=0,
-                                        speculative=params.get("speculative") == "on")):
-        report(f"helios: warm-up chunk {i} at {time.perf_counter() - t0:.1f} s")
-    report(f"helios: warm-up video done{gpu_memory(device)}")
+    warm_up(pipe, report, speculative=params.get("speculative") == "on")
     return pipe
+
+
+def warm_up(pipe, report: Callable[[str], None], speculative: bool) -> None:
+    """One video through every context a stream meets (the refiner's history lengths, the
+    AR's decode step, the decoder's first and later frames), decoded as the server's
+    requests will be (``speculative``), so that compiling, capturing and tuning happen now."""
+    t0 = time.perf_counter()
+    cfg = pipe.config
+    frames = cfg.frames_per_latent * (cfg.refiner.history_frames + 2)
+    for i, _ in enumerate(pipe.generate("warm-up", num_frames=frames, seed=0,
+                                        speculative=speculative)):
+        report(f"helios: warm-up chunk {i} at {time.perf_counter() - t0:.1f} s")
+    report(f"helios: warm-up video done{gpu_memory(pipe.device)}")
 
 
 def gpu_memory(device) -> str:
@@ -251,21 +258,22 @@ def gpu_memory(device) -> str:
             f"({torch.cuda.memory_reserved(device) / gib:.1f} reserved)")
 
 
-def stream_threads(pipe, report: Callable[[str], None]) -> ThreadPoolExecutor:
+def stream_threads(pipe, report: Callable[[str], None], speculative: bool) -> ThreadPoolExecutor:
     """The long-lived threads that run a fused pipeline's streams, one per stream it serves
-    at once, each through its first use now: ``max_streams`` short videos at once, so that
-    every thread's first GPU work and the batched AR rounds are behind us before the first
-    request. A thread per request instead paid about 0.5 s at the start of each 14b stream
-    on the H200 (docs/performance.md)."""
+    at once, each through its first use now: ``max_streams`` short videos at once, decoded as
+    the requests will be (``speculative``), so that every thread's first GPU work and the
+    batched AR rounds are behind us before the first request. A thread per request instead
+    paid about 0.5 s at the start of each 14b stream on the H200 (docs/performance.md)."""
     t0 = time.perf_counter()
     n = pipe.max_streams
     pool = ThreadPoolExecutor(n, thread_name_prefix="helios-stream")
     frames = 2 * pipe.config.frames_per_latent
-    warm = [pool.submit(pipe.generate_video, "warm-up", num_frames=frames, seed=i)
-            for i in range(n)]
+    warm = [pool.submit(pipe.generate_video, "warm-up", num_frames=frames, seed=i,
+                        speculative=speculative) for i in range(n)]
     for future in warm:
         future.result()
-    report(f"helios: {n} stream threads warmed up in {time.perf_counter() - t0:.1f} s")
+    report(f"helios: {n} stream threads warmed up in {time.perf_counter() - t0:.1f} s"
+           f"{gpu_memory(pipe.device)}")
     return pool
 
 

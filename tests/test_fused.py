@@ -161,6 +161,24 @@ def test_a_shared_pipeline_batches_concurrent_streams_without_changing_them(tiny
         shared.close()
 
 
+def test_the_stream_threads_warm_up_decoding_as_the_requests_will(tiny_checkpoint):
+    """The fused server's threads are warmed with its own decoding: with speculative decoding
+    off (as gpu.sh fills the server) the warm-up drafts nothing, so the plain batched rounds
+    the requests will run are the ones compiled and captured; with it on, it drafts."""
+    from helios_triton.stage import stream_threads
+
+    for speculative in (False, True):
+        shared = HeliosPipeline.from_checkpoint(tiny_checkpoint, max_streams=2, shared_ar=True)
+        try:
+            lines = []
+            with stream_threads(shared, lines.append, speculative):
+                pass
+            assert (shared.ar.stats["draft_tokens"] > 0) is speculative
+            assert lines[-1].startswith("helios: 2 stream threads warmed up in ")
+        finally:
+            shared.close()
+
+
 def test_a_fused_server_streams_concurrent_streams_each_as_alone(fused, pipe):
     results = _concurrently(lambda prompt, seed: HeliosClient(f"127.0.0.1:{fused.grpc}").generate(
         prompt, num_frames=40, seed=seed))

@@ -56,7 +56,8 @@ class TritonPythonModel:
         if params.get("stages", "models") == "fused":
             t0 = time.perf_counter()
             self.pipeline = load_pipeline(args, params, settings, pb_utils.Logger.log_info)
-            self.threads = stream_threads(self.pipeline, pb_utils.Logger.log_info)
+            self.threads = stream_threads(self.pipeline, pb_utils.Logger.log_info,
+                                          self.speculative)
             self.slots = threading.BoundedSemaphore(self.pipeline.max_streams)
             pb_utils.Logger.log_info(f"helios: every stage in this process on "
                                      f"{self.pipeline.device}, up to {self.pipeline.max_streams} "
