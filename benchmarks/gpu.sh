@@ -59,11 +59,10 @@ if ! python3 -c 'import helios_triton, helios_client' 2>/dev/null; then
     fi
 fi
 if [[ "$(command -v python3)" == /tmp/helios-env/* ]]; then
-    # The bundle's environment: Triton's python-backend stubs import the project from its own
-    # site-packages and did not see PYTHONPATH (H200, 2026-12-02: a package that PYTHONPATH
-    # alone provided was not found in the helios model's process), so the bundle's wheels
-    # would run there although the tree has changed since. The tree's packages (pure Python)
-    # take their place.
+    # The bundle's environment: Triton's python-backend stubs run an isolated interpreter
+    # that ignores PYTHONPATH (docs/serving.md) and import the project from the
+    # environment's own site-packages, so the bundle's wheels would run there although the
+    # tree has changed since. The tree's packages (pure Python) take their place.
     own="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
     for pkg in helios helios_triton client/helios_client; do
         rm -rf "${own:?}/$(basename "$pkg")"; cp -r "$pkg" "$own/"

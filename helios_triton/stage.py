@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import locale
 import logging
 import os
 import signal
@@ -46,10 +47,30 @@ def enable_stack_dumps(folder: str) -> None:
     faulthandler.enable(file=out, all_threads=True)
 
 
+def utf8_files() -> str:
+    """Make text files this process opens UTF-8 by default; returns the encoding now in use.
+
+    tritonserver's python-backend stub runs an isolated interpreter (``sys.flags.isolated``:
+    PYTHONPATH, PYTHONUTF8 and the other PYTHON* variables are ignored) in the C locale, so
+    ``open()`` defaults to ASCII there. Inductor reads its kernel templates that way, and
+    with torch 2.13 one of them is not ASCII: torch.compile failed inside a stub with a
+    UnicodeDecodeError (seen on a CPU, 2026-12-02). A UTF-8 character type fixes the
+    default; where the C.UTF-8 locale is missing, it stays as it was."""
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        except locale.Error:
+            log.warning("the C.UTF-8 locale is missing: text files open as %s",
+                        locale.getpreferredencoding(False))
+    return locale.getpreferredencoding(False)
+
+
 def process_settings() -> Settings:
     """The environment's switches (``helios.settings``), applied to this stub process: stack
-    dumps armed where asked for, the attention kernel on or off. Every model's ``initialize``
-    calls it (through ``load_stage`` or directly)."""
+    dumps armed where asked for, the attention kernel on or off, text files UTF-8
+    (``utf8_files``). Every model's ``initialize`` calls it (through ``load_stage`` or
+    directly)."""
+    utf8_files()
     settings = from_environment()
     if settings.stacks_dir is not None:
         enable_stack_dumps(str(settings.stacks_dir))

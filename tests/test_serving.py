@@ -162,3 +162,28 @@ fi
     assert up.exists() and "previous run still running: quitting it" in capsys.readouterr().err
     mps.stop()
     assert not up.exists()
+
+
+def test_a_stub_process_opens_text_files_as_utf8(tmp_path):
+    """tritonserver's stub runs an isolated interpreter in the C locale, where open() would
+    default to ASCII (Inductor's templates then fail to load); process_settings makes the
+    default UTF-8 again. Here the C locale is set first, as the stub has it."""
+    import locale
+    import sys
+
+    from helios_triton.stage import utf8_files
+
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode is on: open() is UTF-8 whatever the locale")
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        assert locale.getpreferredencoding(False) == "ANSI_X3.4-1968"
+        text = tmp_path / "template.txt"
+        text.write_bytes("a kernel template \u2019s quote".encode())
+        with pytest.raises(UnicodeDecodeError):
+            text.read_text()
+        assert utf8_files() == "UTF-8"
+        assert text.read_text() == "a kernel template \u2019s quote"
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
