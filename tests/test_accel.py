@@ -101,4 +101,3 @@ def test_flash_attention_is_selected_on_hopper_and_blackwell_only(monkeypatch):
         assert attention.backend() == "flash_attn.cute"
     finally:
         attention.use_kernel(True)
-

@@ -59,18 +59,18 @@ def test_the_flash_attention_bundle_joins_its_parts_and_refuses_a_missing_one(tm
     (site / "pkg.pth").write_text("import pkg\n")
     n = pack_site(site, out, 2048)
     assert n == len(list(out.glob("site.tar.xz.*"))) >= 3
-    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "unpacked")],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
+
+    def install(dest):
+        run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / dest)],
+                             capture_output=True, text=True, timeout=60)
+        return run.returncode, run.stderr.strip()
+
+    code, err = install("unpacked")
+    assert code == 0, err
     assert (tmp_path / "unpacked" / "pkg" / "blob.bin").read_bytes() == blob
     assert (tmp_path / "unpacked" / "pkg.pth").read_text() == "import pkg\n"
     os.remove(out / "site.tar.xz.01")
-    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "again")],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1
-    assert run.stderr.strip() == f"install.sh: {n - 1} of {n} parts of site.tar.xz here"
+    assert install("again") == (1, f"install.sh: {n - 1} of {n} parts of site.tar.xz here")
     for part in out.glob("site.tar.xz.*"):
         os.remove(part)
-    run = subprocess.run(["bash", str(out / "install.sh"), str(tmp_path / "again")],
-                         capture_output=True, text=True, timeout=60)
-    assert (run.returncode, run.stderr.strip()) == (1, f"install.sh: 0 of {n} parts of site.tar.xz here")
+    assert install("again") == (1, f"install.sh: 0 of {n} parts of site.tar.xz here")
