@@ -56,8 +56,8 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     with the refiner that way). ``switches`` (helios.session) may change the prompt between
     latent frames: the plan tokens decoded ahead of the switch are dropped, and a new AR
     segment starts there under the new prompt. With ``req.pace_s`` set, each latent frame waits
-    until the frames already out are at most that far ahead of a player started at the first
-    chunk (``Pacer``), so that a switch is seen soon after it is asked for."""
+    until the frames already out are at most that far ahead of the player (``Pacer``), so that
+    a switch is seen soon after it is asked for."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
     pacer = Pacer(req.pace_s, req.fps, cancelled)
     context = ContextFrames(cfg.refiner.history_frames)
@@ -65,7 +65,7 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     state = {"prev": None, "emitted": 0}
 
     def emit(latent, frames) -> VideoChunk:
-        pacer.start()
+        pacer.sent(state["emitted"])
         frames = frames[:req.num_frames - state["emitted"]]
         out = VideoChunk(frames, state["emitted"], req.num_frames)
         state["emitted"] += len(frames)
@@ -150,16 +150,22 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
 
 
 class Pacer:
-    """Holds a stream back to ``lead_s`` seconds of video ahead of a player that started when
-    the first chunk went out (``lead_s`` None: never)."""
+    """Holds a stream back to ``lead_s`` seconds of video ahead of its player (``lead_s``
+    None: never). The player is modelled as players behave: it starts when the first chunk
+    goes out, plays at the video's frame rate, and when it reaches a frame that has not
+    arrived it waits for it, so its clock restarts there."""
 
     def __init__(self, lead_s: float | None, fps: int, cancelled: Callable[[], bool] | None = None):
         self.lead_s, self.fps, self.cancelled = lead_s, fps, cancelled
-        self.t0: float | None = None
+        self.t0: float | None = None  # when the player showed (or would show) frame 0
 
-    def start(self) -> None:
-        if self.t0 is None:
-            self.t0 = time.monotonic()
+    def sent(self, first: int) -> None:
+        """A chunk whose first frame is ``first`` goes out now. Without this restart, every
+        stall of a stream slower than its player (a loaded CPU) would leave the player further
+        behind the clock, and the lead would grow by the stalls."""
+        now = time.monotonic()
+        if self.t0 is None or now > self.t0 + first / self.fps:
+            self.t0 = now - first / self.fps
 
     def wait(self, emitted: int) -> bool:
         """Return once ``emitted`` frames are no more than the lead ahead of the player;

@@ -180,12 +180,26 @@ def test_a_paced_stream_ends_at_once_when_cancelled_while_held_back():
     from helios.orchestrator import Pacer
     cancel = threading.Event()
     pacer = Pacer(10.0, 24, cancel.is_set)
-    pacer.start()
+    pacer.sent(0)
     assert pacer.wait(24 * 10)  # exactly the lead ahead: no wait
     threading.Timer(0.2, cancel.set).start()
     t0 = time.monotonic()
     assert not pacer.wait(24 * 11)  # a second beyond the lead, cancelled after 0.2 s
     assert time.monotonic() - t0 < 0.5
+
+
+def test_a_stream_that_fell_behind_its_player_keeps_the_lead_from_where_the_player_waited():
+    from helios.orchestrator import Pacer
+    lead, fps = 0.1, 24
+    pacer = Pacer(lead, fps)
+    pacer.sent(0)
+    time.sleep(0.3)  # frames 0-3 play in 1/6 s: the player then waits for frame 4
+    pacer.sent(4)  # ... which arrives now, and plays now
+    t0 = time.monotonic()
+    assert pacer.wait(8)  # frame 8 is 4/24 s after frame 4: 0.067 s beyond the lead
+    # Against a clock that ignored the wait, frame 8 would be due 0.13 s ago, and the stream
+    # would run on unheld, further ahead of the picture with each stall.
+    assert time.monotonic() - t0 >= 4 / fps - lead - 0.005
 
 
 @pytest.mark.parametrize("pace", [-1.0, 60.5, float("nan"), True])
