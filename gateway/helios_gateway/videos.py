@@ -130,11 +130,13 @@ def generate(store: VideoStore, video: Video, client: HeliosClient,
             for chunk in chunks:
                 if video.cancel.is_set():
                     break
+                # The player first: opening the encoder (about 0.2 s on a CPU) and encoding
+                # would otherwise delay every live frame behind the server's pace clock.
+                if on_chunk is not None:
+                    on_chunk(chunk.offset, chunk.frames)
                 if writer is None:
                     writer = Mp4Writer(str(part), video.fps)
                 writer.write(chunk.frames)
-                if on_chunk is not None:
-                    on_chunk(chunk.offset, chunk.frames)
                 video.frames = chunk.offset + len(chunk.frames)
                 if video.frames % (4 * video.fps) < len(chunk.frames):  # every 4 s of video
                     log.info("%s: %d/%d frames", video.id, video.frames, video.total)
