@@ -282,7 +282,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     settings = from_environment()  # HELIOS_FLASH_ATTENTION=0 etc., as the entry points read them
-    attention.use_kernel(settings.attention_kernel, flash=settings.flash_attention)
+    attention.use_settings(settings)
     cfg = get_config(args.config)
     if args.plan_tokens:
         cfg = with_plan_tokens(cfg, args.plan_tokens)

@@ -44,6 +44,12 @@ def use_kernel(enabled: bool, flash: bool = True) -> None:
                   flash_checked=False)
 
 
+def use_settings(settings) -> None:
+    """``use_kernel`` as the environment's switches say (a ``helios.settings.Settings``:
+    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION); every entry point applies them so."""
+    use_kernel(settings.attention_kernel, flash=settings.flash_attention)
+
+
 @torch.compiler.assume_constant_result
 def _flash_selected() -> bool:
     """Whether FlashAttention-4 runs the CUDA attention of this process: switched on, the

@@ -160,7 +160,7 @@ def load_pipeline(checkpoint: Path, device: str, **kw):
     from .pipeline import HeliosPipeline  # noqa: PLC0415
 
     settings = from_environment()
-    attention.use_kernel(settings.attention_kernel, flash=settings.flash_attention)
+    attention.use_settings(settings)
     return HeliosPipeline.from_checkpoint(checkpoint, device=device, compile=settings.compile,
                                           cuda_graphs=settings.cuda_graphs, **kw)
 

@@ -74,7 +74,7 @@ def process_settings() -> Settings:
     settings = from_environment()
     if settings.stacks_dir is not None:
         enable_stack_dumps(str(settings.stacks_dir))
-    attention.use_kernel(settings.attention_kernel, flash=settings.flash_attention)
+    attention.use_settings(settings)
     return settings
 
 
