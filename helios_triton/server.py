@@ -137,6 +137,7 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
         "--exit-on-error=true",
+        "--disable-auto-complete-config",     # configs are complete: no extra stub per model
         # On SIGTERM Triton stops taking requests and lets running ones finish for this long.
         f"--exit-timeout-secs={exit_timeout_s}",
         "--allow-gpu-metrics=false" if not _has_gpu() else "--allow-gpu-metrics=true",

@@ -150,6 +150,11 @@ class TritonPythonModel:
         if self.pipeline is not None:
             self.threads.shutdown(wait=False)
             self.pipeline.close()
+        # Custom metrics go here, each Metric before its MetricFamily: left to the
+        # interpreter's teardown, they were released after the stub's connection to tritonserver
+        # was gone, and the stub crashed on its way out (SIGSEGV at every unload).
+        self.m_active = self.m_outcome = None
+        self.m_family = self.m_outcome_family = None
 
     def _serve(self, request, sender, req, switches) -> str:
         """Stream one request's chunks; returns how it ended: completed, cancelled or failed."""
