@@ -68,12 +68,15 @@ def utf8_files() -> str:
 def process_settings() -> Settings:
     """The environment's switches (``helios.settings``), applied to this stub process: stack
     dumps armed where asked for, the attention kernel on or off, text files UTF-8
-    (``utf8_files``). Every model's ``initialize`` calls it (through ``load_stage`` or
-    directly)."""
+    (``utf8_files``). A crash of the process (SIGSEGV, SIGABRT, ...) prints every thread's
+    stack to the server's log, or to the stacks folder where one is set. Every model's
+    ``initialize`` calls it (through ``load_stage`` or directly)."""
     utf8_files()
     settings = from_environment()
     if settings.stacks_dir is not None:
         enable_stack_dumps(str(settings.stacks_dir))
+    else:
+        faulthandler.enable(all_threads=True)
     attention.use_settings(settings)
     return settings
 

@@ -198,3 +198,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.scheduler.close()
+        # The custom metrics here, each Metric before its family, not in the interpreter's
+        # teardown, where releasing them crashed the stub (docs/serving.md).
+        self.m_free = self.m_used = self.m_active = self.m_queued = self.m_iter = None
+        self.m_blocks = self.m_seq_family = self.m_queue_family = self.m_iter_family = None

@@ -17,7 +17,6 @@ crash on the H100 (1 and 4 streams, perf_analyzer at concurrency 1 and 4) and in
 """
 
 import asyncio
-import faulthandler
 import queue
 import threading
 import time
@@ -42,7 +41,6 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
-        faulthandler.enable(all_threads=True)  # a crash prints every thread's stack to the log
         settings = process_settings()
         self.drain_file, self.sessions_dir = settings.drain_file, settings.sessions_dir
         self.watch = CallWatch(settings.calls_dir)
