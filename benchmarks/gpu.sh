@@ -115,6 +115,12 @@ server_run() {  # server_run TAG CONFIG STREAMS...
     local rc=$?
     echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
     tail -40 "$dir/server.log" > "$dir/server_tail.log" 2>/dev/null
+    # How the server stopped: a stub that crashed on its way out prints "Fatal Python error"
+    # (faulthandler, helios_triton.stage.process_settings); Triton's exit timeout running out
+    # leaves "failed to stop server".
+    echo "$tag: at stop, $(grep -c "Fatal Python error" "$dir/server.log") stub crash(es)," \
+         "$(grep -c "successfully unloaded" "$dir/server.log") model(s) unloaded," \
+         "$(grep -c "failed to stop server" "$dir/server.log") exit timeout(s)"
     return $rc
 }
 
