@@ -51,8 +51,13 @@ class _StaticDecode:
     once as a CUDA graph and replayed (the step then costs its GPU time, not ~1,000 launches
     from Python)."""
 
+    @torch.no_grad()
     def __init__(self, model: ARBackbone, cache: PagedKVCache, batch: int, max_blocks: int,
                  capture: bool, compile_step: bool = False):
+        # Without autograd: a warm-up step with it wrote keys that carry a graph into the
+        # cache, so the cache kept every layer's gathered keys and values alive for a
+        # backward pass that never comes (38 GB at 14b for four streams, measured by
+        # benchmarks/server_memory.py on an H200).
         self.view = StaticDecodeView(cache, batch, max_blocks)
         self.ids = torch.zeros(batch, dtype=torch.long, device=cache.k.device)
         self.model = model

@@ -234,6 +234,20 @@ def test_one_compiled_decoder_layer_serves_every_layer():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_building_the_static_steps_leaves_no_autograd_graph_in_the_cache():
+    """prepare_static runs each step once to compile it (and on CUDA to capture it), outside
+    any no_grad of the caller's: the keys it writes must not carry an autograd graph into the
+    cache, which would keep every layer's gathered keys and values alive for good."""
+    model = _model(CFG, 8)
+    assert next(model.parameters()).requires_grad
+    rt = ARRuntime(model, num_blocks=40, block_size=4, static_decode=True, max_positions=64)
+    rt.compile_steps = True  # the step runs once at build time (CUDA only by default)
+    rt.prepare_static([1, 2])
+    assert set(rt._static) == {1, 2}
+    for pool in (rt.cache.k, rt.cache.v):
+        assert not pool.requires_grad and pool.grad_fn is None
+
+
 def _slot_bias():
     """Three slots over the 48 codes: 0..31, 32..39, 40..47 (regions, then two geometry)."""
     bias = BIAS.repeat(3, 1)
