@@ -16,13 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .ar_backbone import ARBackbone
-from .config import ARConfig, HeliosConfig, RefinerConfig, TextEncoderConfig, VAEConfig, get_config
+from .config import (FORMAT_VERSION, ARConfig, HeliosConfig, RefinerConfig, TextEncoderConfig, VAEConfig,
+                     check_config, get_config, read_config)
 from .errors import HeliosError
 from .refiner import Refiner
 from .text_encoder import TextEncoder
 from .vae import VAE
 
-FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "ar_backbone", "draft", "refiner", "vae")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,22 +38,6 @@ def build_component(cfg: HeliosConfig, name: str, device="cpu"):
            "refiner": Refiner, "vae": VAE}[name]
     with torch.device(device):
         return cls(sub)
-
-
-def check_config(cfg: HeliosConfig) -> None:
-    """The stages must agree on the sizes they exchange."""
-    def need(ok, what):
-        if not ok:
-            raise HeliosError("checkpoint", f"config is inconsistent: {what}")
-    ar, dr, te, rf = cfg.ar_backbone, cfg.draft, cfg.text_encoder, cfg.refiner
-    need(te.ar_hidden_size == ar.hidden_size, "text_encoder.ar_hidden_size != ar_backbone.hidden_size")
-    need(te.draft_hidden_size == dr.hidden_size, "text_encoder.draft_hidden_size != draft.hidden_size")
-    need(dr.plan_vocab_size == ar.plan_vocab_size == rf.plan_vocab_size,
-         "plan_vocab_size differs between ar_backbone, draft and refiner")
-    need(rf.region_tokens > 0, "the refiner needs at least one region token a frame")
-    need(rf.latent_channels == cfg.vae.latent_channels, "latent_channels differ")
-    need(cfg.max_ar_positions() <= ar.max_position_embeddings,
-         "the AR context window exceeds max_position_embeddings")
 
 
 def _component_json(cfg: HeliosConfig, name: str) -> dict:
@@ -141,27 +125,6 @@ def write_index(cfg: HeliosConfig, out: Path) -> None:
     index = {"_class_name": "HeliosPipeline", "format_version": FORMAT_VERSION,
              "config": cfg.to_dict(), "components": list(COMPONENTS)}
     (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def read_config(path: str | Path) -> HeliosConfig:
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if path.exists() and not path.is_dir():
-        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} is a file")
-    if not path.is_dir():
-        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} does not exist")
-    if not index_file.is_file():
-        raise HeliosError("checkpoint", f"{str(path)!r} has no model_index.json; is it a Helios checkpoint?")
-    try:
-        index = json.loads(index_file.read_text())
-        cfg = HeliosConfig.from_dict(index["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise HeliosError("checkpoint", f"{index_file} is not a valid model index: {e}") from None
-    if index.get("format_version") != FORMAT_VERSION:
-        raise HeliosError("checkpoint", f"{index_file}: format_version must be {FORMAT_VERSION}, "
-                                        f"got {index.get('format_version')!r}")
-    check_config(cfg)
-    return cfg
 
 
 def load_component(path: str | Path, name: str, cfg: HeliosConfig | None = None,

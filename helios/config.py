@@ -9,8 +9,12 @@ real-time 720p target on one H100).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import HeliosError
 
 # The AR's vocabulary: the plan vocabulary (``plan_vocab_size`` ids: the refiner's learned
 # codebook rows, then its geometry bins) comes first, then the special tokens.
@@ -319,8 +323,50 @@ def with_plan_tokens(cfg: HeliosConfig, n: int) -> HeliosConfig:
 
 
 def get_config(name: str) -> HeliosConfig:
-    from .errors import HeliosError
-
     if name not in CONFIGS:
         raise HeliosError("config", f"must be one of {sorted(CONFIGS)}, got {name!r}")
     return CONFIGS[name]()
+
+
+# A checkpoint folder's model_index.json: its format, and the config it holds. Read here
+# rather than in helios.checkpoint (which builds the modules) so that a process that only
+# checks requests against a checkpoint's limits needs no torch.
+FORMAT_VERSION = 1
+
+
+def check_config(cfg: HeliosConfig) -> None:
+    """The stages must agree on the sizes they exchange."""
+    def need(ok, what):
+        if not ok:
+            raise HeliosError("checkpoint", f"config is inconsistent: {what}")
+    ar, dr, te, rf = cfg.ar_backbone, cfg.draft, cfg.text_encoder, cfg.refiner
+    need(te.ar_hidden_size == ar.hidden_size, "text_encoder.ar_hidden_size != ar_backbone.hidden_size")
+    need(te.draft_hidden_size == dr.hidden_size, "text_encoder.draft_hidden_size != draft.hidden_size")
+    need(dr.plan_vocab_size == ar.plan_vocab_size == rf.plan_vocab_size,
+         "plan_vocab_size differs between ar_backbone, draft and refiner")
+    need(rf.region_tokens > 0, "the refiner needs at least one region token a frame")
+    need(rf.latent_channels == cfg.vae.latent_channels, "latent_channels differ")
+    need(cfg.max_ar_positions() <= ar.max_position_embeddings,
+         "the AR context window exceeds max_position_embeddings")
+
+
+def read_config(path: str | Path) -> HeliosConfig:
+    """The config of a checkpoint folder (its model_index.json), checked for consistency."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if path.exists() and not path.is_dir():
+        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} is a file")
+    if not path.is_dir():
+        raise HeliosError("checkpoint", f"must be a checkpoint folder, {str(path)!r} does not exist")
+    if not index_file.is_file():
+        raise HeliosError("checkpoint", f"{str(path)!r} has no model_index.json; is it a Helios checkpoint?")
+    try:
+        index = json.loads(index_file.read_text())
+        cfg = HeliosConfig.from_dict(index["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise HeliosError("checkpoint", f"{index_file} is not a valid model index: {e}") from None
+    if index.get("format_version") != FORMAT_VERSION:
+        raise HeliosError("checkpoint", f"{index_file}: format_version must be {FORMAT_VERSION}, "
+                                        f"got {index.get('format_version')!r}")
+    check_config(cfg)
+    return cfg

@@ -38,7 +38,7 @@ from .fp8 import quantize_ar, quantize_refiner
 from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, segment_keep, validate_request
 from .session import PromptSwitches, scripted
-from .text_encoder import tokenize
+from .tokenizer import tokenize
 from .vae import from_uint8, to_uint8
 
 _ids = itertools.count()

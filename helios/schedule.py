@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .config import HeliosConfig
 from .errors import HeliosError
-from .sampling import INT64_MAX, SamplingParams
-from .text_encoder import tokenize
+from .sampling_params import INT64_MAX, SamplingParams
+from .tokenizer import tokenize
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the request checks need none
+    import torch
 
 MAX_FPS = 60
 MAX_PACE_S = 60.0  # the most a paced stream may run ahead of its player
@@ -137,6 +140,7 @@ def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0,
 
 def plan_vocab_bias(ar_cfg) -> torch.Tensor:
     """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
+    import torch  # noqa: PLC0415  (see the imports above)
     bias = torch.zeros(ar_cfg.vocab_size)
     # A large finite value, not -inf: TensorRT-LLM adds this bias inside its sampling kernels.
     bias[ar_cfg.plan_vocab_size:] = -1e9
@@ -167,6 +171,7 @@ def plan_bias(cfg: HeliosConfig) -> torch.Tensor:
 def frame_noise(seed: int, index: int, shape) -> torch.Tensor:
     """The refiner's starting noise for latent frame ``index`` (float32, drawn on the CPU so
     that every device starts from the same numbers)."""
+    import torch  # noqa: PLC0415  (see the imports above)
     gen = torch.Generator().manual_seed(derive_seed(seed, NOISE_SEED, index))
     return torch.randn(shape, generator=gen)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import HeliosConfig
 from .errors import HeliosError
-from .text_encoder import tokenize
+from .tokenizer import tokenize
 
 
 @dataclass(frozen=True)

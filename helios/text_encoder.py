@@ -1,9 +1,9 @@
 """Byte-level text encoder: UTF-8 bytes in, prefix embeddings for the AR backbone out.
 
-No vocabulary file: the token ids are the prompt's bytes plus begin/end-of-text. The encoder
-ends in two projections, one into the AR backbone's hidden size (the rows of TensorRT-LLM's
-prompt-embedding table) and one into the draft model's, so that both runtimes receive ready
-prefix embeddings from this one stage.
+No vocabulary file: the token ids are the prompt's bytes plus begin/end-of-text
+(``helios.tokenizer``). The encoder ends in two projections, one into the AR backbone's
+hidden size (the rows of TensorRT-LLM's prompt-embedding table) and one into the draft
+model's, so that both runtimes receive ready prefix embeddings from this one stage.
 """
 
 from __future__ import annotations
@@ -13,21 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextEncoderConfig
-from .errors import HeliosError
-
-BOT, EOT = 256, 257
-
-
-def tokenize(prompt: str, max_bytes: int) -> list[int]:
-    """Prompt -> [begin-of-text, UTF-8 bytes..., end-of-text]; validates the prompt."""
-    if not isinstance(prompt, str):
-        raise HeliosError("prompt", f"must be a string, got {type(prompt).__name__}")
-    data = prompt.encode("utf-8")
-    if not prompt.strip():
-        raise HeliosError("prompt", f"must be 1 to {max_bytes} UTF-8 bytes of text, got an empty prompt")
-    if len(data) > max_bytes:
-        raise HeliosError("prompt", f"must be 1 to {max_bytes} UTF-8 bytes of text, got {len(data)} bytes")
-    return [BOT, *data, EOT]
 
 
 class EncoderBlock(nn.Module):

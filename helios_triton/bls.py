@@ -2,8 +2,8 @@
 
 ``TritonStages`` implements ``helios.orchestrator.Stages`` over ``prompt_encoder``,
 ``image_encoder``, ``video_encoder``, ``ar_backbone``, ``refiner`` and ``vae_decoder`` with the tensor names of
-``helios_triton.contract``; and ``input_array``, how every model reads an input. Only a
-python-backend stub can import this module (it needs ``triton_python_backend_utils``).
+``helios_triton.contract``. Only a python-backend stub can import this module (it needs
+``triton_python_backend_utils``).
 """
 
 import asyncio
@@ -14,12 +14,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from helios_triton.calls import CallWatch
-
-
-def input_array(request, name):
-    """A request's input as a numpy array, or None where the request lacks it."""
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 def _outputs(model, response, outputs):

@@ -16,7 +16,7 @@ def test_an_installed_helios_has_its_kernels_and_triton_glue(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("helios-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("helios/kernels/context_attention.py", "helios/attention.py",
-                   "helios_triton/stage.py", "helios_triton/bls.py",
+                   "helios_triton/stage.py", "helios_triton/stub.py", "helios_triton/bls.py",
                    "helios_triton/fill_repository.py", "helios_triton/server.py",
                    "helios/export/onnx_export.py", "helios/export/trt_context_attention.py",
                    "helios/training/trainer.py", "helios/settings.py"):

@@ -3,6 +3,8 @@ model-config protobuf, and every tensor the orchestrator exchanges with a stage 
 with the right dtype (helios_triton.contract.STAGE_CONTRACT)."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 from google.protobuf import text_format
@@ -11,6 +13,7 @@ from tritonclient.grpc import model_config_pb2
 from conftest import INSTANCES, ROOT
 from helios_triton.contract import STAGE_CONTRACT
 from helios_triton.fill_repository import fill, values
+from helios_triton.server import prepare_backends
 
 DTYPE = model_config_pb2.DataType
 
@@ -76,3 +79,23 @@ def test_overlap_decode_follows_the_device_unless_given(tiny_checkpoint, tmp_pat
         if p.parent.name == "helios"]
     cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     assert cfg.parameters["overlap_decode"].string_value == expected
+
+
+@pytest.mark.parametrize("model,torch_expected", [("tokenizer", False), ("helios_update", False),
+                                                  ("helios_video", False), ("refiner", True)])
+def test_the_front_models_start_without_torch(model, torch_expected, tmp_path):
+    """Each stub process imports its own model.py. The models that only check a request and
+    pass it on must not import torch (about 3 s of CPU per stub at a server's start); the
+    refiner, which runs it, shows that the check sees it. Imported as a stub imports it, beside
+    the python backend's own utils module, in a fresh interpreter."""
+    utils = prepare_backends(tmp_path / "backends") / "python"
+    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
+            "spec = importlib.util.spec_from_file_location('model', sys.argv[2]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(utils),
+                          str(ROOT / "model_repository" / model / "1" / "model.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(torch_expected)
+

@@ -14,7 +14,8 @@ from helios.errors import HeliosError
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
 from helios.ar_scheduler import ARJob, ARScheduler
-from helios_triton.stage import compile_batches, requested_outputs
+from helios_triton.stage import compile_batches
+from helios_triton.stub import requested_outputs
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, plan_vocab_size=32, max_position_embeddings=256)
@@ -171,7 +172,7 @@ def test_a_stub_process_opens_text_files_as_utf8(tmp_path):
     import locale
     import sys
 
-    from helios_triton.stage import utf8_files
+    from helios_triton.stub import utf8_files
 
     if sys.flags.utf8_mode:
         pytest.skip("Python's UTF-8 mode is on: open() is UTF-8 whatever the locale")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..data import drop_attribute_words
 from ..schedule import segment_keep, sink_frames
-from ..text_encoder import tokenize
+from ..tokenizer import tokenize
 from .run import PhaseRun
 from .sources import SyntheticClips
 

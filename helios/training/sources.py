@@ -11,7 +11,7 @@ import numpy as np
 from ..config import HeliosConfig
 from ..data import render_clip, render_long_session_clip, render_switch_clip, sample_spec
 from ..errors import HeliosError
-from ..text_encoder import tokenize
+from ..tokenizer import tokenize
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 

@@ -19,10 +19,9 @@ from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
-from helios_triton.bls import input_array
-from helios_triton.stage import (compile_batches, kv_pool_blocks, model_device, model_dtype,
-                                 limit_gpu_share, model_parameters, process_settings,
-                                 requested_outputs)
+from helios_triton.stage import (compile_batches, kv_pool_blocks, limit_gpu_share, model_device,
+                                 model_dtype)
+from helios_triton.stub import input_array, model_parameters, process_settings, requested_outputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -28,12 +28,13 @@ import triton_python_backend_utils as pb_utils
 from helios.checkpoint import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
-from helios_triton.bls import OverlappedStages, TritonStages, input_array
+from helios_triton.bls import OverlappedStages, TritonStages
 from helios_triton.calls import CallWatch
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
-from helios_triton.stage import (gpu_memory, load_pipeline, model_parameters, process_settings,
-                                 requested_outputs, stream_threads, video_request)
+from helios_triton.stage import gpu_memory, load_pipeline, stream_threads
+from helios_triton.stub import (input_array, model_parameters, process_settings, requested_outputs,
+                                video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -4,13 +4,12 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import read_config
+from helios.config import read_config
 from helios.errors import HeliosError
-from helios.text_encoder import tokenize
-from helios_triton.bls import input_array
+from helios.tokenizer import tokenize
 from helios_triton.contract import UPDATE_INPUT_NAMES
 from helios_triton.sessions import check_session_id, send_update
-from helios_triton.stage import model_parameters, process_settings, prompt_text
+from helios_triton.stub import input_array, model_parameters, process_settings, prompt_text
 
 
 class TritonPythonModel:

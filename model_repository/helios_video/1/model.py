@@ -3,12 +3,11 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import read_config
+from helios.config import read_config
 from helios.errors import HeliosError
-from helios_triton.bls import input_array
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import check_session_id
-from helios_triton.stage import model_parameters, process_settings, video_request
+from helios_triton.stub import input_array, model_parameters, process_settings, video_request
 
 
 

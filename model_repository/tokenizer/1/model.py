@@ -1,13 +1,13 @@
-"""tokenizer: PROMPT bytes -> byte-level token ids (helios.text_encoder.tokenize)."""
+"""tokenizer: PROMPT bytes -> byte-level token ids (helios.tokenizer.tokenize)."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import read_config
+from helios.config import read_config
 from helios.errors import HeliosError
-from helios.text_encoder import tokenize
+from helios.tokenizer import tokenize
 from helios_triton.contract import HELIOS_INPUT_NAMES
-from helios_triton.stage import model_parameters, process_settings, prompt_text
+from helios_triton.stub import model_parameters, process_settings, prompt_text
 
 
 class TritonPythonModel:

@@ -7,8 +7,8 @@ import triton_python_backend_utils as pb_utils
 
 from helios.errors import HeliosError
 from helios.refiner import euler_sample
-from helios_triton.bls import input_array
 from helios_triton.stage import load_stage, refiner_call
+from helios_triton.stub import input_array
 
 
 
