@@ -38,8 +38,8 @@ def input_array(request, name):
 
 def enable_stack_dumps(folder: str) -> None:
     """On SIGUSR2, write the Python stack of every thread of this process to
-    ``folder/<pid>.txt``: what a stalled stage model is waiting on. ``process_settings`` arms it in
-    every stub process when ``HELIOS_STACKS_DIR`` is set (``helios.settings``), so
+    ``folder/<pid>.txt``: what a stalled stage model is waiting on. ``process_settings`` arms
+    it in every stub process when ``HELIOS_STACKS_DIR`` is set (``helios.settings``), so
     ``pkill -USR2 -f triton_python_backend_stub`` shows where each stage is, with nothing to
     install and no ptrace rights (py-spy needs both). A crash (SIGSEGV, SIGABRT, ...) writes
     there too."""
