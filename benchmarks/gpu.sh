@@ -28,11 +28,16 @@
 #   memory      benchmarks/server_memory.py: the fused server's build at STREAMS (default 4)
 #               streams in-process (FILL_ARGS may add --ar-fp8, --refiner-fp8), its memory
 #               phase by phase and by allocator pool
+#   attention-ab
+#               fps.py for 14b over 20 s videos three times: the Triton-lang kernel,
+#               FlashAttention-4, the kernel again (each stage's median in each; where
+#               FlashAttention-4 is installed)
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
-# Knobs: VIDEO_SECONDS (client videos, default 20), STREAMS, FILL_ARGS (extra options of
-# helios_triton.fill_repository, e.g. --refiner-fp8), MPS=0 (no CUDA MPS for the server),
+# Knobs: VIDEO_SECONDS (client videos, default 20), FPS_SECONDS (fps.py's videos, default 2),
+# STREAMS, FILL_ARGS (extra options of helios_triton.fill_repository, e.g. --refiner-fp8),
+# MPS=0 (no CUDA MPS for the server),
 # EXTRA_SITE (site folders of more packages), HELIOS_FLASH_ATTENTION=0 (the Triton-lang
 # attention kernel where FlashAttention-4 is installed).
 #
@@ -116,7 +121,7 @@ server_run() {  # server_run TAG CONFIG STREAMS...
     echo "$tag: rc $rc in $(( $(date +%s) - t0 )) s"
     tail -40 "$dir/server.log" > "$dir/server_tail.log" 2>/dev/null
     # How the server stopped: a stub that crashed on its way out prints "Fatal Python error"
-    # (faulthandler, helios_triton.stage.process_settings); Triton's exit timeout running out
+    # (faulthandler, helios_triton.stub.process_settings); Triton's exit timeout running out
     # leaves "failed to stop server".
     echo "$tag: at stop, $(grep -c "Fatal Python error" "$dir/server.log") stub crash(es)," \
          "$(grep -c "successfully unloaded" "$dir/server.log") model(s) unloaded," \
@@ -127,7 +132,7 @@ server_run() {  # server_run TAG CONFIG STREAMS...
 fps_run() {  # fps_run CONFIG TAG LINES [FLAGS...]: benchmarks/fps.py, its last LINES lines shown
     local config="$1" tag="$2" lines="$3"; shift 3
     local log="$out/fps_${config}_$tag.txt"
-    timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds 2 \
+    timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds "${FPS_SECONDS:-2}" \
         --out "$out/inprocess" --tag "$tag" "$@" > "$log" 2>&1
     local rc=$?
     echo "fps.py $config $tag: rc $rc"
@@ -156,6 +161,13 @@ for part in "${parts[@]}"; do
             fps_run 14b bf16 14 || status=1
             fps_run 14b fp8_refiner 14 --refiner-fp8 || status=1
             fps_run 14b-384p bf16 14 || status=1 ;;
+        attention-ab)
+            # The kernel, FlashAttention-4, the kernel again, over 20 s videos: the two A/Bs so
+            # far read the stages that FlashAttention-4 does not touch slower in its run, which
+            # came first each time; the second kernel run tells the order from the package.
+            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_first 12 || status=1
+            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=1 fps_run 14b fa4 12 || status=1
+            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_last 12 || status=1 ;;
         fp8)
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1
@@ -186,7 +198,7 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused, memory, kernels, fp8)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab)" >&2; exit 2 ;;
     esac
 done
 exit $status
