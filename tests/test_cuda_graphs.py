@@ -52,6 +52,23 @@ def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
     assert graph._static[batch].compiled == compiled
 
 
+def test_captured_decode_steps_leave_no_autograd_graph_in_the_cache():
+    """prepare_static compiles, warms up and captures each batch size's step before a server
+    takes requests, outside any no_grad: no autograd graph may reach the cache (one did, and
+    it kept every layer's gathered keys and values: 36 GB at 14b for four streams)."""
+    cfg = get_config("tiny").ar_backbone
+    dev = torch.device("cuda")
+    model = ARBackbone(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model = model.to(dev, torch.bfloat16).eval()
+    rt = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
+                   max_positions=256, compile_steps=True)
+    rt.prepare_static([1, 2, 3])
+    assert all(rt._static[b].graph is not None for b in (1, 2, 3))
+    for pool in (rt.cache.k, rt.cache.v):
+        assert not pool.requires_grad and pool.grad_fn is None
+
+
 def test_compiled_refiner_renders_what_the_eager_one_does():
     from helios.checkpoint import random_component
 
