@@ -1,6 +1,6 @@
 """A stream's sampling settings (temperature, top-k, top-p, seed) and their checks.
 
-Apart from ``helios.sampling``, which draws with them, so that the processes that only check
+Kept apart from ``helios.sampling``, which draws with them, so that the processes that only check
 a request (the Triton front models) need no torch.
 """
 
