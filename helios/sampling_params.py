@@ -1,7 +1,7 @@
 """A stream's sampling settings (temperature, top-k, top-p, seed) and their checks.
 
-Kept apart from ``helios.sampling``, which draws with them, so that the processes that only check
-a request (the Triton front models) need no torch.
+Kept apart from ``helios.sampling``, which draws with them, so that the processes that only
+check a request (the Triton front models) need no torch.
 """
 
 from __future__ import annotations
