@@ -1,5 +1,6 @@
 """Checkpoint format: round trip, determinism, and exact errors for every kind of damage."""
 
+import dataclasses
 import json
 import shutil
 
@@ -27,6 +28,27 @@ def test_checkpoint_round_trip(tiny_checkpoint, tmp_path):
             (tmp_path / name / "config.json").read_text()
     hf = json.loads((tiny_checkpoint / "ar_backbone" / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 256 + 32 + 32 + 8 + 3
+
+
+def test_loading_gives_the_files_tensors_in_the_asked_dtype_with_tied_embeddings_kept(tmp_path):
+    """load_component makes the file's tensors the module's parameters (nothing left on the
+    meta device it was built on), in the dtype asked for (float32 by default), and a tied
+    AR head shares the embedding's tensor again."""
+    cfg = get_config("tiny")
+    cfg = dataclasses.replace(cfg, ar_backbone=dataclasses.replace(cfg.ar_backbone,
+                                                                   tie_word_embeddings=True))
+    ckpt = init_checkpoint(cfg, tmp_path / "tied", seed=1)
+    stored = load_file(str(ckpt / "ar_backbone" / "model.safetensors"))
+    assert "lm_head.weight" not in stored
+    for dtype in (None, torch.bfloat16):
+        ar = load_component(ckpt, "ar_backbone", dtype=dtype)
+        assert ar.lm_head.weight is ar.model.embed_tokens.weight
+        params = dict(ar.named_parameters())
+        assert params.keys() == stored.keys()
+        for k, p in params.items():
+            assert not p.is_meta and p.dtype == (dtype or torch.float32) and p.requires_grad
+            assert torch.equal(p, stored[k].to(p.dtype)), k
+        assert not ar.training
 
 
 def test_init_is_deterministic_by_seed(tmp_path):
