@@ -56,7 +56,7 @@ class _StaticDecode:
                  capture: bool, compile_step: bool = False):
         # Without autograd: a warm-up step with it wrote keys that carry a graph into the
         # cache, so the cache kept every layer's gathered keys and values alive for a
-        # backward pass that never comes (37 GB at 14b for four streams, measured by
+        # backward pass that never comes (about 36 GiB at 14b for four streams, measured by
         # benchmarks/server_memory.py on an H200).
         self.view = StaticDecodeView(cache, batch, max_blocks)
         self.ids = torch.zeros(batch, dtype=torch.long, device=cache.k.device)

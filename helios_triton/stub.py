@@ -4,8 +4,8 @@ crash reports, the model's parameters, and the client-facing requests read and c
 Nothing here imports torch, so that the front models, which only check requests and pass them
 on (``tokenizer``, ``helios_update``, ``helios_video``), start without it: each stub process
 imports its model alone, and torch costs about 3 s of CPU there (a server's start on a 2-core
-machine). Nothing here imports ``triton_python_backend_utils`` either (only the stub has it),
-so all of it is tested in an ordinary process.
+machine). Only ``input_array`` imports ``triton_python_backend_utils``, when it is called
+(only the stub has it), so the rest is tested in an ordinary process.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ log = logging.getLogger("helios_triton")
 
 
 def input_array(request, name):
-    """A request's input as a numpy array, or None where the request lacks it (the lookup of
-    ``pb_utils.get_input_tensor_by_name``)."""
-    for tensor in request.inputs():
-        if tensor.name() == name:
-            return tensor.as_numpy()
-    return None
+    """A request's input as a numpy array, or None where the request lacks it."""
+    import triton_python_backend_utils as pb_utils  # noqa: PLC0415
+
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
 
 
 def enable_stack_dumps(folder: str) -> None:
@@ -72,9 +71,10 @@ def utf8_files() -> str:
 def process_settings() -> Settings:
     """The environment's switches (``helios.settings``), applied to this stub process: stack
     dumps armed where asked for, text files UTF-8 (``utf8_files``); the models that run
-    attention apply its switches when they load (``helios_triton.stage``). A crash of the process (SIGSEGV, SIGABRT, ...) prints every thread's
-    stack to the server's log, or to the stacks folder where one is set. Every model's
-    ``initialize`` calls it (through ``load_stage`` or directly)."""
+    attention apply its switches when they load (``helios_triton.stage``). A crash of the
+    process (SIGSEGV, SIGABRT, ...) prints every thread's stack to the server's log, or to the
+    stacks folder where one is set. Every model's ``initialize`` calls it (through
+    ``load_stage`` or directly)."""
     utf8_files()
     settings = from_environment()
     if settings.stacks_dir is not None:

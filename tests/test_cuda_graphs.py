@@ -15,6 +15,13 @@ from helios.schedule import plan_vocab_bias
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _tiny_ar(dev) -> ARBackbone:
+    """The tiny AR backbone, seeded, in bf16 on ``dev``."""
+    model = ARBackbone(get_config("tiny").ar_backbone)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.to(dev, torch.bfloat16).eval()
+
+
 @pytest.mark.parametrize("batch,compiled,fp8", [(1, False, False), (3, False, False),
                                                 (1, True, False), (3, True, False),
                                                 (1, True, True), (3, True, True)])
@@ -22,9 +29,7 @@ def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
     cfg = get_config("tiny").ar_backbone
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = ARBackbone(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    model = model.to(dev, torch.bfloat16).eval()
+    model = _tiny_ar(dev)
     if fp8:  # the split-K GEMV inside the compiled, captured step; the eager side runs it too
         quantize_ar(model)
     graph = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
@@ -55,13 +60,9 @@ def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
 def test_captured_decode_steps_leave_no_autograd_graph_in_the_cache():
     """prepare_static compiles, warms up and captures each batch size's step before a server
     takes requests, outside any no_grad: no autograd graph may reach the cache (one did, and
-    it kept every layer's gathered keys and values: 36 GB at 14b for four streams)."""
-    cfg = get_config("tiny").ar_backbone
+    it kept every layer's gathered keys and values: about 36 GiB at 14b for four streams)."""
     dev = torch.device("cuda")
-    model = ARBackbone(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    model = model.to(dev, torch.bfloat16).eval()
-    rt = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
+    rt = ARRuntime(_tiny_ar(dev), num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
                    max_positions=256, compile_steps=True)
     rt.prepare_static([1, 2, 3])
     assert all(rt._static[b].graph is not None for b in (1, 2, 3))
