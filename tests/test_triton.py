@@ -33,8 +33,10 @@ def _grpc(server):
 def test_grpc_stream_equals_in_process(server, pipe):
     # 46 frames = 12 latent frames: two AR segments (the window of 8 frames refills once).
     chunks = list(_grpc(server).stream(PROMPT, num_frames=46, seed=5))
-    assert [c.offset for c in chunks] == list(range(0, 46, 4))
-    assert [c.final for c in chunks] == [False] * 11 + [True]
+    # One response per latent frame, but the first frame leaves alone, ahead of the other three.
+    assert [c.offset for c in chunks] == [0, 1] + list(range(4, 46, 4))
+    assert [len(c.frames) for c in chunks[:3]] == [1, 3, 4]
+    assert [c.final for c in chunks] == [False] * 12 + [True]
     assert len(chunks[-1].frames) == 2
     video = np.concatenate([c.frames for c in chunks])
     assert np.array_equal(video, pipe.generate_video(PROMPT, num_frames=46, seed=5))

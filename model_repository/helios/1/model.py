@@ -1,6 +1,7 @@
 """helios: the client-facing, decoupled model. Runs helios.orchestrator.stream_video with the
 stage functions implemented as BLS calls, or, with the ``stages`` parameter "fused", by the
-in-process pipeline; one response per chunk.
+in-process pipeline; one response per chunk, the first chunk's first frame in one of its own
+(``stub.response_parts``).
 
 With the stage models, each instance serves one stream at a time, inside ``execute``, on the
 stub's main thread; concurrent streams run in separate instances (instance_group count), and
@@ -34,7 +35,7 @@ from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
 from helios_triton.stage import gpu_memory, load_pipeline, stream_threads
 from helios_triton.stub import (input_array, model_parameters, process_settings, requested_outputs,
-                                video_request)
+                                response_parts, video_request)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -184,10 +185,12 @@ class TritonPythonModel:
                     pb_utils.Logger.log_info(f"helios {rid}: first chunk ready after "
                                              f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
                 last = chunk.final
-                out = requested_outputs(wanted, {"FRAMES": chunk.frames,
-                                                  "FRAME_OFFSET": np.array([chunk.offset], np.int32),
-                                                  "FINAL": np.array([chunk.final])})
-                outbox.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+                for frames, offset, final_part in response_parts(chunk, first=sent == 0):
+                    out = requested_outputs(wanted, {"FRAMES": frames,
+                                                      "FRAME_OFFSET": np.array([offset], np.int32),
+                                                      "FINAL": np.array([final_part])})
+                    outbox.send(pb_utils.InferenceResponse(
+                        [pb_utils.Tensor(k, v) for k, v in out.items()]))
                 sent += len(chunk.frames)
                 if sent % (4 * req.fps) < len(chunk.frames) or chunk.final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
