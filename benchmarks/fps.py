@@ -315,11 +315,14 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     req = validate_request(cfg, prompt, duration_s=args.seconds, seed=0, speculative=spec)
     t = time.perf_counter()
-    first, frames = None, 0
+    first, frames, first_parts = None, 0, {}
     for chunk in pipe.run(req):
         frames += len(chunk.frames)
         if first is None:
             first = time.perf_counter() - t
+            # Where the first frame's time went: each stage's calls so far, in all (with the
+            # plans prefetched, AR rounds run beside the refiner and overlap it).
+            first_parts = {k: sum(v) * 1e3 for k, v in pipe.times.items()}
     wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     # With --low-vram the stages visit the GPU only while they run: no piece alone to time.
@@ -339,7 +342,8 @@ def main(argv=None) -> int:
         "cuda_graphs": pipe.ar.cuda_graphs, "attention": attention.backend()
         if device.type == "cuda" else "reference", "prefetch_plans": pipe.prefetch_plans,
         "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
-        "fps": frames / wall, "first_frame_s": first, "peak_gpu_bytes": peak,
+        "fps": frames / wall, "first_frame_s": first, "first_frame_stage_ms": first_parts,
+        "peak_gpu_bytes": peak,
         "build_s": build_s, "warmup_s": warm_s, "median_ms": med, "ar_ms_per_latent_frame": ar_per_frame,
         "refiner_tokens": n_tokens, "refiner_context_tokens": n_ctx, "ceilings": ceil,
         "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
@@ -379,6 +383,7 @@ def main(argv=None) -> int:
     print(f"AR per latent frame {ar_per_frame:.1f} ms; FPS {result['fps']:.2f} "
           f"(target 24); first frame {first * 1e3:.0f} ms"
           + (f"; peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""))
+    print("first frame by stage: " + ", ".join(f"{k} {v:.1f} ms" for k, v in first_parts.items()))
     if ceil:
         print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
               f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s, fp8 matmul "

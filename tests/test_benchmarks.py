@@ -57,6 +57,10 @@ def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path):
     assert (r["video_frames"], r["latent_frames"]) == (12, 3)
     assert r["fps"] == pytest.approx(r["video_frames"] / r["wall_s"])
     assert 0 < r["first_frame_s"] < r["wall_s"]
+    # Every stage ran before the first frame, and within its time.
+    parts = r["first_frame_stage_ms"]
+    assert set(parts) == {"text_encoder", "ar_round", "refiner", "vae_decoder"}
+    assert all(0 < v < r["first_frame_s"] * 1e3 for v in parts.values())
     assert set(r["median_ms"]) == {"text_encoder", "ar_round", "refiner", "vae_decoder"}
     assert all(v > 0 for v in r["median_ms"].values())
 
