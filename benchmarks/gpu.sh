@@ -3,20 +3,23 @@
 # offline bundle of it lies in .offline/: `make offline-bundle` builds one for hosts without
 # internet, and this script installs it first). Output, JSON and logs, goes to OUT.
 #
-#   bash benchmarks/gpu.sh OUT                  every part below, in order
+#   bash benchmarks/gpu.sh OUT                  what docs/performance.md's status table cites:
+#                                               check inprocess server-fused server-384p-fused
 #   bash benchmarks/gpu.sh OUT inprocess server one or more parts
 #
-# Parts (each fits in 10 minutes on an H200 from a cold start):
+# Parts (each ran within 10 minutes on an H200 from a cold start; inprocess with four 20 s
+# videos is the sum of its runs, taken one by one, about 6 minutes):
 #   check       the GPU tests: attention kernel, CUDA graphs, FP8 (tests/, on the GPU)
-#   inprocess   benchmarks/fps.py: 14b bf16, 14b with the FP8 refiner, 14b-384p: per-stage
-#               medians, each stage against its floor (measured ceilings), FPS, first frame
+#   inprocess   benchmarks/fps.py: 14b bf16; 14b with the plans prefetched, in bf16 and with
+#               FP8 AR and refiner; 14b-384p: per-stage medians, each stage against its floor
+#               (measured ceilings), FPS, the first frame and its time by stage
 #   server      14b (1280x720) through Triton over gRPC streaming: FPS per stream and first
 #               chunk at the client for STREAMS concurrent streams (default "1 4 8"), GPU memory,
 #               the per-model profile of each, and the prompt-update latency (one stream)
 #   server-384p the same for 14b-384p (640x384) at one stream
 #   server-fused
 #               14b with every stage inside the helios model's process (fill_repository
-#               --stages fused): no copies between processes; STREAMS (default "1 4") streams,
+#               --stages fused): no copies between processes; STREAMS (default "1 4 8") streams,
 #               the server filled for the most of them (above 1: batched AR rounds, renders
 #               in turn)
 #   server-384p-fused
@@ -29,13 +32,13 @@
 #               streams in-process (FILL_ARGS may add --ar-fp8, --refiner-fp8), its memory
 #               phase by phase and by allocator pool
 #   attention-ab
-#               fps.py for 14b over 20 s videos three times: the Triton-lang kernel,
+#               fps.py for 14b three times: the Triton-lang kernel,
 #               FlashAttention-4, the kernel again (each stage's median in each; where
 #               FlashAttention-4 is installed)
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
-# Knobs: VIDEO_SECONDS (client videos, default 20), FPS_SECONDS (fps.py's videos, default 2),
+# Knobs: VIDEO_SECONDS (client videos, default 20), FPS_SECONDS (fps.py's videos, default 20),
 # STREAMS, FILL_ARGS (extra options of helios_triton.fill_repository, e.g. --refiner-fp8),
 # MPS=0 (no CUDA MPS for the server),
 # EXTRA_SITE (site folders of more packages), HELIOS_FLASH_ATTENTION=0 (the Triton-lang
@@ -46,7 +49,7 @@
 # the same machine: this script installs it once install.sh and every part are there.
 set -uo pipefail
 out="${1:?usage: gpu.sh OUT [check|inprocess|server|server-384p ...]}"; shift
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(check inprocess server server-384p)
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(check inprocess server-fused server-384p-fused)
 mkdir -p "$out"; out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -132,7 +135,7 @@ server_run() {  # server_run TAG CONFIG STREAMS...
 fps_run() {  # fps_run CONFIG TAG LINES [FLAGS...]: benchmarks/fps.py, its last LINES lines shown
     local config="$1" tag="$2" lines="$3"; shift 3
     local log="$out/fps_${config}_$tag.txt"
-    timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds "${FPS_SECONDS:-2}" \
+    timeout 300 python3 benchmarks/fps.py --config "$config" --device cuda --seconds "${FPS_SECONDS:-20}" \
         --out "$out/inprocess" --tag "$tag" "$@" > "$log" 2>&1
     local rc=$?
     echo "fps.py $config $tag: rc $rc"
@@ -158,16 +161,18 @@ for part in "${parts[@]}"; do
                 tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         inprocess)
-            fps_run 14b bf16 14 || status=1
-            fps_run 14b fp8_refiner 14 --refiner-fp8 || status=1
-            fps_run 14b-384p bf16 14 || status=1 ;;
+            fps_run 14b bf16 15 || status=1
+            fps_run 14b prefetch 15 --prefetch-plans || status=1
+            fps_run 14b prefetch_ar_refiner_fp8 17 --prefetch-plans --ar-fp8 --refiner-fp8 ||
+                status=1
+            fps_run 14b-384p bf16 15 || status=1 ;;
         attention-ab)
             # The kernel, FlashAttention-4, the kernel again, over 20 s videos: the two A/Bs so
             # far read the stages that FlashAttention-4 does not touch slower in its run, which
             # came first each time; the second kernel run tells the order from the package.
-            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_first 12 || status=1
-            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=1 fps_run 14b fa4 12 || status=1
-            FPS_SECONDS=20 HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_last 12 || status=1 ;;
+            HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_first 12 || status=1
+            HELIOS_FLASH_ATTENTION=1 fps_run 14b fa4 12 || status=1
+            HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_last 12 || status=1 ;;
         fp8)
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1
@@ -191,7 +196,7 @@ for part in "${parts[@]}"; do
             server_run server_14b-384p 14b-384p 1 || status=1 ;;
         server-fused)
             # shellcheck disable=SC2086  # STREAMS is a list
-            FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b_fused 14b ${STREAMS:-1 4} ||
+            FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b_fused 14b ${STREAMS:-1 4 8} ||
                 status=1 ;;
         server-384p-fused)
             FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b-384p_fused 14b-384p 1 ||
