@@ -1,7 +1,8 @@
 """The Python API under ``helios-client``.
 
 gRPC streams: ``stream`` yields one ``Chunk`` per response of the decoupled ``helios`` model,
-as soon as it arrives. HTTP cannot call a decoupled model, so over HTTP ``generate`` asks the
+as soon as it arrives: a latent frame's 4 frames, except that the stream's first frame comes
+alone, ahead of the other three (``Chunk.offset`` says where each chunk's frames go). HTTP cannot call a decoupled model, so over HTTP ``generate`` asks the
 ``helios_video`` model for the whole video in one response.
 """
 
