@@ -210,7 +210,7 @@ class ARRuntime:
             parts.append(prefix[start:])
         if ids:
             dev = model.model.embed_tokens.weight.device
-            parts.append(model.model.embed_tokens(torch.tensor(ids, device=dev)))
+            parts.append(model.model.embed_tokens(torch.tensor(ids).to(dev, non_blocking=True)))
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
     def _timed(self, kind: str, fn, *args):

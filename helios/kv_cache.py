@@ -38,6 +38,13 @@ def _masked_attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
+def _to_device(values: list[int], device) -> torch.Tensor:
+    """A long tensor of host-known values on ``device``, copied without waiting for the
+    device: ``torch.tensor(values, device=...)`` synchronises with the GPU, and an eager
+    forward that waits for the GPU between its launches runs at the speed of the launches."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 class _BatchLayout:
     """Where the new tokens of one forward go, and what each query may read."""
 
@@ -48,9 +55,14 @@ class _BatchLayout:
         total = [s + n for s, n in zip(starts, num_new)]
         self.total_len = max(total)
         j = torch.arange(t, device=device)
-        start = torch.tensor(starts, device=device)
-        n = torch.tensor(num_new, device=device)
+        start = _to_device(starts, device)
+        n = _to_device(num_new, device)
         self.valid = j[None, :] < n[:, None]                      # [B, T]
+        # The flat index (row * T + position) of every valid query position, in row-major
+        # order: what indexing with ``valid`` selects, without the synchronisation a boolean
+        # index costs (the device counts the rows, the host waits), twice in every layer.
+        self.valid_index = _to_device([i * t + k for i, m in enumerate(num_new)
+                                       for k in range(m)], device)     # [n_valid]
         self.positions = start[:, None] + j[None, :]              # [B, T]
         key_pos = torch.arange(self.total_len, device=device)
         mask = key_pos[None, None, :] <= self.positions[:, :, None]
@@ -133,11 +145,11 @@ class PagedKVCache:
         for i, s in enumerate(seq_ids):
             t = self.block_tables[s]
             tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        tables = tables.to(device)
+        tables = tables.to(device, non_blocking=True)
         pos = torch.arange(layout.total_len, device=device)
         layout.read_slots = tables[:, pos // bs] * bs + pos % bs            # [B, L]
         write = layout.read_slots.gather(1, layout.positions.clamp(max=layout.total_len - 1))
-        layout.write_slots = write[layout.valid]                            # [n_valid]
+        layout.write_slots = write.reshape(-1).index_select(0, layout.valid_index)  # [n_valid]
         for s, n in zip(seq_ids, num_new):
             self.lengths[s] += n
         self._batch = layout
@@ -145,10 +157,10 @@ class PagedKVCache:
 
     def attend(self, layer: int, q, k, v):
         b = self._batch
-        valid = b.valid
-        # k/v: [B, KVH, T, D] -> rows of the pool [slots, KVH, D]
-        self.k[layer].index_copy_(0, b.write_slots, k.transpose(1, 2)[valid])
-        self.v[layer].index_copy_(0, b.write_slots, v.transpose(1, 2)[valid])
+        # k/v: [B, KVH, T, D] -> the valid positions' rows [n_valid, KVH, D] -> the pool's slots
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            pool.index_copy_(0, b.write_slots,
+                             new.transpose(1, 2).flatten(0, 1).index_select(0, b.valid_index))
         keys = self.k[layer][b.read_slots].transpose(1, 2)                 # [B, KVH, L, D]
         values = self.v[layer][b.read_slots].transpose(1, 2)
         return _masked_attention(q, keys, values, b.mask)

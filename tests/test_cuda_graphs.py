@@ -9,6 +9,7 @@ from helios.ar_backbone import ARBackbone
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config
 from helios.fp8 import quantize_ar
+from helios.kv_cache import PagedKVCache
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
 
@@ -68,6 +69,30 @@ def test_captured_decode_steps_leave_no_autograd_graph_in_the_cache():
     assert all(rt._static[b].graph is not None for b in (1, 2, 3))
     for pool in (rt.cache.k, rt.cache.v):
         assert not pool.requires_grad and pool.grad_fn is None
+
+
+def test_an_eager_forward_over_the_paged_cache_never_waits_for_the_gpu():
+    """A prefill (and a speculative verify) runs eagerly, some 40 kernels a layer. One
+    host-device synchronisation inside it (a boolean index has the device count its rows)
+    holds the host at every layer, and the forward runs at the speed of its launches: the
+    prompt's prefill is part of every stream's first frame and every prompt switch."""
+    cfg = get_config("tiny").ar_backbone
+    dev = torch.device("cuda")
+    model = _tiny_ar(dev)
+    cache = PagedKVCache.for_model(cfg, 64, 16, torch.bfloat16, dev)
+    for s in "ab":
+        cache.add_sequence(s)
+    x = torch.randn(2, 37, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layout = cache.prepare(["a", "b"], [37, 20])  # rows of uneven lengths: padding
+            logits = model(x, layout.positions, cache)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape == (2, 37, cfg.vocab_size) and torch.isfinite(logits[0]).all()
+    assert cache.lengths == {"a": 37, "b": 20}
 
 
 def test_compiled_refiner_renders_what_the_eager_one_does():
