@@ -116,7 +116,7 @@ def test_the_page_and_every_asset_come_from_the_gateway(gateway):
         assert gateway.call("GET", asset)[0] == 200
     status, config = gateway.call("GET", "/config")
     assert config == {"size": "128x128", "fps": 24, "max_seconds": 60.0, "default_seconds": 4.0,
-                      "max_prompt_bytes": 256, "lead_s": 0.5, "token_required": False,
+                      "max_prompt_bytes": 256, "lead_s": 0.25, "token_required": False,
                       "max_sessions": 2}
 
 
@@ -256,7 +256,7 @@ def test_the_realtime_socket_starts_steers_and_stops(gateway, pipe, tmp_path):
     prompt = next(m for m in messages if m["type"] == "prompt")
     done = messages[-1]
     assert done["status"] == "completed" and done["frames"] == 96
-    # Paced at a 0.5 s lead, the update holds from within about a second of video of the
+    # Paced at a 0.25 s lead, the update holds from within about a second of video of the
     # frame the socket had delivered when it was sent.
     assert 4 <= prompt["from_frame"] <= 24 + 12, prompt
     assert sorted(frames) == list(range(1, 96))

@@ -44,7 +44,10 @@ class GatewaySettings:
     max_seconds: float = 60.0
     default_seconds: float = 4.0
     fps: int = 24
-    lead_s: float = 0.5          # how far a live session's stream may run ahead of its player
+    # How far a live session's stream may run ahead of its player. An update holds from the
+    # next latent frame not yet rendered: up to the lead plus two latent frames past the
+    # player's clock, and the page trails that clock (docs/gateway.md).
+    lead_s: float = 0.25
     token: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = 64 * 1024
