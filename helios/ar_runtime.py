@@ -21,7 +21,7 @@ import torch
 
 from .accel import CompiledOrEager
 from .ar_backbone import ARBackbone
-from .kv_cache import PagedKVCache, StaticDecodeView
+from .kv_cache import PagedKVCache, StaticDecodeView, host_to_device
 from .sampling import SamplingParams, draw, probabilities, speculative_accept
 
 # Rows feeding more positions than this are run as their own forward (prefill), so that a
@@ -210,7 +210,7 @@ class ARRuntime:
             parts.append(prefix[start:])
         if ids:
             dev = model.model.embed_tokens.weight.device
-            parts.append(model.model.embed_tokens(torch.tensor(ids).to(dev, non_blocking=True)))
+            parts.append(model.model.embed_tokens(host_to_device(ids, dev)))
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
     def _timed(self, kind: str, fn, *args):

@@ -38,11 +38,16 @@ def _masked_attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
-def _to_device(values: list[int], device) -> torch.Tensor:
-    """A long tensor of host-known values on ``device``, copied without waiting for the
-    device: ``torch.tensor(values, device=...)`` synchronises with the GPU, and an eager
-    forward that waits for the GPU between its launches runs at the speed of the launches."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def host_to_device(values, device) -> torch.Tensor:
+    """Host-known values (a list of ints, or a CPU tensor) on ``device``, copied without
+    waiting for the device: ``torch.tensor(values, device=...)`` synchronises with the GPU,
+    and an eager forward that waits for the GPU between its launches runs at the speed of its
+    launches. On CUDA the values go through pinned memory: from pageable memory the driver
+    may wait for the stream before it copies."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _BatchLayout:
@@ -55,13 +60,13 @@ class _BatchLayout:
         total = [s + n for s, n in zip(starts, num_new)]
         self.total_len = max(total)
         j = torch.arange(t, device=device)
-        start = _to_device(starts, device)
-        n = _to_device(num_new, device)
+        start = host_to_device(starts, device)
+        n = host_to_device(num_new, device)
         self.valid = j[None, :] < n[:, None]                      # [B, T]
         # The flat index (row * T + position) of every valid query position, in row-major
         # order: what indexing with ``valid`` selects, without the synchronisation a boolean
         # index costs (the device counts the rows, the host waits), twice in every layer.
-        self.valid_index = _to_device([i * t + k for i, m in enumerate(num_new)
+        self.valid_index = host_to_device([i * t + k for i, m in enumerate(num_new)
                                        for k in range(m)], device)     # [n_valid]
         self.positions = start[:, None] + j[None, :]              # [B, T]
         key_pos = torch.arange(self.total_len, device=device)
@@ -145,7 +150,7 @@ class PagedKVCache:
         for i, s in enumerate(seq_ids):
             t = self.block_tables[s]
             tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        tables = tables.to(device, non_blocking=True)
+        tables = host_to_device(tables, device)
         pos = torch.arange(layout.total_len, device=device)
         layout.read_slots = tables[:, pos // bs] * bs + pos % bs            # [B, L]
         write = layout.read_slots.gather(1, layout.positions.clamp(max=layout.total_len - 1))
