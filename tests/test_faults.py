@@ -124,7 +124,8 @@ def _fault_and_heal(sup, model, sig, fault=os.kill):
     assert _until(lambda: not _ready(http), 5) < 5
     # Healed: ready again, the next request succeeds, no shared memory of the dead server left.
     healed = _until(lambda: _ready(http) and len(sup.heals) > heals, 240, 0.5)
-    assert sup.heals[-1]["seconds"] is not None and model in sup.heals[-1]["reason"]
+    assert sup.heals[-1]["seconds"] is not None and model in sup.heals[-1]["reason"], \
+        sup.heals[heals:]
     assert not (SHM / victim.shm_region).exists()
     video = HeliosClient(f"127.0.0.1:{grpc}", timeout_s=120).generate(PROMPT, num_frames=8, seed=1)
     assert video.shape == (8, 128, 128, 3)
