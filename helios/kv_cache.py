@@ -66,8 +66,8 @@ class _BatchLayout:
         # The flat index (row * T + position) of every valid query position, in row-major
         # order: what indexing with ``valid`` selects, without the synchronisation a boolean
         # index costs (the device counts the rows, the host waits), twice in every layer.
-        self.valid_index = host_to_device([i * t + k for i, m in enumerate(num_new)
-                                       for k in range(m)], device)     # [n_valid]
+        self.valid_index = host_to_device(                             # [n_valid]
+            [i * t + k for i, m in enumerate(num_new) for k in range(m)], device)
         self.positions = start[:, None] + j[None, :]              # [B, T]
         key_pos = torch.arange(self.total_len, device=device)
         mask = key_pos[None, None, :] <= self.positions[:, :, None]

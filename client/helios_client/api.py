@@ -2,8 +2,9 @@
 
 gRPC streams: ``stream`` yields one ``Chunk`` per response of the decoupled ``helios`` model,
 as soon as it arrives: a latent frame's 4 frames, except that the stream's first frame comes
-alone, ahead of the other three (``Chunk.offset`` says where each chunk's frames go). HTTP cannot call a decoupled model, so over HTTP ``generate`` asks the
-``helios_video`` model for the whole video in one response.
+alone, ahead of the other three (``Chunk.offset`` says where each chunk's frames go). HTTP
+cannot call a decoupled model, so over HTTP ``generate`` asks the ``helios_video`` model for
+the whole video in one response.
 """
 
 from __future__ import annotations
