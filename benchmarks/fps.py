@@ -118,9 +118,14 @@ class TimedPipeline(HeliosPipeline):
         try:
             while True:
                 try:
-                    yield self._timed("ar_round", next, stream)
+                    tokens = self._timed("ar_round", next, stream)
                 except StopIteration:
                     return
+                # A call brings up to a frame's tokens, decoded back to back: one round
+                # (one token's step) each, each its share of the call.
+                share = self.times["ar_round"].pop() / len(tokens)
+                self.times["ar_round"] += [share] * len(tokens)
+                yield tokens
         finally:
             stream.close()
 

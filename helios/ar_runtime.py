@@ -22,7 +22,8 @@ import torch
 from .accel import CompiledOrEager
 from .ar_backbone import ARBackbone
 from .kv_cache import PagedKVCache, StaticDecodeView, host_to_device
-from .sampling import SamplingParams, draw, probabilities, speculative_accept
+from .sampling import (SamplingParams, draw, probabilities, row_settings, sample_rows,
+                       speculative_accept)
 
 # Rows feeding more positions than this are run as their own forward (prefill), so that a
 # long prompt does not pad every decode row of the batch to its length.
@@ -47,9 +48,10 @@ class _Sequence:
 
 
 class _StaticDecode:
-    """A plain decode step of a fixed batch size in fixed shapes: run eagerly, or captured
-    once as a CUDA graph and replayed (the step then costs its GPU time, not ~1,000 launches
-    from Python)."""
+    """A plain decode step of a fixed batch size in fixed shapes, its sampling included: run
+    eagerly, or captured once as a CUDA graph and replayed (the step then costs its GPU time,
+    not ~1,000 launches from Python). The sampled tokens stay on the device and feed the next
+    step, so several steps run back to back without the host waiting for any of them."""
 
     @torch.no_grad()
     def __init__(self, model: ARBackbone, cache: PagedKVCache, batch: int, max_blocks: int,
@@ -58,8 +60,15 @@ class _StaticDecode:
         # cache, so the cache kept every layer's gathered keys and values alive for a
         # backward pass that never comes (about 36 GiB at 14b for four streams, measured by
         # benchmarks/server_memory.py on an H200).
+        dev = cache.k.device
         self.view = StaticDecodeView(cache, batch, max_blocks)
-        self.ids = torch.zeros(batch, dtype=torch.long, device=cache.k.device)
+        self.ids = torch.zeros(batch, dtype=torch.long, device=dev)
+        # The sampling's inputs (sampling.row_settings, one uniform draw and one bias row per
+        # row) and its output.
+        self.settings = {k: v.to(dev) for k, v in row_settings([SamplingParams()] * batch).items()}
+        self.draws = torch.zeros(batch, dtype=torch.float64, device=dev)
+        self.bias = torch.zeros(batch, model.config.vocab_size, device=dev)
+        self.sampled = torch.zeros(batch, dtype=torch.long, device=dev)
         self.model = model
         self.graph = None
         self.logits = None
@@ -74,11 +83,11 @@ class _StaticDecode:
                 if compile_step:
                     self._compile()
                 for _ in range(2):
-                    self._run()
+                    self._step()
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._run()
+                self.logits = self._step()
         elif compile_step:
             self._compile()
 
@@ -114,13 +123,36 @@ class _StaticDecode:
             slot.write(write_rows)
         return logits
 
-    def __call__(self, seq_ids: list, token_ids: list[int]) -> torch.Tensor:
+    def _step(self):
+        """The forward, then each row's token drawn and fed to the next step."""
+        logits = self._run()
+        self.sampled.copy_(sample_rows(logits[:, 0] + self.bias, u=self.draws, **self.settings))
+        self.ids.copy_(self.sampled)
+        return logits
+
+    def set_rows(self, params: list[SamplingParams]) -> None:
+        """The rows' sampling settings, for the steps until the next call."""
+        for k, v in row_settings(params).items():
+            self.settings[k].copy_(host_to_device(v, self.ids.device))
+
+    def __call__(self, seq_ids: list, token_ids: list[int] | None = None,
+                 draws: list[float] | None = None, bias_rows: list | None = None) -> torch.Tensor:
+        """One step of these rows at their cache lengths. ``token_ids``: the tokens fed, from
+        the host; None feeds what the previous step sampled. ``draws`` and ``bias_rows``
+        (a [vocab] tensor or None per row) are this step's sampling inputs. The token sampled
+        is in ``sampled``; returns the logits [B, vocab]."""
+        dev = self.ids.device
         self.view.load(seq_ids)
-        self.ids.copy_(torch.tensor(token_ids, dtype=torch.long), non_blocking=True)
+        if token_ids is not None:
+            self.ids.copy_(host_to_device(token_ids, dev))
+        if draws is not None:
+            self.draws.copy_(host_to_device(torch.tensor(draws, dtype=torch.float64), dev))
+        for row, bias in zip(self.bias, bias_rows or ()):
+            row.copy_(bias) if bias is not None else row.zero_()
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.logits = self._run()
+            self.logits = self._step()
         return self.logits[:, 0]
 
 
@@ -213,9 +245,10 @@ class ARRuntime:
             parts.append(model.model.embed_tokens(host_to_device(ids, dev)))
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
-    def _timed(self, kind: str, fn, *args):
+    def _timed(self, kind: str, fn, *args, count: int = 1):
         """``fn(*args)``, reported to ``on_forward(kind, seconds)`` when a timer is set (the
-        benchmarks set one); the device is synchronised around it only then."""
+        benchmarks set one); the device is synchronised around it only then. ``count``
+        forwards of one kind run back to back are reported as that many, each its share."""
         if self.on_forward is None:
             return fn(*args)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
@@ -223,7 +256,8 @@ class ARRuntime:
         t = time.perf_counter()
         out = fn(*args)
         sync(self.device)
-        self.on_forward(kind, time.perf_counter() - t)
+        for _ in range(count):
+            self.on_forward(kind, (time.perf_counter() - t) / count)
         return out
 
     def _forward(self, model, cache, seq_ids, inputs: list[torch.Tensor], keep_last: list[int]):
@@ -277,14 +311,15 @@ class ARRuntime:
         x = self._inputs(self.model, seq, seq.prefix, self._start(self.cache, seq_id), [])
         return self._forward(self.model, self.cache, [seq_id], [x], [1])[0][-1]
 
-    def _static_fits(self, seq_ids: list) -> bool:
+    def _static_fits(self, seq_ids: list, steps: int = 1) -> bool:
         """Every row feeds exactly its last token (a token id, not a prefix row) and stays
-        within the static length."""
+        within the static length for ``steps`` steps."""
         limit = self._static_blocks * self.cache.block_size
         for s in seq_ids:
             seq = self.seqs[s]
             start = self._start(self.cache, s)
-            if start != seq.length - 1 or start < seq.prefix.shape[0] or seq.length > limit:
+            if (start != seq.length - 1 or start < seq.prefix.shape[0]
+                    or seq.length + steps - 1 > limit):
                 return False
         return True
 
@@ -308,23 +343,58 @@ class ARRuntime:
             for b in batch_sizes:
                 self._runner(b)
 
-    def _static_step(self, seq_ids: list) -> torch.Tensor:
+    def _static_step(self, seq_ids: list, ahead: int = 0,
+                     draws: list[float] | None = None) -> torch.Tensor:
+        """One static step of these rows, each one position further in the cache; returns
+        the logits [B, vocab]. ``ahead``: how many tokens the rows sampled on the device that
+        their ``tokens`` do not hold yet; the step feeds the last of them (with none, each
+        row's last token), and draws with ``draws`` and the bias of the token after them."""
         runner = self._runner(len(seq_ids))
         self.cache.reserve(seq_ids, [1] * len(seq_ids))
         for s in seq_ids:
             self.cache.lengths[s] += 1
         self.stats["target_forwards"] += 1
-        return self._timed("plain_step", runner, seq_ids, [self.seqs[s].tokens[-1] for s in seq_ids])
+        seqs = [self.seqs[s] for s in seq_ids]
+        bias = [None if sq.bias is None else
+                sq.bias[(len(sq.tokens) + ahead - sq.first) % sq.bias.shape[0]] for sq in seqs]
+        return runner(seq_ids, None if ahead else [sq.tokens[-1] for sq in seqs], draws, bias)
+
+    def _static_steps(self, seq_ids: list, steps: int) -> dict:
+        """``steps`` plain steps of these rows on the static path, sampled on the device: the
+        host queues them all and waits once, for the tokens."""
+        runner = self._runner(len(seq_ids))
+        self.cache.reserve(seq_ids, [steps] * len(seq_ids))  # all the blocks, or none
+        seqs = [self.seqs[s] for s in seq_ids]
+        runner.set_rows([sq.params for sq in seqs])
+        # The draws each row's generator gives its next tokens, in the order draw() takes them.
+        draws = [[torch.rand((), generator=sq.generator, dtype=torch.float64).item()
+                  for sq in seqs] for _ in range(steps)]
+        out = torch.empty(steps, len(seq_ids), dtype=torch.long, device=self.device)
+
+        def run():
+            for r in range(steps):
+                self._static_step(seq_ids, r, draws[r])
+                out[r].copy_(runner.sampled)
+            return out.T.tolist()
+
+        tokens = self._timed("plain_step", run, count=steps)
+        for sq, toks in zip(seqs, tokens):
+            sq.tokens.extend(toks)
+        return dict(zip(seq_ids, tokens))
 
     @torch.no_grad()
     def step(self, seq_ids: list) -> dict:
         """One plain decode step for every sequence: returns {seq_id: [new token]}."""
-        if self.static_decode and self._static_fits(seq_ids):
-            logits = [lg[None] for lg in self._static_step(seq_ids)]
-        else:
-            inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
-                                   self._start(self.cache, s), []) for s in seq_ids]
-            logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
+        return self._plain_steps(seq_ids, 1)
+
+    def _plain_steps(self, seq_ids: list, steps: int) -> dict:
+        """Up to ``steps`` plain decode steps for every sequence (all on the static path when
+        it fits, else one on the general path): returns {seq_id: new tokens}."""
+        if self.static_decode and self._static_fits(seq_ids, steps):
+            return self._static_steps(seq_ids, steps)
+        inputs = [self._inputs(self.model, self.seqs[s], self.seqs[s].prefix,
+                               self._start(self.cache, s), []) for s in seq_ids]
+        logits = self._forward(self.model, self.cache, seq_ids, inputs, [1] * len(seq_ids))
         new = {}
         for s, lg in zip(seq_ids, logits):
             seq = self.seqs[s]
@@ -380,10 +450,15 @@ class ARRuntime:
         return out
 
     def decode_round(self, remaining: dict, speculative: dict | bool = False,
-                     num_draft_tokens: int = 4) -> dict:
+                     num_draft_tokens: int = 4, group: int = 1) -> dict:
         """One round for every sequence in ``remaining`` ({seq_id: tokens still wanted}):
-        a speculative step for those that asked for it, a plain step for the others, never
+        a speculative step for those that asked for it, plain steps for the others, never
         emitting more than a sequence still wants. Returns {seq_id: emitted tokens}.
+
+        ``group``: the plain rows take as many steps together as none of them passes the end
+        of its current group of ``group`` tokens (counted from its first generated token: a
+        latent frame's plan tokens) when those steps run back to back on the static path,
+        one step otherwise. A frame's tokens then cost one wait of the host, not one each.
 
         This is the unit of in-flight batching: the server calls it once per iteration over
         whatever streams are live, the in-process pipeline over its one stream.
@@ -401,7 +476,10 @@ class ARRuntime:
         if spec:
             out.update(self.speculative_step([s for s, _ in spec], [d for _, d in spec]))
         if plain:
-            out.update(self.step(plain))
+            steps = min(min(remaining[s], group - (len(self.seqs[s].tokens) - self.seqs[s].first)
+                            % group) for s in plain)
+            with torch.no_grad():
+                out.update(self._plain_steps(plain, steps))
         return out
 
     @torch.no_grad()

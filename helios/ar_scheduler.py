@@ -56,9 +56,11 @@ class ARJob:
 
 class ARScheduler:
     def __init__(self, runtime: ARRuntime, num_draft_tokens: int = 4,
-                 on_iteration: Callable[[dict], None] | None = None):
+                 on_iteration: Callable[[dict], None] | None = None, group: int = 1):
+        """``group``: plan tokens per latent frame (``ARRuntime.decode_round``)."""
         self.runtime = runtime
         self.num_draft_tokens = num_draft_tokens
+        self.group = group
         self.on_iteration = on_iteration
         self._cond = threading.Condition()
         self._queue: collections.deque[ARJob] = collections.deque()
@@ -184,7 +186,7 @@ class ARScheduler:
         try:
             out = self.runtime.decode_round({j.seq_id: j.remaining for j in live},
                                             {j.seq_id: j.speculative for j in live},
-                                            self.num_draft_tokens)
+                                            self.num_draft_tokens, self.group)
         except Exception as e:  # never leave a stream hanging: fail the batch, go on
             log.exception("decode round failed")
             for job in live:

@@ -200,8 +200,10 @@ class StaticDecodeView:
             blocks = c.block_tables[s]
             table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         pos = torch.tensor([[c.lengths[s] - 1] for s in seq_ids], dtype=torch.long)
-        self.block_table.copy_(table, non_blocking=True)
-        self.positions.copy_(pos, non_blocking=True)
+        # Through pinned memory: steps run back to back, and the host loads the next one's
+        # tables while the GPU still runs the last.
+        self.block_table.copy_(host_to_device(table, self.block_table.device))
+        self.positions.copy_(host_to_device(pos, self.positions.device))
 
     def layer_slots(self) -> list[LayerSlot]:
         return [LayerSlot(self, i) for i in range(self.cache.k.shape[0])]

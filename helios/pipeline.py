@@ -154,7 +154,8 @@ class HeliosPipeline:
             # Every batch size built before the scheduler thread starts (no graph capture
             # while another thread uses the GPU).
             self.ar.prepare_static(range(1, max_streams + 1))
-            self.scheduler = ARScheduler(self.ar, config.num_draft_tokens)
+            self.scheduler = ARScheduler(self.ar, config.num_draft_tokens,
+                                         group=config.plan_tokens_per_frame)
 
     def modules(self):
         return [m for m in (self.text_encoder, self.ar_backbone, self.draft, self.refiner, self.vae)
@@ -274,7 +275,8 @@ class HeliosPipeline:
             while remaining:
                 with self._ar_lock:
                     new = self.ar.decode_round({seq: remaining}, speculative,
-                                               self.config.num_draft_tokens)[seq]
+                                               self.config.num_draft_tokens,
+                                               self.config.plan_tokens_per_frame)[seq]
                 remaining -= len(new)
                 yield new
 

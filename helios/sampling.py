@@ -21,7 +21,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    # Times the reciprocal, not divided: CUDA divides by a scalar that way anyway, and
+    # ``sample_rows`` (whose temperatures are a tensor) then computes the same numbers.
+    logits = logits * (1.0 / params.temperature)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,6 +47,47 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     while probs[idx] == 0 and idx > 0:  # never land on a zero-probability token at the edge
         idx -= 1
     return idx
+
+
+def row_settings(params: list[SamplingParams]) -> dict[str, torch.Tensor]:
+    """``sample_rows``'s settings of these rows, on the host: ``inv_temperature`` (1 for a
+    greedy row), ``greedy``, ``top_k`` (the vocabulary size standing for "off" is filled in
+    by ``sample_rows``: 0 here) and ``top_p``."""
+    return {"inv_temperature": torch.tensor([1.0 if p.greedy else 1.0 / p.temperature
+                                             for p in params], dtype=torch.float32),
+            "greedy": torch.tensor([p.greedy for p in params]),
+            "top_k": torch.tensor([p.top_k for p in params], dtype=torch.long),
+            "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32)}
+
+
+def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor,
+                top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] (biased), each row with its own settings
+    (``row_settings``) and its own uniform draw ``u`` [B] (float64): the token ``draw`` picks
+    from ``probabilities`` with that draw, in fixed shapes and with no value read on the host,
+    so that a CUDA graph can hold the sampling of a decode step. Returns [B] (long).
+
+    Every step is the row-by-row one; filters a row does not use are computed and not
+    applied. On CUDA the cumulative sum is a parallel scan rather than the host's sequential
+    one: a draw within a rounding error (about 1e-16) of a boundary may take the neighbour."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    pos = torch.arange(vocab, device=logits.device)
+    scaled = logits * inv_temperature[:, None]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+    nucleus = top_p < 1.0
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & nucleus[:, None]
+    kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    probs = torch.where(nucleus[:, None], kept / kept.sum(-1, keepdim=True), probs)
+    top1 = torch.zeros_like(probs).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.where(greedy[:, None], top1, probs)
+    cdf = probs.double().cumsum(-1)
+    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=vocab - 1)  # [B, 1]
+    # As ``draw``: never a zero-probability token, so the last nonzero one at or before it.
+    return torch.where((probs > 0) & (pos[None] <= at), pos[None], 0).amax(-1)
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft_tokens: list[int],

@@ -11,7 +11,8 @@ from helios.config import ARConfig
 from helios.errors import CachePoolExhausted
 from helios.kv_cache import ContiguousKVCache, PagedKVCache
 from helios.schedule import plan_vocab_bias
-from helios.sampling import SamplingParams, probabilities, speculative_accept
+from helios.sampling import (SamplingParams, draw, probabilities, row_settings, sample_rows,
+                             speculative_accept)
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=160, plan_vocab_size=48, max_position_embeddings=256)
@@ -165,6 +166,63 @@ def test_sampling_top_k_top_p():
     assert (pp[:2] > 0).all() and (pp[2:] == 0).all()
     g = probabilities(logits, SamplingParams(temperature=0.0))
     assert g.tolist() == [1, 0, 0, 0, 0]
+
+
+def _settings_matrix(seed: int) -> list[SamplingParams]:
+    """Four rows that cover greedy, temperature, top-k (also past the vocabulary) and top-p."""
+    temps, ks, ps = [0.0, 0.7, 1.3, 0.8], [0, 5, 0, 400], [1.0, 0.9, 0.5, 1.0]
+    return [SamplingParams(temperature=temps[i], top_k=ks[(i + seed) % 4],
+                           top_p=ps[(i + seed // 4) % 4]) for i in range(4)]
+
+
+def test_sampling_in_fixed_shapes_draws_what_draw_draws():
+    """sample_rows (the sampling a CUDA graph holds) picks, for every row and every setting,
+    the token draw() picks from probabilities() with the same uniform draw."""
+    vocab, differ, rows = 300, 0, 0
+    for seed in range(64):
+        logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+        if seed % 2:  # the plan bias's -inf columns, as decoding has them
+            logits[:, 256:] = float("-inf")
+        params = _settings_matrix(seed)
+        gens = [lambda i=i: torch.Generator().manual_seed(1000 * seed + i) for i in range(4)]
+        u = torch.tensor([torch.rand((), generator=g(), dtype=torch.float64).item() for g in gens])
+        got = sample_rows(logits, u=u, **row_settings(params)).tolist()
+        want = [draw(probabilities(logits[i], p), gens[i]()) for i, p in enumerate(params)]
+        differ += sum(a != b for a, b in zip(got, want))
+        rows += 4
+    assert (differ, rows) == (0, 256)
+
+
+def test_a_round_decodes_a_frame_of_tokens_back_to_back_and_draws_what_single_steps_do():
+    """decode_round with group=4 takes plain steps on the static path back to back in one
+    call (the host waits once), stopping where the earliest row's frame of 4 ends; the tokens
+    are the single-step general path's, for rows of different settings, biases and lengths."""
+    model = _model(CFG, 8)
+    params = _settings_matrix(3)[:3]
+    runs, calls = {}, []
+    for grouped in (False, True):
+        rt = ARRuntime(model, num_blocks=60, block_size=4, static_decode=grouped, max_positions=64)
+        for i in range(3):
+            rt.add_sequence(i, _prefix(3 + 2 * i, CFG.hidden_size, 40 + i), [CFG.bos_token_id],
+                            SamplingParams(params[i].temperature, params[i].top_k,
+                                           params[i].top_p, seed=i),
+                            bias=BIAS.repeat(4, 1) if i != 1 else None)
+        rt.decode_round({0: 1, 1: 1, 2: 1}, group=4)  # the prefills: one token each
+        rt.decode_round({0: 1}, group=4)              # row 0 one token further
+        want = {0: 14, 1: 15, 2: 15}
+        while any(want.values()):
+            out = rt.decode_round({s: n for s, n in want.items() if n}, group=4 if grouped else 1)
+            if grouped:
+                calls.append({s: len(t) for s, t in out.items()})
+            for s, toks in out.items():
+                want[s] -= len(toks)
+        runs[grouped] = [rt.tokens(i) for i in range(3)]
+    assert runs[True] == runs[False]
+    # Row 0 is 2 tokens into its frame, the others 1: 2 steps end row 0's frame, 1 more the
+    # others', and so on; the last call stops at what the rows still want.
+    steps = [max(c.values()) for c in calls]
+    assert steps == [2, 1, 3, 1, 3, 1, 3, 1], calls
+    assert calls[-1] == {1: 1, 2: 1}
 
 
 def test_blocks_return_to_pool_and_full_pool_is_an_error():

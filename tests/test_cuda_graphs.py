@@ -10,7 +10,7 @@ from helios.ar_runtime import ARRuntime
 from helios.config import get_config
 from helios.fp8 import quantize_ar
 from helios.kv_cache import PagedKVCache
-from helios.sampling import SamplingParams
+from helios.sampling import SamplingParams, draw, probabilities, row_settings, sample_rows
 from helios.schedule import plan_vocab_bias
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,6 +93,66 @@ def test_an_eager_forward_over_the_paged_cache_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
     assert logits.shape == (2, 37, cfg.vocab_size) and torch.isfinite(logits[0]).all()
     assert cache.lengths == {"a": 37, "b": 20}
+
+
+def test_the_device_sampler_draws_what_the_host_draws():
+    """sample_rows on the GPU (inside the captured step) picks the token that probabilities()
+    and draw() pick on the host, for greedy, temperature, top-k and top-p rows."""
+    dev = torch.device("cuda")
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p)
+              for t, k, p in [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 50, 1.0), (0.8, 0, 0.9)]]
+    settings = {k: v.to(dev) for k, v in row_settings(params).items()}
+    got, want = [], []
+    for seed in range(16):
+        logits = torch.randn(4, 8195, generator=torch.Generator().manual_seed(seed)) * 3
+        logits[:, 8192:] = float("-inf")  # the special tokens, as the plan bias masks them
+        gens = [lambda i=i: torch.Generator().manual_seed(100 * seed + i) for i in range(4)]
+        u = torch.tensor([torch.rand((), generator=g(), dtype=torch.float64).item() for g in gens])
+        got += sample_rows(logits.to(dev), u=u.to(dev), **settings).tolist()
+        want += [draw(probabilities(logits[i], p), gens[i]()) for i, p in enumerate(params)]
+    assert got == want
+
+
+def test_a_frame_of_captured_steps_never_waits_for_the_gpu():
+    """A frame's decode steps replay back to back: each feeds the token the one before it
+    sampled on the device, and the host waits only for the frame's tokens at the end. They are
+    the tokens of single steps that go through the host one by one."""
+    cfg = get_config("tiny").ar_backbone
+    dev = torch.device("cuda")
+    model = _tiny_ar(dev)
+    runs = []
+    for frame in (False, True):
+        rt = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
+                       max_positions=256)
+        for i in range(2):
+            prefix = torch.randn(6 + 9 * i, cfg.hidden_size, generator=torch.Generator().manual_seed(i))
+            rt.add_sequence(i, prefix, [cfg.bos_token_id], SamplingParams(seed=i),
+                            bias=plan_vocab_bias(cfg).repeat(4, 1))
+        with torch.no_grad():
+            rt.step([0, 1])  # the prefills
+            rt.step([0, 1])  # the graph built and warm
+            if frame:
+                runner = rt.static_step(2)
+                runner.set_rows([rt.seqs[i].params for i in range(2)])
+                draws = [[torch.rand((), generator=rt.seqs[i].generator, dtype=torch.float64).item()
+                          for i in range(2)] for _ in range(4)]
+                rt.cache.reserve([0, 1], [4, 4])
+                out = torch.empty(4, 2, dtype=torch.long, device=dev)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    for r in range(4):
+                        rt._static_step([0, 1], r, draws[r])
+                        out[r].copy_(runner.sampled)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                for i, toks in enumerate(out.T.tolist()):
+                    rt.seqs[i].tokens.extend(toks)
+            else:
+                for _ in range(4):
+                    rt.step([0, 1])
+        runs.append([rt.tokens(i) for i in range(2)])
+    assert runs[0] == runs[1]
 
 
 def test_compiled_refiner_renders_what_the_eager_one_does():

@@ -63,7 +63,8 @@ class TritonPythonModel:
         self.check_period = float(params.get("cancellation_check_period_ms", "100")) / 1000
         self._metrics()
         self.scheduler = ARScheduler(runtime, int(params.get("num_draft_tokens", "4")),
-                                     on_iteration=self._update_metrics)
+                                     on_iteration=self._update_metrics,
+                                     group=self.config.plan_tokens_per_frame)
         self._update_metrics(self.scheduler.stats())
         pb_utils.Logger.log_info(
             f"ar_backbone: {num_blocks} KV blocks of {block} tokens on {self.device}, "
