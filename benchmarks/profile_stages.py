@@ -99,6 +99,11 @@ def ar_round(cfg, ar, device, floor_ms: float) -> dict:
            # the same kernels launched one by one (in case a profiler sees no graph's kernels)
            "profile_launched": kernels(runner._run, 5)}
     out["floor_ratio"] = out["replay_ms"] / floor_ms
+    # A latent frame's steps in one decode_round, as the pipeline takes them: back to back,
+    # the host waiting once. The first call ends the current frame; each later one is whole.
+    n = cfg.plan_tokens_per_frame
+    rt.decode_round({0: n}, group=n)
+    out["frame_step_ms"] = gpu_ms(lambda: rt.decode_round({0: n}, group=n), reps=10) / n
     rt.free(0)
     return out
 
@@ -135,6 +140,10 @@ def table(title: str, r: dict) -> None:
     print(f"  {'between kernels':<18} {gap:>8.2f} ms  {gap / r['replay_ms'] * 100:>5.1f} %")
     for k in p["top"][:6]:
         print(f"    {k['ms']:>7.3f} ms  x{k['calls']:<4.0f} {k['name'][:90]}")
+    if "frame_step_ms" in r:
+        print(f"  a step of a frame's decode_round (sampled, the host waiting once a frame): "
+              f"{r['frame_step_ms']:.2f} ms; one step alone, the host waiting for it: "
+              f"{r['step_ms']:.2f} ms")
     q = r["profile_launched"]
     print(f"  launched one by one: {q['kernels_ms']:.2f} ms of kernels, "
           + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(q["by_kind_ms"].items(),

@@ -17,6 +17,7 @@ from helios.ar_runtime import ARRuntime
 from helios.ar_scheduler import ARJob, ARScheduler
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
+from helios.ar_backbone import fuse_projections
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
 from helios_triton.stage import (compile_batches, kv_pool_blocks, limit_gpu_share, model_device,
@@ -44,6 +45,8 @@ class TritonPythonModel:
         model = load_component(ckpt, "ar_backbone", self.config, self.device, dtype)
         if params.get("weight_quantization", "none") == "fp8":
             quantize_ar(model)
+        elif self.device.type == "cuda":  # as HeliosPipeline does: fewer products a step
+            fuse_projections(model)
         speculative = params.get("speculative_decoding_mode", "none") == "draft_target"
         draft = load_component(ckpt, "draft", self.config, self.device, dtype) if speculative else None
         self.vocab_size = model.config.vocab_size
