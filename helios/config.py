@@ -200,6 +200,11 @@ class HeliosConfig:
     max_duration_s: float = 600.0
     kv_block_size: int = 16
     num_draft_tokens: int = 4  # tokens the draft proposes per speculative round
+    # A prompt switch dissolves from the last frame shown before it into the new prompt's
+    # frames over this long (0: a cut). Without it the frame at a switch changes 12x the
+    # median frame change, against 4x at the same place in a video without a switch
+    # (docs/sessions.md, "What a switch looks like").
+    switch_fade_s: float = 0.5
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     ar_backbone: ARConfig = field(default_factory=ARConfig)
     draft: ARConfig = field(default_factory=lambda: ARConfig(
@@ -224,6 +229,10 @@ class HeliosConfig:
     @property
     def frames_per_latent(self) -> int:
         return self.vae.frames_per_latent
+
+    @property
+    def switch_fade_frames(self) -> int:
+        return round(self.switch_fade_s * self.fps)
 
     def num_latent_frames(self, num_frames: int) -> int:
         return math.ceil(num_frames / self.frames_per_latent)
@@ -348,6 +357,7 @@ def check_config(cfg: HeliosConfig) -> None:
     need(rf.latent_channels == cfg.vae.latent_channels, "latent_channels differ")
     need(cfg.max_ar_positions() <= ar.max_position_embeddings,
          "the AR context window exceeds max_position_embeddings")
+    need(0 <= cfg.switch_fade_s <= 5, "switch_fade_s must be in [0, 5] seconds")
 
 
 def read_config(path: str | Path) -> HeliosConfig:

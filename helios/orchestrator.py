@@ -63,10 +63,11 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     context = ContextFrames(cfg.refiner.history_frames)
     plans: list[list[int]] = []
     state = {"prev": None, "emitted": 0}
+    fade = SwitchFade(cfg.switch_fade_frames)
 
     def emit(latent, frames) -> VideoChunk:
         pacer.sent(state["emitted"])
-        frames = frames[:req.num_frames - state["emitted"]]
+        frames = fade(frames[:req.num_frames - state["emitted"]], state["emitted"])
         out = VideoChunk(frames, state["emitted"], req.num_frames)
         state["emitted"] += len(frames)
         state["prev"] = latent
@@ -121,6 +122,9 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
                 prefix, draft_prefix = stages.encode_prompt(prompt)
                 upcoming = plans_from(index, min(index, switch_keep(cfg)), len(switches.applied))
                 at_once = index
+                # The new prompt's first frame: after the frames emitted and the latent frame
+                # rendered under the old prompt that still waits for its decode.
+                fade.begin(state["emitted"] + (cfg.frames_per_latent if pending is not None else 0))
             plan = next(upcoming, None)
             if plan is None:
                 break
@@ -147,6 +151,46 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         upcoming.close()
         if switches is not None:
             switches.end()
+
+
+class SwitchFade:
+    """A prompt switch as a dissolve: the new prompt's first ``frames`` frames are blended with
+    the last frame shown before it, the new one's weight growing by 1 / (frames + 1) a frame.
+
+    The model changes the picture at a switch at once (the new prompt's object renders in the
+    first latent frame under it); a dissolve spreads that change over the frames of the fade.
+    Only the frames sent are blended: the refiner's history and the decoder's previous latent
+    are the model's own frames, so the frames after the fade are those of a cut. Integer
+    arithmetic, so every runtime sends the same bytes."""
+
+    def __init__(self, frames: int):
+        self.frames = frames
+        self.start: int | None = None  # the new prompt's first frame
+        self.base = None               # the last frame shown before it (uint16)
+        self.last = None               # the last frame sent
+
+    def begin(self, first_new_frame: int) -> None:
+        """A switch whose first frame is ``first_new_frame``; nothing to fade from before any
+        frame was sent."""
+        if self.frames and self.last is not None:
+            self.start, self.base = first_new_frame, None
+
+    def __call__(self, frames: np.ndarray, offset: int) -> np.ndarray:
+        """``frames`` (uint8 [T, H, W, 3]) that start at frame ``offset``, as they are sent."""
+        if self.start is not None and offset + len(frames) > self.start \
+                and offset < self.start + self.frames:
+            frames = frames.copy()
+            for i in range(len(frames)):
+                k = offset + i - self.start + 1  # the new prompt's weight, in 1 / (frames + 1)
+                if k == 1:
+                    self.base = self.last.astype(np.uint16)
+                if 1 <= k <= self.frames:
+                    mixed = self.base * (self.frames + 1 - k) + frames[i].astype(np.uint16) * k
+                    frames[i] = mixed // (self.frames + 1)
+                self.last = frames[i]
+        elif len(frames):
+            self.last = frames[-1]
+        return frames
 
 
 class Pacer:

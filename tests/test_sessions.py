@@ -86,6 +86,49 @@ def test_frames_before_a_switch_are_those_of_the_video_without_it(pipe):
     assert not np.array_equal(plain[24:], switched[24:])
 
 
+def test_a_switch_dissolves_into_the_frames_of_a_cut(pipe):
+    """With switch_fade_s the new prompt's first frames blend the last frame before the switch
+    into those of a cut, the new prompt's weight growing a step a frame; the frames before the
+    switch, and those after the fade, are the cut's (the model never sees the blend)."""
+    import dataclasses
+
+    shipped = pipe.config
+    videos = {}
+    try:
+        for name, seconds in (("fade", 0.5), ("cut", 0.0)):  # 0.5 s: 12 frames at 24 fps
+            pipe.config = dataclasses.replace(shipped, switch_fade_s=seconds)
+            videos[name] = _video(pipe.generate(RED, num_frames=64, seed=3,
+                                                prompt_at=[(1.0, BLUE)]))
+    finally:
+        pipe.config = shipped
+    faded, plain = videos["fade"].astype(int), videos["cut"].astype(int)
+    assert np.array_equal(faded[:24], plain[:24]) and np.array_equal(faded[36:], plain[36:])
+    base = plain[23]
+    for k in range(1, 13):
+        want = (base * (13 - k) + plain[23 + k] * k) // 13
+        assert np.array_equal(faded[23 + k], want), k
+    assert np.abs(faded[24] - base).mean() < np.abs(plain[24] - base).mean() / 4
+
+
+def test_the_fade_of_a_second_switch_starts_from_the_frame_shown():
+    """A switch during a fade dissolves from the blended frame the viewer saw last; a switch
+    before any frame was sent has nothing to fade from."""
+    from helios.orchestrator import SwitchFade
+
+    def frames(*values):
+        return np.stack([np.full((2, 2, 3), v, np.uint8) for v in values])
+
+    fade = SwitchFade(3)  # the new prompt's weight 1/4, 2/4, 3/4, then whole
+    assert fade(frames(0, 0, 0, 0), 0)[:, 0, 0, 0].tolist() == [0, 0, 0, 0]
+    fade.begin(4)
+    assert fade(frames(200, 200), 4)[:, 0, 0, 0].tolist() == [50, 100]
+    fade.begin(6)  # from the 100 shown last
+    assert fade(frames(0, 0, 0, 0), 6)[:, 0, 0, 0].tolist() == [75, 50, 25, 0]
+    fresh = SwitchFade(3)
+    fresh.begin(0)
+    assert fresh(frames(9), 0)[:, 0, 0, 0].tolist() == [9]
+
+
 def test_a_live_update_equals_the_scripted_switch_at_its_frame(pipe):
     """An update sent between chunks lands on the next undecided latent frame; the scripted
     switch at that frame gives the same video (and the same for a second switch)."""
