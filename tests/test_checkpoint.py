@@ -150,6 +150,21 @@ def test_config_mismatch(damaged):
     _expect(damaged, f"checkpoint draft: {f} does not match model_index.json")
 
 
+def test_a_switch_fade_outside_its_range_is_refused(damaged):
+    """switch_fade_s (absent from checkpoints written before it: 0.5 s) must be 0 to 5 s."""
+    index_file = damaged / "model_index.json"
+    index = json.loads(index_file.read_text())
+    del index["config"]["switch_fade_s"]
+    index_file.write_text(json.dumps(index))
+    assert read_config(damaged).switch_fade_s == 0.5
+    index["config"]["switch_fade_s"] = -1.0
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(HeliosError) as e:
+        read_config(damaged)
+    assert str(e.value) == ("checkpoint config is inconsistent: switch_fade_s must be in "
+                            "[0, 5] seconds")
+
+
 def test_corrupt_weights_file(damaged):
     f = damaged / "text_encoder" / "model.safetensors"
     f.write_bytes(b"not a safetensors file")
