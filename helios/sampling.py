@@ -67,8 +67,8 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: tor
     from ``probabilities`` with that draw, in fixed shapes and with no value read on the host,
     so that a CUDA graph can hold the sampling of a decode step. Returns [B] (long).
 
-    Every step is the row-by-row one; filters a row does not use are computed and not
-    applied. On CUDA the cumulative sum is a parallel scan rather than the host's sequential
+    Each step is the one ``probabilities`` takes for a row; the filters a row does not use
+    are computed and not applied. On CUDA the cumulative sum is a parallel scan rather than the host's sequential
     one: a draw within a rounding error (about 1e-16) of a boundary may take the neighbour."""
     logits = logits.float()
     vocab = logits.shape[-1]

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from helios.ar_backbone import fuse_projections
 from helios.ar_runtime import ARRuntime
 from helios.ar_scheduler import ARJob, ARScheduler
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
-from helios.ar_backbone import fuse_projections
 from helios.fp8 import quantize_ar
 from helios.sampling import SamplingParams
 from helios_triton.stage import (compile_batches, kv_pool_blocks, limit_gpu_share, model_device,
