@@ -297,11 +297,17 @@ class ARRuntime:
         """Logits [V] or [n, V] of the tokens at ``index`` .. of ``seq.tokens``, biased."""
         if seq.bias is None:
             return logits
-        slots = seq.bias.shape[0]
         if logits.dim() == 1:  # one token, every decode step: a row view, no index tensor
-            return logits + seq.bias[(index - seq.first) % slots]
-        rows = (torch.arange(logits.shape[0], device=logits.device) + index - seq.first) % slots
+            return logits + ARRuntime._bias_row(seq, index)
+        rows = (torch.arange(logits.shape[0], device=logits.device) + index - seq.first) \
+            % seq.bias.shape[0]
         return logits + seq.bias[rows]
+
+    @staticmethod
+    def _bias_row(seq: _Sequence, index: int) -> torch.Tensor | None:
+        """The bias row [V] of the token at ``index`` of ``seq.tokens`` (None: no bias): its
+        slot in the frame, counted from the sequence's first generated token."""
+        return None if seq.bias is None else seq.bias[(index - seq.first) % seq.bias.shape[0]]
 
     # ---- decoding ----------------------------------------------------------------------
     @torch.no_grad()
@@ -355,8 +361,7 @@ class ARRuntime:
             self.cache.lengths[s] += 1
         self.stats["target_forwards"] += 1
         seqs = [self.seqs[s] for s in seq_ids]
-        bias = [None if sq.bias is None else
-                sq.bias[(len(sq.tokens) + ahead - sq.first) % sq.bias.shape[0]] for sq in seqs]
+        bias = [self._bias_row(sq, len(sq.tokens) + ahead) for sq in seqs]
         return runner(seq_ids, None if ahead else [sq.tokens[-1] for sq in seqs], draws, bias)
 
     def _static_steps(self, seq_ids: list, steps: int) -> dict:
@@ -382,11 +387,11 @@ class ARRuntime:
             sq.tokens.extend(toks)
         return dict(zip(seq_ids, tokens))
 
-    @torch.no_grad()
     def step(self, seq_ids: list) -> dict:
         """One plain decode step for every sequence: returns {seq_id: [new token]}."""
         return self._plain_steps(seq_ids, 1)
 
+    @torch.no_grad()
     def _plain_steps(self, seq_ids: list, steps: int) -> dict:
         """Up to ``steps`` plain decode steps for every sequence (all on the static path when
         it fits, else one on the general path): returns {seq_id: new tokens}."""
@@ -478,8 +483,7 @@ class ARRuntime:
         if plain:
             steps = min(min(remaining[s], group - (len(self.seqs[s].tokens) - self.seqs[s].first)
                             % group) for s in plain)
-            with torch.no_grad():
-                out.update(self._plain_steps(plain, steps))
+            out.update(self._plain_steps(plain, steps))
         return out
 
     @torch.no_grad()

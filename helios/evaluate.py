@@ -153,6 +153,11 @@ def switch_adherence(pipe, pairs: list[tuple[ClipSpec, ClipSpec]], num_frames: i
 
     fps = pipe.config.fps
     at = round(switch_s * fps)
+
+    def jump(frames):
+        change = frame_changes(frames)
+        return float(change[at - 2:at + fps].max() / max(np.median(change), 1e-6))
+
     rows = []
     for i, (a, b) in enumerate(tqdm(pairs, desc="switches", unit="video", disable=not progress)):
         video = np.concatenate([c.frames for c in pipe.generate(
@@ -160,10 +165,6 @@ def switch_adherence(pipe, pairs: list[tuple[ClipSpec, ClipSpec]], num_frames: i
         plain = np.concatenate([c.frames for c in pipe.generate(  # the same without the switch
             a.caption, num_frames=num_frames, seed=seed + i)])
         got, want = dominant_object(video[at + fps // 2:]), b.objects[0]
-
-        def jump(frames):
-            change = frame_changes(frames)
-            return float(change[at - 2:at + fps].max() / max(np.median(change), 1e-6))
         rows.append({"before": a.caption, "after": b.caption, "color": got["color"],
                      "motion": got["motion"], "color_ok": got["color"] == want.color,
                      "shape_ok": got["shape"] == want.shape,
