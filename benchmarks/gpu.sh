@@ -35,6 +35,10 @@
 #               fps.py for 14b three times: the Triton-lang kernel,
 #               FlashAttention-4, the kernel again (each stage's median in each; where
 #               FlashAttention-4 is installed)
+#   tuning-ab   benchmarks/profile_stages.py (AR round and refiner render) with Inductor's
+#               kernels as compiled by default, then with its coordinate-descent tuning of
+#               their tile sizes (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; TUNED="0" or "1"
+#               runs one of the two)
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
@@ -173,6 +177,14 @@ for part in "${parts[@]}"; do
             HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_first 12 || status=1
             HELIOS_FLASH_ATTENTION=1 fps_run 14b fa4 12 || status=1
             HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_last 12 || status=1 ;;
+        tuning-ab)
+            for tuned in ${TUNED:-0 1}; do
+                TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=$tuned timeout 290 python3 \
+                    benchmarks/profile_stages.py --config 14b --parts "${PROFILE_PARTS:-ar,refiner}" \
+                    --out "$out/tuning_$tuned" > "$out/tuning_$tuned.txt" 2>&1 || status=1
+                echo "-- coordinate-descent tuning $tuned"
+                grep -iv "warn" "$out/tuning_$tuned.txt" | tail -40
+            done ;;
         fp8)
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1
@@ -203,7 +215,7 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab)" >&2; exit 2 ;;
     esac
 done
 exit $status
