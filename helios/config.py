@@ -201,9 +201,10 @@ class HeliosConfig:
     kv_block_size: int = 16
     num_draft_tokens: int = 4  # tokens the draft proposes per speculative round
     # A prompt switch dissolves from the last frame shown before it into the new prompt's
-    # frames over this long (0: a cut). Without it the frame at a switch changes 12x the
-    # median frame change, against 4x at the same place in a video without a switch
-    # (docs/sessions.md, "What a switch looks like").
+    # frames over this long (0: a cut), and a continuation from its clip's last frame into
+    # its own. Without it the frame at a switch changes 12x the median frame change, against
+    # 4x at the same place in a video without a switch, and a continuation's first frame 4x
+    # (docs/sessions.md, "What a switch looks like", "Continuing a video").
     switch_fade_s: float = 0.5
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     ar_backbone: ARConfig = field(default_factory=ARConfig)

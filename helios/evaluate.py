@@ -193,12 +193,15 @@ def continuation_adherence(pipe, specs: list[ClipSpec], clip_frames: int = 32,
     """Video-to-video: each held-out prompt's ground-truth clip (``clip_frames``) continued
     under its own caption for ``num_frames``. Scored: the continuation's object colour and
     motion against the clip's (as ``adherence`` reads them), and its first frame's change
-    from the clip's last over the clip's own median frame-to-frame change; beside it, the
-    same for the VAE's reconstruction of the clip's last frame (what no continuation can
-    undercut) and the first frame's change over that reconstruction's."""
+    from the clip's last over the clip's own median frame-to-frame change: as sent (the
+    continuation dissolves in from the clip's last frame over ``switch_fade_s``), and the
+    model's own first frame before that dissolve; beside them, the same for the VAE's
+    reconstruction of the clip's last frame (what no model's frame can undercut) and the
+    model's first frame's change over that reconstruction's."""
     from tqdm import tqdm  # noqa: PLC0415
 
     from .data import render_clip  # noqa: PLC0415
+    from .schedule import validate_request  # noqa: PLC0415
 
     rows = []
     for i, spec in enumerate(tqdm(specs, desc="continuations", unit="video", disable=not progress)):
@@ -208,21 +211,31 @@ def continuation_adherence(pipe, specs: list[ClipSpec], clip_frames: int = 32,
         clip_change = np.median(frame_changes(clip))
         seam = np.abs(video[0].astype(np.int16) - clip[-1]).mean()
         # The floor: the VAE's own reconstruction of the clip's last frame, as far from it
-        # as the continuation's first frame could be expected to come.
+        # as the model's first frame could be expected to come.
         latents, _ = pipe.encode_video(clip)
         decoded = pipe.decode(latents[-1], latents[-2] if len(latents) > 1 else None)
         floor = np.abs(decoded[-1].astype(np.int16) - clip[-1]).mean()
+        # The model's own first frame: the first latent frame of the same request, decoded
+        # after the clip's last (the generator stops after it).
+        req = validate_request(pipe.config, spec.caption, num_frames=num_frames, seed=seed + i,
+                               video=clip)
+        first = pipe.latents(req)
+        own = pipe.decode(next(first), latents[-1])[0]
+        first.close()
+        own_seam = np.abs(own.astype(np.int16) - clip[-1]).mean()
         rows.append({"prompt": spec.caption, "clip": want, "continuation": got,
                      "color_ok": got["color"] == want["color"],
                      "motion_ok": got["motion"] == want["motion"],
                      "seam": float(seam / max(clip_change, 1e-6)),
-                     "seam_over_reconstruction": float(seam / max(floor, 1e-6)),
+                     "seam_model": float(own_seam / max(clip_change, 1e-6)),
+                     "seam_over_reconstruction": float(own_seam / max(floor, 1e-6)),
                      "reconstruction": float(floor / max(clip_change, 1e-6))})
     return {"clips": len(rows), "clip_frames": clip_frames, "frames": num_frames,
             "color_kept": float(np.mean([r["color_ok"] for r in rows])),
             "motion_kept": float(np.mean([r["motion_ok"] for r in rows])),
             "seam_median": float(np.median([r["seam"] for r in rows])),
             "seam_within_2x": float(np.mean([r["seam"] <= 2 for r in rows])),
+            "seam_model_median": float(np.median([r["seam_model"] for r in rows])),
             "reconstruction_median": float(np.median([r["reconstruction"] for r in rows])),
             "seam_over_reconstruction_median": float(np.median(
                 [r["seam_over_reconstruction"] for r in rows])),
@@ -338,10 +351,11 @@ def table(result: dict) -> str:
         lines += [f"| continuations of {c['clips']} held-out clips ({c['clip_frames']} frames): colour "
                   f"/ motion kept | {c['color_kept']:.1%} / {c['motion_kept']:.1%} |",
                   f"| continuations: first frame's change from the clip's last / the clip's "
-                  f"median change (median; share within 2x) | {c['seam_median']:.2f}; "
+                  f"median change, as sent (median; share within 2x) | {c['seam_median']:.2f}; "
                   f"{c['seam_within_2x']:.0%} |",
-                  f"| continuations: the VAE's reconstruction of the clip's last frame, the "
-                  f"same ratio; the first frame's change over the reconstruction's (medians) | "
+                  f"| continuations: the same for the model's first frame, before the dissolve; "
+                  f"for the VAE's reconstruction of the clip's last frame; the model's over the "
+                  f"reconstruction's (medians) | {c['seam_model_median']:.2f}; "
                   f"{c['reconstruction_median']:.2f}; {c['seam_over_reconstruction_median']:.2f} |"]
     if "drift" in result:
         d = result["drift"]

@@ -34,6 +34,7 @@ from .config import HeliosConfig
 from .schedule import (AR_SEED, ContextFrames, VideoChunk, VideoRequest, ar_segments,
                        derive_seed, plan_bias, segment_keep, switch_keep)
 from .session import PromptSwitches
+from .vae import fitted_frame
 
 
 class Stages(Protocol):
@@ -85,6 +86,10 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         plans.extend(list(p) for p in video_plans)
         state["prev"] = latents[-1]
         given = len(plans)
+        # The model's first frame is as far from the clip's last as the VAE's reconstruction
+        # of it (about 4x the clip's own frame change on the tiny model): the continuation
+        # dissolves in from the clip's last frame, as a switch does from the frame before it.
+        fade.begin_from(fitted_frame(req.video[-1], cfg.height, cfg.width), 0)
     if req.image is not None:
         latent, plan = stages.encode_image(req.image)
         plans.append(list(plan))
@@ -174,6 +179,12 @@ class SwitchFade:
         frame was sent."""
         if self.frames and self.last is not None:
             self.start, self.base = first_new_frame, None
+
+    def begin_from(self, frame: np.ndarray, first_new_frame: int) -> None:
+        """A dissolve from ``frame``, shown last though not sent: a continued clip's last
+        frame, into the continuation's first frames."""
+        self.last = frame
+        self.begin(first_new_frame)
 
     def __call__(self, frames: np.ndarray, offset: int) -> np.ndarray:
         """``frames`` (uint8 [T, H, W, 3]) that start at frame ``offset``, as they are sent."""

@@ -40,7 +40,7 @@ from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, segment_keep, validate_request
 from .session import PromptSwitches, scripted
 from .tokenizer import tokenize
-from .vae import from_uint8, to_uint8
+from .vae import fit_frames, from_uint8, to_uint8
 
 _ids = itertools.count()
 
@@ -76,15 +76,7 @@ def encode_video(cfg: HeliosConfig, vae, refiner, video: np.ndarray):
     f = cfg.frames_per_latent
     n = min(len(video) // f, video_latents(cfg))
     clip = torch.from_numpy(np.ascontiguousarray(video[len(video) - n * f:]))
-    x = from_uint8(clip[None])[0]                                   # [T, 3, H, W]
-    h, w = x.shape[-2:]
-    if h * cfg.width > w * cfg.height:   # taller than the config: crop rows
-        keep = round(w * cfg.height / cfg.width)
-        x = x[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
-    elif h * cfg.width < w * cfg.height:  # wider: crop columns
-        keep = round(h * cfg.width / cfg.height)
-        x = x[..., (w - keep) // 2:(w - keep) // 2 + keep]
-    x = F.interpolate(x, size=(cfg.height, cfg.width), mode="bilinear", align_corners=False)
+    x = fit_frames(from_uint8(clip[None])[0], cfg.height, cfg.width)  # [T, 3, H, W]
     p = next(vae.parameters())
     latents = vae.encode(x.view(n, f, 3, cfg.height, cfg.width).to(p.device, p.dtype))
     plans = refiner.plan_tokenizer(latents.to(next(refiner.parameters()).device),
@@ -527,4 +519,5 @@ class _LatentRecorder:
 
     def decode(self, latent, prev_latent):
         self.latents.append(latent)
-        return np.zeros((self.pipe.config.frames_per_latent, 1, 1, 3), np.uint8)
+        cfg = self.pipe.config  # full-size frames: a continuation's dissolve blends into them
+        return np.zeros((cfg.frames_per_latent, cfg.height, cfg.width, 3), np.uint8)

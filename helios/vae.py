@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,3 +126,25 @@ def to_uint8(frames: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
 def from_uint8(frames: torch.Tensor) -> torch.Tensor:
     """[B, T, H, W, 3] uint8 -> [B, T, 3, H, W] in [-1, 1] float32."""
     return frames.permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+
+
+def fit_frames(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Frames [T, 3, H, W] (float) of any size -> [T, 3, height, width]: cropped at their centre
+    to that aspect ratio, then resized (bilinear). How a clip to continue is fitted."""
+    h, w = x.shape[-2:]
+    if h * width > w * height:   # taller than the target: crop rows
+        keep = round(w * height / width)
+        x = x[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+    elif h * width < w * height:  # wider: crop columns
+        keep = round(h * width / height)
+        x = x[..., (w - keep) // 2:(w - keep) // 2 + keep]
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def fitted_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One uint8 frame [H, W, 3] fitted as ``fit_frames`` fits a clip, as uint8; a frame of
+    the size already is returned as it is."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    return fit_frames(x, height, width)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
