@@ -261,7 +261,10 @@ def test_the_same_switch_gives_the_same_frames_in_process_and_through_triton(ser
     session_id = new_session_id()
     steering = steer(server, session_id, BLUE, 32)
     client = HeliosClient(f"127.0.0.1:{server.grpc}")
-    got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id))
+    # Paced to 0.1 s ahead of its player, so that frame 32 waits until about 1.2 s after the
+    # first chunk: unpaced, the tiny model reached it in about 0.7 s, and an update that a
+    # loaded machine delivered later than that was answered as late.
+    got = _video(client.stream(RED, num_frames=64, seed=7, session_id=session_id, pace_s=0.1))
     steering.join(10)
     want = _video(pipe.generate(RED, num_frames=64, seed=7, prompt_at=[(32 / 24, BLUE)]))
     assert np.array_equal(got, want)
