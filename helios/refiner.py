@@ -331,9 +331,34 @@ class Refiner(nn.Module):
         x = tokens.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c, h, w)
 
-    def _out(self, x, c, h, w):
-        shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)
+    def _out(self, x, final, h, w):
+        shift, scale = final
         return self.unpatchify(self.final_proj(_modulate(self.final_norm(x), shift, scale)), h, w)
+
+    def modulations(self, c):
+        """adaLN's vectors for the conditioning ``c`` [N, d]: each block's six ([N, 1, d] each,
+        ``DiTBlock.mods``), then the final layer's shift and scale."""
+        return [block.mods(c) for block in self.blocks], self._final_mods(c)
+
+    def _final_mods(self, c):
+        return [m[:, None] for m in self.final_modulation(F.silu(c)).chunk(2, dim=-1)]
+
+    def _render_modulations(self, sig_t, batch: int):
+        """The modulations of a render: one set at sigma 0 (the context's), then one per step,
+        as ``modulations`` of each. They depend on sigma alone, so all of them come from one
+        matrix product per block, which reads the block's modulation weights once a render
+        instead of once a step: at 14b, 80 one-row products of 2048 x 12288 took 1.6 ms of a
+        render on an H200 (benchmarks/profile_stages.py)."""
+        levels = torch.cat([sig_t.new_zeros(1), sig_t[:-1]])
+        n = len(levels)
+        c = self._cond(levels.repeat_interleave(batch), n * batch, self.plan_embed.weight.dtype,
+                       sig_t.device)
+        blocks, final = self.modulations(c)
+
+        def at(i):  # the i-th level's [batch, 1, d] rows of each [n * batch, 1, d] vector
+            return ([[m.unflatten(0, (n, batch))[i] for m in mods] for mods in blocks],
+                    [m.unflatten(0, (n, batch))[i] for m in final])
+        return [at(i) for i in range(n)]
 
     def _cond(self, sigma, batch, dtype, device):
         # A Python float becomes a filled tensor, not a host-to-device copy: CUDA graphs
@@ -345,16 +370,19 @@ class Refiner(nn.Module):
         return self.time_embed(timestep_embedding(sigma).to(dtype))
 
     # ---- the fast path: context K/V once per frame, then a few steps -------------------
-    def encode_context(self, plan_tokens, anchor=None, history=(), plan_embeds=None):
-        """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D]."""
+    def encode_context(self, plan_tokens, anchor=None, history=(), plan_embeds=None,
+                       mods=None):
+        """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D].
+        ``mods``: the blocks' modulations at sigma 0 (``_render_modulations``), else computed."""
         x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
-        c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
-        return (self._compiled_context or self._context_kv)(x, c0)
+        if mods is None:
+            c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
+            mods = [block.mods(c0) for block in self.blocks]
+        return (self._compiled_context or self._context_kv)(x, mods)
 
-    def _context_kv(self, x, c0):
+    def _context_kv(self, x, block_mods):
         kv = []
-        for block in self.blocks:
-            mods = block.mods(c0)
+        for block, mods in zip(self.blocks, block_mods):
             q, k, v = block.qkv_heads(x, mods)
             kv.append((k, v))
             if q.is_cuda:  # the custom kernel with an empty context: full self-attention
@@ -364,16 +392,18 @@ class Refiner(nn.Module):
             x = block.finish(x, attn, mods)
         return kv
 
-    def forward(self, x_t, sigma, context_kv):
-        """One denoising step: noisy latent [B, C, h, w] at ``sigma`` -> predicted velocity."""
+    def forward(self, x_t, sigma, context_kv, mods=None):
+        """One denoising step: noisy latent [B, C, h, w] at ``sigma`` -> predicted velocity.
+        ``mods``: the modulations at ``sigma`` (``_render_modulations``), else computed."""
         b, _, h, w = x_t.shape
         x = self.embed_noisy(x_t)
-        c = self._cond(sigma, b, x.dtype, x.device)
-        for block, (k_ctx, v_ctx) in zip(self.blocks, context_kv):
-            mods = block.mods(c)
-            q, k, v = block.qkv_heads(x, mods)
-            x = block.finish(x, context_attention(q, k_ctx, v_ctx, k, v), mods)
-        return self._out(x, c, h, w)
+        if mods is None:
+            mods = self.modulations(self._cond(sigma, b, x.dtype, x.device))
+        block_mods, final = mods
+        for block, m, (k_ctx, v_ctx) in zip(self.blocks, block_mods, context_kv):
+            q, k, v = block.qkv_heads(x, m)
+            x = block.finish(x, context_attention(q, k_ctx, v_ctx, k, v), m)
+        return self._out(x, final, h, w)
 
     # ---- the slow path: everything in one masked sequence ------------------------------
     def forward_reference(self, x_t, sigma, plan_tokens, anchor=None, history=()):
@@ -392,7 +422,7 @@ class Refiner(nn.Module):
                     for a, z in zip(m0, m)]
             q, k, v = block.qkv_heads(x, mods)
             x = block.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mods)
-        return self._out(x[:, nc:], c, h, w)
+        return self._out(x[:, nc:], self._final_mods(c), h, w)
 
     # ---- sampler -----------------------------------------------------------------------
     def sigmas(self, num_steps: int | None = None) -> list[float]:
@@ -410,9 +440,9 @@ class Refiner(nn.Module):
         self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
         self._compiled_context = CompiledOrEager(self._context_kv, "refiner context", fullgraph=True)
 
-    def step(self, x_t, sigma, context_kv):
+    def step(self, x_t, sigma, context_kv, mods=None):
         """One denoising step, compiled if ``compile_steps`` was called (``forward`` otherwise)."""
-        return (self._compiled_step or self)(x_t, sigma, context_kv)
+        return (self._compiled_step or self)(x_t, sigma, context_kv, mods)
 
     def capture_renders(self) -> None:
         """Replay each render as one CUDA graph (CUDA only; call after ``compile_steps``).
@@ -462,10 +492,11 @@ class Refiner(nn.Module):
                             torch.tensor(sig, device=noise.device))
 
     def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t):
-        kv = self.encode_context(plan_tokens, anchor, history)
+        mods = self._render_modulations(sig_t, noise.shape[0])
+        kv = self.encode_context(plan_tokens, anchor, history, mods=mods[0][0])
         # Sigma goes into the step as a tensor: the compiled step would compile once per
         # Python float.
-        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv), noise, sig)
+        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv, mods[i + 1]), noise, sig)
 
 
 def euler_sample(velocity, noise, sigmas: list[float]):

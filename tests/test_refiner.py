@@ -45,6 +45,36 @@ def test_refiner_cached_history_equals_recompute(tiny_checkpoint, tiny_config):
                                    refiner.forward_reference(x, 0.5, plan), rtol=1e-4, atol=1e-4)
 
 
+def test_a_renders_modulations_at_once_equal_those_of_each_step(tiny_checkpoint, tiny_config):
+    """A render computes adaLN's vectors of every sigma it visits in one product per block;
+    they are those each step would compute, and the render equals one made step by step."""
+    from helios.refiner import euler_sample
+
+    refiner = load_component(tiny_checkpoint, "refiner")
+    cfg = tiny_config
+    shape = (2, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
+    plan = torch.randint(0, cfg.refiner.codebook_size, (2, cfg.plan_tokens_per_frame),
+                         generator=torch.Generator().manual_seed(0))
+    anchor, x = _rand(*shape, seed=1), _rand(*shape, seed=4)
+    sig = refiner.sigmas()
+    sig_t = torch.tensor(sig)
+    with torch.no_grad():
+        levels = refiner._render_modulations(sig_t, 2)
+        assert len(levels) == len(sig)  # the context's (sigma 0), then one per step
+        for level, sigma in zip(levels, [0.0, *sig[:-1]]):
+            blocks, final = refiner.modulations(refiner._cond(sigma, 2, torch.float32, "cpu"))
+            for got, want in zip([*sum(level[0], []), *level[1]], [*sum(blocks, []), *final]):
+                assert got.shape == want.shape == (2, 1, cfg.refiner.hidden_size)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        kv = refiner.encode_context(plan, anchor)
+        by_step = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv), x, sig)
+        torch.testing.assert_close(refiner._render(x, plan, anchor, [], sig, sig_t), by_step,
+                                   rtol=1e-4, atol=1e-4)
+        # The check can fail: the context's modulations in a step's place change the render.
+        wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, levels[0]), x, sig)
+        assert (wrong - by_step).abs().max() > 1e-2
+
+
 def test_vae_decoder_streams_statelessly(tiny_checkpoint, tiny_config):
     """Decoding latent frames one call at a time equals decoding them as one batch."""
     vae = load_component(tiny_checkpoint, "vae")
