@@ -127,7 +127,12 @@ class DiTBlock(nn.Module):
 
     def mods(self, c):
         """c [B, d] -> six [B, 1, d] tensors."""
-        return [m[:, None] for m in self.modulation(F.silu(c)).chunk(6, dim=-1)]
+        return self.split_mods(self.modulation(F.silu(c)))
+
+    @staticmethod
+    def split_mods(rows):
+        """The modulation's rows [B, 6d] -> six [B, 1, d] tensors."""
+        return [m[:, None] for m in rows.chunk(6, dim=-1)]
 
     def qkv_heads(self, x, mods):
         b, n, d = x.shape
@@ -332,33 +337,29 @@ class Refiner(nn.Module):
         return x.reshape(b, c, h, w)
 
     def _out(self, x, final, h, w):
-        shift, scale = final
+        """Tokens -> the velocity [B, C, h, w]; ``final``: the final layer's modulation rows
+        [B, 2d] (shift, scale)."""
+        shift, scale = final[:, None].chunk(2, dim=-1)
         return self.unpatchify(self.final_proj(_modulate(self.final_norm(x), shift, scale)), h, w)
 
     def modulations(self, c):
-        """adaLN's vectors for the conditioning ``c`` [N, d]: each block's six ([N, 1, d] each,
-        ``DiTBlock.mods``), then the final layer's shift and scale."""
-        return [block.mods(c) for block in self.blocks], self._final_mods(c)
-
-    def _final_mods(self, c):
-        return [m[:, None] for m in self.final_modulation(F.silu(c)).chunk(2, dim=-1)]
+        """adaLN's rows for the conditioning ``c`` [N, d]: each block's [N, 6d]
+        (``DiTBlock.split_mods`` splits them), then the final layer's [N, 2d]."""
+        s = F.silu(c)
+        return [block.modulation(s) for block in self.blocks], self.final_modulation(s)
 
     def _render_modulations(self, sig_t, batch: int):
-        """The modulations of a render: one set at sigma 0 (the context's), then one per step,
-        as ``modulations`` of each. They depend on sigma alone, so all of them come from one
-        matrix product per block, which reads the block's modulation weights once a render
-        instead of once a step: at 14b, 80 one-row products of 2048 x 12288 took 1.6 ms of a
-        render on an H200 (benchmarks/profile_stages.py)."""
+        """The modulation rows of a render, as ``modulations`` gives them but [L, batch, k]:
+        level 0 at sigma 0 (the context's), then one level per step. They depend on sigma
+        alone, so all of them come from one matrix product per block, which reads the block's
+        modulation weights once a render instead of once a step: at 14b, 80 one-row products
+        of 2048 x 12288 took 1.6 ms of a render on an H200 (benchmarks/profile_stages.py)."""
         levels = torch.cat([sig_t.new_zeros(1), sig_t[:-1]])
         n = len(levels)
         c = self._cond(levels.repeat_interleave(batch), n * batch, self.plan_embed.weight.dtype,
                        sig_t.device)
         blocks, final = self.modulations(c)
-
-        def at(i):  # the i-th level's [batch, 1, d] rows of each [n * batch, 1, d] vector
-            return ([[m.unflatten(0, (n, batch))[i] for m in mods] for mods in blocks],
-                    [m.unflatten(0, (n, batch))[i] for m in final])
-        return [at(i) for i in range(n)]
+        return [m.view(n, batch, -1) for m in blocks], final.view(n, batch, -1)
 
     def _cond(self, sigma, batch, dtype, device):
         # A Python float becomes a filled tensor, not a host-to-device copy: CUDA graphs
@@ -373,16 +374,18 @@ class Refiner(nn.Module):
     def encode_context(self, plan_tokens, anchor=None, history=(), plan_embeds=None,
                        mods=None):
         """The context's keys/values of every block: a list of (k, v), each [B, H, Nc, D].
-        ``mods``: the blocks' modulations at sigma 0 (``_render_modulations``), else computed."""
+        ``mods``: the blocks' modulation rows [B, 6d] at sigma 0 (``_render_modulations``'
+        level 0), else computed."""
         x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
         if mods is None:
-            c0 = self._cond(0.0, x.shape[0], x.dtype, x.device)
-            mods = [block.mods(c0) for block in self.blocks]
+            c0 = F.silu(self._cond(0.0, x.shape[0], x.dtype, x.device))
+            mods = [block.modulation(c0) for block in self.blocks]
         return (self._compiled_context or self._context_kv)(x, mods)
 
-    def _context_kv(self, x, block_mods):
+    def _context_kv(self, x, block_rows):
         kv = []
-        for block, mods in zip(self.blocks, block_mods):
+        for block, rows in zip(self.blocks, block_rows):
+            mods = block.split_mods(rows)
             q, k, v = block.qkv_heads(x, mods)
             kv.append((k, v))
             if q.is_cuda:  # the custom kernel with an empty context: full self-attention
@@ -392,15 +395,20 @@ class Refiner(nn.Module):
             x = block.finish(x, attn, mods)
         return kv
 
-    def forward(self, x_t, sigma, context_kv, mods=None):
+    def forward(self, x_t, sigma, context_kv, mods=None, level=None):
         """One denoising step: noisy latent [B, C, h, w] at ``sigma`` -> predicted velocity.
-        ``mods``: the modulations at ``sigma`` (``_render_modulations``), else computed."""
+        ``mods`` and ``level``: a render's modulation rows (``_render_modulations``) and the
+        index of this step's among them, a tensor [1] (so that one compiled step serves every
+        level); else the rows are computed from ``sigma``."""
         b, _, h, w = x_t.shape
         x = self.embed_noisy(x_t)
         if mods is None:
-            mods = self.modulations(self._cond(sigma, b, x.dtype, x.device))
-        block_mods, final = mods
-        for block, m, (k_ctx, v_ctx) in zip(self.blocks, block_mods, context_kv):
+            blocks, final = self.modulations(self._cond(sigma, b, x.dtype, x.device))
+        else:
+            pick = lambda m: m.index_select(0, level)[0]  # noqa: E731  [L, B, k] -> [B, k]
+            blocks, final = [pick(m) for m in mods[0]], pick(mods[1])
+        for block, rows, (k_ctx, v_ctx) in zip(self.blocks, blocks, context_kv):
+            m = block.split_mods(rows)
             q, k, v = block.qkv_heads(x, m)
             x = block.finish(x, context_attention(q, k_ctx, v_ctx, k, v), m)
         return self._out(x, final, h, w)
@@ -422,7 +430,7 @@ class Refiner(nn.Module):
                     for a, z in zip(m0, m)]
             q, k, v = block.qkv_heads(x, mods)
             x = block.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mods)
-        return self._out(x[:, nc:], self._final_mods(c), h, w)
+        return self._out(x[:, nc:], self.final_modulation(F.silu(c)), h, w)
 
     # ---- sampler -----------------------------------------------------------------------
     def sigmas(self, num_steps: int | None = None) -> list[float]:
@@ -440,9 +448,9 @@ class Refiner(nn.Module):
         self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
         self._compiled_context = CompiledOrEager(self._context_kv, "refiner context", fullgraph=True)
 
-    def step(self, x_t, sigma, context_kv, mods=None):
+    def step(self, x_t, sigma, context_kv, mods=None, level=None):
         """One denoising step, compiled if ``compile_steps`` was called (``forward`` otherwise)."""
-        return (self._compiled_step or self)(x_t, sigma, context_kv, mods)
+        return (self._compiled_step or self)(x_t, sigma, context_kv, mods, level)
 
     def capture_renders(self) -> None:
         """Replay each render as one CUDA graph (CUDA only; call after ``compile_steps``).
@@ -493,10 +501,14 @@ class Refiner(nn.Module):
 
     def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t):
         mods = self._render_modulations(sig_t, noise.shape[0])
-        kv = self.encode_context(plan_tokens, anchor, history, mods=mods[0][0])
-        # Sigma goes into the step as a tensor: the compiled step would compile once per
-        # Python float.
-        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv, mods[i + 1]), noise, sig)
+        kv = self.encode_context(plan_tokens, anchor, history, mods=[m[0] for m in mods[0]])
+        # Sigma and the level go into the step as tensors: the compiled step would compile
+        # once per Python number. Filled, not copied from the host (a CUDA graph captures a
+        # fill).
+        levels = [torch.full((1,), i + 1, dtype=torch.long, device=noise.device)
+                  for i in range(len(sig) - 1)]
+        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv, mods, levels[i]),
+                            noise, sig)
 
 
 def euler_sample(velocity, noise, sigmas: list[float]):

@@ -58,20 +58,25 @@ def test_a_renders_modulations_at_once_equal_those_of_each_step(tiny_checkpoint,
     anchor, x = _rand(*shape, seed=1), _rand(*shape, seed=4)
     sig = refiner.sigmas()
     sig_t = torch.tensor(sig)
+    d = cfg.refiner.hidden_size
     with torch.no_grad():
-        levels = refiner._render_modulations(sig_t, 2)
-        assert len(levels) == len(sig)  # the context's (sigma 0), then one per step
-        for level, sigma in zip(levels, [0.0, *sig[:-1]]):
-            blocks, final = refiner.modulations(refiner._cond(sigma, 2, torch.float32, "cpu"))
-            for got, want in zip([*sum(level[0], []), *level[1]], [*sum(blocks, []), *final]):
-                assert got.shape == want.shape == (2, 1, cfg.refiner.hidden_size)
+        blocks, final = refiner._render_modulations(sig_t, 2)
+        assert [m.shape for m in blocks] == [(len(sig), 2, 6 * d)] * cfg.refiner.num_layers
+        assert final.shape == (len(sig), 2, 2 * d)
+        # Level 0 is the context's (sigma 0), then one per step.
+        for level, sigma in enumerate([0.0, *sig[:-1]]):
+            want_blocks, want_final = refiner.modulations(refiner._cond(sigma, 2, torch.float32, "cpu"))
+            for got, want in zip([m[level] for m in blocks] + [final[level]],
+                                 [*want_blocks, want_final]):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         kv = refiner.encode_context(plan, anchor)
         by_step = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv), x, sig)
         torch.testing.assert_close(refiner._render(x, plan, anchor, [], sig, sig_t), by_step,
                                    rtol=1e-4, atol=1e-4)
-        # The check can fail: the context's modulations in a step's place change the render.
-        wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, levels[0]), x, sig)
+        # The check can fail: the context's rows in every step's place change the render.
+        zero = torch.zeros(1, dtype=torch.long)
+        wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, (blocks, final), zero),
+                             x, sig)
         assert (wrong - by_step).abs().max() > 1e-2
 
 
