@@ -236,10 +236,15 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     plan = torch.zeros(1, cfg.plan_tokens_per_frame, dtype=torch.long, device=device)
     hist = [z] * cfg.refiner.history_frames
     with torch.no_grad():
-        out["refiner_context"] = timed(lambda: rf.encode_context(plan, z, hist))
-        kv = rf.encode_context(plan, z, hist)
-        sigma = torch.tensor(0.5, device=device)
-        out["refiner_step"] = timed(lambda: rf.step(z, sigma, kv))
+        # The context encoding and a step as a render runs them (its modulation rows made
+        # once, a step's picked by its level), so the compiled pieces are the render's.
+        sig_t = torch.tensor(rf.sigmas(), device=device)
+        mods = rf._render_modulations(sig_t, 1)
+        rows = [m[0] for m in mods[0]]
+        out["refiner_context"] = timed(lambda: rf.encode_context(plan, z, hist, mods=rows))
+        kv = rf.encode_context(plan, z, hist, mods=rows)
+        level = torch.ones(1, dtype=torch.long, device=device)
+        out["refiner_step"] = timed(lambda: rf.step(z, sig_t[0], kv, mods, level))
         out["refiner_render"] = timed(lambda: rf.render(z, plan, z, hist))
         out["vae_decoder"] = timed(lambda: pipe.vae.decode(z, z))
     return out
