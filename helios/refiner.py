@@ -378,8 +378,7 @@ class Refiner(nn.Module):
         level 0), else computed."""
         x = self.embed_context(plan_tokens, anchor, history, plan_embeds)
         if mods is None:
-            c0 = F.silu(self._cond(0.0, x.shape[0], x.dtype, x.device))
-            mods = [block.modulation(c0) for block in self.blocks]
+            mods = self.modulations(self._cond(0.0, x.shape[0], x.dtype, x.device))[0]
         return (self._compiled_context or self._context_kv)(x, mods)
 
     def _context_kv(self, x, block_rows):
