@@ -39,6 +39,8 @@
 #               kernels as compiled by default, then with its coordinate-descent tuning of
 #               their tile sizes (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; TUNED="0" or "1"
 #               runs one of the two)
+#   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
+#               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae")
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
@@ -185,6 +187,11 @@ for part in "${parts[@]}"; do
                 echo "-- coordinate-descent tuning $tuned"
                 grep -iv "warn" "$out/tuning_$tuned.txt" | tail -40
             done ;;
+        profile)
+            timeout 420 python3 benchmarks/profile_stages.py --config 14b \
+                --parts "${PROFILE_PARTS:-ar,refiner,vae}" --out "$out/profile" \
+                > "$out/profile_stages.txt" 2>&1 || status=1
+            grep -iv "warn" "$out/profile_stages.txt" | tail -60 ;;
         fp8)
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1

@@ -1,4 +1,5 @@
-"""Where the GPU time of an AR decode round and of a refiner render goes, kernel by kernel.
+"""Where the GPU time of an AR decode round, a refiner render and a VAE decode goes, kernel by
+kernel.
 
     python benchmarks/profile_stages.py --config 14b --out results/
 
@@ -12,7 +13,12 @@ For each it prints and writes (``profile_stages.json``):
   Inductor's fused kernels (norms, RoPE, activations, modulation), copies, other; what the
   replay takes beyond the kernels' sum is the time between kernels;
 - the AR round once more with its projections fused (``fuse_projections``: q/k/v in one
-  matrix, gate/up in another), the same weights.
+  matrix, gate/up in another), the same weights;
+- the VAE decoder's 4 frames (``--parts vae``) as the pipeline runs them (compiled, launched
+  from Python), against its FLOP floor (torch's FLOP counter of the same call at the bf16
+  matrix rate), beside three variants of the same weights: eager, compiled with weights and
+  input channels-last, and the compiled call replayed as a CUDA graph; then the frames'
+  conversion to uint8 and their copy to the host.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import json
 import time
 from pathlib import Path
 
+import copy
+import statistics
+
 import torch
 from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
 
-from helios.accel import accelerate
+from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections
 from helios.ar_runtime import ARRuntime
 from helios.attention import use_kernel
@@ -34,6 +43,7 @@ from helios.config import get_config
 from helios.refiner import render_flops
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
+from helios.vae import to_uint8
 
 KINDS = (("attention", ("attention", "fmha", "flash", "cudnn")),
          ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
@@ -129,6 +139,54 @@ def refiner_render(cfg, refiner, device, floor_ms: float) -> dict:
     return out
 
 
+def vae_decode(cfg, vae, device, flop_rate: float) -> dict:
+    """The decoder's call of one latent frame as the pipeline makes it, and its variants."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    shape = (1, cfg.vae.latent_channels, cfg.latent_height, cfg.latent_width)
+    z = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    eager = copy.deepcopy(vae.decoder)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            eager(z, z)
+        floor_ms = counter.get_total_flops() / flop_rate * 1e3
+        accelerate(device, vae=vae)
+        t0 = time.perf_counter()
+        vae.decode(z, z)
+        torch.cuda.synchronize()
+        out = {"build_s": time.perf_counter() - t0, "flops": counter.get_total_flops(),
+               "floor_ms": floor_ms, "replay_ms": gpu_ms(lambda: vae.decode(z, z)),
+               "profile": kernels(lambda: vae.decode(z, z), 10)}
+        out["floor_ratio"] = out["replay_ms"] / floor_ms
+        out["eager_ms"] = gpu_ms(lambda: eager(z, z))
+        out["profile_launched"] = kernels(lambda: eager(z, z), 5)
+        last = eager.to(memory_format=torch.channels_last)
+        last_fn = CompiledOrEager(last.forward, "VAE decoder, channels last")
+        zl = z.contiguous(memory_format=torch.channels_last)
+        last_fn(zl, zl)
+        out["channels_last_ms"] = gpu_ms(lambda: last_fn(zl, zl))
+        out["channels_last_compiled"] = last_fn.compiled
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            vae.decode(z, z)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pixels = vae.decode(z, z)
+        out["graph_ms"] = gpu_ms(graph.replay)
+        out["to_uint8_gpu_ms"] = gpu_ms(lambda: to_uint8(pixels, non_blocking=True))
+        walls = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            to_uint8(pixels)
+            walls.append((time.perf_counter() - t) * 1e3)
+        out["to_uint8_wall_ms"] = statistics.median(walls[3:])
+    return out
+
+
 def table(title: str, r: dict) -> None:
     p = r["profile"]
     print(f"\n{title}: {r['replay_ms']:.2f} ms a replay, floor {r['floor_ms']:.2f} ms "
@@ -143,6 +201,11 @@ def table(title: str, r: dict) -> None:
         print(f"  a step of a frame's decode_round (sampled, the host waiting once a frame): "
               f"{r['frame_step_ms']:.2f} ms; one step alone, the host waiting for it: "
               f"{r['step_ms']:.2f} ms")
+    if "graph_ms" in r:
+        print(f"  eager {r['eager_ms']:.2f} ms; compiled channels-last {r['channels_last_ms']:.2f} "
+              f"ms; compiled and replayed as a CUDA graph {r['graph_ms']:.2f} ms; frames to "
+              f"uint8 {r['to_uint8_gpu_ms']:.2f} ms of GPU, with the copy to the host "
+              f"{r['to_uint8_wall_ms']:.2f} ms of wall time")
     q = r["profile_launched"]
     print(f"  launched one by one: {q['kernels_ms']:.2f} ms of kernels, "
           + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(q["by_kind_ms"].items(),
@@ -156,7 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="ar,refiner,refiner-sdpa",
                     help="ar: the decode round, plain and with fused projections; refiner: a "
                          "render with the custom attention kernel; refiner-sdpa: with SDPA "
-                         "over the concatenated keys (cuDNN first) instead")
+                         "over the concatenated keys (cuDNN first) instead; vae: the decoder "
+                         "of one latent frame")
     args = ap.parse_args(argv)
     parts_wanted = args.parts.split(",")
     device = torch.device("cuda")
@@ -187,6 +251,10 @@ def main(argv=None) -> int:
             result[key] = refiner_render(cfg, parts["refiner"], device, rf_floor)
             table(f"refiner render (full history), {'kernel' if kernel else 'SDPA'} attention",
                   result[key])
+    if "vae" in parts_wanted:
+        result["vae_decode"] = vae_decode(cfg, parts["vae"], device,
+                                          ceil["bf16_matmul_flop_per_s"])
+        table("VAE decoder, 4 frames (compiled, launched from Python)", result["vae_decode"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_stages.json").write_text(json.dumps(result, indent=2) + "\n")
