@@ -32,7 +32,7 @@ from helios.ar_runtime import ARRuntime
 from helios.config import get_config, with_plan_tokens
 from helios.fp8 import quantize_ar, quantize_refiner
 from helios.pipeline import HeliosPipeline
-from helios.refiner import render_flops
+from helios.refiner import modulation_level, render_flops
 from helios.sampling import SamplingParams
 from helios.schedule import validate_request
 from helios.settings import from_environment
@@ -229,7 +229,7 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     timed = lambda fn: gpu_ms(fn, reps)  # noqa: E731
 
     if runner is not None and runner.graph is not None:
-        out["ar_graph_replay"] = timed(runner.graph.replay)
+        out["ar_graph_replay"] = timed(runner.replay)
     cfg, rf = pipe.config, pipe.refiner
     shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
     z = torch.randn(shape, device=device, dtype=pipe.dtype)
@@ -237,14 +237,13 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     hist = [z] * cfg.refiner.history_frames
     with torch.no_grad():
         # The context encoding and a step as a render runs them (its modulation rows made
-        # once, a step's picked by its level), so the compiled pieces are the render's.
+        # once, a step's its views), so the compiled pieces are the render's.
         sig_t = torch.tensor(rf.sigmas(), device=device)
         mods = rf._render_modulations(sig_t, 1)
-        rows = [m[0] for m in mods[0]]
+        rows = modulation_level(mods, 0)[0]
         out["refiner_context"] = timed(lambda: rf.encode_context(plan, z, hist, mods=rows))
         kv = rf.encode_context(plan, z, hist, mods=rows)
-        level = torch.ones(1, dtype=torch.long, device=device)
-        out["refiner_step"] = timed(lambda: rf.step(z, sig_t[0], kv, mods, level))
+        out["refiner_step"] = timed(lambda: rf.step(z, sig_t[0], kv, modulation_level(mods, 1)))
         out["refiner_render"] = timed(lambda: rf.render(z, plan, z, hist))
         out["vae_decoder"] = timed(lambda: pipe.vae.decode(z, z))
     return out

@@ -101,7 +101,7 @@ def ar_round(cfg, ar, device, floor_ms: float) -> dict:
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     runner = rt.static_step(1)
-    replay = runner.graph.replay
+    replay = runner.replay  # the forward's graph, then the sampling's
     out = {"build_s": build_s, "compiled": runner.compiled, "replay_ms": gpu_ms(replay),
            "step_ms": gpu_ms(lambda: rt.step([0]), reps=20), "floor_ms": floor_ms,
            "profile": kernels(replay, 10),

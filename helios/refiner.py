@@ -394,18 +394,15 @@ class Refiner(nn.Module):
             x = block.finish(x, attn, mods)
         return kv
 
-    def forward(self, x_t, sigma, context_kv, mods=None, level=None):
+    def forward(self, x_t, sigma, context_kv, mods=None):
         """One denoising step: noisy latent [B, C, h, w] at ``sigma`` -> predicted velocity.
-        ``mods`` and ``level``: a render's modulation rows (``_render_modulations``) and the
-        index of this step's among them, a tensor [1] (so that one compiled step serves every
-        level); else the rows are computed from ``sigma``."""
+        ``mods``: this step's modulation rows (each block's [B, 6d], then the final layer's
+        [B, 2d]: one level of ``_render_modulations``), else computed from ``sigma``."""
         b, _, h, w = x_t.shape
         x = self.embed_noisy(x_t)
         if mods is None:
-            blocks, final = self.modulations(self._cond(sigma, b, x.dtype, x.device))
-        else:
-            pick = lambda m: m.index_select(0, level)[0]  # noqa: E731  [L, B, k] -> [B, k]
-            blocks, final = [pick(m) for m in mods[0]], pick(mods[1])
+            mods = self.modulations(self._cond(sigma, b, x.dtype, x.device))
+        blocks, final = mods
         for block, rows, (k_ctx, v_ctx) in zip(self.blocks, blocks, context_kv):
             m = block.split_mods(rows)
             q, k, v = block.qkv_heads(x, m)
@@ -447,9 +444,9 @@ class Refiner(nn.Module):
         self._compiled_step = CompiledOrEager(self.forward, "refiner step", fullgraph=True)
         self._compiled_context = CompiledOrEager(self._context_kv, "refiner context", fullgraph=True)
 
-    def step(self, x_t, sigma, context_kv, mods=None, level=None):
+    def step(self, x_t, sigma, context_kv, mods=None):
         """One denoising step, compiled if ``compile_steps`` was called (``forward`` otherwise)."""
-        return (self._compiled_step or self)(x_t, sigma, context_kv, mods, level)
+        return (self._compiled_step or self)(x_t, sigma, context_kv, mods)
 
     def capture_renders(self) -> None:
         """Replay each render as one CUDA graph (CUDA only; call after ``compile_steps``).
@@ -500,14 +497,21 @@ class Refiner(nn.Module):
 
     def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t):
         mods = self._render_modulations(sig_t, noise.shape[0])
-        kv = self.encode_context(plan_tokens, anchor, history, mods=[m[0] for m in mods[0]])
-        # Sigma and the level go into the step as tensors: the compiled step would compile
-        # once per Python number. Filled, not copied from the host (a CUDA graph captures a
-        # fill).
-        levels = [torch.full((1,), i + 1, dtype=torch.long, device=noise.device)
-                  for i in range(len(sig) - 1)]
-        return euler_sample(lambda x, i, sigma: self.step(x, sig_t[i], kv, mods, levels[i]),
-                            noise, sig)
+        kv = self.encode_context(plan_tokens, anchor, history, mods=modulation_level(mods, 0)[0])
+        # Sigma goes into the step as a tensor: the compiled step would compile once per Python
+        # number. Each step's rows are views of the render's tables, not picked inside the step:
+        # an index_select there fused into the layer norms and made them 1.1 ms slower a 14b
+        # render on an H200 (docs/performance.md).
+        return euler_sample(
+            lambda x, i, sigma: self.step(x, sig_t[i], kv, modulation_level(mods, i + 1)),
+            noise, sig)
+
+
+def modulation_level(mods, i: int):
+    """One level of a render's modulation tables (``Refiner._render_modulations``): each
+    block's rows [B, 6d], then the final layer's [B, 2d], as views."""
+    blocks, final = mods
+    return [m[i] for m in blocks], final[i]
 
 
 def euler_sample(velocity, noise, sigmas: list[float]):

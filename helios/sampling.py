@@ -60,28 +60,41 @@ def row_settings(params: list[SamplingParams]) -> dict[str, torch.Tensor]:
             "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32)}
 
 
+def uses_filters(params: list[SamplingParams], vocab: int) -> bool:
+    """Whether any of these rows filters its distribution by top-k or top-p (``sample_rows``'
+    ``filters``)."""
+    return any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params)
+
+
 def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor,
-                top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+                top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor,
+                filters: bool = True) -> torch.Tensor:
     """One token per row of ``logits`` [B, V] (biased), each row with its own settings
     (``row_settings``) and its own uniform draw ``u`` [B] (float64): the token ``draw`` picks
     from ``probabilities`` with that draw, in fixed shapes and with no value read on the host,
     so that a CUDA graph can hold the sampling of a decode step. Returns [B] (long).
 
     Each step is the one ``probabilities`` takes for a row; the filters a row does not use
-    are computed and not applied. On CUDA the cumulative sum is a parallel scan rather than the host's sequential
-    one: a draw within a rounding error (about 1e-16) of a boundary may take the neighbour."""
+    are computed and not applied. ``filters=False`` leaves top-k and top-p out altogether
+    (their two sorts of the vocabulary), for rows of which none uses them (``uses_filters``):
+    the same tokens. On CUDA the cumulative sum is a parallel scan rather than the host's
+    sequential one: a draw within a rounding error (about 1e-16) of a boundary may take the
+    neighbour."""
     logits = logits.float()
     vocab = logits.shape[-1]
     pos = torch.arange(vocab, device=logits.device)
     scaled = logits * inv_temperature[:, None]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
-    probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
-    nucleus = top_p < 1.0
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & nucleus[:, None]
-    kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    probs = torch.where(nucleus[:, None], kept / kept.sum(-1, keepdim=True), probs)
+    if filters:
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+        probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+        nucleus = top_p < 1.0
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & nucleus[:, None]
+        kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        probs = torch.where(nucleus[:, None], kept / kept.sum(-1, keepdim=True), probs)
+    else:
+        probs = torch.softmax(scaled, dim=-1)
     top1 = torch.zeros_like(probs).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.where(greedy[:, None], top1, probs)
     cdf = probs.double().cumsum(-1)

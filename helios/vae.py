@@ -19,12 +19,46 @@ from torch import nn
 from .config import VAEConfig
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (the same parameters, the same numbers up to float rounding) whose
+    statistics, under torch.compile, come from sums per channel. Inductor reduces each group
+    of a channels-last tensor (which it picks for the convolutions) as a strided read, one
+    program per group: at 14b's 1280x720 the decoder's last norm (32 groups of 4 channels of
+    921,600 pixels) took 0.75 ms of the 4.1 ms decode on an H200, about 0.3 TB/s. Sums over
+    the pixels of each channel read contiguous rows, in as many programs as Inductor splits
+    them into. Eager calls, and ONNX export, stay ``nn.GroupNorm``'s."""
+
+    def forward(self, x):
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        return group_norm_by_channels(self, x)
+
+
+def group_norm_by_channels(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for x [B, C, H, W], its mean and variance (two passes, float32) summed per
+    channel first, then per group."""
+    b, c, h, w = x.shape
+    per = c // norm.num_groups
+    xf = x.float()
+
+    def per_channel(group_sums):  # [B, G] -> [B, C, 1, 1]
+        return group_sums.repeat_interleave(per, dim=1)[:, :, None, None] / (per * h * w)
+
+    mean = per_channel(xf.sum((2, 3)).view(b, -1, per).sum(-1))
+    centred = xf - mean
+    var = per_channel(centred.square().sum((2, 3)).view(b, -1, per).sum(-1))
+    y = centred * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        y = y * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]
+    return y.to(x.dtype)
+
+
 class ResBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(32, ch // 4), ch)
+        self.norm1 = GroupNorm(min(32, ch // 4), ch)
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(min(32, ch // 4), ch)
+        self.norm2 = GroupNorm(min(32, ch // 4), ch)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
@@ -43,7 +77,7 @@ class Encoder(nn.Module):
             cin, cout = chs[min(i, len(chs) - 1)], chs[min(i + 1, len(chs) - 1)]
             self.down.append(nn.Sequential(ResBlock(cin), nn.Conv2d(cin, cout, 3, stride=2, padding=1)))
         self.mid = ResBlock(chs[-1])
-        self.norm_out = nn.GroupNorm(min(32, chs[-1] // 4), chs[-1])
+        self.norm_out = GroupNorm(min(32, chs[-1] // 4), chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, frames):
@@ -69,7 +103,7 @@ class Decoder(nn.Module):
             cin, cout = chs[min(i, len(chs) - 1)], chs[min(i + 1, len(chs) - 1)]
             self.up.append(nn.ModuleDict({
                 "res": ResBlock(cin), "conv": nn.Conv2d(cin, cout, 3, padding=1)}))
-        self.norm_out = nn.GroupNorm(min(32, chs[-1] // 4), chs[-1])
+        self.norm_out = GroupNorm(min(32, chs[-1] // 4), chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], 3 * self.frames, 3, padding=1)
 
     def forward(self, latent, prev_latent):

@@ -25,6 +25,40 @@ def test_compiled_refiner_equals_eager_on_every_context_length():
     assert rf._compiled_step.compiled and rf._compiled_context.compiled
 
 
+def test_the_compiled_vae_decoder_equals_eager_with_its_norms_summed_per_channel(monkeypatch):
+    """Under torch.compile the decoder's group norms take their statistics from sums per
+    channel (helios.vae.GroupNorm); the frames stay eager's, in both memory layouts."""
+    from helios import vae as vae_module
+    from helios.vae import group_norm_by_channels
+
+    traced = []  # the norms the compiler traced through group_norm_by_channels
+    monkeypatch.setattr(vae_module, "group_norm_by_channels",
+                        lambda norm, x: traced.append(norm) or group_norm_by_channels(norm, x))
+
+    cfg = get_config("tiny")
+    vae = random_component(cfg, "vae", "cpu", torch.float32, 2)
+    g = torch.Generator().manual_seed(0)
+    norm = vae.decoder.norm_out
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+        x = 3 + 2 * torch.randn(2, norm.num_channels, 6, 10, generator=g)
+        torch.testing.assert_close(group_norm_by_channels(norm, x), norm(x), rtol=1e-5, atol=1e-5)
+        # Not the identity of its input: a norm without its affine part is not the same.
+        assert (group_norm_by_channels(norm, x) - x).abs().max() > 1
+        shape = (1, cfg.vae.latent_channels, cfg.latent_height, cfg.latent_width)
+        z, prev = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        eager = vae.decode(z, prev)
+        assert traced == []
+        compiled = CompiledOrEager(vae.decoder.forward, "VAE decoder")
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = compiled(z.contiguous(memory_format=layout), prev.contiguous(memory_format=layout))
+            torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        assert compiled.compiled
+        norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert {id(m) for m in traced} == {id(m) for m in norms}
+
+
 def test_a_piece_that_cannot_compile_runs_eagerly_with_a_warning(caplog):
     def fn(x):
         torch._dynamo.graph_break()  # fullgraph=True refuses this

@@ -12,7 +12,7 @@ from helios.errors import CachePoolExhausted
 from helios.kv_cache import ContiguousKVCache, PagedKVCache
 from helios.schedule import plan_vocab_bias
 from helios.sampling import (SamplingParams, draw, probabilities, row_settings, sample_rows,
-                             speculative_accept)
+                             speculative_accept, uses_filters)
 
 CFG = ARConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=160, plan_vocab_size=48, max_position_embeddings=256)
@@ -178,7 +178,7 @@ def _settings_matrix(seed: int) -> list[SamplingParams]:
 def test_sampling_in_fixed_shapes_draws_what_draw_draws():
     """sample_rows (the sampling a CUDA graph holds) picks, for every row and every setting,
     the token draw() picks from probabilities() with the same uniform draw."""
-    vocab, differ, rows = 300, 0, 0
+    vocab, differ, rows, unfiltered = 300, 0, 0, 0
     for seed in range(64):
         logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed)) * 3
         if seed % 2:  # the plan bias's -inf columns, as decoding has them
@@ -190,7 +190,19 @@ def test_sampling_in_fixed_shapes_draws_what_draw_draws():
         want = [draw(probabilities(logits[i], p), gens[i]()) for i, p in enumerate(params)]
         differ += sum(a != b for a, b in zip(got, want))
         rows += 4
+        # Without the filters: for rows that use none, the same tokens; for rows that do,
+        # other ones somewhere over the seeds.
+        plain = [SamplingParams(temperature=p.temperature) for p in params]
+        assert uses_filters(params, vocab) and not uses_filters(plain, vocab)
+        settings = row_settings(plain)
+        assert sample_rows(logits, u=u, filters=False, **settings).tolist() == \
+            sample_rows(logits, u=u, **settings).tolist() == \
+            [draw(probabilities(logits[i], p), gens[i]()) for i, p in enumerate(plain)]
+        unfiltered += sample_rows(logits, u=u, filters=False, **row_settings(params)).tolist() != got
     assert (differ, rows) == (0, 256)
+    assert unfiltered > 0
+    # A top-k past the vocabulary filters nothing.
+    assert not uses_filters([SamplingParams(top_k=vocab), SamplingParams(top_k=0)], vocab)
 
 
 def test_a_round_decodes_a_frame_of_tokens_back_to_back_and_draws_what_single_steps_do():

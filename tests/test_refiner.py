@@ -48,7 +48,7 @@ def test_refiner_cached_history_equals_recompute(tiny_checkpoint, tiny_config):
 def test_a_renders_modulations_at_once_equal_those_of_each_step(tiny_checkpoint, tiny_config):
     """A render computes adaLN's vectors of every sigma it visits in one product per block;
     they are those each step would compute, and the render equals one made step by step."""
-    from helios.refiner import euler_sample
+    from helios.refiner import euler_sample, modulation_level
 
     refiner = load_component(tiny_checkpoint, "refiner")
     cfg = tiny_config
@@ -74,9 +74,8 @@ def test_a_renders_modulations_at_once_equal_those_of_each_step(tiny_checkpoint,
         torch.testing.assert_close(refiner._render(x, plan, anchor, [], sig, sig_t), by_step,
                                    rtol=1e-4, atol=1e-4)
         # The check can fail: the context's rows in every step's place change the render.
-        zero = torch.zeros(1, dtype=torch.long)
-        wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, (blocks, final), zero),
-                             x, sig)
+        context_rows = modulation_level((blocks, final), 0)
+        wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, context_rows), x, sig)
         assert (wrong - by_step).abs().max() > 1e-2
 
 
