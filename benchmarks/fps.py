@@ -229,7 +229,7 @@ def step_gpu_ms(pipe, device, reps=30) -> dict:
     timed = lambda fn: gpu_ms(fn, reps)  # noqa: E731
 
     if runner is not None and runner.graph is not None:
-        out["ar_graph_replay"] = timed(runner.replay)
+        out["ar_graph_replay"] = timed(runner.graph.replay)
     cfg, rf = pipe.config, pipe.refiner
     shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
     z = torch.randn(shape, device=device, dtype=pipe.dtype)

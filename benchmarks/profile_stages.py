@@ -101,8 +101,10 @@ def ar_round(cfg, ar, device, floor_ms: float) -> dict:
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     runner = rt.static_step(1)
-    replay = runner.replay  # the forward's graph, then the sampling's
+    replay = runner.graph.replay
     out = {"build_s": build_s, "compiled": runner.compiled, "replay_ms": gpu_ms(replay),
+           # the same step sampling with top-k and top-p (their sorts), on the same machine
+           "replay_filtered_ms": gpu_ms(runner.graphs[True].replay),
            "step_ms": gpu_ms(lambda: rt.step([0]), reps=20), "floor_ms": floor_ms,
            "profile": kernels(replay, 10),
            # the same kernels launched one by one (in case a profiler sees no graph's kernels)
@@ -198,6 +200,7 @@ def table(title: str, r: dict) -> None:
     for k in p["top"][:6]:
         print(f"    {k['ms']:>7.3f} ms  x{k['calls']:<4.0f} {k['name'][:90]}")
     if "frame_step_ms" in r:
+        print(f"  the step with top-k/top-p sampling (sorts): {r['replay_filtered_ms']:.2f} ms")
         print(f"  a step of a frame's decode_round (sampled, the host waiting once a frame): "
               f"{r['frame_step_ms']:.2f} ms; one step alone, the host waiting for it: "
               f"{r['step_ms']:.2f} ms")

@@ -73,9 +73,9 @@ class _StaticDecode:
         # filters skips their two sorts of the vocabulary, about 0.1 ms of a step at 14b.
         self.filters = False
         self.model = model
-        self.graph = None         # the forward, captured
-        self.sample_graphs = {}   # filters -> the sampling, captured
+        self.graphs = {}  # filters -> the step captured with that sampling
         self.logits = None
+        self._logits = {}  # filters -> that graph's logits
         self._run = self._forward
         if capture:
             # Warm up on a side stream (compilation, kernel selection, allocator), then
@@ -86,19 +86,28 @@ class _StaticDecode:
             with torch.cuda.stream(stream):
                 if compile_step:
                     self._compile()
-                for _ in range(2):
+                for filters in (False, True, False, True):
+                    self.filters = filters
                     self._step()
-                    self._sample(True)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run()
+            # One graph a sampling, the forward in both: a second graph of the sampling alone
+            # would cost a launch a step. They share one memory pool (never replayed at once;
+            # each one's logits stay allocated).
+            pool = None
             for filters in (False, True):
-                graph = self.sample_graphs[filters] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._sample(filters)
+                self.filters = filters
+                graph = self.graphs[filters] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._logits[filters] = self._step()
+                pool = graph.pool()
+            self.filters = False
         elif compile_step:
             self._compile()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured step of the rows' sampling (None when the step runs eagerly)."""
+        return self.graphs.get(self.filters)
 
     def _compile(self) -> None:
         """torch.compile the step's decoder layer: its ~60 small kernels (norms in float32,
@@ -141,20 +150,18 @@ class _StaticDecode:
         return logits
 
     def _step(self):
-        """The forward, then each row's token drawn and fed to the next step."""
-        self.logits = self._run()
-        self._sample(self.filters)
-        return self.logits
-
-    def _sample(self, filters: bool) -> None:
-        self.sampled.copy_(sample_rows(self.logits[:, 0] + self.bias, u=self.draws,
-                                       filters=filters, **self.settings))
+        """The forward, then each row's token drawn (``sample_rows``, with the top-k and top-p
+        filters if ``filters``) and fed to the next step."""
+        logits = self.logits = self._run()
+        self.sampled.copy_(sample_rows(logits[:, 0] + self.bias, u=self.draws,
+                                       filters=self.filters, **self.settings))
         self.ids.copy_(self.sampled)
+        return logits
 
     def replay(self) -> None:
-        """One captured step: the forward's graph, then the sampling's."""
+        """One captured step, with the sampling the rows need."""
         self.graph.replay()
-        self.sample_graphs[self.filters].replay()
+        self.logits = self._logits[self.filters]
 
     def set_rows(self, params: list[SamplingParams]) -> None:
         """The rows' sampling settings, for the steps until the next call."""

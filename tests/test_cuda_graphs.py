@@ -114,36 +114,40 @@ def test_the_device_sampler_draws_what_the_host_draws():
     assert got == want
 
 
-def test_the_captured_sampling_filters_only_when_a_row_asks():
-    """A captured step samples through one of two graphs: with top-k and top-p, or without
-    (no sorts of the vocabulary). set_rows picks the one its rows need, and each draws the
-    tokens the host draws; the plain one would not, for rows that filter."""
+def test_the_captured_step_filters_only_when_a_row_asks():
+    """The decode step is captured twice: sampling with top-k and top-p, and without (no
+    sorts of the vocabulary). set_rows picks the one its rows need, and each draws from its
+    logits the tokens the host draws; the plain one would not, for rows that filter."""
     dev = torch.device("cuda")
     rt = ARRuntime(_tiny_ar(dev), num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
                    max_positions=256)
     rt.prepare_static([2])
     runner = rt.static_step(2)
     vocab = runner.bias.shape[1]
-    plain = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.0)]
-    filtered = [SamplingParams(temperature=0.8, top_k=20),
-                SamplingParams(temperature=1.0, top_p=0.8)]
+    plain = [SamplingParams(temperature=1.5), SamplingParams(temperature=2.0)]
+    filtered = [SamplingParams(temperature=1.5, top_k=2),
+                SamplingParams(temperature=2.0, top_p=0.3)]
+
+    def replay(graph, params, seed):  # -> (tokens sampled, tokens the host draws)
+        gens = [lambda i=i: torch.Generator().manual_seed(10 * seed + i) for i in range(2)]
+        u = [torch.rand((), generator=g(), dtype=torch.float64).item() for g in gens]
+        runner.draws.copy_(torch.tensor(u, dtype=torch.float64).to(dev))
+        graph.replay()
+        seen = runner._logits[graph is runner.graphs[True]][:, 0].float().cpu()
+        return runner.sampled.tolist(), [draw(probabilities(seen[i], p), gens[i]())
+                                         for i, p in enumerate(params)]
+
     unfiltered_differ = 0
-    for params in (plain, filtered):
-        runner.set_rows(params)
-        assert runner.filters == uses_filters(params, vocab) == (params is filtered)
-        for seed in range(8):
-            logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(seed)) * 3
-            gens = [lambda i=i: torch.Generator().manual_seed(10 * seed + i) for i in range(2)]
-            u = torch.tensor([torch.rand((), generator=g(), dtype=torch.float64).item()
-                              for g in gens])
-            runner.logits[:, 0].copy_(logits.to(dev))
-            runner.draws.copy_(u.to(dev))
-            seen = runner.logits[:, 0].float().cpu()
-            want = [draw(probabilities(seen[i], p), gens[i]()) for i, p in enumerate(params)]
-            runner.sample_graphs[runner.filters].replay()
-            assert runner.sampled.tolist() == want
-            runner.sample_graphs[False].replay()
-            unfiltered_differ += runner.sampled.tolist() != want
+    with torch.no_grad():
+        for params in (plain, filtered):
+            runner.set_rows(params)
+            assert runner.filters == uses_filters(params, vocab) == (params is filtered)
+            assert runner.graph is runner.graphs[runner.filters]
+            for seed in range(8):
+                got, want = replay(runner.graph, params, seed)
+                assert got == want
+                got, want = replay(runner.graphs[False], params, seed)
+                unfiltered_differ += got != want
     assert unfiltered_differ > 0
 
 
