@@ -41,6 +41,9 @@
 #               runs one of the two)
 #   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
 #               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae")
+#   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
+#               the GPU's SMs split between them (green contexts; AR_SMS, default "16,32,48"),
+#               against two plain streams
 #   fp8         benchmarks/fp8_gemv.py (the AR decode step's products in e4m3 against bf16),
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
@@ -192,6 +195,11 @@ for part in "${parts[@]}"; do
                 --parts "${PROFILE_PARTS:-ar,refiner,vae}" --out "$out/profile" \
                 > "$out/profile_stages.txt" 2>&1 || status=1
             grep -iv "warn" "$out/profile_stages.txt" | tail -60 ;;
+        partition)
+            timeout 480 python3 benchmarks/sm_partition.py --config 14b \
+                --ar-sms "${AR_SMS:-16,32,48}" --out "$out/partition" \
+                > "$out/sm_partition.txt" 2>&1 || status=1
+            grep -iv "warn" "$out/sm_partition.txt" | tail -24 ;;
         fp8)
             kernel_run fp8_gemv 240 30 || status=1
             fps_run 14b ar_fp8 14 --ar-fp8 || status=1
@@ -222,7 +230,8 @@ for part in "${parts[@]}"; do
                 status=1 ;;
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
-                 "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab)" >&2; exit 2 ;;
+                 "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
+                 "profile, partition)" >&2; exit 2 ;;
     esac
 done
 exit $status

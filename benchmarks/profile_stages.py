@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import copy
+import functools
 import statistics
 
 import torch
@@ -87,17 +88,24 @@ def kernels(fn, reps: int) -> dict:
                     for n, (ms, c) in every]}
 
 
-def ar_round(cfg, ar, device, floor_ms: float) -> dict:
-    """One captured, compiled decode step of one stream, as the pipeline builds it."""
+def ar_runtime(cfg, ar, device) -> ARRuntime:
+    """The AR runtime of one stream as the pipeline builds it on CUDA (its decode step
+    compiled and captured), after four steps of a stream."""
     rt = ARRuntime(ar, None, num_blocks=cfg.kv_blocks_per_stream(), block_size=cfg.kv_block_size,
                    device=device, cuda_graphs=True, max_positions=cfg.max_ar_positions(),
                    compile_steps=True)
     prefix = torch.randn(64, ar.config.hidden_size, device=device, dtype=torch.bfloat16)
     rt.add_sequence(0, prefix, [ar.config.bos_token_id], SamplingParams(seed=0),
                     bias=plan_vocab_bias(ar.config))
-    t0 = time.perf_counter()
     for _ in range(4):
         rt.step([0])
+    return rt
+
+
+def ar_round(cfg, ar, device, floor_ms: float) -> dict:
+    """One captured, compiled decode step of one stream, as the pipeline builds it."""
+    t0 = time.perf_counter()
+    rt = ar_runtime(cfg, ar, device)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     runner = rt.static_step(1)
@@ -119,24 +127,29 @@ def ar_round(cfg, ar, device, floor_ms: float) -> dict:
     return out
 
 
-def refiner_render(cfg, refiner, device, floor_ms: float) -> dict:
-    """A render at the full history, replayed as the pipeline's CUDA graph."""
+def build_render(cfg, refiner, device):
+    """The refiner compiled and its renders captured, as the pipeline builds them on CUDA: a
+    render of one latent frame at the full history, as a call."""
     accelerate(device, refiner=refiner)
     shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
-    t0 = time.perf_counter()
     refiner.warm_up(shape, torch.bfloat16, device)
-    torch.cuda.synchronize()
-    build_s = time.perf_counter() - t0
     z = torch.randn(shape, device=device, dtype=torch.bfloat16)
     plan = torch.zeros(1, cfg.plan_tokens_per_frame, dtype=torch.long, device=device)
-    hist = [z] * cfg.refiner.history_frames
-    render = lambda: refiner.render(z, plan, z, hist)  # noqa: E731
+    return functools.partial(refiner.render, z, plan, z, [z] * cfg.refiner.history_frames)
+
+
+def refiner_render(cfg, refiner, device, floor_ms: float) -> dict:
+    """A render at the full history, replayed as the pipeline's CUDA graph."""
+    t0 = time.perf_counter()
+    render = build_render(cfg, refiner, device)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
     with torch.no_grad():
         sig = refiner.sigmas()
         sig_t = torch.tensor(sig, device=device)
         out = {"build_s": build_s, "replay_ms": gpu_ms(render, reps=20), "floor_ms": floor_ms,
                "profile": kernels(render, 5),
-               "profile_launched": kernels(lambda: refiner._render(z, plan, z, hist, sig, sig_t), 3)}
+               "profile_launched": kernels(lambda: refiner._render(*render.args, sig, sig_t), 3)}
     out["floor_ratio"] = out["replay_ms"] / floor_ms
     return out
 

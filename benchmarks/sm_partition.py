@@ -1,0 +1,177 @@
+"""Whether the AR's decode steps and the refiner's render can run at once on one GPU when its
+SMs are split between them (CUDA green contexts).
+
+    python benchmarks/sm_partition.py --config 14b --ar-sms 16,32,48 --out results/
+
+A decode step reads every AR weight once (bound by memory bandwidth); a render multiplies
+large matrices (bound by the tensor cores). Side by side on two CUDA streams, as the pipeline
+runs them with ``--prefetch-plans``, each kernel still spreads over every SM it can get, so
+they mostly take turns: the render and a latent frame's decode steps together cost about
+their sum. With the SMs split, the steps keep a few SMs (enough to stream the weights at near
+the copy rate, if they are) and the render the rest.
+
+Both stages are built as profile_stages.py builds them (compiled, captured as CUDA graphs). For
+each split, and for the two plain streams of today's prefetch, it measures a latent frame's
+work (one render and ``plan_tokens_per_frame`` decode steps): each alone on its SMs, and both
+launched at once (wall time a frame, over several frames). The partitions come from the CUDA
+driver (cuDevSmResourceSplitByCount, cuGreenCtxCreate, cuGreenCtxStreamCreate, through
+ctypes), so any PyTorch with CUDA 12.4 or later can run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import time
+from pathlib import Path
+
+import torch
+from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
+from profile_stages import ar_runtime, build_render  # built as the pipeline builds them
+
+from helios.checkpoint import random_components
+from helios.config import get_config
+from helios.refiner import render_flops
+
+_RESOURCE_BYTES = 1024  # room for one CUdevResource (152 bytes in CUDA 13)
+_SM_COUNT_OFFSET = 96   # CUdevResource: type (4 bytes), padding (92), then the SM resource
+
+
+class SmSplit:
+    """The device's SMs in two disjoint green contexts: ``sms[0]`` of them (rounded up by the
+    driver to its partition granularity) and the rest, a non-blocking stream on each."""
+
+    def __init__(self, device: torch.device, first: int):
+        cu = self.cu = ctypes.CDLL("libcuda.so.1")
+        cu.cuDevResourceGenerateDesc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                                 ctypes.c_uint]
+        cu.cuGreenCtxCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                        ctypes.c_int, ctypes.c_uint]
+        cu.cuGreenCtxStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                              ctypes.c_uint, ctypes.c_int]
+        torch.cuda.init()  # the primary context first: the green contexts retain it
+        dev = ctypes.c_int()
+        self._check(cu.cuDeviceGet(ctypes.byref(dev), device.index or 0), "cuDeviceGet")
+        whole, group, rest = (ctypes.create_string_buffer(_RESOURCE_BYTES) for _ in range(3))
+        self._check(cu.cuDeviceGetDevResource(dev, whole, 1), "cuDeviceGetDevResource")  # SM
+        count = ctypes.c_uint(1)
+        self._check(cu.cuDevSmResourceSplitByCount(group, ctypes.byref(count), whole, rest, 0,
+                                                   first), "cuDevSmResourceSplitByCount")
+        self.sms = tuple(ctypes.c_uint.from_buffer(r, _SM_COUNT_OFFSET).value
+                         for r in (group, rest))
+        self.streams = [self._stream(dev, r, device) for r in (group, rest)]
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc:
+            name = ctypes.c_char_p()
+            self.cu.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"{what}: {name.value.decode() if name.value else rc}")
+
+    def _stream(self, dev, resource, device) -> torch.cuda.ExternalStream:
+        desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self.cu.cuDevResourceGenerateDesc(ctypes.byref(desc),
+                                                      ctypes.addressof(resource), 1),
+                    "cuDevResourceGenerateDesc")
+        self._check(self.cu.cuGreenCtxCreate(ctypes.byref(ctx), desc, dev, 1), "cuGreenCtxCreate")
+        self._check(self.cu.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, 1, 0),
+                    "cuGreenCtxStreamCreate")  # CU_STREAM_NON_BLOCKING, default priority
+        return torch.cuda.ExternalStream(stream.value, device=device)
+
+
+def on(stream, fn):
+    def run():
+        with torch.cuda.stream(stream):
+            fn()
+    return run
+
+
+def together(render, steps, rf_stream, ar_stream, frames: int) -> float:
+    """Wall ms a latent frame with the render and the steps launched at once on their
+    streams, over ``frames`` frames (after one to settle)."""
+    for n in (1, frames):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            on(rf_stream, render)()
+            on(ar_stream, steps)()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / frames * 1e3
+
+
+def measure(render, steps, rf_stream, ar_stream, frames: int) -> dict:
+    out = {"render_ms": gpu_ms(on(rf_stream, render), reps=10),
+           "steps_ms": gpu_ms(on(ar_stream, steps), reps=20)}
+    out["sum_ms"] = out["render_ms"] + out["steps_ms"]
+    out["together_ms"] = together(render, steps, rf_stream, ar_stream, frames)
+    out["overlap"] = 1 - out["together_ms"] / out["sum_ms"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="14b")
+    ap.add_argument("--ar-sms", default="16,32,48",
+                    help="comma-separated SM counts to give the AR's steps (the render gets "
+                         "the rest)")
+    ap.add_argument("--frames", type=int, default=8, help="latent frames timed together")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    cfg = get_config(args.config)
+    ceil = ceilings(device)
+    parts = random_components(cfg, device, torch.bfloat16)
+    ar = parts["ar_backbone"]
+    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
+    n = cfg.plan_tokens_per_frame
+    floors = {"steps_ms": n * ar_bytes / ceil["copy_bytes_per_s"] * 1e3,
+              "render_ms": render_flops(cfg)[0] / ceil["bf16_matmul_flop_per_s"] * 1e3}
+    result = {"config": cfg.name, "device": torch.cuda.get_device_name(device),
+              "sms": torch.cuda.get_device_properties(device).multi_processor_count,
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil,
+              "floors_ms": floors, "plan_tokens_per_frame": n, "splits": []}
+    with torch.no_grad():
+        rt = ar_runtime(cfg, ar, device)  # held: its KV cache is what the captured step reads
+        step = rt.static_step(1).replay
+        render = build_render(cfg, parts["refiner"], device)
+
+        def steps():
+            for _ in range(n):
+                step()
+
+        # Today's prefetch: the render on the default stream, the steps on a high-priority one.
+        plain = measure(render, steps, torch.cuda.current_stream(),
+                        torch.cuda.Stream(device, priority=-1), args.frames)
+        result["plain_streams"] = plain
+        rows = [("two plain streams (the steps' high priority)", plain)]
+        for k in (int(s) for s in args.ar_sms.split(",")):
+            try:
+                split = SmSplit(device, k)
+            except (OSError, RuntimeError) as e:
+                result["splits"].append({"ar_sms_asked": k, "error": str(e)})
+                print(f"{k} SMs for the AR: {e}")
+                continue
+            try:
+                r = measure(render, steps, split.streams[1], split.streams[0], args.frames)
+            except RuntimeError as e:  # e.g. a captured graph refused on a green context's stream
+                result["splits"].append({"ar_sms": split.sms[0], "error": str(e)})
+                print(f"{split.sms[0]} SMs for the AR: {e}")
+                continue
+            r.update(ar_sms=split.sms[0], render_sms=split.sms[1], ar_sms_asked=k)
+            result["splits"].append(r)
+            rows.append((f"AR {split.sms[0]} SMs, render {split.sms[1]}", r))
+    print(f"\n{cfg.name}, a latent frame: one render and {n} decode steps "
+          f"(floors: render {floors['render_ms']:.2f} ms, steps {floors['steps_ms']:.2f} ms)")
+    print(f"{'':<46} {'render':>8} {'steps':>8} {'sum':>8} {'together':>9} {'overlap':>8}")
+    for name, r in rows:
+        print(f"{name:<46} {r['render_ms']:>8.2f} {r['steps_ms']:>8.2f} {r['sum_ms']:>8.2f} "
+              f"{r['together_ms']:>9.2f} {r['overlap'] * 100:>7.1f}%")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sm_partition.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
