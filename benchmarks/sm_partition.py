@@ -21,6 +21,7 @@ ctypes), so any PyTorch with CUDA 12.4 or later can run it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import time
@@ -50,6 +51,9 @@ class SmSplit:
                                         ctypes.c_int, ctypes.c_uint]
         cu.cuGreenCtxStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
                                               ctypes.c_uint, ctypes.c_int]
+        cu.cuCtxFromGreenCtx.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        cu.cuCtxPushCurrent.argtypes = [ctypes.c_void_p]
+        self.contexts = []  # each side's green context, as a CUcontext
         torch.cuda.init()  # the primary context first: the green contexts retain it
         dev = ctypes.c_int()
         self._check(cu.cuDeviceGet(ctypes.byref(dev), device.index or 0), "cuDeviceGet")
@@ -74,9 +78,43 @@ class SmSplit:
                                                       ctypes.addressof(resource), 1),
                     "cuDevResourceGenerateDesc")
         self._check(self.cu.cuGreenCtxCreate(ctypes.byref(ctx), desc, dev, 1), "cuGreenCtxCreate")
+        as_ctx = ctypes.c_void_p()
+        self._check(self.cu.cuCtxFromGreenCtx(ctypes.byref(as_ctx), ctx), "cuCtxFromGreenCtx")
+        self.contexts.append(as_ctx)
         self._check(self.cu.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, 1, 0),
                     "cuGreenCtxStreamCreate")  # CU_STREAM_NON_BLOCKING, default priority
         return torch.cuda.ExternalStream(stream.value, device=device)
+
+    @contextlib.contextmanager
+    def current(self, side: int):
+        """Side ``side``'s green context current on this thread (cuCtxPushCurrent)."""
+        self._check(self.cu.cuCtxPushCurrent(self.contexts[side]), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            self._check(self.cu.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p())),
+                        "cuCtxPopCurrent")
+
+
+def graph_probe(split: SmSplit, device) -> dict:
+    """A copy's bytes a second on the AR side's stream, replayed from a CUDA graph captured
+    three ways: on a plain stream, on the side's stream, and on the side's stream with its
+    green context current. Whichever reads like the side's plain copy keeps the partition."""
+    x = torch.empty(2**28, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    out = {}
+    for how in ("plain stream", "green stream", "green stream, green context current"):
+        stream = torch.cuda.Stream(device) if how == "plain stream" else split.streams[0]
+        graph = torch.cuda.CUDAGraph()
+        ctx = split.current(0) if how.endswith("current") else contextlib.nullcontext()
+        try:
+            with ctx:
+                with torch.cuda.graph(graph, stream=stream):
+                    y.copy_(x)
+            out[how] = 4 * x.numel() / alone_ms(split.streams[0], graph.replay, 10) * 1e3
+        except RuntimeError as e:
+            out[how] = str(e)
+    return out
 
 
 def on(stream, fn):
@@ -84,6 +122,12 @@ def on(stream, fn):
         with torch.cuda.stream(stream):
             fn()
     return run
+
+
+def alone_ms(stream, fn, reps: int) -> float:
+    """Median GPU ms of fn() on ``stream`` (its CUDA events recorded there)."""
+    with torch.cuda.stream(stream):
+        return gpu_ms(fn, reps)
 
 
 def together(render, steps, rf_stream, ar_stream, frames: int) -> float:
@@ -99,9 +143,21 @@ def together(render, steps, rf_stream, ar_stream, frames: int) -> float:
     return (time.perf_counter() - t) / frames * 1e3
 
 
-def measure(render, steps, rf_stream, ar_stream, frames: int) -> dict:
-    out = {"render_ms": gpu_ms(on(rf_stream, render), reps=10),
-           "steps_ms": gpu_ms(on(ar_stream, steps), reps=20)}
+def probes(stream, device) -> dict:
+    """What plain kernels get on ``stream``: a copy's bytes a second (read plus written) and
+    a bf16 matrix product's FLOPs a second. Set beside the stages' own times, they tell the
+    partition's hold on ordinary launches from its hold on a CUDA graph's replays."""
+    x = torch.empty(2**28, device=device, dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    out = {"copy_bytes_per_s": 4 * x.numel() / alone_ms(stream, lambda: y.copy_(x), 10) * 1e3,
+           "bf16_matmul_flop_per_s": 2 * 8192**3 / alone_ms(stream, lambda: a @ a, 10) * 1e3}
+    return out
+
+
+def measure(render, steps, rf_stream, ar_stream, frames: int, device) -> dict:
+    out = {"render_ms": alone_ms(rf_stream, render, 10), "steps_ms": alone_ms(ar_stream, steps, 20),
+           "ar_side": probes(ar_stream, device), "render_side": probes(rf_stream, device)}
     out["sum_ms"] = out["render_ms"] + out["steps_ms"]
     out["together_ms"] = together(render, steps, rf_stream, ar_stream, frames)
     out["overlap"] = 1 - out["together_ms"] / out["sum_ms"]
@@ -142,7 +198,7 @@ def main(argv=None) -> int:
 
         # Today's prefetch: the render on the default stream, the steps on a high-priority one.
         plain = measure(render, steps, torch.cuda.current_stream(),
-                        torch.cuda.Stream(device, priority=-1), args.frames)
+                        torch.cuda.Stream(device, priority=-1), args.frames, device)
         result["plain_streams"] = plain
         rows = [("two plain streams (the steps' high priority)", plain)]
         for k in (int(s) for s in args.ar_sms.split(",")):
@@ -153,20 +209,31 @@ def main(argv=None) -> int:
                 print(f"{k} SMs for the AR: {e}")
                 continue
             try:
-                r = measure(render, steps, split.streams[1], split.streams[0], args.frames)
+                r = measure(render, steps, split.streams[1], split.streams[0], args.frames, device)
             except RuntimeError as e:  # e.g. a captured graph refused on a green context's stream
                 result["splits"].append({"ar_sms": split.sms[0], "error": str(e)})
                 print(f"{split.sms[0]} SMs for the AR: {e}")
                 continue
-            r.update(ar_sms=split.sms[0], render_sms=split.sms[1], ar_sms_asked=k)
+            r.update(ar_sms=split.sms[0], render_sms=split.sms[1], ar_sms_asked=k,
+                     copy_graph=graph_probe(split, device))
             result["splits"].append(r)
             rows.append((f"AR {split.sms[0]} SMs, render {split.sms[1]}", r))
     print(f"\n{cfg.name}, a latent frame: one render and {n} decode steps "
           f"(floors: render {floors['render_ms']:.2f} ms, steps {floors['steps_ms']:.2f} ms)")
-    print(f"{'':<46} {'render':>8} {'steps':>8} {'sum':>8} {'together':>9} {'overlap':>8}")
+    print(f"{'':<46} {'render':>8} {'steps':>8} {'sum':>8} {'together':>9} {'overlap':>8}"
+          f"  {'AR copy':>8} {'AR mm':>7} {'rf copy':>8} {'rf mm':>7}")
     for name, r in rows:
+        a, b = r["ar_side"], r["render_side"]
         print(f"{name:<46} {r['render_ms']:>8.2f} {r['steps_ms']:>8.2f} {r['sum_ms']:>8.2f} "
-              f"{r['together_ms']:>9.2f} {r['overlap'] * 100:>7.1f}%")
+              f"{r['together_ms']:>9.2f} {r['overlap'] * 100:>7.1f}%"
+              f"  {a['copy_bytes_per_s'] / 1e12:>8.2f} {a['bf16_matmul_flop_per_s'] / 1e12:>7.0f}"
+              f" {b['copy_bytes_per_s'] / 1e12:>8.2f} {b['bf16_matmul_flop_per_s'] / 1e12:>7.0f}")
+    print("(ms a latent frame; copies in TB/s read plus written, products in TFLOP/s, each on "
+          "the side's stream alone)")
+    for r in result["splits"]:
+        for how, v in r.get("copy_graph", {}).items():
+            print(f"AR {r['ar_sms']} SMs, a copy's graph captured on a {how}: "
+                  + (f"{v / 1e12:.2f} TB/s" if isinstance(v, float) else v))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sm_partition.json").write_text(json.dumps(result, indent=2) + "\n")
