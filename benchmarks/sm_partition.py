@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
 from profile_stages import ar_runtime, build_render  # built as the pipeline builds them
 
+from helios import attention
 from helios.checkpoint import random_components
 from helios.config import get_config
 from helios.refiner import render_flops
@@ -106,12 +108,19 @@ CAPTURES = {"plain stream": (False, False), "green stream": (True, False),
 
 @contextlib.contextmanager
 def capturing(split: SmSplit, side: int, how: str):
-    """Inside: the current stream and context that ``CAPTURES[how]`` names for ``side``."""
+    """Inside: the current stream and context that ``CAPTURES[how]`` names for ``side``, and
+    every ``torch.cuda.graph`` capturing on that stream (the stages' captures name none, and
+    torch's default is a side stream of its own)."""
     on_green, current = CAPTURES[how]
     stream = split.streams[side] if on_green else torch.cuda.Stream(split.streams[side].device)
-    with split.current(side) if current else contextlib.nullcontext():
-        with torch.cuda.stream(stream):
-            yield stream
+    graph = torch.cuda.graph
+    torch.cuda.graph = functools.partial(graph, stream=stream)
+    try:
+        with split.current(side) if current else contextlib.nullcontext():
+            with torch.cuda.stream(stream):
+                yield stream
+    finally:
+        torch.cuda.graph = graph
 
 
 def graph_probe(split: SmSplit, device) -> dict:
@@ -123,8 +132,8 @@ def graph_probe(split: SmSplit, device) -> dict:
     for how in CAPTURES:
         graph = torch.cuda.CUDAGraph()
         try:
-            with capturing(split, 0, how) as stream:
-                with torch.cuda.graph(graph, stream=stream):
+            with capturing(split, 0, how):
+                with torch.cuda.graph(graph):
                     y.copy_(x)
             out[how] = 4 * x.numel() / alone_ms(split.streams[0], graph.replay, 10) * 1e3
         except RuntimeError as e:
@@ -202,8 +211,14 @@ def main(argv=None) -> int:
                     help="comma-separated SM counts to give the AR's steps (the render gets "
                          "the rest)")
     ap.add_argument("--frames", type=int, default=8, help="latent frames timed together")
+    ap.add_argument("--without-cudnn", action="store_true",
+                    help="no cuDNN (the refiner's convolutions and SDPA attention): it refuses "
+                         "to run on a green context's stream")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.without_cudnn:
+        torch.backends.cudnn.enabled = False
+        attention._SDPA_ORDER.remove(SDPBackend.CUDNN_ATTENTION)
     device = torch.device("cuda")
     cfg = get_config(args.config)
     ceil = ceilings(device)
