@@ -13,9 +13,13 @@ the copy rate, if they are) and the render the rest.
 Both stages are built as profile_stages.py builds them (compiled, captured as CUDA graphs). For
 each split, and for the two plain streams of today's prefetch, it measures a latent frame's
 work (one render and ``plan_tokens_per_frame`` decode steps): each alone on its SMs, and both
-launched at once (wall time a frame, over several frames). The partitions come from the CUDA
-driver (cuDevSmResourceSplitByCount, cuGreenCtxCreate, cuGreenCtxStreamCreate, through
-ctypes), so any PyTorch with CUDA 12.4 or later can run it.
+launched at once (wall time a frame, over several frames), beside what a plain copy and a
+matrix product get on each side. A CUDA graph keeps the SMs of the stream it was captured on,
+not of the one it is replayed on (measured: ``graph_probe``), so each split is measured twice:
+with the stages' graphs as the pipeline captured them, and captured again on their sides'
+streams. The partitions come from the CUDA driver (cuDevSmResourceSplitByCount,
+cuGreenCtxCreate, cuGreenCtxStreamCreate, through ctypes), so any PyTorch with CUDA 12.4 or
+later can run it. docs/performance.md ("Splitting the SMs") has the results.
 """
 
 from __future__ import annotations
@@ -212,13 +216,13 @@ def main(argv=None) -> int:
                          "the rest)")
     ap.add_argument("--frames", type=int, default=8, help="latent frames timed together")
     ap.add_argument("--without-cudnn", action="store_true",
-                    help="no cuDNN (the refiner's convolutions and SDPA attention): it refuses "
-                         "to run on a green context's stream")
+                    help="cuDNN off: it refused a green context's stream while the render "
+                         "was captured there")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.without_cudnn:
         torch.backends.cudnn.enabled = False
-        attention._SDPA_ORDER.remove(SDPBackend.CUDNN_ATTENTION)
+        attention._SDPA_ORDER.remove(SDPBackend.CUDNN_ATTENTION)  # the order names it itself
     device = torch.device("cuda")
     cfg = get_config(args.config)
     ceil = ceilings(device)
