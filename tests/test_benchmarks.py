@@ -138,3 +138,15 @@ def test_kernel_kinds_of_the_stage_profile():
         "fused (Inductor)"
     assert kind_of("void at::native::CatArrayBatchedCopy<at::native::OpaqueType<2>>") == "copy"
     assert kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
+
+
+@pytest.mark.parametrize("script", ["profile_stages.py", "sm_partition.py"])
+def test_cuda_only_benchmarks_import_what_they_share(script):
+    """profile_stages.py and sm_partition.py need a GPU to measure; here their imports (the
+    builders sm_partition.py takes from profile_stages.py, the timing from fps.py) resolve and
+    their options print."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert "--config" in out and "--out" in out
+    if script == "sm_partition.py":
+        assert "--ar-sms" in out and "--without-cudnn" in out
