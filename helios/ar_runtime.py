@@ -70,7 +70,8 @@ class _StaticDecode:
         self.bias = torch.zeros(batch, model.config.vocab_size, device=dev)
         self.sampled = torch.zeros(batch, dtype=torch.long, device=dev)
         # Whether any row filters by top-k or top-p (set_rows): the sampling without the
-        # filters skips their two sorts of the vocabulary, about 0.1 ms of a step at 14b.
+        # filters skips their two sorts of the vocabulary, 0.15 ms of a 14b step on an H200
+        # (docs/performance.md).
         self.filters = False
         self.model = model
         self.graphs = {}  # filters -> the step captured with that sampling
