@@ -11,7 +11,8 @@ For each it prints and writes (``profile_stages.json``):
   over the measured copy bandwidth; the render's FLOPs at the measured bf16 matrix rate);
 - torch.profiler's kernels of the same replays, summed by kind: matrix products, attention,
   Inductor's fused kernels (norms, RoPE, activations, modulation), copies, other; what the
-  replay takes beyond the kernels' sum is the time between kernels;
+  replay takes beyond the kernels' sum is the time between kernels; each kernel's launch
+  shape (grid, block, registers, shared memory) beside its time;
 - the AR round once more with its projections fused (``fuse_projections``: q/k/v in one
   matrix, gate/up in another), the same weights;
 - the VAE decoder's 4 frames (``--parts vae``) as the pipeline runs them (compiled, launched
@@ -31,6 +32,7 @@ from pathlib import Path
 import copy
 import functools
 import statistics
+import tempfile
 
 import torch
 from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
@@ -82,10 +84,28 @@ def kernels(fn, reps: int) -> dict:
     for name, (ms, _) in by_name.items():
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + ms
     every = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        shapes = launch_shapes(json.loads(Path(f"{tmp}/trace.json").read_text()))
     return {"by_kind_ms": by_kind, "kernels_ms": sum(by_kind.values()),
             "launches": sum(n for _, n in by_name.values()) / reps,
-            "top": [{"name": n[:160], "kind": kind_of(n), "ms": ms, "calls": c / reps}
-                    for n, (ms, c) in every]}
+            "top": [{"name": n[:160], "kind": kind_of(n), "ms": ms, "calls": c / reps,
+                     **shapes.get(n, {})} for n, (ms, c) in every]}
+
+
+def launch_shapes(trace: dict) -> dict:
+    """Each kernel's launch shape in a profiler's Chrome trace, by name: its grid and block
+    (and registers, shared memory), as the first of its launches had them. Two compiles of
+    one Inductor kernel that run at different speeds tell their tuned tiles apart here."""
+    keys = {"grid": "grid", "block": "block", "registers per thread": "registers",
+            "shared memory": "shared_memory"}
+    out: dict[str, dict] = {}
+    for evt in trace.get("traceEvents", []):
+        if evt.get("cat") == "kernel" and evt.get("name") not in out:
+            args = evt.get("args", {})
+            out[evt["name"]] = {ours: args[theirs] for theirs, ours in keys.items()
+                                if theirs in args}
+    return out
 
 
 def ar_runtime(cfg, ar, device) -> ARRuntime:

@@ -140,6 +140,32 @@ def test_kernel_kinds_of_the_stage_profile():
     assert kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
 
 
+def test_the_stage_profile_keeps_each_kernels_launch_shape():
+    """profile_stages.py reads each kernel's grid, block, registers and shared memory from the
+    profiler's Chrome trace (the first launch of each name), so that two compiles of one
+    kernel that run at different speeds can be told apart; CPU operators are not kernels."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_stages import launch_shapes
+
+    name = "triton_red_fused__unsafe_view_add_mm_mul_silu_split_t_view_9"
+    kernel = {"ph": "X", "cat": "kernel", "name": name, "dur": 41.9,
+              "args": {"grid": [1728, 1, 1], "block": [256, 1, 1], "registers per thread": 40,
+                       "shared memory": 0, "stream": 7, "correlation": 12}}
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "args": {"grid": [1, 1, 1]}},
+        kernel,
+        dict(kernel, args=dict(kernel["args"], grid=[864, 1, 1])),  # a later launch
+        {"ph": "X", "cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel",
+         "args": {"grid": [528, 1, 1], "block": [128, 1, 1]}}]}
+    assert launch_shapes(trace) == {
+        name: {"grid": [1728, 1, 1], "block": [256, 1, 1], "registers": 40, "shared_memory": 0},
+        "void at::native::vectorized_elementwise_kernel": {"grid": [528, 1, 1],
+                                                            "block": [128, 1, 1]}}
+    assert launch_shapes({}) == {}
+
+
 @pytest.mark.parametrize("script", ["profile_stages.py", "sm_partition.py"])
 def test_cuda_only_benchmarks_import_what_they_share(script):
     """profile_stages.py and sm_partition.py need a GPU to measure; here their imports (the
