@@ -11,7 +11,7 @@ their sum. With the SMs split, the steps keep a few SMs (enough to stream the we
 the copy rate, if they are) and the render the rest.
 
 Both stages are built as profile_stages.py builds them (compiled, captured as CUDA graphs). For
-each split, and for the two plain streams of today's prefetch, it measures a latent frame's
+each split, and for the two plain streams of the pipeline's prefetch, it measures a latent frame's
 work (one render and ``plan_tokens_per_frame`` decode steps): each alone on its SMs, and both
 launched at once (wall time a frame, over several frames), beside what a plain copy and a
 matrix product get on each side. A CUDA graph keeps the SMs of the stream it was captured on,
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.without_cudnn:
         torch.backends.cudnn.enabled = False
-        attention._SDPA_ORDER.remove(SDPBackend.CUDNN_ATTENTION)  # the order names it itself
+        attention._SDPA_ORDER.remove(SDPBackend.CUDNN_ATTENTION)  # named there explicitly
     device = torch.device("cuda")
     cfg = get_config(args.config)
     ceil = ceilings(device)
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
                     step()
             return steps
 
-        # Today's prefetch: the render on the default stream, the steps on a high-priority one.
+        # The pipeline's prefetch: the render on the default stream, the steps on a
+        # high-priority one.
         plain = measure(render, frame_steps(step), torch.cuda.current_stream(),
                         torch.cuda.Stream(device, priority=-1), args.frames, device)
         result["plain_streams"] = plain
