@@ -90,6 +90,19 @@ def ceilings(device) -> dict:
             "fp8_matmul_flop_per_s": rate8}
 
 
+def weight_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (FP8 weights are buffers: counted too)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def floors_ms(cfg, ar, ceil: dict) -> dict:
+    """The stages' floors in ms, at the measured ``ceilings``: an AR decode round reads every
+    weight of ``ar`` once at the copy rate; a refiner render does its FLOPs at the bf16
+    matrix rate."""
+    return {"ar_round": weight_bytes(ar) / ceil["copy_bytes_per_s"] * 1e3,
+            "refiner": render_flops(cfg)[0] / ceil["bf16_matmul_flop_per_s"] * 1e3}
+
+
 class TimedPipeline(HeliosPipeline):
     """The pipeline with a synchronised timer around every stage call."""
 
@@ -341,8 +354,8 @@ def main(argv=None) -> int:
     n = cfg.plan_tokens_per_frame
     latent_frames = len(pipe.times["refiner"])
     ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
-    ar = parts["ar_backbone"]  # FP8 weights are buffers: count those too
-    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
+    ar = parts["ar_backbone"]
+    ar_bytes = weight_bytes(ar)
     flops, projections, n_tokens, n_ctx = render_flops(cfg)
     result = {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -364,14 +377,11 @@ def main(argv=None) -> int:
         result["speculative_costs"] = speculative_table(cfg, forwards, med)
         result["speculative_costs"]["measured_acceptance"] = pipe.ar.acceptance_rate()
     if ceil:
-        ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
-        rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
+        floors = result["floors_ms"] = floors_ms(cfg, ar, ceil)
         if rf8:  # the projections at the FP8 rate, attention still at the bf16 one
-            rf_floor = (projections / ceil["fp8_matmul_flop_per_s"]
-                        + (flops - projections) / ceil["bf16_matmul_flop_per_s"]) * 1e3
-        result["floors_ms"] = {"ar_round": ar_floor, "refiner": rf_floor}
-        result["floor_ratio"] = {"ar_round": med["ar_round"] / ar_floor,
-                                 "refiner": med["refiner"] / rf_floor}
+            floors["refiner"] = (projections / ceil["fp8_matmul_flop_per_s"]
+                                 + (flops - projections) / ceil["bf16_matmul_flop_per_s"]) * 1e3
+        result["floor_ratio"] = {k: med[k] / floors[k] for k in ("ar_round", "refiner")}
         result["achieved"] = {"ar_bytes_per_s": ar_bytes / (med["ar_round"] / 1e3),
                               "refiner_flop_per_s": flops / (med["refiner"] / 1e3)}
 

@@ -35,7 +35,7 @@ import statistics
 import tempfile
 
 import torch
-from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
+from fps import ceilings, floors_ms, gpu_ms  # benchmarks/fps.py: rates, floors, timing
 
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections
@@ -43,7 +43,6 @@ from helios.ar_runtime import ARRuntime
 from helios.attention import use_kernel
 from helios.checkpoint import random_components
 from helios.config import get_config
-from helios.refiner import render_flops
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
 from helios.vae import to_uint8
@@ -264,9 +263,8 @@ def main(argv=None) -> int:
     ceil = ceilings(device)
     parts = random_components(cfg, device, torch.bfloat16)
     ar = parts["ar_backbone"]
-    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
-    ar_floor = ar_bytes / ceil["copy_bytes_per_s"] * 1e3
-    flops = render_flops(cfg)[0]
+    floors = floors_ms(cfg, ar, ceil)
+    ar_floor, rf_floor = floors["ar_round"], floors["refiner"]
     result = {"config": cfg.name, "device": torch.cuda.get_device_name(device),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil}
     if "ar" in parts_wanted:
@@ -281,7 +279,6 @@ def main(argv=None) -> int:
             table("AR decode round, projections fused", result["ar_round_fused"])
     del parts["ar_backbone"], ar
     torch.cuda.empty_cache()
-    rf_floor = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
     for part, kernel in (("refiner", True), ("refiner-sdpa", False)):
         if part in parts_wanted:
             use_kernel(kernel)

@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend
-from fps import ceilings, gpu_ms  # benchmarks/fps.py: the measured rates, CUDA-event timing
+from fps import ceilings, floors_ms, gpu_ms  # benchmarks/fps.py: rates, floors, timing
 from profile_stages import ar_runtime, build_render  # built as the pipeline builds them
 
 from helios import attention
 from helios.checkpoint import random_components
 from helios.config import get_config
-from helios.refiner import render_flops
 
 _RESOURCE_BYTES = 1024  # room for one CUdevResource (152 bytes in CUDA 13)
 _SM_COUNT_OFFSET = 96   # CUdevResource: type (4 bytes), padding (92), then the SM resource
@@ -228,10 +227,9 @@ def main(argv=None) -> int:
     ceil = ceilings(device)
     parts = random_components(cfg, device, torch.bfloat16)
     ar = parts["ar_backbone"]
-    ar_bytes = sum(t.numel() * t.element_size() for t in [*ar.parameters(), *ar.buffers()])
     n = cfg.plan_tokens_per_frame
-    floors = {"steps_ms": n * ar_bytes / ceil["copy_bytes_per_s"] * 1e3,
-              "render_ms": render_flops(cfg)[0] / ceil["bf16_matmul_flop_per_s"] * 1e3}
+    stage = floors_ms(cfg, ar, ceil)
+    floors = {"steps_ms": n * stage["ar_round"], "render_ms": stage["refiner"]}
     result = {"config": cfg.name, "device": torch.cuda.get_device_name(device),
               "sms": torch.cuda.get_device_properties(device).multi_processor_count,
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil,
