@@ -197,9 +197,16 @@ def probes(stream, device) -> dict:
     return out
 
 
-def measure(render, steps, rf_stream, ar_stream, frames: int, device) -> dict:
+def sides(rf_stream, ar_stream, device) -> dict:
+    """``probes`` of each side's stream."""
+    return {"ar_side": probes(ar_stream, device), "render_side": probes(rf_stream, device)}
+
+
+def measure(render, steps, rf_stream, ar_stream, frames: int, probed: dict) -> dict:
+    """A latent frame's render and steps, each alone on its stream and both at once, beside
+    the streams' ``sides`` (``probed``)."""
     out = {"render_ms": alone_ms(rf_stream, render, 10), "steps_ms": alone_ms(ar_stream, steps, 20),
-           "ar_side": probes(ar_stream, device), "render_side": probes(rf_stream, device)}
+           **probed}
     out["sum_ms"] = out["render_ms"] + out["steps_ms"]
     out["together_ms"] = together(render, steps, rf_stream, ar_stream, frames)
     out["overlap"] = 1 - out["together_ms"] / out["sum_ms"]
@@ -247,8 +254,9 @@ def main(argv=None) -> int:
 
         # The pipeline's prefetch: the render on the default stream, the steps on a
         # high-priority one.
-        plain = measure(render, frame_steps(step), torch.cuda.current_stream(),
-                        torch.cuda.Stream(device, priority=-1), args.frames, device)
+        streams = (torch.cuda.current_stream(), torch.cuda.Stream(device, priority=-1))
+        plain = measure(render, frame_steps(step), *streams, args.frames,
+                        sides(*streams, device))
         result["plain_streams"] = plain
         rows = [("two plain streams (the steps' high priority)", plain)]
         for k in (int(s) for s in args.ar_sms.split(",")):
@@ -259,7 +267,8 @@ def main(argv=None) -> int:
                 print(f"{k} SMs for the AR: {e}")
                 continue
             probe = graph_probe(split, device)
-            ar_copy = probes(split.streams[0], device)["copy_bytes_per_s"]
+            probed = sides(split.streams[1], split.streams[0], device)
+            ar_copy = probed["ar_side"]["copy_bytes_per_s"]
             # The first capture that keeps the partition (within 20 % of a plain copy there).
             keeps = [h for h, v in probe.items()
                      if h != "plain stream" and isinstance(v, float) and v < 1.2 * ar_copy]
@@ -271,7 +280,7 @@ def main(argv=None) -> int:
                     else:
                         stages = recaptured(cfg, ar, parts["refiner"], device, split, how)
                     r = measure(stages[2], frame_steps(stages[1]), split.streams[1],
-                                split.streams[0], args.frames, device)
+                                split.streams[0], args.frames, probed)
                 except RuntimeError as e:  # e.g. a capture refused on a green context
                     result["splits"].append({"ar_sms": split.sms[0], "capture": how,
                                              "error": str(e)})
