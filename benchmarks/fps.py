@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from helios import attention
 from helios.checkpoint import random_components
+from helios.ar_backbone import use_gemv
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config, with_plan_tokens
 from helios.fp8 import quantize_ar, quantize_refiner
@@ -299,6 +300,8 @@ def main(argv=None) -> int:
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
     ap.add_argument("--plan-tokens", type=int, default=None,
                     help="plan tokens per latent frame instead of the config's")
+    ap.add_argument("--ar-gemv", action="store_true",
+                    help="the AR's one-row products by helios::gemv (helios.ar_backbone.use_gemv)")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
 
@@ -316,6 +319,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
+    use_gemv(args.ar_gemv)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
                          compile=not args.no_compile, cuda_graphs=not args.no_cuda_graphs,
                          prefetch_plans=args.prefetch_plans)
@@ -371,6 +375,7 @@ def main(argv=None) -> int:
         "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
         "refiner_fp8": rf8,
         "gpu_ms_alone": pieces,
+        "ar_gemv": args.ar_gemv,
         "ar_step_compiled": bool(pipe.ar.static_step(1) and pipe.ar.static_step(1).compiled),
     }
     if spec:

@@ -39,6 +39,10 @@
 #               kernels as compiled by default, then with its coordinate-descent tuning of
 #               their tile sizes (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; TUNED="0" or "1"
 #               runs one of the two)
+#   gemv        benchmarks/gemv.py: the AR's one-row bf16 products, a Triton-lang GEMV at a
+#               sweep of tiles against cuBLAS, per weight shape
+#   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
+#               tuning's default search and a wider one, in turns (SEARCH)
 #   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
 #               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae")
 #   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
@@ -167,7 +171,7 @@ for part in "${parts[@]}"; do
     case "$part" in
         check)
             timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_context_attention_kernel.py \
-                tests/test_cuda_graphs.py tests/test_fp8.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
+                tests/test_cuda_graphs.py tests/test_fp8.py tests/test_gemv.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         inprocess)
             fps_run 14b bf16 15 || status=1
@@ -189,6 +193,23 @@ for part in "${parts[@]}"; do
                     --out "$out/tuning_$tuned" > "$out/tuning_$tuned.txt" 2>&1 || status=1
                 echo "-- coordinate-descent tuning $tuned"
                 grep -iv "warn" "$out/tuning_$tuned.txt" | tail -40
+            done ;;
+        search-ab)
+            # The AR step compiled afresh (an empty Inductor cache each time, as on a new
+            # machine) with the coordinate-descent search as by default (radius 1, the
+            # directions one by one) and widened (radius 2, all directions together), in
+            # turns: SEARCH, default "default wide default wide".
+            i=0
+            for v in ${SEARCH:-default wide default wide}; do
+                i=$((i + 1))
+                env=(TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-search-$i")
+                [ "$v" = wide ] && env+=(TORCHINDUCTOR_COORDINATE_DESCENT_RADIUS=2
+                                         TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS=1)
+                env "${env[@]}" timeout 290 python3 benchmarks/profile_stages.py --config 14b \
+                    --parts ar --out "$out/search_${i}_$v" > "$out/search_${i}_$v.txt" 2>&1 ||
+                    status=1
+                echo "-- $i: $v search"
+                grep -E "decode round|kernels|x40 " "$out/search_${i}_$v.txt" | grep -iv warn
             done ;;
         profile)
             timeout 420 python3 benchmarks/profile_stages.py --config 14b \
@@ -216,6 +237,8 @@ for part in "${parts[@]}"; do
         kernels)
             kernel_run attention_kernel 300 24 || status=1
             kernel_run fusions 300 24 || status=1 ;;
+        gemv)
+            kernel_run gemv 420 24 || status=1 ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
@@ -231,7 +254,7 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition)" >&2; exit 2 ;;
+                 "profile, partition, gemv, search-ab)" >&2; exit 2 ;;
     esac
 done
 exit $status

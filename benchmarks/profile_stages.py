@@ -14,7 +14,8 @@ For each it prints and writes (``profile_stages.json``):
   replay takes beyond the kernels' sum is the time between kernels; each kernel's launch
   shape (grid, block, registers, shared memory) beside its time;
 - the AR round once more with its projections fused (``fuse_projections``: q/k/v in one
-  matrix, gate/up in another), the same weights;
+  matrix, gate/up in another), the same weights; each layout once more with its one-row
+  products by ``helios::gemv`` (``helios.ar_backbone.use_gemv``);
 - the VAE decoder's 4 frames (``--parts vae``) as the pipeline runs them (compiled, launched
   from Python), against its FLOP floor (torch's FLOP counter of the same call at the bf16
   matrix rate), beside three variants of the same weights: eager, compiled with weights and
@@ -38,7 +39,7 @@ import torch
 from fps import ceilings, floors_ms, gpu_ms  # benchmarks/fps.py: rates, floors, timing
 
 from helios.accel import CompiledOrEager, accelerate
-from helios.ar_backbone import fuse_projections
+from helios.ar_backbone import fuse_projections, use_gemv
 from helios.ar_runtime import ARRuntime
 from helios.attention import use_kernel
 from helios.checkpoint import random_components
@@ -221,6 +222,18 @@ def vae_decode(cfg, vae, device, flop_rate: float) -> dict:
     return out
 
 
+def inductor_search() -> dict:
+    """How widely Inductor's tuning searches each kernel's configuration in this process
+    (its environment variables: TORCHINDUCTOR_COORDINATE_DESCENT_RADIUS,
+    ..._CHECK_ALL_DIRECTIONS, TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE)."""
+    from torch._inductor import config  # noqa: PLC0415
+
+    return {"coordinate_descent_search_radius": config.coordinate_descent_search_radius,
+            "coordinate_descent_check_all_directions":
+                config.coordinate_descent_check_all_directions,
+            "max_autotune_pointwise": config.max_autotune_pointwise}
+
+
 def table(title: str, r: dict) -> None:
     p = r["profile"]
     print(f"\n{title}: {r['replay_ms']:.2f} ms a replay, floor {r['floor_ms']:.2f} ms "
@@ -230,7 +243,9 @@ def table(title: str, r: dict) -> None:
     gap = r["replay_ms"] - p["kernels_ms"]
     print(f"  {'between kernels':<18} {gap:>8.2f} ms  {gap / r['replay_ms'] * 100:>5.1f} %")
     for k in p["top"][:6]:
-        print(f"    {k['ms']:>7.3f} ms  x{k['calls']:<4.0f} {k['name'][:90]}")
+        shape = (f" grid {k['grid']} block {k['block']} regs {k.get('registers')}"
+                 if "grid" in k else "")
+        print(f"    {k['ms']:>7.3f} ms  x{k['calls']:<4.0f} {k['name'][:90]}{shape}")
     if "frame_step_ms" in r:
         print(f"  the step with top-k/top-p sampling (sorts): {r['replay_filtered_ms']:.2f} ms")
         print(f"  a step of a frame's decode_round (sampled, the host waiting once a frame): "
@@ -256,8 +271,16 @@ def main(argv=None) -> int:
                          "render with the custom attention kernel; refiner-sdpa: with SDPA "
                          "over the concatenated keys (cuDNN first) instead; vae: the decoder "
                          "of one latent frame")
+    ap.add_argument("--gemv-tiles", type=Path, default=None,
+                    help="benchmarks/gemv.py's JSON: its best tile per weight shape for "
+                         "helios::gemv, instead of helios.kernels.gemv.TILES")
     args = ap.parse_args(argv)
     parts_wanted = args.parts.split(",")
+    if args.gemv_tiles:
+        from helios.kernels.gemv import TILES  # noqa: PLC0415 - triton, on CUDA machines only
+
+        for shape, tile in json.loads(args.gemv_tiles.read_text())["best_tiles"].items():
+            TILES[tuple(int(v) for v in shape.split("x"))] = tile
     device = torch.device("cuda")
     cfg = get_config(args.config)
     ceil = ceilings(device)
@@ -266,17 +289,24 @@ def main(argv=None) -> int:
     floors = floors_ms(cfg, ar, ceil)
     ar_floor, rf_floor = floors["ar_round"], floors["refiner"]
     result = {"config": cfg.name, "device": torch.cuda.get_device_name(device),
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil}
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil,
+              "inductor_search": inductor_search(), "gemv_tiles": str(args.gemv_tiles or "")}
     if "ar" in parts_wanted:
         with torch.no_grad():
-            result["ar_round"] = ar_round(cfg, ar, device, ar_floor)
-            table("AR decode round (batch 1)", result["ar_round"])
-            fuse_projections(ar)
-            # Compiled afresh, as the pipeline's own process compiles it: the one of 2026-12-03
-            # compiled after the unfused step here ran 1.2 ms slower than the pipeline's.
-            torch._dynamo.reset()
-            result["ar_round_fused"] = ar_round(cfg, ar, device, ar_floor)
-            table("AR decode round, projections fused", result["ar_round_fused"])
+            for fused in (False, True):
+                if fused:
+                    fuse_projections(ar)
+                for gemv in (False, True):
+                    use_gemv(gemv)
+                    # Compiled afresh, as the pipeline's own process compiles it: the one of
+                    # 2026-12-03 compiled after the unfused step here ran 1.2 ms slower than
+                    # the pipeline's.
+                    torch._dynamo.reset()
+                    key = "ar_round" + ("_fused" if fused else "") + ("_gemv" if gemv else "")
+                    result[key] = ar_round(cfg, ar, device, ar_floor)
+                    table("AR decode round" + (", projections fused" if fused else "")
+                          + (", one-row products by helios::gemv" if gemv else ""), result[key])
+            use_gemv(False)
     del parts["ar_backbone"], ar
     torch.cuda.empty_cache()
     for part, kernel in (("refiner", True), ("refiner-sdpa", False)):

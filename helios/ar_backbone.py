@@ -19,6 +19,39 @@ from torch import nn
 from .config import ARConfig
 
 
+# One row (one stream's decode step) of a bf16 projection on CUDA through helios::gemv, the
+# Triton-lang kernel of helios/kernels/gemv.py with a fixed tile per weight shape, instead of
+# nn.Linear (``use_gemv``; off by default).
+_GEMV = {"on": False}
+
+
+def use_gemv(on: bool) -> None:
+    """Route one-row bf16 projections on CUDA through ``helios::gemv`` (or not)."""
+    _GEMV["on"] = on
+
+
+@torch.library.custom_op("helios::gemv", mutates_args=(), device_types="cuda")
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, K] times weight [N, K] transposed -> [1, N]."""
+    from .kernels.gemv import gemv  # noqa: PLC0415 - triton, on CUDA machines only
+
+    return gemv(x, weight)
+
+
+@_gemv.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; through ``helios::gemv`` where it is on and x is one row of bf16 on
+    CUDA, for a bias-free ``nn.Linear``."""
+    if (_GEMV["on"] and x.is_cuda and x.dtype == torch.bfloat16 and type(linear) is nn.Linear
+            and linear.bias is None and x.numel() == x.shape[-1]):
+        return _gemv(x.reshape(1, -1), linear.weight).view(*x.shape[:-1], -1)
+    return linear(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -65,16 +98,17 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, cache):
         b, t, _ = x.shape
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         else:
             kv = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+            q, k, v = project(self.qkv_proj, x).split([self.num_heads * self.head_dim, kv, kv],
+                                                      dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = cache.attend(self.layer_idx, q, k, v)  # [B, heads, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -87,10 +121,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
