@@ -104,6 +104,15 @@ def floors_ms(cfg, ar, ceil: dict) -> dict:
             "refiner": render_flops(cfg)[0] / ceil["bf16_matmul_flop_per_s"] * 1e3}
 
 
+def load_gemv_tiles(path: Path) -> None:
+    """benchmarks/gemv.py's best tile per weight shape (its JSON's ``best_tiles``) for
+    helios::gemv, over helios.kernels.gemv.TILES."""
+    from helios.kernels.gemv import TILES  # noqa: PLC0415 - triton, on CUDA machines only
+
+    for shape, tile in json.loads(path.read_text())["best_tiles"].items():
+        TILES[tuple(int(v) for v in shape.split("x"))] = tile
+
+
 class TimedPipeline(HeliosPipeline):
     """The pipeline with a synchronised timer around every stage call."""
 
@@ -302,6 +311,8 @@ def main(argv=None) -> int:
                     help="plan tokens per latent frame instead of the config's")
     ap.add_argument("--ar-gemv", action="store_true",
                     help="the AR's one-row products by helios::gemv (helios.ar_backbone.use_gemv)")
+    ap.add_argument("--gemv-tiles", type=Path, default=None,
+                    help="benchmarks/gemv.py's JSON: the tiles of helios::gemv (--ar-gemv)")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
 
@@ -320,6 +331,8 @@ def main(argv=None) -> int:
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
     use_gemv(args.ar_gemv)
+    if args.gemv_tiles:
+        load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
                          compile=not args.no_compile, cuda_graphs=not args.no_cuda_graphs,
                          prefetch_plans=args.prefetch_plans)

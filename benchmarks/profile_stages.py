@@ -36,7 +36,7 @@ import statistics
 import tempfile
 
 import torch
-from fps import ceilings, floors_ms, gpu_ms  # benchmarks/fps.py: rates, floors, timing
+from fps import ceilings, floors_ms, gpu_ms, load_gemv_tiles  # benchmarks/fps.py
 
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections, use_gemv
@@ -277,10 +277,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     parts_wanted = args.parts.split(",")
     if args.gemv_tiles:
-        from helios.kernels.gemv import TILES  # noqa: PLC0415 - triton, on CUDA machines only
-
-        for shape, tile in json.loads(args.gemv_tiles.read_text())["best_tiles"].items():
-            TILES[tuple(int(v) for v in shape.split("x"))] = tile
+        load_gemv_tiles(args.gemv_tiles)
     device = torch.device("cuda")
     cfg = get_config(args.config)
     ceil = ceilings(device)
