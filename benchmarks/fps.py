@@ -309,10 +309,8 @@ def main(argv=None) -> int:
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
     ap.add_argument("--plan-tokens", type=int, default=None,
                     help="plan tokens per latent frame instead of the config's")
-    ap.add_argument("--ar-gemv", action="store_true",
-                    help="the AR's one-row products by helios::gemv (helios.ar_backbone.use_gemv)")
     ap.add_argument("--gemv-tiles", type=Path, default=None,
-                    help="benchmarks/gemv.py's JSON: the tiles of helios::gemv (--ar-gemv)")
+                    help="benchmarks/gemv.py's JSON: the tiles of helios::gemv (HELIOS_AR_GEMV)")
     ap.add_argument("--profile", action="store_true", help="write the top operators to OUT/profile.txt")
     args = ap.parse_args(argv)
 
@@ -330,7 +328,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
-    use_gemv(args.ar_gemv)
+    use_gemv(settings.ar_gemv)
     if args.gemv_tiles:
         load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
@@ -388,7 +386,7 @@ def main(argv=None) -> int:
         "low_vram": args.low_vram, "accelerated": pipe.accelerated, "ar_fp8": fp8,
         "refiner_fp8": rf8,
         "gpu_ms_alone": pieces,
-        "ar_gemv": args.ar_gemv,
+        "ar_gemv": settings.ar_gemv,
         "ar_step_compiled": bool(pipe.ar.static_step(1) and pipe.ar.static_step(1).compiled),
     }
     if spec:

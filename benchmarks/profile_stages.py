@@ -303,7 +303,6 @@ def main(argv=None) -> int:
                     result[key] = ar_round(cfg, ar, device, ar_floor)
                     table("AR decode round" + (", projections fused" if fused else "")
                           + (", one-row products by helios::gemv" if gemv else ""), result[key])
-            use_gemv(False)
     del parts["ar_backbone"], ar
     torch.cuda.empty_cache()
     for part, kernel in (("refiner", True), ("refiner-sdpa", False)):

@@ -12,6 +12,8 @@ knows where each sequence's positions live; the model itself holds no state.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +21,17 @@ from torch import nn
 from .config import ARConfig
 
 
-# One row (one stream's decode step) of a bf16 projection on CUDA through helios::gemv, the
-# Triton-lang kernel of helios/kernels/gemv.py with a fixed tile per weight shape, instead of
-# nn.Linear (``use_gemv``; off by default).
-_GEMV = {"on": False}
+# One row (one stream's decode step) of a bf16 projection on CUDA runs through helios::gemv,
+# the Triton-lang kernel of helios/kernels/gemv.py with a fixed tile per weight shape, instead
+# of nn.Linear (``use_gemv``). At 14b on an H200 the compiled, captured step went from
+# 7.40-8.02 ms (Inductor's tuned reductions, whose tiles differ from one compile to the next)
+# to 6.91-7.21 (docs/performance.md).
+_GEMV = {"on": True, "triton": importlib.util.find_spec("triton") is not None}
 
 
 def use_gemv(on: bool) -> None:
-    """Route one-row bf16 projections on CUDA through ``helios::gemv`` (or not)."""
+    """Route one-row bf16 projections on CUDA through ``helios::gemv`` (on by default, where
+    triton is installed, as it is with PyTorch's CUDA builds) or through nn.Linear."""
     _GEMV["on"] = on
 
 
@@ -47,7 +52,7 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``; through ``helios::gemv`` where it is on and x is one row of bf16 on
     CUDA, for a bias-free ``nn.Linear``."""
     if (_GEMV["on"] and x.is_cuda and x.dtype == torch.bfloat16 and type(linear) is nn.Linear
-            and linear.bias is None and x.numel() == x.shape[-1]):
+            and linear.bias is None and x.numel() == x.shape[-1] and _GEMV["triton"]):
         return _gemv(x.reshape(1, -1), linear.weight).view(*x.shape[:-1], -1)
     return linear(x)
 

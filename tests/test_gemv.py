@@ -35,9 +35,10 @@ def test_one_row_product_matches_float32(n, k, tile):
 
 @pytest.fixture
 def gemv_on():
+    was = ar_backbone._GEMV["on"]
     ar_backbone.use_gemv(True)
     yield
-    ar_backbone.use_gemv(False)
+    ar_backbone.use_gemv(was)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -38,9 +38,23 @@ def _gemv_kernel(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
     tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
 
 
-# The tile of each weight shape (N, K) of the 14b AR, picked on an H200 by benchmarks/gemv.py.
-TILES: dict[tuple[int, int], dict] = {}
-DEFAULT_TILE = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4}
+def _tile(block_n: int, block_k: int, warps: int) -> dict:
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+
+
+# The tile of each weight shape (N, K) of the 14b AR: the fastest of 41 for that shape,
+# each timed as the 40 layers' products in one CUDA graph (`python benchmarks/gemv.py`,
+# NVIDIA H200, 2026-12-03): 4.05-4.35 TB/s on the large weights, 3.68 on the 5120 x 5120
+# ones, 2.18 on k and v's 1024 x 5120 (cuBLAS: 3.48-4.18, 3.12 and 1.28).
+TILES: dict[tuple[int, int], dict] = {
+    (5120, 5120): _tile(2, 512, 2),      # q, o
+    (1024, 5120): _tile(2, 2048, 8),     # k, v
+    (13824, 5120): _tile(16, 256, 4),    # gate, up
+    (5120, 13824): _tile(2, 1024, 4),    # down
+    (7168, 5120): _tile(4, 1024, 2),     # q/k/v fused
+    (27648, 5120): _tile(4, 1024, 2),    # gate/up fused
+}
+DEFAULT_TILE = _tile(4, 1024, 4)
 
 
 def config(n: int, k: int) -> dict:
