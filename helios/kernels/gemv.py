@@ -62,16 +62,14 @@ def config(n: int, k: int) -> dict:
     return TILES.get((n, k), DEFAULT_TILE)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: dict | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
     """x [1, K] (or [K]) times weight [N, K] transposed -> [1, N] (or [N]), in x's dtype."""
     n, k = weight.shape
     assert x.shape[-1] == k and x.numel() == k, "one row of K values"
     assert weight.stride(1) == 1, "the weight's rows must be contiguous"
     x = x.contiguous()
     tile = dict(tile or config(n, k))
-    y = out if out is not None else torch.empty(x.shape[:-1] + (n,), device=x.device,
-                                                 dtype=x.dtype)
+    y = torch.empty(x.shape[:-1] + (n,), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, tile["BLOCK_N"]),)
     _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), BLOCK_N=tile["BLOCK_N"],
                        BLOCK_K=tile["BLOCK_K"], EVEN_K=k % tile["BLOCK_K"] == 0,
