@@ -198,7 +198,8 @@ for part in "${parts[@]}"; do
             # The AR step compiled afresh (an empty Inductor cache each time, as on a new
             # machine) with the coordinate-descent search as by default (radius 1, the
             # directions one by one) and widened (radius 2, all directions together), in
-            # turns: SEARCH, default "default wide default wide".
+            # turns: SEARCH, default "default wide default wide". A wide run did not finish
+            # compiling the step's two layouts within its 290 s on an H200 (2026-12-03).
             i=0
             for v in ${SEARCH:-default wide default wide}; do
                 i=$((i + 1))
