@@ -1,10 +1,12 @@
 """On a GPU: the CUDA-graph decode step (captured once, replayed; compiled or not; bf16 or
-FP8 weights) gives the logits of the general eager path, step after step, for one and several
-streams; the compiled refiner renders what the eager one does. Skips without CUDA."""
+FP8 weights; with the one-row products by helios::gemv) gives the logits of the general eager
+path, step after step, for one and several streams; the compiled refiner renders what the
+eager one does. Skips without CUDA."""
 
 import pytest
 import torch
 
+from helios import ar_backbone
 from helios.ar_backbone import ARBackbone
 from helios.ar_runtime import ARRuntime
 from helios.config import get_config
@@ -24,16 +26,11 @@ def _tiny_ar(dev) -> ARBackbone:
     return model.to(dev, torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize("batch,compiled,fp8", [(1, False, False), (3, False, False),
-                                                (1, True, False), (3, True, False),
-                                                (1, True, True), (3, True, True)])
-def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
-    cfg = get_config("tiny").ar_backbone
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    model = _tiny_ar(dev)
-    if fp8:  # the split-K GEMV inside the compiled, captured step; the eager side runs it too
-        quantize_ar(model)
+def _graph_and_eager(model, batch: int, compiled: bool):
+    """A captured runtime (compiled or not) and an eager one over ``model``, each with the
+    same ``batch`` sequences added (seeded prefixes); returns them and the sequence ids."""
+    cfg = model.config
+    dev = next(model.parameters()).device
     graph = ARRuntime(model, num_blocks=64, block_size=16, device=dev, cuda_graphs=True,
                       max_positions=256, compile_steps=compiled)
     eager = ARRuntime(model, num_blocks=64, block_size=16, device=dev, static_decode=False)
@@ -42,21 +39,67 @@ def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
         for i in ids:
             prefix = torch.randn(5 + 7 * i, cfg.hidden_size, generator=torch.Generator().manual_seed(i))
             rt.add_sequence(i, prefix, [cfg.bos_token_id], SamplingParams(seed=i), bias=plan_vocab_bias(cfg))
+    return graph, eager, ids
+
+
+def _compare_decodes(graph, eager, ids, steps: int, before=lambda side: None) -> None:
+    """Decode ``steps`` tokens on both runtimes, the eager side's argmax fed to both, and check
+    each step's logits agree; ``before(side)`` runs before the "graph" and the "eager" side's
+    step."""
+    cfg = graph.model.config
     with torch.no_grad():
-        for step in range(40):  # crosses several 16-position blocks
+        for step in range(steps):
             assert graph._static_fits(ids) == (step > 0)  # the prefill goes the general way
+            before("graph")
             if step == 0:
                 g = torch.stack([graph.logits(i) for i in ids])
             else:
                 g = graph._static_step(ids).clone()
+            before("eager")
             e = torch.stack([eager.logits(i) for i in ids])
             rel = ((g - e).norm() / e.norm()).item()
             assert rel < 2e-2, (step, rel)
             for i, tok in zip(ids, e.argmax(-1).tolist()):
                 graph.seqs[i].tokens.append(tok % cfg.plan_vocab_size)
                 eager.seqs[i].tokens.append(tok % cfg.plan_vocab_size)
+
+
+@pytest.mark.parametrize("batch,compiled,fp8", [(1, False, False), (3, False, False),
+                                                (1, True, False), (3, True, False),
+                                                (1, True, True), (3, True, True)])
+def test_cuda_graph_decode_matches_eager(batch, compiled, fp8):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = _tiny_ar(dev)
+    if fp8:  # the split-K GEMV inside the compiled, captured step; the eager side runs it too
+        quantize_ar(model)
+    graph, eager, ids = _graph_and_eager(model, batch, compiled)
+    _compare_decodes(graph, eager, ids, 40)  # crosses several 16-position blocks
     assert graph._static[batch].graph is not None
     assert graph._static[batch].compiled == compiled
+
+
+@pytest.fixture
+def gemv_on():
+    was = ar_backbone._GEMV["on"]
+    ar_backbone.use_gemv(True)
+    yield
+    ar_backbone.use_gemv(was)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_captured_step_with_the_gemv_matches_eager_cublas(batch, gemv_on, monkeypatch):
+    """The compiled, captured step with one-row products by ``helios::gemv`` (the Triton-lang
+    kernel of helios/kernels/gemv.py) against the eager step with cuBLAS's."""
+    graph, eager, ids = _graph_and_eager(_tiny_ar(torch.device("cuda")), batch, True)
+    calls = []
+    real = ar_backbone._gemv
+    monkeypatch.setattr(ar_backbone, "_gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    # The graph side with the kernel; the reference, eager, with cuBLAS.
+    _compare_decodes(graph, eager, ids, 20, before=lambda side: ar_backbone.use_gemv(side == "graph"))
+    assert graph._static[batch].compiled
+    # One row per step: the kernel was traced into the step; several rows: never.
+    assert bool(calls) == (batch == 1)
 
 
 def test_captured_decode_steps_leave_no_autograd_graph_in_the_cache():
