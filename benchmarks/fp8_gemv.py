@@ -21,7 +21,6 @@ the layout ``quantize_ar`` gives).
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from fps import write_result  # benchmarks/fps.py
 from helios import fp8
 from helios.config import get_config
 
@@ -57,6 +57,14 @@ def projections(c, fused: bool) -> dict[str, tuple[int, int]]:
     return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
             "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
             "down_proj": (d, c.intermediate_size)}
+
+
+def about(dev, script: str, argv) -> dict:
+    """What these kernel benchmarks' JSON opens with: the device, the date, torch and triton's
+    versions and the command (``script``: the file name under benchmarks/)."""
+    return {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:])}
 
 
 def copy_rate(dev) -> float:
@@ -165,13 +173,8 @@ def main(argv=None) -> int:
         print(f"\n{kernel}: the autotuner's picks (N, K, BLOCK_M, SPLIT_K, dtypes...)")
         for key, config in got.items():
             print(f"  {key}: {config}")
-    result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "command": "python benchmarks/fp8_gemv.py " + " ".join(argv or sys.argv[1:]),
-              "copy_bytes_per_s": copy, "steps": steps, "products": singles, "autotuned": picks}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fp8_gemv.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {**about(dev, "fp8_gemv.py", argv), "copy_bytes_per_s": copy, "steps": steps, "products": singles, "autotuned": picks}
+    write_result(args.out, "fp8_gemv.json", result)
     return 0
 
 

@@ -104,6 +104,15 @@ def floors_ms(cfg, ar, ceil: dict) -> dict:
             "refiner": render_flops(cfg)[0] / ceil["bf16_matmul_flop_per_s"] * 1e3}
 
 
+def write_result(out: Path | None, name: str, result: dict) -> Path | None:
+    """``result`` as indented JSON in OUT/``name``, where an OUT folder was given; its path."""
+    if not out:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    return out / name
+
+
 def load_gemv_tiles(path: Path) -> None:
     """benchmarks/gemv.py's best tile per weight shape (its JSON's ``best_tiles``) for
     helios::gemv, over helios.kernels.gemv.TILES."""
@@ -443,11 +452,10 @@ def main(argv=None) -> int:
         for row in c["table"]:
             print(f"{row['acceptance']:>10.2f} {row['tokens_per_round']:>12.2f} "
                   f"{row['ar_ms_per_latent_frame']:>12.1f} {row['fps']:>6.2f}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = f"fps_{cfg.name}_{device.type}{'_' + args.tag if args.tag else ''}.json"
-        (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out / name}")
+    path = write_result(args.out, f"fps_{cfg.name}_{device.type}"
+                                  f"{'_' + args.tag if args.tag else ''}.json", result)
+    if path:
+        print(f"wrote {path}")
     return 0
 
 

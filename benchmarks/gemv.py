@@ -14,17 +14,15 @@ The JSON's ``best_tiles`` ("NxK": tile) is what ``profile_stages.py --gemv-tiles
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from fp8_gemv import copy_rate, projections, step_replay_ms  # benchmarks/fp8_gemv.py
+from fp8_gemv import about, copy_rate, projections, step_replay_ms  # benchmarks/fp8_gemv.py
+from fps import write_result  # benchmarks/fps.py
 from helios.config import get_config
 from helios.kernels import gemv as kernel
 
@@ -82,13 +80,8 @@ def main(argv=None) -> int:
         print("   next: " + "; ".join(f"{r['us']:.1f} {r['tile']}" for r in ranked[1:4]))
         del ws
         torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "command": "python benchmarks/gemv.py " + " ".join(argv or sys.argv[1:]),
-              "copy_bytes_per_s": copy, "rows": rows, "best_tiles": best_tiles}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gemv.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {**about(dev, "gemv.py", argv), "copy_bytes_per_s": copy, "rows": rows, "best_tiles": best_tiles}
+    write_result(args.out, "gemv.json", result)
     return 0
 
 

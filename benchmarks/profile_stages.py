@@ -36,7 +36,8 @@ import statistics
 import tempfile
 
 import torch
-from fps import ceilings, floors_ms, gpu_ms, load_gemv_tiles  # benchmarks/fps.py
+from fps import (ceilings, floors_ms, gpu_ms, load_gemv_tiles,  # benchmarks/fps.py
+                 write_result)
 
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections, use_gemv
@@ -317,9 +318,7 @@ def main(argv=None) -> int:
         result["vae_decode"] = vae_decode(cfg, parts["vae"], device,
                                           ceil["bf16_matmul_flop_per_s"])
         table("VAE decoder, 4 frames (compiled, launched from Python)", result["vae_decode"])
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile_stages.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "profile_stages.json", result)
     return 0
 
 

@@ -28,13 +28,12 @@ import argparse
 import contextlib
 import ctypes
 import functools
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend
-from fps import ceilings, floors_ms, gpu_ms  # benchmarks/fps.py: rates, floors, timing
+from fps import ceilings, floors_ms, gpu_ms, write_result  # benchmarks/fps.py
 from profile_stages import ar_runtime, build_render  # built as the pipeline builds them
 
 from helios import attention
@@ -310,9 +309,7 @@ def main(argv=None) -> int:
         for how, v in r.get("copy_graph", {}).items():
             print(f"AR {r['ar_sms']} SMs, a copy's graph captured on a {how}: "
                   + (f"{v / 1e12:.2f} TB/s" if isinstance(v, float) else v))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sm_partition.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "sm_partition.json", result)
     return 0
 
 
