@@ -15,8 +15,7 @@ For each it prints and writes (``profile_stages.json``):
   shape (grid, block, registers, shared memory) beside its time;
 - the AR round once more with its projections fused (``fuse_projections``: q/k/v in one
   matrix, gate/up in another), the same weights; each layout once more with its one-row
-  products by ``helios::gemv`` (``helios.ar_backbone.use_gemv``), with a layer's norms, gate
-  and residual adds as kernels of their own and folded into those products (as shipped);
+  products by ``helios::gemv`` (``helios.ar_backbone.use_gemv``);
 - the VAE decoder's 4 frames (``--parts vae``) as the pipeline runs them (compiled, launched
   from Python), against its FLOP floor (torch's FLOP counter of the same call at the bf16
   matrix rate), beside three variants of the same weights: eager, compiled with weights and
@@ -295,19 +294,16 @@ def main(argv=None) -> int:
             for fused in (False, True):
                 if fused:
                     fuse_projections(ar)
-                for gemv, fold in ((False, False), (True, False), (True, True)):
-                    use_gemv(gemv, fold)
+                for gemv in (False, True):
+                    use_gemv(gemv)
                     # Compiled afresh, as the pipeline's own process compiles it: the one of
                     # 2026-12-03 compiled after the unfused step here ran 1.2 ms slower than
                     # the pipeline's.
                     torch._dynamo.reset()
-                    key = ("ar_round" + ("_fused" if fused else "") + ("_gemv" if gemv else "")
-                           + ("_unfolded" if gemv and not fold else ""))
+                    key = "ar_round" + ("_fused" if fused else "") + ("_gemv" if gemv else "")
                     result[key] = ar_round(cfg, ar, device, ar_floor)
                     table("AR decode round" + (", projections fused" if fused else "")
-                          + (", one-row products by helios::gemv" if gemv else "")
-                          + (", the norms, gate and residuals folded in" if fold else ""),
-                          result[key])
+                          + (", one-row products by helios::gemv" if gemv else ""), result[key])
     del parts["ar_backbone"], ar
     torch.cuda.empty_cache()
     for part, kernel in (("refiner", True), ("refiner-sdpa", False)):

@@ -13,7 +13,6 @@ knows where each sequence's positions live; the model itself holds no state.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,54 +26,35 @@ from .config import ARConfig
 # of nn.Linear (``use_gemv``). At 14b on an H200 the compiled, captured step went from
 # 7.40-8.02 ms (Inductor's tuned reductions, whose tiles differ from one compile to the next)
 # to 6.91-7.21 (docs/performance.md).
-_GEMV = {"on": True, "fold": True, "triton": importlib.util.find_spec("triton") is not None}
+_GEMV = {"on": True, "triton": importlib.util.find_spec("triton") is not None}
 
 
-def use_gemv(on: bool, fold: bool = True) -> None:
+def use_gemv(on: bool) -> None:
     """Route one-row bf16 projections on CUDA through ``helios::gemv`` (on by default, where
-    triton is installed, as it is with PyTorch's CUDA builds) or through nn.Linear; ``fold``:
-    a decoder layer's norms, gate and residual adds run inside those products (the default)
-    or as kernels of their own (to measure what folding them saves)."""
-    _GEMV["on"], _GEMV["fold"] = on, fold
+    triton is installed, as it is with PyTorch's CUDA builds) or through nn.Linear."""
+    _GEMV["on"] = on
 
 
 @torch.library.custom_op("helios::gemv", mutates_args=(), device_types="cuda")
-def _gemv(x: torch.Tensor, weight: torch.Tensor, up: Optional[torch.Tensor] = None,
-          norm: Optional[torch.Tensor] = None, eps: float = 0.0,
-          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [1, K] times weight [N, K] transposed -> [1, N]; ``up``, ``norm`` and ``residual``
-    as in helios.kernels.gemv.gemv."""
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, K] times weight [N, K] transposed -> [1, N]."""
     from .kernels.gemv import gemv  # noqa: PLC0415 - triton, on CUDA machines only
 
-    return gemv(x, weight, up=up, norm=norm, eps=eps, residual=residual)
+    return gemv(x, weight)
 
 
 @_gemv.register_fake
-def _(x, weight, up=None, norm=None, eps=0.0, residual=None):
+def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def one_row(linear: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``project(linear, x, ...)`` runs through ``helios::gemv``: it is on, x is one row
-    of bf16 on CUDA and ``linear`` a bias-free nn.Linear."""
-    return (_GEMV["on"] and x.is_cuda and x.dtype == torch.bfloat16
-            and type(linear) is nn.Linear and linear.bias is None and x.numel() == x.shape[-1]
-            and _GEMV["triton"])
-
-
-def project(linear: nn.Module, x: torch.Tensor, *, up: torch.Tensor | None = None,
-            norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(h) + residual`` where h is x, or silu(x) * up (``up``), then ``norm(h)``
-    (``norm``); one ``helios::gemv`` call where ``one_row(linear, x)``."""
-    if one_row(linear, x):
-        flat = x.reshape(1, -1)
-        y = _gemv(flat, linear.weight, None if up is None else up.reshape(-1),
-                  None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                  None if residual is None else residual.reshape(-1))
-        return y.view(*x.shape[:-1], -1)
-    h = x if up is None else F.silu(x) * up
-    y = linear(h if norm is None else norm(h))
-    return y if residual is None else y + residual
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; through ``helios::gemv`` where it is on and x is one row of bf16 on
+    CUDA, for a bias-free ``nn.Linear``."""
+    if (_GEMV["on"] and x.is_cuda and x.dtype == torch.bfloat16 and type(linear) is nn.Linear
+            and linear.bias is None and x.numel() == x.shape[-1] and _GEMV["triton"]):
+        return _gemv(x.reshape(1, -1), linear.weight).view(*x.shape[:-1], -1)
+    return linear(x)
 
 
 class RMSNorm(nn.Module):
@@ -120,21 +100,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.qkv_proj = None  # q, k and v in one matrix once fused (``fuse_projections``)
 
-    def forward(self, x, cos, sin, cache, norm=None, residual=None):
-        """The attention of x (``norm(x)`` where given), plus ``residual`` where given."""
+    def forward(self, x, cos, sin, cache):
         b, t, _ = x.shape
         if self.qkv_proj is None:
-            q, k, v = (project(p, x, norm=norm) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         else:
             kv = self.num_kv_heads * self.head_dim
-            q, k, v = project(self.qkv_proj, x, norm=norm).split(
-                [self.num_heads * self.head_dim, kv, kv], dim=-1)
+            q, k, v = project(self.qkv_proj, x).split([self.num_heads * self.head_dim, kv, kv],
+                                                      dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = cache.attend(self.layer_idx, q, k, v)  # [B, heads, T, D]
-        return project(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual=residual)
+        return project(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -145,13 +124,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up_proj = None  # gate and up in one matrix once fused (``fuse_projections``)
 
-    def forward(self, x, norm=None, residual=None):
-        """The MLP of x (``norm(x)`` where given), plus ``residual`` where given."""
+    def forward(self, x):
         if self.gate_up_proj is None:
-            gate, up = project(self.gate_proj, x, norm=norm), project(self.up_proj, x, norm=norm)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
         else:
-            gate, up = project(self.gate_up_proj, x, norm=norm).chunk(2, dim=-1)
-        return project(self.down_proj, gate, up=up, residual=residual)
+            gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -163,14 +141,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache):
-        attn, mlp = self.self_attn, self.mlp
-        if _GEMV["fold"] and one_row(attn.o_proj, x):
-            # One stream's decode step: each norm runs inside the products that read it, and
-            # each residual add inside the product that writes it (helios::gemv).
-            x = attn(x, cos, sin, cache, norm=self.input_layernorm, residual=x)
-            return mlp(x, norm=self.post_attention_layernorm, residual=x)
-        x = attn(self.input_layernorm(x), cos, sin, cache, residual=x)
-        return mlp(self.post_attention_layernorm(x), residual=x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -214,7 +186,7 @@ class ARBackbone(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             h = run_layer(i, layer, h, cos, sin) if run_layer else layer(h, cos, sin, cache)
-        return project(self.lm_head, h, norm=self.model.norm).float()
+        return self.lm_head(self.model.norm(h)).float()
 
 
 def _stacked(*linears: nn.Linear) -> nn.Linear:

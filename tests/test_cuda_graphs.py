@@ -94,8 +94,7 @@ def test_the_captured_step_with_the_gemv_matches_eager_cublas(batch, gemv_on, mo
     graph, eager, ids = _graph_and_eager(_tiny_ar(torch.device("cuda")), batch, True)
     calls = []
     real = ar_backbone._gemv
-    monkeypatch.setattr(ar_backbone, "_gemv",
-                        lambda x, *rest: calls.append(x.shape) or real(x, *rest))
+    monkeypatch.setattr(ar_backbone, "_gemv", lambda x, w: calls.append(x.shape) or real(x, w))
     # The graph side with the kernel; the reference, eager, with cuBLAS.
     _compare_decodes(graph, eager, ids, 20, before=lambda side: ar_backbone.use_gemv(side == "graph"))
     assert graph._static[batch].compiled

@@ -7,10 +7,6 @@ chunk one coalesced load per row), multiplies them by the matching chunk of x in
 [BLOCK_N, BLOCK_K] accumulator and sums it once at the end. The tile is fixed per weight
 shape (``config``), not searched at run time: a search of tiles on timings of tens of
 microseconds ends on different tiles from one process to the next.
-
-The small elementwise steps between a decoder layer's products run inside them (``gemv``'s
-``up``, ``norm`` and ``residual``): at one row each was a kernel of its own, a few
-microseconds of launch and one program's work, about as long as a product of a small weight.
 """
 
 from __future__ import annotations
@@ -21,44 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _row(P, offs, ok, EVEN: tl.constexpr):
-    """A chunk of a one-row vector, in float32 (masked where the row may end inside it)."""
-    if EVEN:
-        return tl.load(P + offs).to(tl.float32)
-    return tl.load(P + offs, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gemv_kernel(X, UP, G, R, W, Y, N, K, stride_wn, eps, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                 NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+def _gemv_kernel(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    squares = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = k0 + offs_k < K
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(X + k0 + offs_k)
         else:
+            k_ok = k0 + offs_k < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
-        x = _row(X, k0 + offs_k, k_ok, EVEN_K)
-        if GATED:  # the MLP's silu(gate) * up, gate in X
-            x = x * tl.sigmoid(x) * _row(UP, k0 + offs_k, k_ok, EVEN_K)
-        if NORM:  # RMSNorm's weight now, its scale (one number) once the row is summed
-            squares += x * x
-            x = x * _row(G, k0 + offs_k, k_ok, EVEN_K)
-        acc += w.to(tl.float32) * x[None, :]
+            x = tl.load(X + k0 + offs_k, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
-    if NORM:
-        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    if RESIDUAL:
-        y += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+    tl.store(Y + offs_n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n_ok)
 
 
 def _tile(block_n: int, block_k: int, warps: int) -> dict:
@@ -85,32 +62,16 @@ def config(n: int, k: int) -> dict:
     return TILES.get((n, k), DEFAULT_TILE)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: dict | None = None, *,
-         up: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] (or [K]) times weight [N, K] transposed -> [1, N] (or [N]), in x's dtype.
-
-    The elementwise work around a decode step's product rides inside it: ``up`` makes the
-    input silu(x) * up (the MLP's gate); ``norm`` (RMSNorm's weight, [K]) makes it
-    ``rms_norm(input, eps) * norm``, its statistic summed while the weight streams in (so W
-    (x * g) times one scale, all in float32); ``residual`` ([N]) is added to the output."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
+    """x [1, K] (or [K]) times weight [N, K] transposed -> [1, N] (or [N]), in x's dtype."""
     n, k = weight.shape
     assert x.shape[-1] == k and x.numel() == k, "one row of K values"
     assert weight.stride(1) == 1, "the weight's rows must be contiguous"
-    for name, t, size in (("up", up, k), ("norm", norm, k), ("residual", residual, n)):
-        assert t is None or t.numel() == size, f"{name}: {size} values"
     x = x.contiguous()
     tile = dict(tile or config(n, k))
     y = torch.empty(x.shape[:-1] + (n,), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, tile["BLOCK_N"]),)
-    _gemv_kernel[grid](x, _or(up, x), _or(norm, x), _or(residual, x), weight, y, n, k,
-                       weight.stride(0), eps, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"],
-                       EVEN_K=k % tile["BLOCK_K"] == 0, GATED=up is not None,
-                       NORM=norm is not None, RESIDUAL=residual is not None,
+    _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), BLOCK_N=tile["BLOCK_N"],
+                       BLOCK_K=tile["BLOCK_K"], EVEN_K=k % tile["BLOCK_K"] == 0,
                        num_warps=tile["num_warps"], num_stages=tile.get("num_stages", 1))
     return y
-
-
-def _or(t: torch.Tensor | None, unused: torch.Tensor) -> torch.Tensor:
-    """The tensor, contiguous; where it is not given, a placeholder the kernel never reads."""
-    return unused if t is None else t.contiguous()
