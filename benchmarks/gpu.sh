@@ -41,6 +41,8 @@
 #               runs one of the two)
 #   gemv        benchmarks/gemv.py: the AR's one-row bf16 products, a Triton-lang GEMV at a
 #               sweep of tiles against cuBLAS, per weight shape
+#   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
+#               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
 #               tuning's default search and a wider one, in turns (SEARCH)
 #   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
@@ -240,6 +242,8 @@ for part in "${parts[@]}"; do
             kernel_run fusions 300 24 || status=1 ;;
         gemv)
             kernel_run gemv 420 24 || status=1 ;;
+        fa4-tiles)
+            kernel_run fa4_tiles 400 24 || status=1 ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
@@ -255,7 +259,7 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab)" >&2; exit 2 ;;
+                 "profile, partition, gemv, search-ab, fa4-tiles)" >&2; exit 2 ;;
     esac
 done
 exit $status
