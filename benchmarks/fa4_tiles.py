@@ -15,12 +15,12 @@ kernels do not build) is listed with the error's first line.
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
 
+from fp8_gemv import about  # benchmarks/fp8_gemv.py
 from fps import write_result  # benchmarks/fps.py
 
 SHAPES = {"14b 720p": (1, 16, 3600, 888, 128), "14b 720p x4 streams": (4, 16, 3600, 888, 128)}
@@ -44,11 +44,8 @@ def main(argv=None) -> int:
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     peak = 2 * 8192**3 / (triton.testing.do_bench(lambda: a @ a, return_mode="median") / 1e3)
-    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "command": "python benchmarks/fa4_tiles.py "
-              + " ".join(sys.argv[1:] if argv is None else argv),
-              "matmul_flop_per_s": peak, "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-              "rows": []}
+    result = {**about(torch.device("cuda"), "fa4_tiles.py", argv), "matmul_flop_per_s": peak,
+              "sms": torch.cuda.get_device_properties(0).multi_processor_count, "rows": []}
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s; {result['sms']} SMs")
     print(f"{'shape':<20} {'variant':<28} {'median ms':>10} {'TFLOP/s':>8} {'of peak':>8} "
           f"{'max diff':>9}")
