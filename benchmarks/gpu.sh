@@ -9,7 +9,10 @@
 #
 # Parts (each ran within 10 minutes on an H200 from a cold start; inprocess with four 20 s
 # videos is the sum of its runs, taken one by one, about 6 minutes):
-#   check       the GPU tests: attention kernel, CUDA graphs, FP8 (tests/, on the GPU)
+#   install     nothing but the set-up every part starts with (the bundle's environment, and
+#               FlashAttention-4 where all of .offline-flash is here): for a host that gets
+#               its files over several calls
+#   check       the GPU tests: attention kernel, CUDA graphs, FP8, the AR's GEMV (tests/)
 #   inprocess   benchmarks/fps.py: 14b bf16; 14b with the plans prefetched, in bf16 and with
 #               FP8 AR and refiner; 14b-384p: per-stage medians, each stage against its floor
 #               (measured ceilings), FPS, the first frame and its time by stage
@@ -171,6 +174,7 @@ status=0
 for part in "${parts[@]}"; do
     echo "== $part"
     case "$part" in
+        install) ;;
         check)
             timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_context_attention_kernel.py \
                 tests/test_cuda_graphs.py tests/test_fp8.py tests/test_gemv.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
@@ -257,7 +261,7 @@ for part in "${parts[@]}"; do
             FILL_ARGS="${FILL_ARGS:-} --stages fused" server_run server_14b-384p_fused 14b-384p 1 ||
                 status=1 ;;
         *)
-            echo "gpu.sh: unknown part $part (check, inprocess, server, server-384p," \
+            echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
                  "profile, partition, gemv, search-ab, fa4-tiles)" >&2; exit 2 ;;
     esac
