@@ -123,14 +123,24 @@ def load_gemv_tiles(path: Path) -> None:
 
 
 class TimedPipeline(HeliosPipeline):
-    """The pipeline with a synchronised timer around every stage call."""
+    """The pipeline with a synchronised timer around every stage call; with ``overlap_decode``
+    on CUDA, the renders and decodes are timed by CUDA events on their stream instead (GPU
+    time, queue waits included), since a wait for each would undo the overlap measured."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.times: dict[str, list[float]] = {k: [] for k in
-                                              ("text_encoder", "ar_round", "refiner", "vae_decoder")}
+        self.times: dict[str, list] = {k: [] for k in
+                                       ("text_encoder", "ar_round", "refiner", "vae_decoder")}
+        self._by_events = self.overlap_decode and self.device.type == "cuda"
 
     def _timed(self, key, fn, *args):
+        if self._by_events and key in ("refiner", "vae_decoder"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            end.record()
+            self.times[key].append((start, end))
+            return out
         # The calling thread's stream only: with the plans prefetched (their own thread and
         # stream), a device-wide sync would serialise the stages this measures.
         wait = torch.cuda.current_stream(self.device).synchronize \
@@ -141,6 +151,15 @@ class TimedPipeline(HeliosPipeline):
         wait()
         self.times[key].append(time.perf_counter() - t)
         return out
+
+    def stage_times(self) -> dict[str, list[float]]:
+        """Seconds of each stage call so far (a pair of events waited for where timed so)."""
+        def seconds(x):
+            if isinstance(x, float):
+                return x
+            x[1].synchronize()
+            return x[0].elapsed_time(x[1]) / 1e3
+        return {k: [seconds(x) for x in v] for k, v in self.times.items()}
 
     def encode_prompt(self, prompt):
         return self._timed("text_encoder", super().encode_prompt, prompt)
@@ -164,8 +183,8 @@ class TimedPipeline(HeliosPipeline):
     def refine(self, *args):
         return self._timed("refiner", super().refine, *args)
 
-    def decode(self, *args):
-        return self._timed("vae_decoder", super().decode, *args)
+    def _queue_decode(self, *args):  # under decode() and refine_and_decode alike
+        return self._timed("vae_decoder", super()._queue_decode, *args)
 
 
 def time_forwards(ar, device) -> dict[str, list[float]]:
@@ -316,6 +335,10 @@ def main(argv=None) -> int:
                          "error against bf16 first")
     ap.add_argument("--prefetch-plans", action="store_true",
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
+    ap.add_argument("--overlap-decode", action="store_true",
+                    help="queue the next latent frame's render before waiting for the last "
+                         "one's decoded frames (HeliosPipeline(overlap_decode=True)); renders "
+                         "and decodes are then timed by CUDA events")
     ap.add_argument("--plan-tokens", type=int, default=None,
                     help="plan tokens per latent frame instead of the config's")
     ap.add_argument("--gemv-tiles", type=Path, default=None,
@@ -342,7 +365,7 @@ def main(argv=None) -> int:
         load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
                          compile=not args.no_compile, cuda_graphs=not args.no_cuda_graphs,
-                         prefetch_plans=args.prefetch_plans)
+                         prefetch_plans=args.prefetch_plans, overlap_decode=args.overlap_decode)
     forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
     spec = args.speculative == "on"
@@ -368,16 +391,17 @@ def main(argv=None) -> int:
             first = time.perf_counter() - t
             # Where the first frame's time went: each stage's calls so far, in all (with the
             # plans prefetched, AR rounds run beside the refiner and overlap it).
-            first_parts = {k: sum(v) * 1e3 for k, v in pipe.times.items()}
+            first_parts = {k: sum(v) * 1e3 for k, v in pipe.stage_times().items()}
     wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     # With --low-vram the stages visit the GPU only while they run: no piece alone to time.
     pieces = {} if pipe.low_vram else step_gpu_ms(pipe, device)
 
-    med = {k: statistics.median(v) * 1e3 for k, v in pipe.times.items() if v}
+    times = pipe.stage_times()
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
     n = cfg.plan_tokens_per_frame
-    latent_frames = len(pipe.times["refiner"])
-    ar_per_frame = sum(pipe.times["ar_round"]) * 1e3 / latent_frames
+    latent_frames = len(times["refiner"])
+    ar_per_frame = sum(times["ar_round"]) * 1e3 / latent_frames
     ar = parts["ar_backbone"]
     ar_bytes = weight_bytes(ar)
     flops, projections, n_tokens, n_ctx = render_flops(cfg)
@@ -387,6 +411,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "speculative": spec,
         "cuda_graphs": pipe.ar.cuda_graphs, "attention": attention.backend()
         if device.type == "cuda" else "reference", "prefetch_plans": pipe.prefetch_plans,
+        "overlap_decode": pipe.overlap_decode,
         "video_frames": frames, "latent_frames": latent_frames, "wall_s": wall,
         "fps": frames / wall, "first_frame_s": first, "first_frame_stage_ms": first_parts,
         "peak_gpu_bytes": peak,
@@ -412,7 +437,8 @@ def main(argv=None) -> int:
 
     print(f"\nHelios {cfg.name} on {result['device']} ({result['dtype']}), speculative "
           f"{'on' if spec else 'off'}, CUDA graphs {'on' if pipe.ar.cuda_graphs else 'off'}, AR "
-          f"{'prefetched beside' if pipe.prefetch_plans else 'before'} the refiner, attention "
+          f"{'prefetched beside' if pipe.prefetch_plans else 'before'} the refiner, "
+          f"{'decodes overlapped, ' if pipe.overlap_decode else ''}attention "
           f"{result['attention']}: {frames} frames ({latent_frames} latent) in {wall:.2f} s")
     print(f"{'stage':<14} {'median ms':>10} {'floor ms':>9} {'ratio':>6}   note")
     floors = result.get("floors_ms", {})

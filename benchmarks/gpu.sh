@@ -44,6 +44,8 @@
 #               runs one of the two)
 #   gemv        benchmarks/gemv.py: the AR's one-row bf16 products, a Triton-lang GEMV at a
 #               sweep of tiles against cuBLAS, per weight shape
+#   overlap-ab  fps.py for 14b with the plans prefetched, each latent frame's decode overlapped
+#               with the next one's render (--overlap-decode) or not, in turns (OVERLAP)
 #   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
 #               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
@@ -170,7 +172,7 @@ kernel_run() {  # kernel_run NAME SECONDS LINES: benchmarks/NAME.py --out OUT/ke
     return $rc
 }
 
-status=0
+status=0 runs=0
 for part in "${parts[@]}"; do
     echo "== $part"
     case "$part" in
@@ -192,6 +194,14 @@ for part in "${parts[@]}"; do
             HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_first 12 || status=1
             HELIOS_FLASH_ATTENTION=1 fps_run 14b fa4 12 || status=1
             HELIOS_FLASH_ATTENTION=0 fps_run 14b kernel_last 12 || status=1 ;;
+        overlap-ab)
+            # fps.py with the plans prefetched, the decodes overlapped with the next render or
+            # not, in the order of OVERLAP (default "0 1 0": the first run on a fresh machine
+            # has read slower before, so the plain one runs on both sides).
+            for o in ${OVERLAP:-0 1 0}; do
+                flags=(--prefetch-plans); [ "$o" = 1 ] && flags+=(--overlap-decode)
+                fps_run 14b "overlap_${o}_$((++runs))" 12 "${flags[@]}" || status=1
+            done ;;
         tuning-ab)
             for tuned in ${TUNED:-0 1}; do
                 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=$tuned timeout 290 python3 \
@@ -263,7 +273,7 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab, fa4-tiles)" >&2; exit 2 ;;
+                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab)" >&2; exit 2 ;;
     esac
 done
 exit $status

@@ -90,7 +90,8 @@ class HeliosPipeline:
     def __init__(self, config: HeliosConfig, text_encoder, ar_backbone, draft, refiner, vae,
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
                  ar_fp8: bool = False, prefetch_plans: bool = False, refiner_fp8: bool = False,
-                 compile: bool = True, cuda_graphs: bool = True, shared_ar: bool = False):
+                 compile: bool = True, cuda_graphs: bool = True, shared_ar: bool = False,
+                 overlap_decode: bool = False):
         self.config, self.max_streams = config, max_streams
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -139,6 +140,14 @@ class HeliosPipeline:
         # warm-up video did not finish on the H100 (docs/performance.md), and a decode step
         # needs the whole GPU's bandwidth anyway.
         self.prefetch_plans = prefetch_plans and not self.low_vram
+        # ``overlap_decode``: one stream's latent frame is decoded and the next one's render
+        # queued behind it before the host waits for the decoded frames (``refine_and_decode``),
+        # so that the host's work between two renders (the chunk on its way out, the next
+        # frame's noise and inputs) runs while the GPU renders instead of between its renders.
+        # A chunk then leaves after the next render was queued, not after it ran: on a GPU
+        # that costs the chunk nothing; on a CPU, where each call runs as it is made, it costs
+        # a render. Not with shared_ar, whose streams take turns, nor --low-vram.
+        self.overlap_decode = overlap_decode and not self.low_vram and not shared_ar
         self._ar_cuda_stream = None
         if self.prefetch_plans:
             # Compiled and captured here, before any prefetch thread exists: a graph capture
@@ -319,22 +328,41 @@ class HeliosPipeline:
     @torch.no_grad()
     def decode(self, latent, prev_latent):
         """Latent frame (+ the previous one) -> uint8 [4, H, W, 3]."""
-        done = None
+        frames, done = self._queue_decode(latent, prev_latent)
+        if done is not None:
+            done.synchronize()
+        return frames[0].numpy()
+
+    @property
+    def refine_and_decode(self):
+        """The orchestrator's ``refine_and_decode`` where ``overlap_decode`` is on, else None."""
+        return self._refine_and_decode if self.overlap_decode else None
+
+    def _refine_and_decode(self, refine, decode):
+        """Decode one latent frame, queue the next one's render behind it, then wait for the
+        decoded frames: ``(refine(*refine), decode(*decode))``, in the order of the GPU."""
+        frames, done = self._queue_decode(*decode)
+        latent = self.refine(*refine)
+        if done is not None:
+            done.synchronize()
+        return latent, frames[0].numpy()
+
+    @torch.no_grad()
+    def _queue_decode(self, latent, prev_latent):
+        """The decode and the frames' copy to the host, queued on a GPU: (uint8 frames on the
+        host [1, 4, H, W, 3], the event to wait for before reading them, None on a CPU). The
+        copy is waited for after this stream's turn (shared_ar), so that the next stream's
+        render queues behind it without the GPU going idle."""
         with self._active(self.vae), self._turns:
             dev = self._dev(self.vae)
             pixels = self.vae.decode(latent.to(dev),
                                      None if prev_latent is None else prev_latent.to(dev))
-            if self.scheduler is not None and dev.type == "cuda":
-                # The frames' copy is queued and waited for after this stream's turn, so the
-                # next stream's render queues behind it without the GPU going idle.
-                frames = to_uint8(pixels, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                frames = to_uint8(pixels)
-        if done is not None:
-            done.synchronize()
-        return frames[0].numpy()
+            if dev.type != "cuda":
+                return to_uint8(pixels), None
+            frames = to_uint8(pixels, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return frames, done
 
     # ---- the loop ----------------------------------------------------------------------
     def generate(self, prompt: str, prompt_at=None, **kwargs) -> Iterator[VideoChunk]:
@@ -509,6 +537,8 @@ class _Prefetch:
 
 class _LatentRecorder:
     """A pipeline's stages, except that ``decode`` records the latent instead of decoding it."""
+
+    refine_and_decode = None  # every decode goes through ``decode``
 
     def __init__(self, pipe: HeliosPipeline):
         self.pipe = pipe

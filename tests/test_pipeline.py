@@ -171,6 +171,32 @@ def test_prefetched_plans_give_the_same_video(pipe):
                           pipe.generate_video(PROMPT, num_frames=40, seed=2, image=image))
 
 
+def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
+    """overlap_decode (a latent frame decoded, the next one's render queued behind it, then
+    the frames awaited) changes no frame: across AR segments, for image-to-video, for a
+    continued clip and across a prompt switch; and it is what runs the loop."""
+    from helios.pipeline import HeliosPipeline
+
+    over = HeliosPipeline(pipe.config, pipe.text_encoder, pipe.ar_backbone, pipe.draft,
+                          pipe.refiner, pipe.vae, overlap_decode=True)
+    assert pipe.refine_and_decode is None and over.refine_and_decode is not None
+    calls = []
+    real = over._refine_and_decode
+    monkeypatch.setattr(over, "_refine_and_decode", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    clip = rng.integers(0, 256, (16, 96, 80, 3), dtype=np.uint8)
+    n = 4 * (2 * pipe.config.ar_context_frames + 3)
+    for kwargs in ({"num_frames": n, "seed": 5}, {"num_frames": 40, "seed": 2, "image": image},
+                   {"num_frames": 24, "seed": 1, "video": clip},
+                   {"num_frames": 48, "seed": 3, "prompt_at": [(0.5, "a blue square")]}):
+        before = len(calls)
+        assert np.array_equal(over.generate_video(PROMPT, **kwargs),
+                              pipe.generate_video(PROMPT, **kwargs)), kwargs
+        # Every latent frame but the first (and the first under a new prompt) and the last.
+        assert len(calls) - before >= kwargs["num_frames"] // 4 - 3, kwargs
+
+
 def test_prefetching_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
     import threading
     fast = _prefetching(pipe)
