@@ -13,6 +13,7 @@ Every sequence samples with its own generator and its own logit bias (TensorRT-L
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -125,10 +126,14 @@ class _StaticDecode:
         the RMSNorm before it or the SiLU gate and residual around it, instead of a cuBLAS
         GEMV between them. At 14b on an H200 the captured step went from 8.21 to 7.42 ms
         (1,064 kernels to 784), for 10 s more compiling (docs/performance.md). Not for the
-        refiner: its renders read the same with it, and it doubled their compile time."""
+        refiner: its renders read the same with it, and it doubled their compile time. With the
+        one-row products in ``helios::gemv`` it tunes only the kernels around them; Inductor's
+        own switch, TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0, turns it off here too (to
+        measure it: ``benchmarks/gpu.sh``'s tuning-ab)."""
         self._slots = self.view.layer_slots()
+        tuning = os.environ.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1") == "1"
         self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer",
-                                      options={"coordinate_descent_tuning": True})
+                                      options={"coordinate_descent_tuning": tuning})
         self._run = self._forward_compiled
         self._run()
 
