@@ -37,6 +37,7 @@ from .checkpoint import load_component, read_config
 from .config import HeliosConfig
 from .fp8 import quantize_ar, quantize_refiner
 from .orchestrator import stream_video
+from .kv_cache import host_to_device
 from .schedule import VideoChunk, VideoRequest, frame_noise, segment_keep, validate_request
 from .session import PromptSwitches, scripted
 from .tokenizer import tokenize
@@ -145,8 +146,9 @@ class HeliosPipeline:
         # so that the host's work between two renders (the chunk on its way out, the next
         # frame's noise and inputs) runs while the GPU renders instead of between its renders.
         # A chunk then leaves after the next render was queued, not after it ran: on a GPU
-        # that costs the chunk nothing; on a CPU, where each call runs as it is made, it costs
-        # a render. Not with shared_ar, whose streams take turns, nor --low-vram.
+        # that costs the chunk the time to queue a render; on a CPU, where each call runs as it
+        # is made, it costs a render. Not with shared_ar, whose streams take turns, nor
+        # --low-vram.
         self.overlap_decode = overlap_decode and not self.low_vram and not shared_ar
         self._ar_cuda_stream = None
         if self.prefetch_plans:
@@ -319,9 +321,11 @@ class HeliosPipeline:
         shape = (1, cfg.refiner.latent_channels, cfg.latent_height, cfg.latent_width)
         with self._active(self.refiner), self._turns:
             dev = self._dev(self.refiner)
+            # Copied without waiting for the GPU, so that a render queued behind a decode
+            # (overlap_decode) does not wait for it to be queued.
             return self.refiner.render(
-                frame_noise(seed, index, shape).to(dev, self.dtype),
-                torch.tensor([list(plan)], device=dev),
+                host_to_device(frame_noise(seed, index, shape), dev).to(self.dtype),
+                host_to_device([list(plan)], dev),
                 anchor=None if anchor is None else anchor.to(dev),
                 history=[h.to(dev) for h in history])
 
