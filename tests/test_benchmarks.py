@@ -48,13 +48,15 @@ def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fps.py"), "--config", "tiny", "--device",
          "cpu", "--seconds", "0.5", "--speculative", "on", "--ar-fp8", "--refiner-fp8",
-         "--out", str(tmp_path), "--tag", "t"], capture_output=True, text=True, timeout=600)
+         "--overlap-decode", "--out", str(tmp_path), "--tag", "t"],
+        capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "stage" in out and "median ms" in out and "FPS" in out
     r = json.loads((tmp_path / "fps_tiny_cpu_t.json").read_text())
     cfg = get_config("tiny")
     assert (r["video_frames"], r["latent_frames"]) == (12, 3)
+    assert r["overlap_decode"] and "decodes overlapped" in out
     assert r["fps"] == pytest.approx(r["video_frames"] / r["wall_s"])
     assert 0 < r["first_frame_s"] < r["wall_s"]
     # Every stage ran before the first frame, and within its time.
