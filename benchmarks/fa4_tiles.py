@@ -21,7 +21,7 @@ import torch
 import triton
 
 from fp8_gemv import about  # benchmarks/fp8_gemv.py
-from fps import write_result  # benchmarks/fps.py
+from fps import ceilings, write_result  # benchmarks/fps.py
 
 SHAPES = {"14b 720p": (1, 16, 3600, 888, 128), "14b 720p x4 streams": (4, 16, 3600, 888, 128)}
 # (name, options of _flash_attn_fwd)
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from flash_attn.cute.interface import _flash_attn_fwd  # noqa: PLC0415 - GPU hosts only
 
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192**3 / (triton.testing.do_bench(lambda: a @ a, return_mode="median") / 1e3)
-    result = {**about(torch.device("cuda"), "fa4_tiles.py", argv), "matmul_flop_per_s": peak,
-              "sms": torch.cuda.get_device_properties(0).multi_processor_count, "rows": []}
+    dev = torch.device("cuda")
+    peak = ceilings(dev)["bf16_matmul_flop_per_s"]
+    result = {**about(dev, "fa4_tiles.py", argv), "matmul_flop_per_s": peak,
+              "sms": torch.cuda.get_device_properties(dev).multi_processor_count, "rows": []}
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s; {result['sms']} SMs")
     print(f"{'shape':<20} {'variant':<28} {'median ms':>10} {'TFLOP/s':>8} {'of peak':>8} "
           f"{'max diff':>9}")

@@ -173,7 +173,8 @@ def main(argv=None) -> int:
         print(f"\n{kernel}: the autotuner's picks (N, K, BLOCK_M, SPLIT_K, dtypes...)")
         for key, config in got.items():
             print(f"  {key}: {config}")
-    result = {**about(dev, "fp8_gemv.py", argv), "copy_bytes_per_s": copy, "steps": steps, "products": singles, "autotuned": picks}
+    result = {**about(dev, "fp8_gemv.py", argv), "copy_bytes_per_s": copy, "steps": steps,
+              "products": singles, "autotuned": picks}
     write_result(args.out, "fp8_gemv.json", result)
     return 0
 

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         print("   next: " + "; ".join(f"{r['us']:.1f} {r['tile']}" for r in ranked[1:4]))
         del ws
         torch.cuda.empty_cache()
-    result = {**about(dev, "gemv.py", argv), "copy_bytes_per_s": copy, "rows": rows, "best_tiles": best_tiles}
+    result = {**about(dev, "gemv.py", argv), "copy_bytes_per_s": copy, "rows": rows,
+              "best_tiles": best_tiles}
     write_result(args.out, "gemv.json", result)
     return 0
 

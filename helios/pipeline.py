@@ -36,8 +36,8 @@ from .ar_scheduler import ARJob, ARScheduler
 from .checkpoint import load_component, read_config
 from .config import HeliosConfig
 from .fp8 import quantize_ar, quantize_refiner
-from .orchestrator import stream_video
 from .kv_cache import host_to_device
+from .orchestrator import stream_video
 from .schedule import VideoChunk, VideoRequest, frame_noise, segment_keep, validate_request
 from .session import PromptSwitches, scripted
 from .tokenizer import tokenize
