@@ -152,16 +152,17 @@ def test_image_to_video_starts_from_the_image(pipe):
     assert not np.array_equal(video[:4], other[:4])
 
 
-def _prefetching(pipe):
+def _same_models(pipe, **options):
+    """Another pipeline over ``pipe``'s models, with ``options``."""
     from helios.pipeline import HeliosPipeline
     return HeliosPipeline(pipe.config, pipe.text_encoder, pipe.ar_backbone, pipe.draft,
-                          pipe.refiner, pipe.vae, prefetch_plans=True)
+                          pipe.refiner, pipe.vae, **options)
 
 
 def test_prefetched_plans_give_the_same_video(pipe):
     """The AR running ahead in a thread (prefetch_plans=True) changes no frame, across AR
     segments (44 latent frames: four segments) and for image-to-video."""
-    fast = _prefetching(pipe)
+    fast = _same_models(pipe, prefetch_plans=True)
     assert fast.prefetch_plans and not pipe.prefetch_plans
     n = 4 * (2 * pipe.config.ar_context_frames + 3)
     assert np.array_equal(fast.generate_video(PROMPT, num_frames=n, seed=5),
@@ -175,10 +176,7 @@ def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
     """overlap_decode (a latent frame decoded, the next one's render queued behind it, then
     the frames awaited) changes no frame: across AR segments, for image-to-video, for a
     continued clip and across a prompt switch; and it is what runs the loop."""
-    from helios.pipeline import HeliosPipeline
-
-    over = HeliosPipeline(pipe.config, pipe.text_encoder, pipe.ar_backbone, pipe.draft,
-                          pipe.refiner, pipe.vae, overlap_decode=True)
+    over = _same_models(pipe, overlap_decode=True)
     assert pipe.refine_and_decode is None and over.refine_and_decode is not None
     calls = []
     real = over._refine_and_decode
@@ -199,7 +197,7 @@ def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
 
 def test_prefetching_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
     import threading
-    fast = _prefetching(pipe)
+    fast = _same_models(pipe, prefetch_plans=True)
     free0 = fast.ar.cache.num_free_blocks
     stream = fast.generate(PROMPT, num_frames=80, seed=0)
     next(stream)
@@ -209,7 +207,7 @@ def test_prefetching_stream_closed_early_stops_its_thread_and_frees_blocks(pipe)
 
 
 def test_prefetching_ar_error_reaches_the_consumer(pipe, monkeypatch):
-    fast = _prefetching(pipe)
+    fast = _same_models(pipe, prefetch_plans=True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("KV cache full")
