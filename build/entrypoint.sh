@@ -8,6 +8,11 @@
 #   HELIOS_EXIT_TIMEOUT_S seconds running streams get after SIGTERM (keep it below the pod's
 #                         terminationGracePeriodSeconds)
 #   HELIOS_STATE_DIR      writable folder for the filled repository, logs and caches (/tmp/helios)
+#   HELIOS_COMPILE_CACHE_DIR
+#                         a folder that outlives the pod for the compilers' caches (Inductor's
+#                         graphs and kernel picks, Triton-lang's binaries): a new pod on the
+#                         same GPU model and image then loads its compiled kernels instead of
+#                         compiling them (default: under HELIOS_STATE_DIR, gone with the pod)
 #   HELIOS_HOME           the installed tree with model_repository/ and weights/ (/opt/helios)
 #   HELIOS_PORTS          "HTTP GRPC METRICS" ports (default "8000 8001 8002")
 set -eu
@@ -21,6 +26,9 @@ fi
 mkdir -p "$state/home"
 # Compilers' caches (Triton-lang, Inductor) live under HOME: a writable one of our own.
 export HOME="$state/home"
+cache="${HELIOS_COMPILE_CACHE_DIR:-$state/compile-cache}"
+mkdir -p "$cache/inductor" "$cache/triton"
+export TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
 # shellcheck disable=SC2086  # HELIOS_FILL_ARGS and HELIOS_PORTS are lists
 set -- ${HELIOS_PORTS:-8000 8001 8002}
 # shellcheck disable=SC2086

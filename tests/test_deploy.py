@@ -230,6 +230,22 @@ def test_gpu_overlay_requests_a_gpu_and_fetches_its_checkpoint():
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
 
 
+def test_gpu_pods_share_a_compile_cache_that_outlives_them():
+    """gpu-14b: the compilers' caches on a ReadWriteMany claim every replica mounts, at the
+    folder the entrypoint hands the compilers (tests/test_server_lifecycle.py checks that the
+    stage processes get it); cpu-tiny keeps them in the pod."""
+    objs = render("gpu-14b")
+    spec = objs[("Deployment", "helios")]["spec"]["template"]["spec"]
+    c = _container(objs)
+    cache = _env(c)["HELIOS_COMPILE_CACHE_DIR"]
+    (name,) = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == cache]
+    claim = {v["name"]: v for v in spec["volumes"]}[name]["persistentVolumeClaim"]["claimName"]
+    pvc = objs[("PersistentVolumeClaim", claim)]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not [m for m in c["volumeMounts"] if m["mountPath"] == cache and m.get("readOnly")]
+    assert "HELIOS_COMPILE_CACHE_DIR" not in _env(_container(render("cpu-tiny")))
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_hpa_metric_is_exposed_by_the_adapter_from_live_server_metrics(overlay, server):
     hpa = render(overlay)[("HorizontalPodAutoscaler", "helios")]

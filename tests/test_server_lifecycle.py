@@ -100,10 +100,27 @@ def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _environments(program: str, marker: str) -> list[dict]:
+    """The environments of the running processes whose command line names ``program`` and
+    whose environment holds the line ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or program not in (entry / "cmdline").read_text():
+                continue
+            lines = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if marker in lines:
+            found.append(dict(line.split("=", 1) for line in lines if "=" in line))
+    return found
+
+
 def test_the_image_entrypoint_serves_as_a_non_root_user_on_a_read_only_root(tmp_path):
     """build/entrypoint.sh as the cpu-tiny pod runs it (uid 1000, every file of the tree owned
     by root and read-only, writes only to /tmp and /dev/shm): it fills the repository, serves
-    a stream, and drains to exit code 0 on SIGTERM."""
+    a stream, and drains to exit code 0 on SIGTERM. Its stage processes, where the compilers
+    run on a GPU, find their caches in HELIOS_COMPILE_CACHE_DIR."""
     from helios_client import HeliosClient  # noqa: PLC0415
 
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
@@ -115,7 +132,8 @@ def test_the_image_entrypoint_serves_as_a_non_root_user_on_a_read_only_root(tmp_
                        [ROOT, Path(sys.base_prefix)])
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                HELIOS_HOME=str(ROOT), HELIOS_STATE_DIR="/tmp/helios",
-               HELIOS_PORTS=f"{http} {grpc} {metrics}", HELIOS_EXIT_TIMEOUT_S="30")
+               HELIOS_PORTS=f"{http} {grpc} {metrics}", HELIOS_EXIT_TIMEOUT_S="30",
+               HELIOS_COMPILE_CACHE_DIR="/tmp/compile-cache")
     log = tmp_path / "pod.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env, stdout=out,
@@ -130,6 +148,9 @@ def test_the_image_entrypoint_serves_as_a_non_root_user_on_a_read_only_root(tmp_
         assert uid == "1000"  # the supervised server, PID of the container
         video = HeliosClient(f"127.0.0.1:{grpc}").generate("a red circle", num_frames=8, seed=0)
         assert video.shape == (8, 128, 128, 3)
+        stubs = _environments("triton_python_backend_stub", f"HELIOS_PORTS={http} {grpc} {metrics}")
+        assert stubs and all(e["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/compile-cache/inductor" and
+                             e["TRITON_CACHE_DIR"] == "/tmp/compile-cache/triton" for e in stubs)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
