@@ -335,10 +335,11 @@ def main(argv=None) -> int:
                          "error against bf16 first")
     ap.add_argument("--prefetch-plans", action="store_true",
                     help="the AR decodes in a thread on its own CUDA stream while the refiner renders")
-    ap.add_argument("--overlap-decode", action="store_true",
+    ap.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
                     help="queue the next latent frame's render before waiting for the last "
-                         "one's decoded frames (HeliosPipeline(overlap_decode=True)); renders "
-                         "and decodes are then timed by CUDA events")
+                         "one's decoded frames (HeliosPipeline(overlap_decode)); auto: on "
+                         "CUDA only, as the pipeline does by default; renders and decodes are "
+                         "then timed by CUDA events")
     ap.add_argument("--plan-tokens", type=int, default=None,
                     help="plan tokens per latent frame instead of the config's")
     ap.add_argument("--gemv-tiles", type=Path, default=None,
@@ -365,7 +366,8 @@ def main(argv=None) -> int:
         load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,
                          compile=not args.no_compile, cuda_graphs=not args.no_cuda_graphs,
-                         prefetch_plans=args.prefetch_plans, overlap_decode=args.overlap_decode)
+                         prefetch_plans=args.prefetch_plans,
+                         overlap_decode={"on": True, "off": False}.get(args.overlap_decode))
     forwards = time_forwards(pipe.ar, device)
     prompt = "a red circle moving left on a dark background"
     spec = args.speculative == "on"

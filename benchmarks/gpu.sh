@@ -45,7 +45,8 @@
 #   gemv        benchmarks/gemv.py: the AR's one-row bf16 products, a Triton-lang GEMV at a
 #               sweep of tiles against cuBLAS, per weight shape
 #   overlap-ab  fps.py for 14b with the plans prefetched, each latent frame's decode overlapped
-#               with the next one's render (--overlap-decode) or not, in turns (OVERLAP)
+#               with the next one's render (--overlap-decode on, as fps.py does by default on
+#               CUDA) or not (off), in turns (OVERLAP, default "0 1 0")
 #   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
 #               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
@@ -199,7 +200,8 @@ for part in "${parts[@]}"; do
             # not, in the order of OVERLAP (default "0 1 0": the first run on a fresh machine
             # has read slower before, so the plain one runs on both sides).
             for o in ${OVERLAP:-0 1 0}; do
-                flags=(--prefetch-plans); [ "$o" = 1 ] && flags+=(--overlap-decode)
+                flags=(--prefetch-plans --overlap-decode off)
+                [ "$o" = 1 ] && flags=(--prefetch-plans --overlap-decode on)
                 fps_run 14b "overlap_${o}_$((++runs))" 12 "${flags[@]}" || status=1
             done ;;
         tuning-ab)

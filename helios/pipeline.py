@@ -92,7 +92,7 @@ class HeliosPipeline:
                  device="cpu", low_vram: bool = False, max_streams: int = 8,
                  ar_fp8: bool = False, prefetch_plans: bool = False, refiner_fp8: bool = False,
                  compile: bool = True, cuda_graphs: bool = True, shared_ar: bool = False,
-                 overlap_decode: bool = False):
+                 overlap_decode: bool | None = None):
         self.config, self.max_streams = config, max_streams
         self.device = torch.device(device)
         self.low_vram = low_vram and self.device.type == "cuda"
@@ -147,8 +147,11 @@ class HeliosPipeline:
         # frame's noise and inputs) runs while the GPU renders instead of between its renders.
         # A chunk then leaves after the next render was queued, not after it ran: on a GPU
         # that costs the chunk the time to queue a render; on a CPU, where each call runs as it
-        # is made, it costs a render. Not with shared_ar, whose streams take turns, nor
-        # --low-vram.
+        # is made, it costs a render. So by default (None) on CUDA alone, where it gained 4 %
+        # at 14b on an H200 (docs/performance.md). Not with shared_ar, whose streams take
+        # turns, nor --low-vram.
+        if overlap_decode is None:
+            overlap_decode = self.device.type == "cuda"
         self.overlap_decode = overlap_decode and not self.low_vram and not shared_ar
         self._ar_cuda_stream = None
         if self.prefetch_plans:

@@ -135,7 +135,8 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
     """``stages = fused``: every stage of the video in the ``helios`` model's own process, as
     the in-process ``HeliosPipeline``. With the ``max_streams`` parameter at 1, one stream at a
     time: its AR backbone decodes before the refiner renders, as ``benchmarks/fps.py``
-    measures it, or beside it with the ``prefetch_plans`` parameter on. Above 1, that many
+    measures it, or beside it with the ``prefetch_plans`` parameter on; each latent frame's
+    decode queued before the next render with ``overlap_decode`` on. Above 1, that many
     streams at once (``shared_ar``): one batched AR round for all of them, renders in turn.
     The stage models are then not in the repository. Returns the pipeline after one warm-up
     video, which compiles, captures and tunes every context a stream meets (the refiner's
@@ -154,10 +155,12 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
         ar_fp8=params.get("ar_weight_quantization") == "fp8",
         refiner_fp8=params.get("refiner_weight_quantization") == "fp8",
         prefetch_plans=params.get("prefetch_plans") == "on",
+        overlap_decode=params.get("overlap_decode") == "on",
         compile=settings.compile, cuda_graphs=settings.cuda_graphs)
     attn = f", attention {attention.backend()}" if device.type == "cuda" else ""
+    overlap = "; decodes overlapped with the next render" if pipe.overlap_decode else ""
     report(f"helios: every stage loaded in {time.perf_counter() - t0:.1f} s "
-           f"({', '.join(pipe.accelerated) or 'eager'}{attn}){gpu_memory(device)}")
+           f"({', '.join(pipe.accelerated) or 'eager'}{attn}){overlap}{gpu_memory(device)}")
     warm_up(pipe, report, speculative=params.get("speculative") == "on")
     return pipe
 

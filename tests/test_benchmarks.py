@@ -48,7 +48,7 @@ def test_fps_benchmark_writes_stages_speculative_costs_and_fp8_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fps.py"), "--config", "tiny", "--device",
          "cpu", "--seconds", "0.5", "--speculative", "on", "--ar-fp8", "--refiner-fp8",
-         "--overlap-decode", "--out", str(tmp_path), "--tag", "t"],
+         "--overlap-decode", "on", "--out", str(tmp_path), "--tag", "t"],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout

@@ -70,9 +70,11 @@ def test_a_fused_server_streams_the_frames_of_the_pipeline(fused, pipe):
 
 def test_with_the_plans_prefetched_the_frames_stay_the_same(tiny_checkpoint, tmp_path, pipe):
     """``--prefetch-plans``: the AR decodes ahead in a thread of the helios process; the plan
-    tokens, so the frames, are those decoded one after the other."""
+    tokens, so the frames, are those decoded one after the other. With ``--overlap-decode on``
+    as well (a GPU's default), as one stream at a time runs on a GPU."""
     fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, True, INSTANCES, 0.5,
-                                   stages="fused", prefetch_plans=True), fused=True)
+                                   stages="fused", prefetch_plans=True, overlap_decode="on"),
+         fused=True)
     http, grpc, metrics = free_ports(3)
     srv = TritonServer(tmp_path / "repo", http, grpc, metrics, log_file=tmp_path / "server.log",
                        backends=tmp_path / "backends")
@@ -81,6 +83,7 @@ def test_with_the_plans_prefetched_the_frames_stay_the_same(tiny_checkpoint, tmp
         got = _video(HeliosClient(f"127.0.0.1:{grpc}").stream(RED, num_frames=48, seed=11))
     finally:
         srv.stop()
+    assert "decodes overlapped with the next render" in (tmp_path / "server.log").read_text()
     assert np.array_equal(got, pipe.generate_video(RED, num_frames=48, seed=11))
 
 
