@@ -24,8 +24,9 @@ if [ ! -f "$CHECKPOINT/model_index.json" ]; then
     exit 2
 fi
 mkdir -p "$state/home"
-# Compilers' caches (Triton-lang, Inductor) live under HOME: a writable one of our own.
+# A writable HOME of our own, for what writes under it.
 export HOME="$state/home"
+# The compilers' caches: where HELIOS_COMPILE_CACHE_DIR says, else in the pod's state.
 cache="${HELIOS_COMPILE_CACHE_DIR:-$state/compile-cache}"
 mkdir -p "$cache/inductor" "$cache/triton"
 export TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"

@@ -71,7 +71,7 @@ def test_a_fused_server_streams_the_frames_of_the_pipeline(fused, pipe):
 def test_with_the_plans_prefetched_the_frames_stay_the_same(tiny_checkpoint, tmp_path, pipe):
     """``--prefetch-plans``: the AR decodes ahead in a thread of the helios process; the plan
     tokens, so the frames, are those decoded one after the other. With ``--overlap-decode on``
-    as well (a GPU's default), as one stream at a time runs on a GPU."""
+    as well (the default with ``--device cuda``), which the helios process's log names."""
     fill(tmp_path / "repo", values(tiny_checkpoint, "cpu", 1, True, INSTANCES, 0.5,
                                    stages="fused", prefetch_plans=True, overlap_decode="on"),
          fused=True)
