@@ -30,6 +30,11 @@ PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 GPU_SHARE_MODELS = ("ar_backbone", "refiner", "vae_decoder")
 # What a client calls; with --stages fused these alone make the repository.
 CLIENT_MODELS = ("helios", "helios_video", "helios_update")
+# The most streams one server is filled for: with the stage models each is an instance of
+# helios (a process), and at 14b on an H200 eight already share the GPU at under 7 FPS each.
+MAX_STREAMS = 32
+# The most instances of a stage model: each is a process that holds its own weights.
+MAX_INSTANCES = 16
 
 
 def gpu_shares(items: list[str]) -> dict[str, int]:
@@ -141,6 +146,18 @@ def fill(out: Path, vals: dict[str, str], templates: Path = Path("model_reposito
     return configs
 
 
+def check_counts(max_streams: int, instances: dict[str, int], kv_fraction: float) -> None:
+    """The numeric options in their ranges, or HeliosError naming the option."""
+    if not 1 <= max_streams <= MAX_STREAMS:
+        raise HeliosError("max-streams", f"must be in [1, {MAX_STREAMS}], got {max_streams}")
+    for model, n in instances.items():
+        if not 1 <= n <= MAX_INSTANCES:
+            raise HeliosError(f"{model.replace('_', '-')}-instances",
+                              f"must be in [1, {MAX_INSTANCES}], got {n}")
+    if not 0 < kv_fraction <= 1:
+        raise HeliosError("kv-cache-free-gpu-mem-fraction", f"must be in (0, 1], got {kv_fraction}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("weights/helios-tiny"))
@@ -177,6 +194,7 @@ def main(argv=None) -> int:
     instances = {k: getattr(args, f"{k}_instances") for k in
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     try:
+        check_counts(args.max_streams, instances, args.kv_cache_free_gpu_mem_fraction)
         vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                       instances, args.kv_cache_free_gpu_mem_fraction, args.flavour,
                       args.engine_dir, args.instance_kind, args.ar_fp8, args.overlap_decode,

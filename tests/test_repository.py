@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import INSTANCES, ROOT
 from helios_triton.contract import STAGE_CONTRACT
-from helios_triton.fill_repository import fill, values
+from helios_triton.fill_repository import fill, main, values
 from helios_triton.server import prepare_backends
 
 DTYPE = model_config_pb2.DataType
@@ -79,6 +79,23 @@ def test_overlap_decode_follows_the_device_unless_given(tiny_checkpoint, tmp_pat
         if p.parent.name == "helios"]
     cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     assert cfg.parameters["overlap_decode"].string_value == expected
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--max-streams", "0"], "max-streams must be in [1, 32], got 0"),
+    (["--max-streams", "33"], "max-streams must be in [1, 32], got 33"),
+    (["--refiner-instances", "0"], "refiner-instances must be in [1, 16], got 0"),
+    (["--helios-video-instances", "17"], "helios-video-instances must be in [1, 16], got 17"),
+    (["--kv-cache-free-gpu-mem-fraction", "1.5"],
+     "kv-cache-free-gpu-mem-fraction must be in (0, 1], got 1.5"),
+    (["--kv-cache-free-gpu-mem-fraction", "nan"],
+     "kv-cache-free-gpu-mem-fraction must be in (0, 1], got nan")])
+def test_counts_out_of_range_are_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, args, line):
+    """A server filled for no stream, no instance or more KV memory than the GPU has would fail
+    at load, far from the option that caused it: the fill refuses it, naming the option."""
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "repo"), *args]) == 2
+    assert capsys.readouterr().err == f"fill_repository: error: {line}\n"
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize("model,torch_expected", [("tokenizer", False), ("helios_update", False),
