@@ -26,9 +26,17 @@ fi
 mkdir -p "$state/home"
 # A writable HOME of our own, for what writes under it.
 export HOME="$state/home"
-# The compilers' caches: where HELIOS_COMPILE_CACHE_DIR says, else in the pod's state.
+# The compilers' caches: where HELIOS_COMPILE_CACHE_DIR says, else in the pod's state. A
+# cache folder that cannot be written (a volume mounted read-only, or owned by another user)
+# costs a pod its compiles' reuse, not its start: it is reported and the state's folder used.
 cache="${HELIOS_COMPILE_CACHE_DIR:-$state/compile-cache}"
-mkdir -p "$cache/inductor" "$cache/triton"
+if ! mkdir -p "$cache/inductor" "$cache/triton" 2>/dev/null ||
+        [ ! -w "$cache/inductor" ] || [ ! -w "$cache/triton" ]; then
+    echo "helios: HELIOS_COMPILE_CACHE_DIR $cache is not writable;" \
+         "compiling into $state/compile-cache instead" >&2
+    cache="$state/compile-cache"
+    mkdir -p "$cache/inductor" "$cache/triton"
+fi
 export TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
 # shellcheck disable=SC2086  # HELIOS_FILL_ARGS and HELIOS_PORTS are lists
 set -- ${HELIOS_PORTS:-8000 8001 8002}

@@ -100,6 +100,24 @@ def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def test_the_entrypoint_compiles_into_the_pod_when_the_cache_folder_cannot_be_written(tmp_path):
+    """An unwritable HELIOS_COMPILE_CACHE_DIR is reported in one line and the pod's own folder
+    used; the fill then runs (here refused for its bad option, so that no server starts)."""
+    state = tmp_path / "state"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               HELIOS_HOME=str(ROOT), HELIOS_STATE_DIR=str(state),
+               HELIOS_CHECKPOINT=str(ROOT / "weights" / "helios-tiny"),
+               HELIOS_COMPILE_CACHE_DIR="/dev/null/cache", HELIOS_FILL_ARGS="--max-streams 0")
+    run = subprocess.run(["sh", str(ROOT / "build" / "entrypoint.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"helios: HELIOS_COMPILE_CACHE_DIR /dev/null/cache is not writable; compiling into "
+        f"{state}/compile-cache instead",
+        "fill_repository: error: max-streams must be in [1, 32], got 0"]
+    assert sorted(p.name for p in (state / "compile-cache").iterdir()) == ["inductor", "triton"]
+
+
 def _environments(program: str, marker: str) -> list[dict]:
     """The environments of the running processes whose command line names ``program`` and
     whose environment holds the line ``marker``."""
