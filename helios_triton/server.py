@@ -330,6 +330,31 @@ class TritonServer:
         self.stop()
 
 
+def bad_option(args) -> str | None:
+    """The first option out of its range, as one line naming it; None when all are in. What
+    tritonserver itself would refuse only after the launch, with an exit code."""
+    ports = {"http-port": args.http_port, "grpc-port": args.grpc_port,
+             "metrics-port": args.metrics_port}
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            return f"{name} must be in [1, 65535], got {port}"
+    if len(set(ports.values())) < 3:
+        got = ", ".join(map(str, ports.values()))
+        return f"http-port, grpc-port and metrics-port must differ, got {got}"
+    for name, value in (("ready-timeout", args.ready_timeout),
+                        ("stall-timeout-s", args.stall_timeout_s)):
+        if not value > 0:  # NaN too
+            return f"{name} must be > 0 seconds, got {value:g}"
+    if args.exit_timeout_secs < 0:
+        return f"exit-timeout-secs must be >= 0, got {args.exit_timeout_secs}"
+    if args.log_verbose < 0:
+        return f"log-verbose must be >= 0, got {args.log_verbose}"
+    if not any(args.repository.glob("*/config.pbtxt")):
+        return (f"repository {str(args.repository)!r} holds no model (no */config.pbtxt): fill "
+                f"one with python -m helios_triton.fill_repository --out {args.repository}")
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state-dir", type=Path, default=STATE,
@@ -357,6 +382,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.repository = args.repository or args.state_dir / "model_repository"
     args.log_file = args.log_file or args.state_dir / "server.log"
+    problem = bad_option(args)
+    if problem:
+        print(f"helios_triton.server: error: {problem}", file=sys.stderr)
+        return 2
     # A folder of its own per run: a daemon an earlier run could not quit does not block it.
     mps = MPS(args.state_dir / f"mps-{os.getpid()}") if args.mps else None
     target = run_around if args.run else serve

@@ -432,6 +432,22 @@ def test_the_page_streams_steers_and_downloads_in_chromium(shipped_gateway, brow
     assert len(mp4_frames(base64.b64decode(download["data"]))) == 240
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--port", "0"], "--port must be in [1, 65535], got 0"),
+    (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
+    (["--triton", "triton"], "--triton must be HOST:PORT with PORT in [1, 65535], got 'triton'"),
+    (["--triton", "triton:0"],
+     "--triton must be HOST:PORT with PORT in [1, 65535], got 'triton:0'"),
+    (["--max-age-s", "nan"], "--max-age-s must be at least 1, got nan"),
+    (["--max-sessions", "0"], "--max-sessions must be at least 1, got 0"),
+    (["--lead-s", "61"], "--lead-s must be in [0, 60], got 61")])
+def test_options_out_of_range_stop_the_gateway_in_one_line(tmp_path, capsys, args, line):
+    from helios_gateway.__main__ import main  # noqa: PLC0415
+
+    assert main(args + ["--store", str(tmp_path / "videos")]) == 2
+    assert capsys.readouterr().err == f"helios-gateway: error: {line}\n"
+
+
 def test_without_triton_the_gateway_says_so_and_is_not_ready(tmp_path):
     (closed,) = free_ports(1)
     gw = Gateway(closed, tmp_path)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import INSTANCES, ROOT, free_ports
 from helios_triton.fill_repository import fill, values
-from helios_triton.server import end_group, group_members, is_ready, port_in_use
+from helios_triton.server import end_group, group_members, is_ready, main, port_in_use
 
 
 def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint, tmp_path):
@@ -98,6 +98,34 @@ def _pod_like(command: list[str], uid: int, keep: list[Path]) -> str:
               f"exec setpriv --reuid {uid} --regid {uid} --clear-groups "
               + " ".join(map(shlex.quote, command))]
     return "\n".join(lines)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--http-port", "70000"], "http-port must be in [1, 65535], got 70000"),
+    (["--grpc-port", "8000", "--http-port", "8000"],
+     "http-port, grpc-port and metrics-port must differ, got 8000, 8000, 8002"),
+    (["--ready-timeout", "-1"], "ready-timeout must be > 0 seconds, got -1"),
+    (["--stall-timeout-s", "nan"], "stall-timeout-s must be > 0 seconds, got nan"),
+    (["--exit-timeout-secs", "-3"], "exit-timeout-secs must be >= 0, got -3")])
+def test_options_out_of_range_are_refused_before_tritonserver_starts(tmp_path, capsys, args,
+                                                                      line):
+    """Each in one line naming the option, exit code 2, and no tritonserver launched (it
+    would refuse some of them only after starting, with an exit code and no reason)."""
+    repo = tmp_path / "repo"
+    fill(repo, values(ROOT / "weights" / "helios-tiny", "cpu", 1, False, INSTANCES, 0.5))
+    assert main(["--repository", str(repo), "--state-dir", str(tmp_path), *args,
+                 "--run", "true"]) == 2
+    assert capsys.readouterr().err == f"helios_triton.server: error: {line}\n"
+    assert not (tmp_path / "server.log").exists()
+
+
+def test_a_repository_without_models_is_refused_with_the_command_that_fills_one(tmp_path, capsys):
+    assert main(["--repository", str(tmp_path / "none"), "--state-dir", str(tmp_path),
+                 "--run", "true"]) == 2
+    assert capsys.readouterr().err == (
+        f"helios_triton.server: error: repository '{tmp_path / 'none'}' holds no model (no "
+        f"*/config.pbtxt): fill one with python -m helios_triton.fill_repository --out "
+        f"{tmp_path / 'none'}\n")
 
 
 def test_the_entrypoint_compiles_into_the_pod_when_the_cache_folder_cannot_be_written(tmp_path):

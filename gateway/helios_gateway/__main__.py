@@ -15,6 +15,24 @@ from pathlib import Path
 from .app import GatewaySettings, create_app
 
 
+def bad_option(args) -> str | None:
+    """The first option out of its range, as one line naming it; None when all are in."""
+    for name, value, low in (("--max-sessions", args.max_sessions, 1),
+                             ("--max-seconds", args.max_seconds, 0.1),
+                             ("--max-store-mb", args.max_store_mb, 1),
+                             ("--max-age-s", args.max_age_s, 1)):
+        if not value >= low:  # NaN too
+            return f"{name} must be at least {low:g}, got {value:g}"
+    if not 0 <= args.lead_s <= 60:
+        return f"--lead-s must be in [0, 60], got {args.lead_s:g}"
+    if not 1 <= args.port <= 65535:
+        return f"--port must be in [1, 65535], got {args.port}"
+    host, _, port = args.triton.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"--triton must be HOST:PORT with PORT in [1, 65535], got {args.triton!r}"
+    return None
+
+
 def main(argv=None) -> int:
     d = GatewaySettings()
     ap = argparse.ArgumentParser(prog="helios-gateway", description=__doc__,
@@ -34,16 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cors-origin", action="append", default=[],
                     help="an origin whose pages may call the API (repeatable; default none)")
     args = ap.parse_args(argv)
-    for name, value, low in (("--max-sessions", args.max_sessions, 1),
-                             ("--max-seconds", args.max_seconds, 0.1),
-                             ("--max-store-mb", args.max_store_mb, 1)):
-        if value < low:
-            print(f"helios-gateway: error: {name} must be at least {low:g}, got {value:g}",
-                  file=sys.stderr)
-            return 2
-    if not 0 <= args.lead_s <= 60:
-        print(f"helios-gateway: error: --lead-s must be in [0, 60], got {args.lead_s:g}",
-              file=sys.stderr)
+    problem = bad_option(args)
+    if problem:
+        print(f"helios-gateway: error: {problem}", file=sys.stderr)
         return 2
     settings = GatewaySettings(
         triton_url=args.triton, max_sessions=args.max_sessions, store_dir=args.store,
