@@ -327,6 +327,25 @@ def test_prefetching_pipeline_gives_the_frames_of_the_sequential_one(tmp_path):
     assert (a == b).all()
 
 
+def test_overlapped_decodes_give_the_frames_of_waited_ones(tmp_path):
+    """On CUDA a pipeline queues each latent frame's decode and the next render before it waits
+    for the frames (overlap_decode, on by default there): 40 frames, with and without the
+    plans prefetched, equal those of a pipeline that waits for each decode first."""
+    from helios.checkpoint import init_checkpoint
+    from helios.pipeline import HeliosPipeline
+
+    ckpt = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
+    prompt = "a red circle moving left on a dark background"
+    waiting = HeliosPipeline.from_checkpoint(ckpt, device="cuda", compile=False,
+                                             overlap_decode=False)
+    want = waiting.generate_video(prompt, num_frames=40, seed=3)
+    for prefetch in (False, True):
+        over = HeliosPipeline.from_checkpoint(ckpt, device="cuda", compile=False,
+                                              prefetch_plans=prefetch)
+        assert over.overlap_decode and not waiting.overlap_decode
+        assert (over.generate_video(prompt, num_frames=40, seed=3) == want).all(), prefetch
+
+
 def test_refiner_mlp_takes_the_gelu_epilogue_and_keeps_its_numbers(monkeypatch):
     import torch.nn.functional as F
 
