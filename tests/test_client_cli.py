@@ -25,6 +25,9 @@ def _run(tmp_path, *extra):
     (["--output", "a.txt"], "output must be a file name ending in .mp4, .mkv, .mov, got 'a.txt'"),
     (["--output", "/nonexistent/dir/a.mp4"],
      "output must be in an existing folder, '/nonexistent/dir' is not one"),
+    (["--timeout", "0"], "argument --timeout: timeout must be a number of seconds > 0, got 0"),
+    (["--timeout", "nan"], "argument --timeout: timeout must be a number of seconds > 0, got nan"),
+    (["--timeout", "x"], "argument --timeout: timeout must be a number, got 'x'"),
 ])
 def test_a_bad_argument_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert _run(tmp_path, *argv) == 2

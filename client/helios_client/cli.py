@@ -79,6 +79,19 @@ def _int_in(name: str, low: int, high: int):
     return parse
 
 
+def _seconds(name: str):
+    """A number of seconds above 0 (finite), else one line naming the option."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds > 0, got {text}")
+        return value
+    return parse
+
+
 def _output_path(text: str) -> Path:
     """The output file: a video suffix, in a folder that exists and can be written."""
     path = Path(text)
@@ -210,7 +223,8 @@ def main(argv=None) -> int:
                    help="while the video streams, each line typed on standard input becomes "
                         "its prompt from the next latent frame on (default duration 30 s)")
     g.add_argument("--output", default="out.mp4")
-    g.add_argument("--timeout", type=float, default=600, help="seconds without a response")
+    g.add_argument("--timeout", type=_seconds("timeout"), default=600,
+                   help="seconds without a response")
     g.add_argument("--no-progress", action="store_true")
     try:
         args = ap.parse_args(argv)
