@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from helios import attention
 from helios.checkpoint import random_components
 from helios.ar_backbone import use_gemv
-from helios.ar_runtime import ARRuntime
+from helios.ar_runtime import ARRuntime, tune_steps
 from helios.config import get_config, with_plan_tokens
 from helios.fp8 import quantize_ar, quantize_refiner
 from helios.pipeline import HeliosPipeline
@@ -362,6 +362,7 @@ def main(argv=None) -> int:
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
     use_gemv(settings.ar_gemv)
+    tune_steps(settings.ar_step_tuning)
     if args.gemv_tiles:
         load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,

@@ -41,12 +41,13 @@ from fps import (ceilings, floors_ms, gpu_ms, load_gemv_tiles,  # benchmarks/fps
 
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections, use_gemv
-from helios.ar_runtime import ARRuntime
+from helios.ar_runtime import ARRuntime, tune_steps
 from helios.attention import use_kernel
 from helios.checkpoint import random_components
 from helios.config import get_config
 from helios.sampling import SamplingParams
 from helios.schedule import plan_vocab_bias
+from helios.settings import from_environment
 from helios.vae import to_uint8
 
 KINDS = (("attention", ("attention", "fmha", "flash", "cudnn")),
@@ -277,6 +278,7 @@ def main(argv=None) -> int:
                          "helios::gemv, instead of helios.kernels.gemv.TILES")
     args = ap.parse_args(argv)
     parts_wanted = args.parts.split(",")
+    tune_steps(from_environment().ar_step_tuning)  # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING
     if args.gemv_tiles:
         load_gemv_tiles(args.gemv_tiles)
     device = torch.device("cuda")

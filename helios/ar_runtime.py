@@ -13,7 +13,6 @@ Every sequence samples with its own generator and its own logit bias (TensorRT-L
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -29,6 +28,16 @@ from .sampling import (SamplingParams, draw, probabilities, row_settings, sample
 # Rows feeding more positions than this are run as their own forward (prefill), so that a
 # long prompt does not pad every decode row of the batch to its length.
 _MAX_PADDED_NEW = 16
+
+# Inductor's coordinate-descent tuning for the compiled decode step (``_StaticDecode``),
+# switched by the entry points from ``Settings.ar_step_tuning``.
+_STEP_TUNING = {"on": True}
+
+
+def tune_steps(on: bool) -> None:
+    """Compile the AR decode step with Inductor's coordinate-descent tuning (on by default)
+    or without it; takes effect for steps compiled afterwards."""
+    _STEP_TUNING["on"] = on
 
 
 @dataclass
@@ -128,12 +137,11 @@ class _StaticDecode:
         (1,064 kernels to 784), for 10 s more compiling (docs/performance.md). Not for the
         refiner: its renders read the same with it, and it doubled their compile time. With the
         one-row products in ``helios::gemv`` it tunes only the kernels around them; Inductor's
-        own switch, TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0, turns it off here too (to
-        measure it: ``benchmarks/gpu.sh``'s tuning-ab)."""
+        own switch, TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0, turns it off here too
+        (``tune_steps``; to measure it: ``benchmarks/gpu.sh``'s tuning-ab)."""
         self._slots = self.view.layer_slots()
-        tuning = os.environ.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1") == "1"
         self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer",
-                                      options={"coordinate_descent_tuning": tuning})
+                                      options={"coordinate_descent_tuning": _STEP_TUNING["on"]})
         self._run = self._forward_compiled
         self._run()
 

@@ -19,6 +19,7 @@ import torch
 
 from helios import attention
 from helios.ar_backbone import use_gemv
+from helios.ar_runtime import tune_steps
 from helios.accel import accelerate
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
@@ -114,6 +115,7 @@ def load_stage(args: dict, *components: str) -> Stage:
     settings = process_settings()
     attention.use_settings(settings)
     use_gemv(settings.ar_gemv)
+    tune_steps(settings.ar_step_tuning)
     params = model_parameters(args)
     limit_gpu_share(params)
     device = model_device(args, params)
@@ -146,6 +148,7 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
 
     attention.use_settings(settings)
     use_gemv(settings.ar_gemv)
+    tune_steps(settings.ar_step_tuning)
     t0 = time.perf_counter()
     device = model_device(args, params)
     streams = int(params.get("max_streams", "1"))
