@@ -56,6 +56,7 @@ def values(checkpoint: Path, device: str, max_streams: int, speculative: bool, i
            overlap_decode: str = "auto", refiner_fp8: bool = False,
            gpu_share: dict[str, int] | None = None, stages: str = "models",
            prefetch_plans: bool = False) -> dict[str, str]:
+    check_counts(max_streams, instances, kv_fraction)
     cfg = read_config(checkpoint)
     if flavour == "tensorrt":
         device = "cuda"
@@ -194,7 +195,6 @@ def main(argv=None) -> int:
     instances = {k: getattr(args, f"{k}_instances") for k in
                  ("text_encoder", "refiner", "vae_decoder", "helios_video")}
     try:
-        check_counts(args.max_streams, instances, args.kv_cache_free_gpu_mem_fraction)
         vals = values(args.checkpoint, args.device, args.max_streams, args.speculative == "on",
                       instances, args.kv_cache_free_gpu_mem_fraction, args.flavour,
                       args.engine_dir, args.instance_kind, args.ar_fp8, args.overlap_decode,
