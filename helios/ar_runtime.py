@@ -31,12 +31,12 @@ _MAX_PADDED_NEW = 16
 
 # Inductor's coordinate-descent tuning for the compiled decode step (``_StaticDecode``),
 # switched by the entry points from ``Settings.ar_step_tuning``.
-_STEP_TUNING = {"on": True}
+_STEP_TUNING = {"on": False}
 
 
 def tune_steps(on: bool) -> None:
-    """Compile the AR decode step with Inductor's coordinate-descent tuning (on by default)
-    or without it; takes effect for steps compiled afterwards."""
+    """Compile the AR decode step with Inductor's coordinate-descent tuning or without it (the
+    default); takes effect for steps compiled afterwards."""
     _STEP_TUNING["on"] = on
 
 
@@ -130,15 +130,14 @@ class _StaticDecode:
         The cache writes stay eager (``LayerSlot``). Batch 1 compiles in static shapes, larger
         batches once more in dynamic ones. Falls back to eager if compilation fails.
 
-        With Inductor's coordinate-descent tuning: it tunes each fused kernel's tile sizes,
-        and at batch 1 it writes each one-row product as a reduction of its own, fused with
-        the RMSNorm before it or the SiLU gate and residual around it, instead of a cuBLAS
-        GEMV between them. At 14b on an H200 the captured step went from 8.21 to 7.42 ms
-        (1,064 kernels to 784), for 10 s more compiling (docs/performance.md). Not for the
-        refiner: its renders read the same with it, and it doubled their compile time. With the
-        one-row products in ``helios::gemv`` it tunes only the kernels around them; Inductor's
-        own switch, TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0, turns it off here too
-        (``tune_steps``; to measure it: ``benchmarks/gpu.sh``'s tuning-ab)."""
+        Inductor's coordinate-descent tuning (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1,
+        ``tune_steps``) tunes each fused kernel's tile sizes, and at batch 1 writes each
+        one-row product as a reduction of its own, fused with the RMSNorm before it or the
+        SiLU gate and residual around it. That took the 14b step on an H200 from 8.21 to
+        7.42 ms while cuBLAS ran the products. With the products in ``helios::gemv`` it tunes
+        only the kernels around them and no longer pays: the untuned step was as fast or
+        faster in every A/B, and compiles in a fraction of the time (docs/performance.md), so
+        it is off unless asked for (to measure it: ``benchmarks/gpu.sh``'s tuning-ab)."""
         self._slots = self.view.layer_slots()
         self._layer = CompiledOrEager(_decoder_layer, "AR decoder layer",
                                       options={"coordinate_descent_tuning": _STEP_TUNING["on"]})
@@ -158,9 +157,8 @@ class _StaticDecode:
         logits = self.model(x, self.view.positions, self.view,
                             run_layer=lambda i, layer, h, cos, sin:
                             self._layer(layer, h, cos, sin, self._slots[i]))
-        write_rows = self.view.write_rows()
-        for slot in self._slots:  # the new position's keys, eagerly: see LayerSlot
-            slot.write(write_rows)
+        # The new position's keys and values, eagerly (see LayerSlot), all layers at once.
+        self.view.write_layers(self._slots, self.view.write_rows())
         return logits
 
     def _step(self):

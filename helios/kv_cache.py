@@ -191,6 +191,7 @@ class StaticDecodeView:
         bs = cache.block_size
         self._key_pos = torch.arange(max_blocks * bs, device=dev)
         self._key_block, self._key_offset = self._key_pos // bs, self._key_pos % bs
+        self._layer_rows = None  # write_layers' first row of each layer's cache
 
     def load(self, seq_ids: list) -> None:
         """Point the static buffers at these sequences (their new position = length - 1)."""
@@ -218,13 +219,27 @@ class StaticDecodeView:
         c = self.cache
         return c.k.view(-1, *c.k.shape[2:]), c.v.view(-1, *c.v.shape[2:]), c.k.shape[1]
 
-    def write(self, layer, k, v, write_rows=None) -> None:
-        """The new position's keys and values [B, KVH, 1, D] into the cache. ``write_rows``:
-        ``write_rows()`` computed once for a step's layers (it is the same for all of them)."""
+    def write(self, layer, k, v) -> None:
+        """The new position's keys and values [B, KVH, 1, D] into the cache."""
         pool_k, pool_v, rows = self._pool()
-        rows_new = layer * rows + (self.write_rows() if write_rows is None else write_rows)
+        rows_new = layer * rows + self.write_rows()
         pool_k.index_copy_(0, rows_new, k[:, :, 0])
         pool_v.index_copy_(0, rows_new, v[:, :, 0])
+
+    def write_layers(self, slots: list["LayerSlot"], write_rows) -> None:
+        """Every layer's new keys and values (held by ``slots``, one per layer in order, after
+        a step's forward) into the cache: one copy each for K and V over all the layers'
+        rows. Against a copy per layer and pool (80 launches a 14b step, 0.23 ms on an H200,
+        2026-12-02, ``benchmarks/profile_stages.py``), which were each a few microseconds of
+        work."""
+        pool_k, pool_v, rows = self._pool()
+        if self._layer_rows is None or self._layer_rows.numel() != len(slots):
+            self._layer_rows = torch.arange(len(slots), device=pool_k.device) * rows
+        dest = (self._layer_rows[:, None] + write_rows[None, :]).reshape(-1)   # [layers x B]
+        for pool, new in ((pool_k, [s.k for s in slots]), (pool_v, [s.v for s in slots])):
+            pool.index_copy_(0, dest, torch.stack(new)[:, :, :, 0].flatten(0, 1))
+        for s in slots:
+            s.k = s.v = None
 
     def write_rows(self):
         """Each row's new position as a row of one layer's cache, [B]."""
@@ -259,7 +274,7 @@ class LayerSlot:
     A decoder layer compiled once then serves all of them: the int index the layer passes
     (its own ``layer_idx``) is ignored, so it is never baked into the compiled code. The
     compiled layer only reads the cache: the new keys and values are kept here and written
-    by ``write`` outside it (a compiled graph that mutated the cache, one of its inputs, made
+    by ``StaticDecodeView.write_layers`` outside it (a compiled graph that mutated the cache, one of its inputs, made
     the H100 decode step slower than eager: 17.4 ms against 14.8)."""
 
     def __init__(self, view: StaticDecodeView, layer: int):
@@ -270,10 +285,6 @@ class LayerSlot:
     def attend(self, _layer: int, q, k, v):
         self.k, self.v = k, v
         return self.view.read(self.index, q, k, v)
-
-    def write(self, write_rows) -> None:
-        self.view.write(self.index, self.k, self.v, write_rows)
-        self.k = self.v = None
 
 
 class ContiguousKVCache:

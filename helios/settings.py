@@ -12,7 +12,7 @@ them on. The variables:
 | ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
 | ``HELIOS_FLASH_ATTENTION`` | ``1`` | FlashAttention-4 for the refiner's attention where ``flash_attn.cute`` is installed, on a Hopper or Blackwell GPU (``0``: the Triton-lang kernel) |
 | ``HELIOS_AR_GEMV`` | ``1`` | the AR decode step's one-row bf16 products on CUDA by the Triton-lang GEMV of ``helios/kernels/gemv.py`` (``0``: nn.Linear) |
-| ``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING`` | ``1`` for the AR decode step | Inductor's own switch of its tile tuning; the compiled AR decode step tunes unless it is set to something other than ``1`` (Inductor alone tunes only where it is ``1``) |
+| ``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING`` | unset | Inductor's own switch of its tile tuning; the compiled AR decode step tunes only where it is ``1``, as Inductor does (it stopped paying once ``helios::gemv`` took the step's products: docs/performance.md) |
 | ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
 | ``HELIOS_DRAIN_FILE`` | unset | set by ``helios_triton.supervisor``: while the file exists, the helios model refuses new streams |
 | ``HELIOS_SESSIONS_DIR`` | unset | set by ``helios_triton.server``: the folder of the running streams' mailboxes for prompt updates (``helios_triton.sessions``) |
@@ -35,7 +35,7 @@ class Settings:
     attention_kernel: bool = True
     flash_attention: bool = True
     ar_gemv: bool = True
-    ar_step_tuning: bool = True
+    ar_step_tuning: bool = False
     stacks_dir: Path | None = None
     drain_file: Path | None = None
     sessions_dir: Path | None = None
@@ -60,7 +60,7 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
         flash_attention=_switch(env, "HELIOS_FLASH_ATTENTION"),
         ar_gemv=_switch(env, "HELIOS_AR_GEMV"),
-        ar_step_tuning=env.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1") == "1",
+        ar_step_tuning=env.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0") == "1",
         stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,
         drain_file=Path(env["HELIOS_DRAIN_FILE"]) if env.get("HELIOS_DRAIN_FILE") else None,
         sessions_dir=Path(env["HELIOS_SESSIONS_DIR"]) if env.get("HELIOS_SESSIONS_DIR") else None,

@@ -99,12 +99,12 @@ def test_the_attention_switches_are_read_from_the_environment():
         from_environment({"HELIOS_FLASH_ATTENTION": "yes"})
 
 
-def test_the_ar_steps_tuning_follows_inductors_own_switch_on_by_default():
+def test_the_ar_steps_tuning_follows_inductors_own_switch_off_by_default():
     """TORCHINDUCTOR_COORDINATE_DESCENT_TUNING, read where every switch is read: the AR decode
-    step tunes unless it is set to something other than 1."""
+    step tunes only where it is 1, as Inductor does."""
     from helios.settings import from_environment
 
-    assert from_environment({}).ar_step_tuning is True
+    assert from_environment({}).ar_step_tuning is False
     assert from_environment({"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}).ar_step_tuning
     assert from_environment({"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "0"}).ar_step_tuning is False
 
