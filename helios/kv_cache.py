@@ -229,9 +229,9 @@ class StaticDecodeView:
     def write_layers(self, slots: list["LayerSlot"], write_rows) -> None:
         """Every layer's new keys and values (held by ``slots``, one per layer in order, after
         a step's forward) into the cache: one copy each for K and V over all the layers'
-        rows. Against a copy per layer and pool (80 launches a 14b step, 0.23 ms on an H200,
-        2026-12-02, ``benchmarks/profile_stages.py``), which were each a few microseconds of
-        work."""
+        rows. A copy per layer and pool was 80 launches of a few microseconds each in a 14b
+        step; the one write took 0.46-0.57 ms off its captured replay on an H200
+        (docs/performance.md)."""
         pool_k, pool_v, rows = self._pool()
         if self._layer_rows is None or self._layer_rows.numel() != len(slots):
             self._layer_rows = torch.arange(len(slots), device=pool_k.device) * rows
@@ -274,8 +274,8 @@ class LayerSlot:
     A decoder layer compiled once then serves all of them: the int index the layer passes
     (its own ``layer_idx``) is ignored, so it is never baked into the compiled code. The
     compiled layer only reads the cache: the new keys and values are kept here and written
-    by ``StaticDecodeView.write_layers`` outside it (a compiled graph that mutated the cache, one of its inputs, made
-    the H100 decode step slower than eager: 17.4 ms against 14.8)."""
+    by ``StaticDecodeView.write_layers`` outside it (a compiled graph that mutated the cache,
+    one of its inputs, made the H100 decode step slower than eager: 17.4 ms against 14.8)."""
 
     def __init__(self, view: StaticDecodeView, layer: int):
         self.view = view
