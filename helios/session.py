@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,16 @@ from .tokenizer import tokenize
 class Switch:
     frame: int    # the first video frame generated under ``prompt``
     prompt: str
+    # Wall-clock times (time.time()) of the update reaching the stream and of the switch at
+    # its boundary: what a server logs of where a switch's time went (not compared).
+    sent_at: float | None = field(default=None, compare=False)
+    applied_at: float | None = field(default=None, compare=False)
+
+    def timing(self, out_at: float) -> str:
+        """Where this switch's time went, given when its first frame left (``out_at``)."""
+        return (f"applied {(self.applied_at - self.sent_at) * 1e3:.0f} ms after the update "
+                f"reached the stream, its first frame out {(out_at - self.applied_at) * 1e3:.0f}"
+                f" ms later")
 
 
 def check_frame(value, num_frames: int) -> int:
@@ -59,15 +70,17 @@ class PromptSwitches:
         self.num_latent = cfg.num_latent_frames(num_frames)
         self.max_prompt_bytes = cfg.text_encoder.max_prompt_bytes
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, int, str]] = []  # (latent index, order sent, prompt)
+        self._pending: list[tuple] = []  # (latent index, order sent, prompt, sent_at)
         self._sent = 0
         self._next = 0        # the first latent frame whose prompt is not decided yet
         self._ended = False
         self.applied: list[Switch] = []
 
-    def update(self, prompt: str, at_frame: int | None = None) -> int:
+    def update(self, prompt: str, at_frame: int | None = None,
+               sent_at: float | None = None) -> int:
         """Schedule ``prompt``; returns the frame from which it will hold. Raises HeliosError
-        (field ``prompt``, ``at_frame`` or ``session``) for a bad or late update."""
+        (field ``prompt``, ``at_frame`` or ``session``) for a bad or late update.
+        ``sent_at``: when the update was sent to the stream (time.time(); default now)."""
         tokenize(prompt, self.max_prompt_bytes)
         if at_frame is not None:
             at_frame = check_frame(at_frame, self.num_frames)
@@ -86,7 +99,8 @@ class PromptSwitches:
                 raise HeliosError("at_frame" if at_frame is not None else "session",
                                   "is past the video's last latent frame: nothing is left "
                                   "to generate under a new prompt")
-            self._pending.append((latent, self._sent, prompt))
+            self._pending.append((latent, self._sent, prompt,
+                                  time.time() if sent_at is None else sent_at))
             self._sent += 1
             return latent * self.frames_per_latent
 
@@ -98,8 +112,9 @@ class PromptSwitches:
             if not now:
                 return None
             self._pending = [p for p in self._pending if p[0] > latent]
-            prompt = max(now, key=lambda p: p[1])[2]
-            self.applied.append(Switch(latent * self.frames_per_latent, prompt))
+            _, _, prompt, sent_at = max(now, key=lambda p: p[1])
+            self.applied.append(Switch(latent * self.frames_per_latent, prompt, sent_at,
+                                       time.time()))
             return prompt
 
     def end(self) -> None:

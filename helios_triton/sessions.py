@@ -53,6 +53,14 @@ def _write(path: Path, entry: dict) -> None:
     os.replace(tmp, path)  # readers see the whole file or none
 
 
+def _sent_at(name: str) -> float | None:
+    """When an update file was written (``send_update`` names it after time.time_ns())."""
+    try:
+        return int(name[2:22]) / 1e9
+    except ValueError:
+        return None
+
+
 class Mailbox:
     """The mailbox of one running stream; ``switches`` receives what arrives in it."""
 
@@ -75,7 +83,8 @@ class Mailbox:
             path = self.folder / name
             try:
                 entry = json.loads(path.read_text())
-                frame = self.switches.update(entry["prompt"], entry.get("at_frame"))
+                frame = self.switches.update(entry["prompt"], entry.get("at_frame"),
+                                             sent_at=_sent_at(name))
                 answer = {"frame": frame}
             except HeliosError as e:
                 answer = {"error": str(e)}

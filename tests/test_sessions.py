@@ -2,6 +2,7 @@
 session API, the same switch through Triton (helios_update), bad updates through every
 interface, and what a switch leaves behind (nothing)."""
 
+import re
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import live_metrics, metric, steer
 from helios.errors import HeliosError
-from helios.session import PromptSwitches, scripted
+from helios.session import PromptSwitches, Switch, scripted
 from helios_client.api import HeliosClient, RequestError, new_session_id
 
 CLIENT = [sys.executable, "-m", "helios_client.cli"]
@@ -32,6 +33,35 @@ def test_an_update_holds_from_the_next_latent_boundary(tiny_config):
     assert s.update(GREEN) == 16                      # the next undecided latent frame
     assert s.due(4) == GREEN
     assert [(x.frame, x.prompt) for x in s.applied] == [(12, BLUE), (16, GREEN)]
+
+
+def test_a_switch_records_when_its_update_came_and_when_it_was_applied(tiny_config, tmp_path):
+    """The times a server logs of each switch: the update's, from the name of its mailbox
+    file, and the boundary's; they are not part of what a switch is."""
+    from helios_triton.sessions import Mailbox, send_update
+
+    s = PromptSwitches(tiny_config, num_frames=40)
+    s.update(BLUE, at_frame=8, sent_at=100.0)
+    before = time.time()
+    assert s.due(2) == BLUE
+    (switch,) = s.applied
+    assert switch == Switch(8, BLUE) and switch.sent_at == 100.0
+    assert before <= switch.applied_at <= time.time()
+    assert switch.timing(switch.applied_at + 0.25) == (
+        f"applied {(switch.applied_at - 100) * 1e3:.0f} ms after the update reached the "
+        f"stream, its first frame out 250 ms later")
+
+    s = PromptSwitches(tiny_config, num_frames=40)
+    mailbox = Mailbox(tmp_path, "s1", s)
+    sent = time.time()
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(send_update(tmp_path, "s1", GREEN, 12)))
+    t.start()
+    time.sleep(0.3)
+    assert mailbox.poll() == 1
+    t.join(10)
+    assert answer == [12] and s.due(3) == GREEN
+    assert sent <= s.applied[0].sent_at <= sent + 0.3 < s.applied[0].applied_at
 
 
 def test_the_last_update_due_at_a_boundary_wins(tiny_config):
@@ -268,6 +298,9 @@ def test_the_same_switch_gives_the_same_frames_in_process_and_through_triton(ser
     steering.join(10)
     want = _video(pipe.generate(RED, num_frames=64, seed=7, prompt_at=[(32 / 24, BLUE)]))
     assert np.array_equal(got, want)
+    # The server's log says where the switch's time went.
+    assert re.search(r"prompt switched at frame 32: applied \d+ ms after the update reached "
+                     r"the stream, its first frame out \d+ ms later", server.log_file.read_text())
     # The session is gone with its stream.
     with pytest.raises(RequestError) as e:
         _update(server, session_id, GREEN)

@@ -168,7 +168,7 @@ class TritonPythonModel:
                                       self.watch)
         else:
             stages = TritonStages(self.config, self.speculative, self.slot_bias, self.watch)
-        sent, final = 0, False
+        sent, final, timed = 0, False, 0  # timed: the switches whose first frame went out
         wanted = request.requested_output_names()
         outbox = _Outbox(sender, threaded=self.pipeline is not None)
 
@@ -192,12 +192,16 @@ class TritonPythonModel:
                     outbox.send(pb_utils.InferenceResponse(
                         [pb_utils.Tensor(k, v) for k, v in out.items()]))
                 sent += len(chunk.frames)
+                for switch in [] if switches is None else switches.applied[timed:]:
+                    if switch.frame >= sent:
+                        break
+                    timed += 1
+                    pb_utils.Logger.log_info(f"helios {rid}: prompt switched at frame "
+                                             f"{switch.frame}: {switch.timing(time.time())}")
                 if sent % (4 * req.fps) < len(chunk.frames) or chunk.final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
             if not last:
                 pb_utils.Logger.log_info(f"helios {rid}: cancelled after {sent} frames")
-            for switch in [] if switches is None else switches.applied:
-                pb_utils.Logger.log_info(f"helios {rid}: prompt switched at frame {switch.frame}")
             # The final flag goes out alone, once the schedule has ended: the last chunk (FINAL
             # true) leaves while the ar_backbone BLS stream still owes its own final response,
             # and a BLS stream that outlives its parent request's final response crashes the
