@@ -137,7 +137,7 @@ server_run() {  # server_run TAG CONFIG STREAMS...
                 --config "$config" --server "$fill" --metrics-url http://localhost:8002/metrics \
                 --stats-url localhost:8000 --out "$dir"; a=$?
             python3 benchmarks/switch_latency.py --seconds "$seconds" --config "$config" \
-                --server "$fill" --out "$dir"; b=$?
+                --server "$fill" --server-log "$dir/server.log" --out "$dir"; b=$?
             nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv \
                 > "$dir/gpu_processes.csv"; nvidia-smi > "$dir/nvidia_smi.txt"
             exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "$fill" "${streams[@]}"

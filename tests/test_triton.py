@@ -374,7 +374,8 @@ def test_client_fps_counts_the_ar_rounds_and_profiles_each_level(server, tiny_co
 def test_switch_latency_times_each_update(server, tiny_config, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "switch_latency.py"), "--url",
-         f"127.0.0.1:{server.grpc}", "--seconds", "3", "--every", "1", "--out", str(tmp_path)],
+         f"127.0.0.1:{server.grpc}", "--seconds", "3", "--every", "1", "--out", str(tmp_path),
+         "--server-log", str(server.log_file)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "switch_latency.json").read_text())
@@ -382,6 +383,10 @@ def test_switch_latency_times_each_update(server, tiny_config, tmp_path):
     for u in result["updates"]:
         assert u["error"] is None and u["frame"] % tiny_config.frames_per_latent == 0
         assert 0 < u["answer_ms"] <= u["first_frame_ms"]
+        # The server's split of the same switch: both parts inside what the client measured
+        # (the server's clock starts later and stops earlier), to the millisecond it logs.
+        assert 0 <= u["boundary_ms"] + u["server_ms"] <= u["first_frame_ms"] + 2
+    assert "to its boundary ms" in run.stdout and result["server_median_ms"] is not None
 
 
 @pytest.mark.parametrize("method,path,body", [
