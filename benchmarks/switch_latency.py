@@ -45,6 +45,9 @@ def main(argv=None) -> int:
                     help="the server's log file: each switch's time as the server logged it")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.server_log is not None and not args.server_log.is_file():
+        ap.error(f"--server-log must be the server's log file, got {str(args.server_log)!r} "
+                 f"(not a file)")
     log_from = args.server_log.stat().st_size if args.server_log else 0  # this run's lines
 
     session_id = new_session_id()

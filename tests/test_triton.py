@@ -387,6 +387,14 @@ def test_switch_latency_times_each_update(server, tiny_config, tmp_path):
         # (the server's clock starts later and stops earlier), to the millisecond it logs.
         assert 0 <= u["boundary_ms"] + u["server_ms"] <= u["first_frame_ms"] + 2
     assert "to its boundary ms" in run.stdout and result["server_median_ms"] is not None
+    # A log that is not there: one line naming the option, before any stream starts.
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "switch_latency.py"), "--url",
+         f"127.0.0.1:{server.grpc}", "--server-log", str(tmp_path / "nothing.log")],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1] == (
+        f"switch_latency.py: error: --server-log must be the server's log file, got "
+        f"{str(tmp_path / 'nothing.log')!r} (not a file)")
 
 
 @pytest.mark.parametrize("method,path,body", [
