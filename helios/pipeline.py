@@ -487,13 +487,21 @@ class _Turns:
 class _Prefetch:
     """Iterates ``source`` in a thread, up to ``depth`` items ahead of the consumer, on
     ``stream`` (a CUDA stream, or None). Errors reach the consumer at the item where they
-    happened; close() stops the thread and closes ``source`` there."""
+    happened; close() stops the thread and closes ``source`` there.
+
+    After the first item the thread waits until the consumer asks for the second: the first
+    plan's render (a stream's first chunk, or the first under a new prompt) then has the GPU
+    to itself, where the AR's steps decoding ahead on their high-priority stream would take
+    turns with it. With them, that render took 104 ms of a 14b stream's first frame on an
+    H200 against 58 ms alone (``fps.py``'s first frame by stage, 2026-12-03)."""
 
     _END = object()
 
     def __init__(self, source: Iterator, stream, depth: int):
         self.items: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
+        self.asked = 0                  # items the consumer has asked for
+        self.ahead = threading.Event()  # set when it asks for the second
         if stream is not None:  # what the consumer's stream wrote so far (the prompt prefix)
             stream.wait_stream(torch.cuda.current_stream(stream.device))
         self.thread = threading.Thread(target=self._run, args=(source, stream), daemon=True,
@@ -505,14 +513,19 @@ class _Prefetch:
         error = None
         with ctx, torch.no_grad():
             try:
-                for item in source:
-                    if not self._put((item, None)):
+                for i, item in enumerate(source):
+                    if not self._put((item, None)) or (i == 0 and not self._hold()):
                         return
             except BaseException as e:  # handed to the consumer
                 error = e
             finally:
                 source.close()
         self._put((self._END, error))
+
+    def _hold(self) -> bool:
+        """Wait until the consumer asks for the second item; False if closed meanwhile."""
+        self.ahead.wait()
+        return not self.stop.is_set()
 
     def _put(self, entry) -> bool:
         while not self.stop.is_set():
@@ -529,6 +542,9 @@ class _Prefetch:
     def __next__(self):
         if self.stop.is_set():
             raise StopIteration
+        self.asked += 1
+        if self.asked == 2:
+            self.ahead.set()
         item, error = self.items.get()
         if item is self._END:
             self.stop.set()
@@ -539,6 +555,7 @@ class _Prefetch:
 
     def close(self):
         self.stop.set()
+        self.ahead.set()  # a thread holding after the first item stops at once
         self.thread.join()
 
 

@@ -1,5 +1,7 @@
 """The streaming pipeline: determinism, streaming, bounded memory, image-to-video."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +172,43 @@ def test_prefetched_plans_give_the_same_video(pipe):
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert np.array_equal(fast.generate_video(PROMPT, num_frames=40, seed=2, image=image),
                           pipe.generate_video(PROMPT, num_frames=40, seed=2, image=image))
+
+
+def test_the_prefetcher_decodes_ahead_once_the_second_plan_is_asked_for():
+    """The AR's thread hands over the first plan, then waits until the consumer asks for the
+    second before decoding ahead (so that the first render runs alone), then runs up to its
+    depth ahead; closed while it waits, it stops and closes its source."""
+    from helios.pipeline import _Prefetch
+
+    produced, closed = [], []
+
+    def source():
+        try:
+            for i in range(10):
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    ahead = _Prefetch(source(), None, depth=3)
+    assert next(ahead) == 0
+    time.sleep(0.3)
+    assert produced == [0]                # held after the first plan
+    assert next(ahead) == 1
+    deadline = time.monotonic() + 10
+    while len(produced) < 6:              # then 3 queued, and a fourth waiting to be
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert produced == list(range(6))
+    assert list(ahead) == list(range(2, 10)) and closed == [True]
+    ahead.close()
+
+    produced.clear(), closed.clear()
+    held = _Prefetch(source(), None, depth=3)
+    assert next(held) == 0
+    held.close()
+    assert produced == [0] and closed == [True] and not held.thread.is_alive()
 
 
 def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
