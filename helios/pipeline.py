@@ -492,8 +492,8 @@ class _Prefetch:
     After the first item the thread waits until the consumer asks for the second: the first
     plan's render (a stream's first chunk, or the first under a new prompt) then has the GPU
     to itself, where the AR's steps decoding ahead on their high-priority stream would take
-    turns with it. With them, that render took 77-105 ms of a 14b stream's first frame on an
-    H200, against 50-51 ms without this thread (``fps.py``'s first frame by stage,
+    turns with it. With them, that render took 77-117 ms of a 14b stream's first frame on an
+    H200, against 50-59 ms without this thread (``fps.py``'s first frame by stage,
     2026-12-02 and 03)."""
 
     _END = object()
