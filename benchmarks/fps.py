@@ -26,10 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from helios import attention
+from helios import ar_runtime, attention
 from helios.checkpoint import random_components
-from helios.ar_backbone import use_gemv
-from helios.ar_runtime import ARRuntime, tune_steps
+from helios.ar_runtime import ARRuntime
 from helios.config import get_config, with_plan_tokens
 from helios.fp8 import quantize_ar, quantize_refiner
 from helios.pipeline import HeliosPipeline
@@ -361,8 +360,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     fp8 = fp8_error(cfg, parts["ar_backbone"], device) if args.ar_fp8 else None
     rf8 = refiner_fp8_error(cfg, parts["refiner"], device) if args.refiner_fp8 else None
-    use_gemv(settings.ar_gemv)
-    tune_steps(settings.ar_step_tuning)
+    ar_runtime.use_settings(settings)
     if args.gemv_tiles:
         load_gemv_tiles(args.gemv_tiles)
     pipe = TimedPipeline(cfg, **parts, device=device, max_streams=1, low_vram=args.low_vram,

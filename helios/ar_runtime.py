@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .accel import CompiledOrEager
-from .ar_backbone import ARBackbone
+from .ar_backbone import ARBackbone, use_gemv
 from .kv_cache import PagedKVCache, StaticDecodeView, host_to_device
 from .sampling import (SamplingParams, draw, probabilities, row_settings, sample_rows,
                        speculative_accept, uses_filters)
@@ -32,6 +32,14 @@ _MAX_PADDED_NEW = 16
 # Inductor's coordinate-descent tuning for the compiled decode step (``_StaticDecode``),
 # switched by the entry points from ``Settings.ar_step_tuning``.
 _STEP_TUNING = {"on": False}
+
+
+def use_settings(settings) -> None:
+    """The AR's process-wide switches from an entry point's ``helios.settings.Settings``: its
+    one-row products by ``helios::gemv`` (``ar_backbone.use_gemv``) and the decode step's
+    tuning (``tune_steps``)."""
+    use_gemv(settings.ar_gemv)
+    tune_steps(settings.ar_step_tuning)
 
 
 def tune_steps(on: bool) -> None:

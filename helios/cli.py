@@ -157,14 +157,12 @@ def _parser() -> argparse.ArgumentParser:
 def load_pipeline(checkpoint: Path, device: str, **kw):
     """The pipeline with the speed switches of the environment (``helios.settings``)."""
     from . import attention  # noqa: PLC0415
-    from .ar_backbone import use_gemv  # noqa: PLC0415
-    from .ar_runtime import tune_steps  # noqa: PLC0415
+    from . import ar_runtime  # noqa: PLC0415
     from .pipeline import HeliosPipeline  # noqa: PLC0415
 
     settings = from_environment()
     attention.use_settings(settings)
-    use_gemv(settings.ar_gemv)
-    tune_steps(settings.ar_step_tuning)
+    ar_runtime.use_settings(settings)
     return HeliosPipeline.from_checkpoint(checkpoint, device=device, compile=settings.compile,
                                           cuda_graphs=settings.cuda_graphs, **kw)
 

@@ -18,8 +18,7 @@ from typing import Callable
 import torch
 
 from helios import attention
-from helios.ar_backbone import use_gemv
-from helios.ar_runtime import tune_steps
+from helios import ar_runtime
 from helios.accel import accelerate
 from helios.checkpoint import load_component, read_config
 from helios.errors import HeliosError
@@ -114,8 +113,7 @@ def load_stage(args: dict, *components: str) -> Stage:
     """Read the model's parameters and load ``components`` of its checkpoint onto its device."""
     settings = process_settings()
     attention.use_settings(settings)
-    use_gemv(settings.ar_gemv)
-    tune_steps(settings.ar_step_tuning)
+    ar_runtime.use_settings(settings)
     params = model_parameters(args)
     limit_gpu_share(params)
     device = model_device(args, params)
@@ -147,8 +145,7 @@ def load_pipeline(args: dict, params: dict, settings: Settings, report: Callable
     from helios.pipeline import HeliosPipeline  # the fused mode alone needs every stage's code
 
     attention.use_settings(settings)
-    use_gemv(settings.ar_gemv)
-    tune_steps(settings.ar_step_tuning)
+    ar_runtime.use_settings(settings)
     t0 = time.perf_counter()
     device = model_device(args, params)
     streams = int(params.get("max_streams", "1"))
