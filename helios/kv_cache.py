@@ -191,7 +191,8 @@ class StaticDecodeView:
         bs = cache.block_size
         self._key_pos = torch.arange(max_blocks * bs, device=dev)
         self._key_block, self._key_offset = self._key_pos // bs, self._key_pos % bs
-        self._layer_rows = None  # write_layers' first row of each layer's cache
+        # Each layer's first row in the flat pools (``_pool``), for ``write_layers``.
+        self._layer_rows = torch.arange(cache.k.shape[0], device=dev) * cache.k.shape[1]
 
     def load(self, seq_ids: list) -> None:
         """Point the static buffers at these sequences (their new position = length - 1)."""
@@ -227,14 +228,12 @@ class StaticDecodeView:
         pool_v.index_copy_(0, rows_new, v[:, :, 0])
 
     def write_layers(self, slots: list["LayerSlot"], write_rows) -> None:
-        """Every layer's new keys and values (held by ``slots``, one per layer in order, after
+        """Every layer's new keys and values (held by ``slots``, every layer's in order, after
         a step's forward) into the cache: one copy each for K and V over all the layers'
         rows. A copy per layer and pool was 80 launches of a few microseconds each in a 14b
         step; the one write took 0.46-0.57 ms off its captured replay on an H200
         (docs/performance.md)."""
-        pool_k, pool_v, rows = self._pool()
-        if self._layer_rows is None or self._layer_rows.numel() != len(slots):
-            self._layer_rows = torch.arange(len(slots), device=pool_k.device) * rows
+        pool_k, pool_v, _ = self._pool()
         dest = (self._layer_rows[:, None] + write_rows[None, :]).reshape(-1)   # [layers x B]
         for pool, new in ((pool_k, [s.k for s in slots]), (pool_v, [s.v for s in slots])):
             pool.index_copy_(0, dest, torch.stack(new)[:, :, :, 0].flatten(0, 1))
