@@ -53,14 +53,6 @@ def _write(path: Path, entry: dict) -> None:
     os.replace(tmp, path)  # readers see the whole file or none
 
 
-def _sent_at(name: str) -> float | None:
-    """When an update file was written (``send_update`` names it after time.time_ns())."""
-    try:
-        return int(name[2:22]) / 1e9
-    except ValueError:
-        return None
-
-
 class Mailbox:
     """The mailbox of one running stream; ``switches`` receives what arrives in it."""
 
@@ -84,7 +76,7 @@ class Mailbox:
             try:
                 entry = json.loads(path.read_text())
                 frame = self.switches.update(entry["prompt"], entry.get("at_frame"),
-                                             sent_at=_sent_at(name))
+                                             sent_at=entry.get("sent_at"))
                 answer = {"frame": frame}
             except HeliosError as e:
                 answer = {"error": str(e)}
@@ -126,7 +118,8 @@ def send_update(root: Path | None, session_id, prompt: str, at_frame: int | None
         raise HeliosError("SESSION_ID", f"{session_id!r} names no running stream")
     key = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
     try:
-        _write(folder / f"u-{key}", {"prompt": prompt, "at_frame": at_frame})
+        _write(folder / f"u-{key}", {"prompt": prompt, "at_frame": at_frame,
+                                     "sent_at": time.time()})
     except FileNotFoundError:
         raise HeliosError("SESSION_ID", f"{session_id!r} names no running stream") from None
     answer, deadline = folder / f"a-{key}", time.monotonic() + timeout_s

@@ -36,8 +36,8 @@ def test_an_update_holds_from_the_next_latent_boundary(tiny_config):
 
 
 def test_a_switch_records_when_its_update_came_and_when_it_was_applied(tiny_config, tmp_path):
-    """The times a server logs of each switch: the update's, from the name of its mailbox
-    file, and the boundary's; they are not part of what a switch is."""
+    """The times a server logs of each switch: the update's, from its mailbox file, and the
+    boundary's; they are not part of what a switch is."""
     from helios_triton.sessions import Mailbox, send_update
 
     s = PromptSwitches(tiny_config, num_frames=40)
