@@ -70,7 +70,8 @@ class PromptSwitches:
         self.num_latent = cfg.num_latent_frames(num_frames)
         self.max_prompt_bytes = cfg.text_encoder.max_prompt_bytes
         self._lock = threading.Lock()
-        self._pending: list[tuple] = []  # (latent index, order sent, prompt, sent_at)
+        # (latent index, order sent, prompt, when it was sent)
+        self._pending: list[tuple[int, int, str, float]] = []
         self._sent = 0
         self._next = 0        # the first latent frame whose prompt is not decided yet
         self._ended = False
