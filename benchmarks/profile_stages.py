@@ -227,13 +227,18 @@ def vae_decode(cfg, vae, device, flop_rate: float) -> dict:
 def inductor_search() -> dict:
     """How widely Inductor's tuning searches each kernel's configuration in this process
     (its environment variables: TORCHINDUCTOR_COORDINATE_DESCENT_RADIUS,
-    ..._CHECK_ALL_DIRECTIONS, TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE)."""
+    ..._CHECK_ALL_DIRECTIONS, TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE), and whether its matrix
+    products are autotuned among cuBLAS and its Triton templates (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM,
+    ..._BACKENDS, ENABLE_PERSISTENT_TMA_MATMUL)."""
     from torch._inductor import config  # noqa: PLC0415
 
     return {"coordinate_descent_search_radius": config.coordinate_descent_search_radius,
             "coordinate_descent_check_all_directions":
                 config.coordinate_descent_check_all_directions,
-            "max_autotune_pointwise": config.max_autotune_pointwise}
+            "max_autotune_pointwise": config.max_autotune_pointwise,
+            "max_autotune_gemm": config.max_autotune_gemm,
+            "max_autotune_gemm_backends": config.max_autotune_gemm_backends,
+            "persistent_tma_matmul": config.triton.enable_persistent_tma_matmul}
 
 
 def table(title: str, r: dict) -> None:

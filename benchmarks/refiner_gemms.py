@@ -1,0 +1,131 @@
+"""The refiner's four matrix products at 14b's 720p rows, each in the ways a GPU can run it.
+
+    python benchmarks/refiner_gemms.py --out results/ [--rows 3600]
+
+A 14b render runs 60 of each (3 steps of 20 blocks): the q/k/v projection (2048 -> 6144),
+the attention's output projection (2048 -> 2048), fc1 with its tanh GELU (2048 -> 8192) and
+fc2 (8192 -> 2048), all with a bias, on 3600 rows (one latent frame's tokens). In a kernel
+profile of a render (docs/performance.md) fc2 ran at about 860 TFLOP/s and fc1 at about 650,
+with the same FLOPs: the products whose inner dimension is 2048 lose against the one whose
+inner dimension is 8192. Each product is timed as:
+
+- ``cuBLAS``: ``F.linear`` (fc1: ``helios::linear_gelu``, the GELU in cuBLASLt's epilogue), as
+  the compiled refiner runs it today;
+- ``cuBLAS, transposed``: the same product computed as ``W x^T`` (its output transposed),
+  which gives cuBLAS the other operand order and so other tiles;
+- ``Inductor, Triton templates``: ``torch.compile`` with ``max_autotune`` and the Triton GEMM
+  templates alone (the persistent TMA template on), the bias and GELU in the template's
+  epilogue: what the fastest Triton-lang kernel Inductor knows reaches;
+- ``Inductor, best of cuBLAS and Triton``: the same autotuning with ATen's kernels among the
+  choices, as ``max_autotune`` would pick for the refiner.
+
+Median times of CUDA-graph replays (triton.testing.do_bench_cudagraph), bf16, random inputs,
+each against the measured bf16 matrix rate (an 8192^3 product, as benchmarks/fps.py measures
+it) and with its largest error against float32. A table, and JSON naming the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+from fp8_gemv import about  # benchmarks/fp8_gemv.py
+from fps import ceilings, write_result  # benchmarks/fps.py
+from helios.refiner import _linear_gelu
+
+SHAPES = (("qkv", 2048, 6144, False), ("proj", 2048, 2048, False),
+          ("fc1+GELU", 2048, 8192, True), ("fc2", 8192, 2048, False))
+
+
+def _reference(x, w, b, gelu: bool):
+    y = F.linear(x, w, b)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+def _inductor(gelu: bool, backends: str):
+    options = {"max_autotune": True, "max_autotune_gemm_backends": backends,
+               "triton.enable_persistent_tma_matmul": True}
+    return torch.compile(lambda x, w, b: _reference(x, w, b, gelu), options=options,
+                         dynamic=False)
+
+
+def variants(x, w, b, gelu: bool):
+    """(name, fn, output as [rows, out]) for one product."""
+    if gelu:
+        cublas = lambda: _linear_gelu(x, w, b)  # noqa: E731
+    else:
+        cublas = lambda: F.linear(x, w, b)  # noqa: E731
+    bt = b[:, None]
+    transposed = lambda: torch.addmm(bt, w, x.t())  # noqa: E731  [out, rows]
+    out = [("cuBLAS (as the refiner runs it)", cublas, False)]
+    if not gelu:
+        out.append(("cuBLAS, transposed (W x^T)", transposed, True))
+    triton_only, best = _inductor(gelu, "TRITON"), _inductor(gelu, "ATEN,TRITON")
+    out += [("Inductor, Triton templates", lambda: triton_only(x, w, b), False),
+            ("Inductor, best of cuBLAS and Triton", lambda: best(x, w, b), False)]
+    return out
+
+
+def rows_for(dev, m: int, rate: float) -> list[dict]:
+    rows = []
+    for name, k, n, gelu in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * k ** -0.5
+        b = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g) * 0.1
+        exact = _reference(x.float(), w.float(), b.float(), gelu)
+        flops = 2 * m * k * n
+        for variant, fn, transposed in variants(x, w, b, gelu):
+            t0 = time.perf_counter()
+            try:
+                y = fn()
+            except Exception as e:  # noqa: BLE001 - a variant the host cannot run is reported
+                print(f"{name}: {variant} failed: {type(e).__name__}: {e}", flush=True)
+                rows.append({"product": name, "variant": variant, "error": str(e)})
+                continue
+            build_s = time.perf_counter() - t0
+            y = y.t() if transposed else y
+            err = None if transposed and gelu else (y.float() - exact).abs().max().item()
+            ms = do_bench_cudagraph(fn, rep=200, return_mode="median")
+            rows.append({"product": name, "rows": m, "in": k, "out": n, "variant": variant,
+                         "ms": ms, "tflop_per_s": flops / ms / 1e9,
+                         "of_matrix_rate": flops / (ms / 1e3) / rate, "max_error": err,
+                         "first_call_s": build_s})
+            print(f"{name:<9} {variant:<38} {ms * 1e3:8.1f} us {flops / ms / 1e9:7.0f} TFLOP/s "
+                  f"({flops / (ms / 1e3) / rate:5.1%} of the matrix rate), first call "
+                  f"{build_s:.1f} s", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="folder for refiner_gemms.json")
+    ap.add_argument("--rows", type=int, nargs="+", default=[3600],
+                    help="token rows of a product (default 3600: one 720p latent frame)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("--device: this benchmark needs a CUDA GPU")
+    dev = torch.device("cuda")
+    ceil = ceilings(dev)
+    rate = ceil["bf16_matmul_flop_per_s"]
+    print(f"measured bf16 matrix rate {rate / 1e12:.0f} TFLOP/s", flush=True)
+    rows = [r for m in args.rows for r in rows_for(dev, m, rate)]
+    print(f"\n{'product':<9} {'rows':>6} {'variant':<38} {'median us':>10} {'TFLOP/s':>8} "
+          f"{'of rate':>8} {'max error':>10}")
+    for r in rows:
+        if "ms" not in r:
+            continue
+        err = "" if r["max_error"] is None else f"{r['max_error']:.2e}"
+        print(f"{r['product']:<9} {r['rows']:>6} {r['variant']:<38} {r['ms'] * 1e3:>10.1f} "
+              f"{r['tflop_per_s']:>8.0f} {r['of_matrix_rate']:>8.1%} {err:>10}")
+    write_result(args.out, "refiner_gemms.json",
+                 {**about(dev, "refiner_gemms.py", argv), "ceilings": ceil, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
