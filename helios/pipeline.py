@@ -484,6 +484,11 @@ class _Turns:
             self._cond.notify_all()
 
 
+# How often a prefetching thread that waits for room in its queue looks whether it was closed
+# meanwhile; close() does not wait for it (it makes the room).
+_PUT_POLL_S = 0.05
+
+
 class _Prefetch:
     """Iterates ``source`` in a thread, up to ``depth`` items ahead of the consumer, on
     ``stream`` (a CUDA stream, or None). Errors reach the consumer at the item where they
@@ -493,8 +498,11 @@ class _Prefetch:
     plan's render (a stream's first chunk, or the first under a new prompt) then has the GPU
     to itself, where the AR's steps decoding ahead on their high-priority stream would take
     turns with it. With them, that render took 77-117 ms of a 14b stream's first frame on an
-    H200, against 50-59 ms without this thread (``fps.py``'s first frame by stage,
-    2026-12-02 and 03)."""
+    H200; with the wait 50-54 ms, as without this thread (``fps.py``'s first frame by stage,
+    2026-12-03, docs/performance.md).
+
+    close() empties the queue, so that a thread waiting for room in it (the usual place of a
+    thread that runs ahead) stops at once instead of at its next look at ``stop``."""
 
     _END = object()
 
@@ -529,10 +537,11 @@ class _Prefetch:
         return not self.stop.is_set()
 
     def _put(self, entry) -> bool:
+        """Queue ``entry``; False once closed (an entry queued after close() stops it too)."""
         while not self.stop.is_set():
             try:
-                self.items.put(entry, timeout=0.05)
-                return True
+                self.items.put(entry, timeout=_PUT_POLL_S)
+                return not self.stop.is_set()
             except queue.Full:
                 continue
         return False
@@ -557,6 +566,11 @@ class _Prefetch:
     def close(self):
         self.stop.set()
         self.ahead.set()  # a thread holding after the first item stops at once
+        while True:       # and one waiting for room in the queue gets it
+            try:
+                self.items.get_nowait()
+            except queue.Empty:
+                break
         self.thread.join()
 
 

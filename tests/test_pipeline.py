@@ -1,5 +1,6 @@
 """The streaming pipeline: determinism, streaming, bounded memory, image-to-video."""
 
+import threading
 import time
 
 import numpy as np
@@ -211,6 +212,40 @@ def test_the_prefetcher_decodes_ahead_once_the_second_plan_is_asked_for():
     assert produced == [0] and closed == [True] and not held.thread.is_alive()
 
 
+def test_closing_the_prefetcher_stops_a_thread_waiting_for_room_at_once(monkeypatch):
+    """A thread that ran ahead and waits for room in its queue (where it spends most of a
+    stream, and where a prompt switch finds it) stops when the consumer closes it, without
+    waiting for its next look at the stop flag; it decodes nothing more and closes its
+    source. The look is made an hour apart here, so only the room close() makes can end it."""
+    import helios.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_PUT_POLL_S", 3600.0)
+    produced, closed = [], []
+
+    def source():
+        try:
+            for i in range(10):
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    ahead = pipeline._Prefetch(source(), None, depth=1)
+    assert [next(ahead), next(ahead)] == [0, 1]
+    deadline = time.monotonic() + 10
+    while len(produced) < 4:              # 2 queued, 3 made and waiting for room
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    closer = threading.Thread(target=ahead.close, daemon=True)
+    closer.start()
+    closer.join(timeout=20)
+    assert not closer.is_alive() and not ahead.thread.is_alive()
+    assert produced == [0, 1, 2, 3] and closed == [True]
+    with pytest.raises(StopIteration):
+        next(ahead)
+
+
 def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
     """overlap_decode (a latent frame decoded, the next one's render queued behind it, then
     the frames awaited) changes no frame: across AR segments, for image-to-video, for a
@@ -235,7 +270,6 @@ def test_overlapped_decodes_give_the_same_videos(pipe, monkeypatch):
 
 
 def test_prefetching_stream_closed_early_stops_its_thread_and_frees_blocks(pipe):
-    import threading
     fast = _same_models(pipe, prefetch_plans=True)
     free0 = fast.ar.cache.num_free_blocks
     stream = fast.generate(PROMPT, num_frames=80, seed=0)
