@@ -50,10 +50,6 @@
 #   refiner-gemms
 #               benchmarks/refiner_gemms.py: the refiner's four matrix products at 720p's rows,
 #               cuBLAS as the refiner runs them against Inductor's autotuned Triton templates
-#   autotune-ab benchmarks/profile_stages.py's refiner render with its matrix products as
-#               compiled by default (cuBLAS), then autotuned among cuBLAS and Inductor's Triton
-#               templates, the persistent TMA one included (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1,
-#               ENABLE_PERSISTENT_TMA_MATMUL=1; AUTOTUNE, default "0 1")
 #   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
 #               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
@@ -269,15 +265,6 @@ for part in "${parts[@]}"; do
             kernel_run fa4_tiles 400 24 || status=1 ;;
         refiner-gemms)
             kernel_run refiner_gemms 500 22 || status=1 ;;
-        autotune-ab)
-            for a in ${AUTOTUNE:-0 1}; do
-                TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=$a ENABLE_PERSISTENT_TMA_MATMUL=$a timeout 420 \
-                    python3 benchmarks/profile_stages.py --config 14b --parts refiner \
-                    --out "$out/autotune_$a" > "$out/autotune_$a.txt" 2>&1 || status=1
-                echo "-- matrix products autotuned: $a"
-                grep -iv "warn" "$out/autotune_$a.txt" | grep -v "^AUTOTUNE\|^  triton_\|^  mm \|^  addmm" |
-                    tail -30
-            done ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
@@ -293,8 +280,7 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, refiner-gemms," \
-                 "autotune-ab)" >&2; exit 2 ;;
+                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, refiner-gemms)" >&2; exit 2 ;;
     esac
 done
 exit $status
