@@ -280,7 +280,8 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, refiner-gemms)" >&2; exit 2 ;;
+                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, refiner-gemms)" >&2
+            exit 2 ;;
     esac
 done
 exit $status
