@@ -310,7 +310,9 @@ def test_low_vram_pipeline_gives_the_frames_of_the_resident_one(tmp_path):
 def test_prefetching_pipeline_gives_the_frames_of_the_sequential_one(tmp_path):
     """The AR decoding in a thread on its own high-priority stream while the refiner renders
     (prefetch_plans=True): 40 frames (two AR segments, graph-replayed decode steps) equal
-    those of the AR and refiner one after the other on one stream."""
+    those of the AR and refiner one after the other on one stream; so do 48 frames switched to
+    another prompt at 1 s, where the prefetching thread is closed and a new one starts from
+    the new prompt's prefix."""
     from helios.checkpoint import init_checkpoint
     from helios.pipeline import HeliosPipeline
 
@@ -324,6 +326,10 @@ def test_prefetching_pipeline_gives_the_frames_of_the_sequential_one(tmp_path):
     assert prefetching.ar.cuda_graphs
     a = prefetching.generate_video(prompt, num_frames=40, seed=3)
     b = sequential.generate_video(prompt, num_frames=40, seed=3)
+    assert (a == b).all()
+    switch = [(1.0, "a blue square moving up on a dark background")]
+    a = prefetching.generate_video(prompt, num_frames=48, seed=3, prompt_at=switch)
+    b = sequential.generate_video(prompt, num_frames=48, seed=3, prompt_at=switch)
     assert (a == b).all()
 
 
