@@ -175,6 +175,24 @@ def test_prefetched_plans_give_the_same_video(pipe):
                           pipe.generate_video(PROMPT, num_frames=40, seed=2, image=image))
 
 
+def _counted(n: int, produced: list, closed: list):
+    """0 .. n-1, each appended to ``produced`` as it is made; ``closed`` gets True when the
+    generator is closed or runs out: a plan source whose progress a test can watch."""
+    try:
+        for i in range(n):
+            produced.append(i)
+            yield i
+    finally:
+        closed.append(True)
+
+
+def _until_made(produced: list, n: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while len(produced) < n:
+        assert time.monotonic() < deadline, f"{len(produced)} of {n} made"
+        time.sleep(0.01)
+
+
 def test_the_prefetcher_decodes_ahead_once_the_second_plan_is_asked_for():
     """The AR's thread hands over the first plan, then waits until the consumer asks for the
     second before decoding ahead (so that the first render runs alone), then runs up to its
@@ -182,24 +200,14 @@ def test_the_prefetcher_decodes_ahead_once_the_second_plan_is_asked_for():
     from helios.pipeline import _Prefetch
 
     produced, closed = [], []
-
-    def source():
-        try:
-            for i in range(10):
-                produced.append(i)
-                yield i
-        finally:
-            closed.append(True)
+    source = lambda: _counted(10, produced, closed)  # noqa: E731
 
     ahead = _Prefetch(source(), None, depth=3)
     assert next(ahead) == 0
     time.sleep(0.3)
     assert produced == [0]                # held after the first plan
     assert next(ahead) == 1
-    deadline = time.monotonic() + 10
-    while len(produced) < 6:              # then 3 queued, and a fourth waiting to be
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _until_made(produced, 6)              # then 3 queued, and a fourth waiting to be
     time.sleep(0.3)
     assert produced == list(range(6))
     assert list(ahead) == list(range(2, 10)) and closed == [True]
@@ -221,21 +229,9 @@ def test_closing_the_prefetcher_stops_a_thread_waiting_for_room_at_once(monkeypa
 
     monkeypatch.setattr(pipeline, "_PUT_POLL_S", 3600.0)
     produced, closed = [], []
-
-    def source():
-        try:
-            for i in range(10):
-                produced.append(i)
-                yield i
-        finally:
-            closed.append(True)
-
-    ahead = pipeline._Prefetch(source(), None, depth=1)
+    ahead = pipeline._Prefetch(_counted(10, produced, closed), None, depth=1)
     assert [next(ahead), next(ahead)] == [0, 1]
-    deadline = time.monotonic() + 10
-    while len(produced) < 4:              # 2 queued, 3 made and waiting for room
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _until_made(produced, 4)              # 2 queued, 3 made and waiting for room
     time.sleep(0.2)
     closer = threading.Thread(target=ahead.close, daemon=True)
     closer.start()
