@@ -47,6 +47,9 @@
 #   overlap-ab  fps.py for 14b with the plans prefetched, each latent frame's decode overlapped
 #               with the next one's render (--overlap-decode on, as fps.py does by default on
 #               CUDA) or not (off), in turns (OVERLAP, default "0 1 0")
+#   pack-ab     fps.py for 14b with the plans prefetched, FlashAttention-4's inputs packed by
+#               one kernel (HELIOS_QKV_PACK=1, the default) or by Inductor's passes (0), in
+#               turns (PACK, default "1 0 1"; where FlashAttention-4 is installed)
 #   refiner-gemms
 #               benchmarks/refiner_gemms.py: the refiner's four matrix products at 720p's rows,
 #               cuBLAS as the refiner runs them against Inductor's autotuned Triton templates
@@ -206,6 +209,14 @@ for part in "${parts[@]}"; do
                 flags=(--prefetch-plans --overlap-decode off)
                 [ "$o" = 1 ] && flags=(--prefetch-plans --overlap-decode on)
                 fps_run 14b "overlap_${o}_$((++runs))" 12 "${flags[@]}" || status=1
+            done ;;
+        pack-ab)
+            # fps.py with the plans prefetched, FlashAttention-4's inputs packed by
+            # helios/kernels/qkv_pack.py or made by Inductor's passes, in the order of PACK
+            # (default "1 0 1").
+            for p in ${PACK:-1 0 1}; do
+                HELIOS_QKV_PACK="$p" fps_run 14b "pack_${p}_$((++runs))" 12 --prefetch-plans ||
+                    status=1
             done ;;
         tuning-ab)
             for tuned in ${TUNED:-0 1}; do

@@ -42,7 +42,7 @@ from fps import (ceilings, floors_ms, gpu_ms, load_gemv_tiles,  # benchmarks/fps
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections, use_gemv
 from helios.ar_runtime import ARRuntime, tune_steps
-from helios.attention import use_kernel
+from helios.attention import backend, use_kernel
 from helios.checkpoint import random_components
 from helios.config import get_config
 from helios.sampling import SamplingParams
@@ -269,15 +269,27 @@ def table(title: str, r: dict) -> None:
                                                                  key=lambda kv: -kv[1])))
 
 
+# The refiner's variants: --parts name -> (attention kernels on, FlashAttention-4's inputs
+# packed by helios/kernels/qkv_pack.py where it runs, the table's title).
+REFINER_PARTS = {
+    "refiner": (True, True, "the pipeline's attention"),
+    "refiner-unpacked": (True, False, "FlashAttention-4's inputs by Inductor's passes"),
+    "refiner-sdpa": (False, True, "SDPA attention"),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="14b")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--parts", default="ar,refiner,refiner-sdpa",
                     help="ar: the decode round, plain and with fused projections; refiner: a "
-                         "render with the custom attention kernel; refiner-sdpa: with SDPA "
-                         "over the concatenated keys (cuDNN first) instead; vae: the decoder "
-                         "of one latent frame")
+                         "render with the pipeline's attention (FlashAttention-4 where it is "
+                         "installed, its inputs packed by one kernel; else the Triton-lang "
+                         "kernel); refiner-unpacked: FlashAttention-4's inputs made by "
+                         "Inductor's passes instead; refiner-sdpa: SDPA over the concatenated "
+                         "keys (cuDNN first); vae: the decoder of one latent frame; the "
+                         "refiner's variants run in the order given, repeats included")
     ap.add_argument("--gemv-tiles", type=Path, default=None,
                     help="benchmarks/gemv.py's JSON: its best tile per weight shape for "
                          "helios::gemv, instead of helios.kernels.gemv.TILES")
@@ -313,14 +325,19 @@ def main(argv=None) -> int:
                           + (", one-row products by helios::gemv" if gemv else ""), result[key])
     del parts["ar_backbone"], ar
     torch.cuda.empty_cache()
-    for part, kernel in (("refiner", True), ("refiner-sdpa", False)):
-        if part in parts_wanted:
-            use_kernel(kernel)
-            torch._dynamo.reset()
-            key = "refiner_render" + ("" if kernel else "_sdpa")
-            result[key] = refiner_render(cfg, parts["refiner"], device, rf_floor)
-            table(f"refiner render (full history), {'kernel' if kernel else 'SDPA'} attention",
-                  result[key])
+    for part in parts_wanted:  # in the order given, so that variants can alternate
+        if part not in REFINER_PARTS:
+            continue
+        kernel, pack, title = REFINER_PARTS[part]
+        use_kernel(kernel, pack=pack)
+        torch._dynamo.reset()
+        key = "refiner_render" + part.removeprefix("refiner").replace("-", "_")
+        while key in result:
+            key += "_again"
+        result[key] = refiner_render(cfg, parts["refiner"], device, rf_floor)
+        result[key]["attention"] = backend()
+        table(f"refiner render (full history), {title}", result[key])
+    use_kernel(True)
     if "vae" in parts_wanted:
         result["vae_decode"] = vae_decode(cfg, parts["vae"], device,
                                           ceil["bf16_matmul_flop_per_s"])

@@ -17,6 +17,12 @@ Triton-lang kernel reaches 411 (``benchmarks/attention_kernel.py``). It needs th
 values in one tensor, so the concatenation is written in the compiled graph, where Inductor
 can have the kernels before it (the key norm) write into it. ``use_kernel(True,
 flash=False)`` keeps the Triton-lang kernel.
+
+With FlashAttention-4, a refiner block hands over its q/k/v product whole
+(``context_attention_packed``): one Triton-lang kernel (``helios/kernels/qkv_pack.py``)
+normalizes q and k and writes q and the concatenated keys and values, where Inductor's passes
+took three kernels and copied the context's keys and values at every step. ``use_kernel(True,
+pack=False)`` keeps Inductor's passes.
 """
 
 from __future__ import annotations
@@ -32,22 +38,25 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger("helios.attention")
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_state = {"enabled": True, "flash": True, "kernel": None, "checked": False, "flash_fn": None,
-          "flash_checked": False}
+_state = {"enabled": True, "flash": True, "pack": True, "kernel": None, "checked": False,
+          "flash_fn": None, "flash_checked": False}
 
 
-def use_kernel(enabled: bool, flash: bool = True) -> None:
+def use_kernel(enabled: bool, flash: bool = True, pack: bool = True) -> None:
     """Switch the fused kernels on or off for this process (off: SDPA), e.g. to compare them;
-    ``flash`` allows FlashAttention-4 before the Triton-lang kernel where it is installed.
+    ``flash`` allows FlashAttention-4 before the Triton-lang kernel where it is installed, and
+    ``pack`` its inputs made by one kernel (``context_attention_packed``).
     ``helios.settings`` reads the entry points' defaults from the environment."""
-    _state.update(enabled=enabled, flash=flash, kernel=None, checked=False, flash_fn=None,
-                  flash_checked=False)
+    _state.update(enabled=enabled, flash=flash, pack=pack, kernel=None, checked=False,
+                  flash_fn=None, flash_checked=False)
 
 
 def use_settings(settings) -> None:
     """``use_kernel`` as the environment's switches say (a ``helios.settings.Settings``:
-    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION); every entry point applies them so."""
-    use_kernel(settings.attention_kernel, flash=settings.flash_attention)
+    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK); every entry point
+    applies them so."""
+    use_kernel(settings.attention_kernel, flash=settings.flash_attention,
+               pack=settings.qkv_pack)
 
 
 @torch.compiler.assume_constant_result
@@ -200,6 +209,53 @@ def _flash_over_concatenation(q, k_ctx, v_ctx, k_self, v_self, scale: float) -> 
     k = torch.cat([k_ctx.transpose(1, 2), k_self.transpose(1, 2)], 1)
     v = torch.cat([v_ctx.transpose(1, 2), v_self.transpose(1, 2)], 1)
     return _flash_attention_op(q.transpose(1, 2), k, v, scale).transpose(1, 2)
+
+
+# q normed [B, N, H, D], and the keys (k normed) and values [B, Nc + N, H, D] of the context
+# followed by the noisy tokens', from the block's q/k/v product [B, N, 3 * H * D]
+# (helios/kernels/qkv_pack.py); opaque to torch.compile.
+@torch.library.custom_op("helios::qkv_pack", mutates_args=(), device_types="cuda")
+def _qkv_pack_op(qkv: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
+                 q_weight: torch.Tensor, k_weight: torch.Tensor, q_eps: float,
+                 k_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.qkv_pack import qkv_pack  # noqa: PLC0415 - triton, on CUDA machines only
+
+    return qkv_pack(qkv, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps)
+
+
+@_qkv_pack_op.register_fake
+def _(qkv, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps):
+    b, h, nc, d = k_ctx.shape
+    n = qkv.shape[1]
+    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, nc + n, h, d), qkv.new_empty(b, nc + n, h, d)
+
+
+@torch.compiler.assume_constant_result
+def _pack_selected() -> bool:
+    """Whether ``context_attention_packed`` packs with the kernel: switched on, where
+    FlashAttention-4 runs (``triton`` comes with it: its package needs PyTorch's CUDA wheels)."""
+    return _state["pack"] and _flash_selected() and importlib.util.find_spec("triton") is not None
+
+
+def packs(qkv: torch.Tensor, head_dim: int) -> bool:
+    """Whether ``context_attention_packed`` runs for a q/k/v product ``qkv`` of heads of
+    ``head_dim``: on CUDA, in 16-bit floats, in inference, with FlashAttention-4 and the
+    packing switched on, at a head size of a power of two that FlashAttention-4 takes."""
+    return (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export()
+            and head_dim & (head_dim - 1) == 0 and 8 <= head_dim <= 256 and _pack_selected())
+
+
+def context_attention_packed(qkv, k_ctx, v_ctx, q_norm, k_norm, scale: float | None = None):
+    """``context_attention`` from a block's q/k/v product ``qkv`` [B, N, 3 * H * D] (q, k,
+    v, heads in order) and the context's keys/values [B, H, Nc, D], the norms ``q_norm`` and
+    ``k_norm`` (``helios.refiner.HeadRMSNorm``: ``weight``, ``eps``) applied to q and k
+    inside the one kernel that packs FlashAttention-4's inputs. Where ``packs`` holds."""
+    d = k_ctx.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q, k, v = _qkv_pack_op(qkv, k_ctx, v_ctx, q_norm.weight, k_norm.weight, float(q_norm.eps),
+                           float(k_norm.eps))
+    return _flash_attention_op(q, k, v, float(scale)).transpose(1, 2)
 
 
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):

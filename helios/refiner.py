@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accel import CompiledOrEager
-from .attention import context_attention
+from .attention import context_attention, context_attention_packed, packs
 from .config import RefinerConfig
 
 log = logging.getLogger("helios.refiner")
@@ -135,11 +135,26 @@ class DiTBlock(nn.Module):
         return [m[:, None] for m in rows.chunk(6, dim=-1)]
 
     def qkv_heads(self, x, mods):
-        b, n, d = x.shape
-        shift, scale = mods[0], mods[1]
-        q, k, v = self.qkv(_modulate(self.norm1(x), shift, scale)).view(
-            b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        """q, k (normed) and v [B, H, N, D] of the tokens x."""
+        return self.heads(self.qkv_product(x, mods))
+
+    def qkv_product(self, x, mods):
+        return self.qkv(_modulate(self.norm1(x), mods[0], mods[1]))
+
+    def heads(self, qkv):
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, x, mods, k_ctx, v_ctx):
+        """The attention [B, H, N, D] of the tokens x over the context's keys/values [B, H,
+        Nc, D] and their own; packed into FlashAttention-4's inputs by one kernel where
+        ``helios.attention.packs`` holds."""
+        qkv = self.qkv_product(x, mods)
+        if packs(qkv, k_ctx.shape[-1]):
+            return context_attention_packed(qkv, k_ctx, v_ctx, self.q_norm, self.k_norm)
+        q, k, v = self.heads(qkv)
+        return context_attention(q, k_ctx, v_ctx, k, v)
 
     def finish(self, x, attn, mods):
         b, _, n, _ = attn.shape
@@ -405,8 +420,7 @@ class Refiner(nn.Module):
         blocks, final = mods
         for block, rows, (k_ctx, v_ctx) in zip(self.blocks, blocks, context_kv):
             m = block.split_mods(rows)
-            q, k, v = block.qkv_heads(x, m)
-            x = block.finish(x, context_attention(q, k_ctx, v_ctx, k, v), m)
+            x = block.finish(x, block.attend(x, m, k_ctx, v_ctx), m)
         return self._out(x, final, h, w)
 
     # ---- the slow path: everything in one masked sequence ------------------------------

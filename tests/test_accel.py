@@ -86,17 +86,27 @@ def test_a_piece_whose_compiler_cannot_load_runs_eagerly(caplog, monkeypatch):
 
 
 def test_the_attention_switches_are_read_from_the_environment():
-    """HELIOS_FLASH_ATTENTION beside HELIOS_ATTENTION_KERNEL: on by default, 0 switches it
-    off, anything else is one line naming the variable."""
+    """HELIOS_FLASH_ATTENTION and HELIOS_QKV_PACK beside HELIOS_ATTENTION_KERNEL: on by
+    default, 0 switches them off (use_settings passes them on), anything else is one line
+    naming the variable."""
     import pytest
 
+    from helios import attention
     from helios.errors import HeliosError
     from helios.settings import from_environment
 
-    assert from_environment({}).flash_attention is True
-    assert from_environment({"HELIOS_FLASH_ATTENTION": "0"}).flash_attention is False
-    with pytest.raises(HeliosError, match=r"^HELIOS_FLASH_ATTENTION must be 0 or 1, got 'yes'$"):
-        from_environment({"HELIOS_FLASH_ATTENTION": "yes"})
+    for name, field in (("HELIOS_FLASH_ATTENTION", "flash_attention"),
+                        ("HELIOS_QKV_PACK", "qkv_pack")):
+        assert getattr(from_environment({}), field) is True
+        assert getattr(from_environment({name: "0"}), field) is False
+        with pytest.raises(HeliosError, match=rf"^{name} must be 0 or 1, got 'yes'$"):
+            from_environment({name: "yes"})
+    try:
+        attention.use_settings(from_environment({"HELIOS_QKV_PACK": "0"}))
+        assert attention._state["pack"] is False and attention._state["flash"] is True
+    finally:
+        attention.use_kernel(True)
+    assert attention._state["pack"] is True
 
 
 def test_the_ar_steps_tuning_follows_inductors_own_switch_off_by_default():
@@ -113,6 +123,7 @@ def test_flash_attention_is_selected_on_hopper_and_blackwell_only(monkeypatch):
     """FlashAttention-4 runs the CUDA attention only where flash_attn.cute imports, on compute
     capability 9 or 10, and not when switched off; elsewhere the backend names what runs."""
     import importlib.machinery
+    import importlib.util
     import sys
     import types
 
@@ -143,5 +154,9 @@ def test_flash_attention_is_selected_on_hopper_and_blackwell_only(monkeypatch):
         assert not attention._flash_selected()
         attention.use_kernel(True)
         assert attention.backend() == "flash_attn.cute"
+        # The packing kernel goes with FlashAttention-4 where triton is there, unless switched off.
+        assert attention._pack_selected() is (importlib.util.find_spec("triton") is not None)
+        attention.use_kernel(True, pack=False)
+        assert attention.backend() == "flash_attn.cute" and not attention._pack_selected()
     finally:
         attention.use_kernel(True)

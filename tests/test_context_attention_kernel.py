@@ -114,3 +114,89 @@ def test_flash_attention_path_matches_reference(shape, compiled):
         q.double(), torch.cat([kc, ks], 2).double(), torch.cat([vc, vs], 2).double())
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
+
+
+def _normed_heads(qkv, h, q_norm, k_norm):
+    """The block's eager path: q, k normed and v, each [B, N, H, D]."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.view(b, n, 3, h, -1).permute(2, 0, 1, 3, 4)
+    return q_norm(q), k_norm(k), v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_pack_gives_the_blocks_norms_and_concatenation(shape, dtype):
+    """helios/kernels/qkv_pack.py against the eager modules: the context's rows and the values
+    copied exactly; q and k normed as HeadRMSNorm rounds them, up to the last bit where the
+    two reciprocal square roots differ; the context in the [B, H, Nc, D] view the refiner
+    keeps it in."""
+    from helios.kernels.qkv_pack import qkv_pack
+    from helios.refiner import HeadRMSNorm
+
+    b, h, nq, nc, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(3 + hash(shape) % 2**31)
+    qkv = 3 * torch.randn(b, nq, 3 * h * d, device="cuda", dtype=dtype, generator=gen)
+    kc, vc = (torch.randn(b, nc, h, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+              for _ in range(2))
+    q_norm, k_norm = HeadRMSNorm(d).cuda().to(dtype), HeadRMSNorm(d, eps=1e-5).cuda().to(dtype)
+    with torch.no_grad():
+        for norm in (q_norm, k_norm):
+            norm.weight.copy_(torch.randn(d, device="cuda", generator=gen))
+        eq, ek, ev = _normed_heads(qkv, h, q_norm, k_norm)
+        q, k, v = qkv_pack(qkv, kc, vc, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps)
+    assert q.shape == (b, nq, h, d) and k.shape == v.shape == (b, nc + nq, h, d)
+    assert torch.equal(k[:, :nc], kc.transpose(1, 2)) and torch.equal(v[:, :nc], vc.transpose(1, 2))
+    assert torch.equal(v[:, nc:], ev)
+    for got, want in ((q, eq), (k[:, nc:], ek)):
+        ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+        assert (got != want).float().mean().item() < 1e-2
+
+
+def test_qkv_pack_rejects_bad_shapes():
+    from helios.kernels.qkv_pack import qkv_pack
+
+    kc = torch.zeros(1, 2, 4, 32, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^qkv must have shape \[1, N, 192\] and v_ctx \[1, 2, 4, "
+                                         r"32\], got \[1, 8, 190\] and \[1, 2, 4, 32\]$"):
+        qkv_pack(torch.zeros(1, 8, 190, device="cuda", dtype=torch.bfloat16), kc, kc, w, w,
+                 1e-6, 1e-6)
+
+
+@pytest.mark.skipif(not _flash_attention_installed(),
+                    reason="needs flash_attn.cute (flash-attn-4) on a Hopper or Blackwell GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_packed_block_attends_as_the_unpacked_one(compiled):
+    """DiTBlock.attend with FlashAttention-4: packed by the kernel (the default) and by the
+    unpacked path (``use_kernel(True, pack=False)``) give the same attention, at the 14b
+    refiner's head size and 720p's token counts, eager and compiled; the packed path is taken."""
+    from helios import attention
+    from helios.config import RefinerConfig
+    from helios.refiner import DiTBlock
+
+    cfg = RefinerConfig(hidden_size=512, num_heads=4, num_layers=1)
+    assert cfg.head_dim == 128
+    block = DiTBlock(cfg).cuda().to(torch.bfloat16).eval()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(1, 3600, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kc, vc = (torch.randn(1, 888, 4, 128, device="cuda", dtype=torch.bfloat16,
+                          generator=gen).transpose(1, 2) for _ in range(2))
+    mods = [0.1 * torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(6)]
+    outs = []
+    try:
+        for pack in (True, False):
+            attention.use_kernel(True, pack=pack)
+            torch._dynamo.reset()
+            fn = torch.compile(block.attend, fullgraph=True) if compiled else block.attend
+            with torch.no_grad():
+                outs.append(fn(x, mods, kc, vc))
+            assert attention.packs(block.qkv_product(x, mods), 128) is pack
+    finally:
+        attention.use_kernel(True)
+        torch._dynamo.reset()
+    packed, unpacked = outs
+    assert packed.shape == unpacked.shape == (1, 4, 3600, 128)
+    rel = ((packed.float() - unpacked.float()).norm() / unpacked.float().norm()).item()
+    assert rel < 1e-2, rel
