@@ -148,9 +148,12 @@ def test_qkv_pack_gives_the_blocks_norms_and_concatenation(shape, dtype):
     assert torch.equal(k[:, :nc], kc.transpose(1, 2)) and torch.equal(v[:, :nc], vc.transpose(1, 2))
     assert torch.equal(v[:, nc:], ev)
     for got, want in ((q, eq), (k[:, nc:], ek)):
-        ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        assert ((got.float() - want.float()).abs() <= ulp).all()
-        assert (got != want).float().mean().item() < 1e-2
+        # Two roundings (the norm's, the weight's): a last bit apart in the first can be two
+        # in the second.
+        ulps = ((got.float() - want.float()).abs()
+                / (torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)))
+        assert ulps.max().item() <= 2, ulps.max().item()
+        assert (got != want).float().mean().item() < 1e-2, (got != want).float().mean().item()
 
 
 def test_qkv_pack_rejects_bad_shapes():
@@ -192,7 +195,7 @@ def test_a_packed_block_attends_as_the_unpacked_one(compiled):
             fn = torch.compile(block.attend, fullgraph=True) if compiled else block.attend
             with torch.no_grad():
                 outs.append(fn(x, mods, kc, vc))
-            assert attention.packs(block.qkv_product(x, mods), 128) is pack
+                assert attention.packs(block.qkv_product(x, mods), 128) is pack
     finally:
         attention.use_kernel(True)
         torch._dynamo.reset()
