@@ -227,7 +227,8 @@ def _qkv_pack_op(qkv: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
 def _(qkv, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps):
     b, h, nc, d = k_ctx.shape
     n = qkv.shape[1]
-    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, nc + n, h, d), qkv.new_empty(b, nc + n, h, d)
+    return (qkv.new_empty(b, n, h, d), qkv.new_empty(b, nc + n, h, d),
+            qkv.new_empty(b, nc + n, h, d))
 
 
 @torch.compiler.assume_constant_result

@@ -29,7 +29,10 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # Stable: among equal probabilities (bf16 logits tie often) the lower token ids come
+        # first, so that the nucleus is the same set on every device. An unstable sort, the
+        # CPU's as the GPU's, kept an arbitrary one of the tied tokens at the nucleus's edge.
+        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
@@ -42,7 +45,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from a 1-D distribution, by inverse CDF on one uniform draw."""
     u = torch.rand((), generator=generator, dtype=torch.float64).item()
     cdf = probs.double().cpu().cumsum(0)
-    idx = int(torch.searchsorted(cdf, torch.tensor([u * cdf[-1].item()], dtype=torch.float64)))
+    # Token i takes the draws in [cdf[i-1], cdf[i]) (right=True): a draw of exactly 0 lands on
+    # the first token with any probability, not on token 0.
+    idx = int(torch.searchsorted(cdf, torch.tensor([u * cdf[-1].item()], dtype=torch.float64),
+                                 right=True))
     idx = min(idx, probs.shape[0] - 1)
     while probs[idx] == 0 and idx > 0:  # never land on a zero-probability token at the edge
         idx -= 1
@@ -89,7 +95,7 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: tor
         kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
         probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
         nucleus = top_p < 1.0
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)  # as probabilities()
         drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & nucleus[:, None]
         kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
         probs = torch.where(nucleus[:, None], kept / kept.sum(-1, keepdim=True), probs)
@@ -98,7 +104,8 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: tor
     top1 = torch.zeros_like(probs).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.where(greedy[:, None], top1, probs)
     cdf = probs.double().cumsum(-1)
-    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=vocab - 1)  # [B, 1]
+    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # as draw(): right=True
+    at = at.clamp(max=vocab - 1)  # [B, 1]
     # As ``draw``: never a zero-probability token, so the last nonzero one at or before it.
     return torch.where((probs > 0) & (pos[None] <= at), pos[None], 0).amax(-1)
 

@@ -386,3 +386,25 @@ def test_fused_projections_give_the_same_logits_and_tokens():
     torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
     assert fused_tokens == tokens
     assert fuse_projections(model) is model  # already fused: left as it is
+
+
+def test_the_nucleus_keeps_the_lower_ids_of_tied_tokens_on_every_path():
+    """Top-p with equal probabilities at its edge: the nucleus keeps the lower token ids of the
+    tied ones, in probabilities() and in sample_rows (the sampling a CUDA graph holds) alike,
+    and no draw lands outside it, not even one of exactly 0. bf16 logits tie often; an
+    unstable sort kept an arbitrary one of the tied tokens."""
+    for vocab in (300, 1000):
+        logits = torch.zeros(vocab)
+        tied = [7, 50, 120, vocab - 1]
+        logits[tied] = 2.0
+        p_tied = float(torch.softmax(logits, -1)[7])
+        params = SamplingParams(temperature=1.0, top_p=2.5 * p_tied)  # room for 3 of the 4
+        probs = probabilities(logits, params)
+        assert (probs > 0).nonzero().flatten().tolist() == tied[:3]
+        settings = row_settings([params])
+        landed = {int(sample_rows(logits[None], u=u[None], **settings))
+                  for u in torch.linspace(0, 1, 301, dtype=torch.float64)[:-1]}
+        assert landed == set(tied[:3])
+        assert int(sample_rows(logits[None], u=torch.zeros(1, dtype=torch.float64),
+                               **settings)) == 7
+        assert {draw(probs, torch.Generator().manual_seed(s)) for s in range(64)} == set(tied[:3])

@@ -69,8 +69,8 @@ def qkv_pack(qkv: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, q_weig
     b, h, n_ctx, d = k_ctx.shape
     n = qkv.shape[1]
     if qkv.shape != (b, n, 3 * h * d) or v_ctx.shape != k_ctx.shape:
-        raise ValueError(f"qkv must have shape [{b}, N, {3 * h * d}] and v_ctx {list(k_ctx.shape)}, "
-                         f"got {list(qkv.shape)} and {list(v_ctx.shape)}")
+        raise ValueError(f"qkv must have shape [{b}, N, {3 * h * d}] and v_ctx "
+                         f"{list(k_ctx.shape)}, got {list(qkv.shape)} and {list(v_ctx.shape)}")
     if d & (d - 1):
         raise ValueError(f"the head size must be a power of two, got {d}")
     qkv = qkv if qkv.stride(2) == 1 and qkv.stride(1) == 3 * h * d else qkv.contiguous()
