@@ -58,7 +58,9 @@
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
 #               tuning's default search and a wider one, in turns (SEARCH)
 #   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
-#               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae")
+#               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae";
+#               "refiner,refiner-unpacked,refiner" times the render with FlashAttention-4's
+#               inputs packed by one kernel and by Inductor's passes, in turns)
 #   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
 #               the GPU's SMs split between them (green contexts; AR_SMS, default "16,32,48"),
 #               against two plain streams
