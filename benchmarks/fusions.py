@@ -1,6 +1,6 @@
-"""Two fusions of the 14b serving path, each timed against the form it replaced.
+"""Three fusions of the 14b serving path, each timed against the form it replaced.
 
-    python benchmarks/fusions.py --out results/
+    python benchmarks/fusions.py --out results/ [--parts mlp,decode-attention,norms]
 
 - The refiner MLP's first projection and its tanh GELU (``helios::linear_gelu``: one
   cuBLASLt matmul with the bias and the GELU in its epilogue) against the matmul followed by
@@ -10,6 +10,11 @@
   call with grouped-query heads) against the float32 products it replaced, compiled as the
   decode step compiles it, at 256 to 1024 cached positions of 14b's AR (40 query heads, 8 KV
   heads, head dim 128).
+- The refiner blocks' gated residual add with the layer norm and modulation after it
+  (``helios::residual_norm``, helios/kernels/residual_norm.py) against Inductor's fused
+  kernel of the same expression, at 14b's width (2048) and 720p's rows (3600 noisy tokens, the
+  884 of the context, 14400 for four streams), the kernel at a sweep of rows a program and
+  warps; each against the copy rate (its bytes: x and y read, the sum and the norm written).
 
 Median times of CUDA-graph replays (triton.testing.do_bench_cudagraph), bf16, random inputs;
 each row prints its largest error against float32. A table, and JSON naming the device.
@@ -27,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
+from fps import ceilings  # benchmarks/fps.py
+from helios.kernels.residual_norm import residual_norm
 from helios.kv_cache import PagedKVCache, StaticDecodeView
 from helios.refiner import _linear_gelu
 
@@ -90,21 +97,55 @@ def decode_attention_rows(dev):
     return rows
 
 
+def _sum_and_norm(x, y, gate, shift, scale):
+    s = x + gate * y
+    return s, F.layer_norm(s, s.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+def norm_rows(dev, copy_rate: float):
+    rows = []
+    inductor = torch.compile(_sum_and_norm)
+    d = 2048
+    for n, b in ((3600, 1), (884, 1), (3600, 4)):
+        x, y = (torch.randn(b, n, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        gate, shift, scale = (m[:, None] for m in (0.5 * torch.randn(
+            b, 6 * d, device=dev, dtype=torch.bfloat16)).chunk(6, -1)[2:5])
+        _, exact = _sum_and_norm(*(t.float() for t in (x, y, gate, shift, scale)))
+        variants = [("Inductor's fused kernel (before)", lambda: inductor(x, y, gate, shift, scale))]
+        variants += [(f"helios::residual_norm, {r} rows, {w} warps",
+                      lambda r=r, w=w: residual_norm(x, y, gate, shift, scale, 1e-6, r, w))
+                     for r in (1, 2, 4, 8) for w in (4, 8, 16) if r * d // (32 * w) >= 4]
+        for name, fn in variants:
+            ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+            rows.append({"part": "residual+norm", "size": f"{b} x {n} x {d}", "variant": name,
+                         "ms": ms, "of_copy_rate": 4 * x.numel() * 2 / (ms * 1e-3) / copy_rate,
+                         "max_error": (fn()[1].float() - exact).abs().max().item()})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", default="mlp,decode-attention,norms")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
-    rows = mlp_rows(dev) + decode_attention_rows(dev)
-    print(f"{'part':<20} {'size':<22} {'variant':<45} {'median us':>10} {'max error':>10}")
+    parts = args.parts.split(",")
+    rows = mlp_rows(dev) if "mlp" in parts else []
+    rows += decode_attention_rows(dev) if "decode-attention" in parts else []
+    ceil = ceilings(dev)
+    rows += norm_rows(dev, ceil["copy_bytes_per_s"]) if "norms" in parts else []
+    print(f"{'part':<20} {'size':<22} {'variant':<45} {'median us':>10} {'max error':>10} "
+          f"{'of copy rate':>12}")
     for r in rows:
         err = "" if r["max_error"] is None else f"{r['max_error']:.2e}"
-        print(f"{r['part']:<20} {r['size']:<22} {r['variant']:<45} {r['ms'] * 1e3:>10.1f} {err:>10}")
+        rate = f"{r['of_copy_rate'] * 100:.1f} %" if "of_copy_rate" in r else ""
+        print(f"{r['part']:<20} {r['size']:<22} {r['variant']:<45} {r['ms'] * 1e3:>10.1f} {err:>10} "
+              f"{rate:>12}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fusions.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-             "torch": torch.__version__, "rows": rows}, indent=2))
+             "torch": torch.__version__, "ceilings": ceil, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 #   install     nothing but the set-up every part starts with (the bundle's environment, and
 #               FlashAttention-4 where all of .offline-flash is here): for a host that gets
 #               its files over several calls
-#   check       the GPU tests: attention kernel, CUDA graphs, FP8, the AR's GEMV (tests/)
+#   check       the GPU tests: attention kernel, CUDA graphs, FP8, the AR's GEMV, the refiner's
+#               residual-and-norm kernel (tests/)
 #   inprocess   benchmarks/fps.py: 14b bf16; 14b with the plans prefetched, in bf16 and with
 #               FP8 AR and refiner; 14b-384p: per-stage medians, each stage against its floor
 #               (measured ceilings), FPS, the first frame and its time by stage
@@ -50,6 +51,9 @@
 #   pack-ab     fps.py for 14b with the plans prefetched, FlashAttention-4's inputs packed by
 #               one kernel (HELIOS_QKV_PACK=1, the default) or by Inductor's passes (0), in
 #               turns (PACK, default "1 0 1"; where FlashAttention-4 is installed)
+#   norm-ab     the same with the refiner blocks' residual adds and norms by one kernel
+#               (HELIOS_RESIDUAL_NORM=1, the default) or by Inductor's (0), in turns (NORMS,
+#               default "1 0 1")
 #   refiner-gemms
 #               benchmarks/refiner_gemms.py: the refiner's four matrix products at 720p's rows,
 #               cuBLAS as the refiner runs them against Inductor's autotuned Triton templates
@@ -60,7 +64,8 @@
 #   profile     benchmarks/profile_stages.py: the AR round, the refiner render and the VAE
 #               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae";
 #               "refiner,refiner-unpacked,refiner" times the render with FlashAttention-4's
-#               inputs packed by one kernel and by Inductor's passes, in turns)
+#               inputs packed by one kernel and by Inductor's passes, in turns;
+#               "refiner,refiner-unnormed,refiner" its residual adds and norms so)
 #   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
 #               the GPU's SMs split between them (green contexts; AR_SMS, default "16,32,48"),
 #               against two plain streams
@@ -188,7 +193,8 @@ for part in "${parts[@]}"; do
         install) ;;
         check)
             timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_context_attention_kernel.py \
-                tests/test_cuda_graphs.py tests/test_fp8.py tests/test_gemv.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
+                tests/test_cuda_graphs.py tests/test_fp8.py tests/test_gemv.py \
+                tests/test_residual_norm_kernel.py 2>&1 | tail -8 | tee "$out/gpu_tests.txt"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         inprocess)
             fps_run 14b bf16 15 || status=1
@@ -218,6 +224,14 @@ for part in "${parts[@]}"; do
             # (default "1 0 1").
             for p in ${PACK:-1 0 1}; do
                 HELIOS_QKV_PACK="$p" fps_run 14b "pack_${p}_$((++runs))" 12 --prefetch-plans ||
+                    status=1
+            done ;;
+        norm-ab)
+            # fps.py with the plans prefetched, the refiner blocks' residual adds and norms by
+            # helios/kernels/residual_norm.py or by Inductor's kernels, in the order of NORMS
+            # (default "1 0 1").
+            for n in ${NORMS:-1 0 1}; do
+                HELIOS_RESIDUAL_NORM="$n" fps_run 14b "norm_${n}_$((++runs))" 12 --prefetch-plans ||
                     status=1
             done ;;
         tuning-ab)

@@ -270,11 +270,13 @@ def table(title: str, r: dict) -> None:
 
 
 # The refiner's variants: --parts name -> (attention kernels on, FlashAttention-4's inputs
-# packed by helios/kernels/qkv_pack.py where it runs, the table's title).
+# packed by helios/kernels/qkv_pack.py where it runs, the residual adds and norms by
+# helios/kernels/residual_norm.py, the table's title).
 REFINER_PARTS = {
-    "refiner": (True, True, "the pipeline's attention"),
-    "refiner-unpacked": (True, False, "FlashAttention-4's inputs by Inductor's passes"),
-    "refiner-sdpa": (False, True, "SDPA attention"),
+    "refiner": (True, True, True, "the pipeline's kernels"),
+    "refiner-unpacked": (True, False, True, "FlashAttention-4's inputs by Inductor's passes"),
+    "refiner-unnormed": (True, True, False, "the residual adds and norms by Inductor's kernels"),
+    "refiner-sdpa": (False, True, False, "SDPA attention, Inductor's kernels"),
 }
 
 
@@ -287,9 +289,11 @@ def main(argv=None) -> int:
                          "render with the pipeline's attention (FlashAttention-4 where it is "
                          "installed, its inputs packed by one kernel; else the Triton-lang "
                          "kernel); refiner-unpacked: FlashAttention-4's inputs made by "
-                         "Inductor's passes instead; refiner-sdpa: SDPA over the concatenated "
-                         "keys (cuDNN first); vae: the decoder of one latent frame; the "
-                         "refiner's variants run in the order given, repeats included")
+                         "Inductor's passes instead; refiner-unnormed: the blocks' residual "
+                         "adds and norms by Inductor's kernels instead of one; refiner-sdpa: "
+                         "SDPA over the concatenated keys (cuDNN first), Inductor's kernels; "
+                         "vae: the decoder of one latent frame; the refiner's variants run in "
+                         "the order given, repeats included")
     ap.add_argument("--gemv-tiles", type=Path, default=None,
                     help="benchmarks/gemv.py's JSON: its best tile per weight shape for "
                          "helios::gemv, instead of helios.kernels.gemv.TILES")
@@ -328,8 +332,8 @@ def main(argv=None) -> int:
     for part in parts_wanted:  # in the order given, so that variants can alternate
         if part not in REFINER_PARTS:
             continue
-        kernel, pack, title = REFINER_PARTS[part]
-        use_kernel(kernel, pack=pack)
+        kernel, pack, norms, title = REFINER_PARTS[part]
+        use_kernel(kernel, pack=pack, norms=norms)
         torch._dynamo.reset()
         key = "refiner_render" + part.removeprefix("refiner").replace("-", "_")
         while key in result:

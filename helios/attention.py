@@ -23,6 +23,10 @@ With FlashAttention-4, a refiner block hands over its q/k/v product whole
 normalizes q and k and writes q and the concatenated keys and values, where Inductor's passes
 took three kernels and copied the context's keys and values at every step. ``use_kernel(True,
 pack=False)`` keeps Inductor's passes.
+
+The same switches govern the block's other fused kernel: its gated residual adds with the layer
+norm and modulation after them (``helios::residual_norm``, ``helios/kernels/residual_norm.py``),
+on CUDA wherever ``triton`` is installed; ``use_kernel(True, norms=False)`` keeps Inductor's.
 """
 
 from __future__ import annotations
@@ -38,25 +42,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger("helios.attention")
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_state = {"enabled": True, "flash": True, "pack": True, "kernel": None, "checked": False,
-          "flash_fn": None, "flash_checked": False}
+_state = {"enabled": True, "flash": True, "pack": True, "norms": True, "kernel": None,
+          "checked": False, "flash_fn": None, "flash_checked": False}
 
 
-def use_kernel(enabled: bool, flash: bool = True, pack: bool = True) -> None:
-    """Switch the fused kernels on or off for this process (off: SDPA), e.g. to compare them;
-    ``flash`` allows FlashAttention-4 before the Triton-lang kernel where it is installed, and
-    ``pack`` its inputs made by one kernel (``context_attention_packed``).
+def use_kernel(enabled: bool, flash: bool = True, pack: bool = True, norms: bool = True) -> None:
+    """Switch the fused kernels on or off for this process (off: SDPA and Inductor's kernels),
+    e.g. to compare them; ``flash`` allows FlashAttention-4 before the Triton-lang kernel where
+    it is installed, ``pack`` its inputs made by one kernel (``context_attention_packed``) and
+    ``norms`` the blocks' residual adds and norms by one (``norms_selected``).
     ``helios.settings`` reads the entry points' defaults from the environment."""
-    _state.update(enabled=enabled, flash=flash, pack=pack, kernel=None, checked=False,
-                  flash_fn=None, flash_checked=False)
+    _state.update(enabled=enabled, flash=flash, pack=pack, norms=norms, kernel=None,
+                  checked=False, flash_fn=None, flash_checked=False)
 
 
 def use_settings(settings) -> None:
     """``use_kernel`` as the environment's switches say (a ``helios.settings.Settings``:
-    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK); every entry point
-    applies them so."""
+    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK, HELIOS_RESIDUAL_NORM);
+    every entry point applies them so."""
     use_kernel(settings.attention_kernel, flash=settings.flash_attention,
-               pack=settings.qkv_pack)
+               pack=settings.qkv_pack, norms=settings.residual_norm)
 
 
 @torch.compiler.assume_constant_result
@@ -236,6 +241,13 @@ def _pack_selected() -> bool:
     """Whether ``context_attention_packed`` packs with the kernel: switched on, where
     FlashAttention-4 runs (``triton`` comes with it: its package needs PyTorch's CUDA wheels)."""
     return _state["pack"] and _flash_selected() and importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
+def norms_selected() -> bool:
+    """Whether the refiner's blocks add their residuals and norm the sums with the Triton-lang
+    kernel of ``helios/kernels/residual_norm.py``: switched on, and ``triton`` installed."""
+    return _state["enabled"] and _state["norms"] and importlib.util.find_spec("triton") is not None
 
 
 def packs(qkv: torch.Tensor, head_dim: int) -> bool:

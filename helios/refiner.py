@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accel import CompiledOrEager
-from .attention import context_attention, context_attention_packed, packs
+from .attention import context_attention, context_attention_packed, norms_selected, packs
 from .config import RefinerConfig
 
 log = logging.getLogger("helios.refiner")
@@ -95,6 +95,36 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+# The gated residual add and the layer norm and modulation after it
+# (helios/kernels/residual_norm.py); opaque to torch.compile.
+@torch.library.custom_op("helios::residual_norm", mutates_args=(), device_types="cuda")
+def _residual_norm_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                      scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels.residual_norm import residual_norm  # noqa: PLC0415 - triton, on CUDA only
+
+    return residual_norm(x, y, gate, shift, scale, eps)
+
+
+@_residual_norm_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _residual_norm(x, y, gate, norm: nn.LayerNorm, shift, scale):
+    """``x + gate * y`` and that sum normed by ``norm`` (a LayerNorm without weights) and
+    modulated by ``shift`` and ``scale``. On CUDA in 16-bit floats, in inference, one kernel
+    (``helios.attention.norms_selected``): Inductor's reduction read each row twice, at 62-68 %
+    of the copy rate at 14b's 720p shape on an H200, 111 of them a render (docs/performance.md)."""
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
+            and norm.weight is None and not torch.is_grad_enabled()
+            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+            and norms_selected()):
+        return _residual_norm_op(x, y, gate, shift, scale, float(norm.eps))
+    x = x + gate * y
+    return x, _modulate(norm(x), shift, scale)
+
+
 def _fc1_gelu(fc1: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The MLP's first projection and its tanh GELU. On CUDA in 16-bit floats, one matmul with
     the GELU in its epilogue: at 14b's 720p shape (3600 x 2048 into 8192) 0.191 ms against
@@ -139,28 +169,41 @@ class DiTBlock(nn.Module):
         return self.heads(self.qkv_product(x, mods))
 
     def qkv_product(self, x, mods):
-        return self.qkv(_modulate(self.norm1(x), mods[0], mods[1]))
+        return self.qkv(self.normed(x, mods))
+
+    def normed(self, x, mods):
+        """The tokens x as the attention's product reads them: normed and modulated."""
+        return _modulate(self.norm1(x), mods[0], mods[1])
 
     def heads(self, qkv):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.q_norm(q), self.k_norm(k), v
 
-    def attend(self, x, mods, k_ctx, v_ctx):
-        """The attention [B, H, N, D] of the tokens x over the context's keys/values [B, H,
-        Nc, D] and their own; packed into FlashAttention-4's inputs by one kernel where
-        ``helios.attention.packs`` holds."""
-        qkv = self.qkv_product(x, mods)
+    def attend(self, qkv, k_ctx, v_ctx):
+        """The attention [B, H, N, D] of the tokens of the q/k/v product ``qkv`` over the
+        context's keys/values [B, H, Nc, D] and their own; packed into FlashAttention-4's
+        inputs by one kernel where ``helios.attention.packs`` holds."""
         if packs(qkv, k_ctx.shape[-1]):
             return context_attention_packed(qkv, k_ctx, v_ctx, self.q_norm, self.k_norm)
         q, k, v = self.heads(qkv)
         return context_attention(q, k_ctx, v_ctx, k, v)
 
     def finish(self, x, attn, mods):
+        return self.finish_into(x, attn, mods)[0]
+
+    def finish_into(self, x, attn, mods, following=None, following_mods=None):
+        """The block's output tokens after the attention ``attn`` [B, H, N, D], and the
+        ``following`` block's ``normed`` input (None without one): each residual add and the
+        norm after it go together (``_residual_norm``)."""
         b, _, n, _ = attn.shape
-        x = x + mods[2] * self.proj(attn.transpose(1, 2).reshape(b, n, -1))
-        h = _modulate(self.norm2(x), mods[3], mods[4])
-        return x + mods[5] * self.fc2(_fc1_gelu(self.fc1, h))
+        x, h = _residual_norm(x, self.proj(attn.transpose(1, 2).reshape(b, n, -1)), mods[2],
+                              self.norm2, mods[3], mods[4])
+        y = self.fc2(_fc1_gelu(self.fc1, h))
+        if following is None:
+            return x + mods[5] * y, None
+        return _residual_norm(x, y, mods[5], following.norm1, following_mods[0],
+                              following_mods[1])
 
 
 def geometry_tokens(latent: torch.Tensor, bins: tuple, offset: int) -> torch.Tensor:
@@ -396,17 +439,29 @@ class Refiner(nn.Module):
             mods = self.modulations(self._cond(0.0, x.shape[0], x.dtype, x.device))[0]
         return (self._compiled_context or self._context_kv)(x, mods)
 
+    def _blocks(self, x, block_rows, attention):
+        """The tokens x through every block, each block's modulation rows [B, 6d] from
+        ``block_rows``; ``attention(i, block, qkv)`` gives block i's attention [B, H, N, D]
+        from its q/k/v product."""
+        mods = [block.split_mods(rows) for block, rows in zip(self.blocks, block_rows)]
+        last = len(self.blocks) - 1
+        h = self.blocks[0].normed(x, mods[0])
+        for i, block in enumerate(self.blocks):
+            following = (self.blocks[i + 1], mods[i + 1]) if i < last else (None, None)
+            x, h = block.finish_into(x, attention(i, block, block.qkv(h)), mods[i], *following)
+        return x
+
     def _context_kv(self, x, block_rows):
         kv = []
-        for block, rows in zip(self.blocks, block_rows):
-            mods = block.split_mods(rows)
-            q, k, v = block.qkv_heads(x, mods)
+
+        def attention(i, block, qkv):
+            q, k, v = block.heads(qkv)
             kv.append((k, v))
             if q.is_cuda:  # the custom kernel with an empty context: full self-attention
-                attn = context_attention(q, k[:, :, :0], v[:, :, :0], k, v)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v)
-            x = block.finish(x, attn, mods)
+                return context_attention(q, k[:, :, :0], v[:, :, :0], k, v)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        self._blocks(x, block_rows, attention)
         return kv
 
     def forward(self, x_t, sigma, context_kv, mods=None):
@@ -418,9 +473,7 @@ class Refiner(nn.Module):
         if mods is None:
             mods = self.modulations(self._cond(sigma, b, x.dtype, x.device))
         blocks, final = mods
-        for block, rows, (k_ctx, v_ctx) in zip(self.blocks, blocks, context_kv):
-            m = block.split_mods(rows)
-            x = block.finish(x, block.attend(x, m, k_ctx, v_ctx), m)
+        x = self._blocks(x, blocks, lambda i, block, qkv: block.attend(qkv, *context_kv[i]))
         return self._out(x, final, h, w)
 
     # ---- the slow path: everything in one masked sequence ------------------------------

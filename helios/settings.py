@@ -12,6 +12,7 @@ them on. The variables:
 | ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
 | ``HELIOS_FLASH_ATTENTION`` | ``1`` | FlashAttention-4 for the refiner's attention where ``flash_attn.cute`` is installed, on a Hopper or Blackwell GPU (``0``: the Triton-lang kernel) |
 | ``HELIOS_QKV_PACK`` | ``1`` | where FlashAttention-4 runs, its inputs (q and k normed, the context's keys and values before the noisy tokens') made by the one Triton-lang kernel of ``helios/kernels/qkv_pack.py`` (``0``: Inductor's passes) |
+| ``HELIOS_RESIDUAL_NORM`` | ``1`` | the refiner blocks' gated residual adds, each with the layer norm and modulation after it, by the one Triton-lang kernel of ``helios/kernels/residual_norm.py`` on CUDA (``0``: Inductor's kernels) |
 | ``HELIOS_AR_GEMV`` | ``1`` | the AR decode step's one-row bf16 products on CUDA by the Triton-lang GEMV of ``helios/kernels/gemv.py`` (``0``: nn.Linear) |
 | ``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING`` | unset | Inductor's own switch of its tile tuning; the compiled AR decode step tunes only where it is ``1``, as Inductor does (it stopped paying once ``helios::gemv`` took the step's products: docs/performance.md) |
 | ``HELIOS_STACKS_DIR`` | unset | Triton stage processes write their thread stacks there on SIGUSR2 |
@@ -36,6 +37,7 @@ class Settings:
     attention_kernel: bool = True
     flash_attention: bool = True
     qkv_pack: bool = True
+    residual_norm: bool = True
     ar_gemv: bool = True
     ar_step_tuning: bool = False
     stacks_dir: Path | None = None
@@ -62,6 +64,7 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
         flash_attention=_switch(env, "HELIOS_FLASH_ATTENTION"),
         qkv_pack=_switch(env, "HELIOS_QKV_PACK"),
+        residual_norm=_switch(env, "HELIOS_RESIDUAL_NORM"),
         ar_gemv=_switch(env, "HELIOS_AR_GEMV"),
         ar_step_tuning=env.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0") == "1",
         stacks_dir=Path(env["HELIOS_STACKS_DIR"]) if env.get("HELIOS_STACKS_DIR") else None,

@@ -86,9 +86,11 @@ def test_a_piece_whose_compiler_cannot_load_runs_eagerly(caplog, monkeypatch):
 
 
 def test_the_attention_switches_are_read_from_the_environment():
-    """HELIOS_FLASH_ATTENTION and HELIOS_QKV_PACK beside HELIOS_ATTENTION_KERNEL: on by
-    default, 0 switches them off (use_settings passes them on), anything else is one line
-    naming the variable."""
+    """HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK and HELIOS_RESIDUAL_NORM beside
+    HELIOS_ATTENTION_KERNEL: on by default, 0 switches them off (use_settings passes them on),
+    anything else is one line naming the variable."""
+    import importlib.util
+
     import pytest
 
     from helios import attention
@@ -96,17 +98,24 @@ def test_the_attention_switches_are_read_from_the_environment():
     from helios.settings import from_environment
 
     for name, field in (("HELIOS_FLASH_ATTENTION", "flash_attention"),
-                        ("HELIOS_QKV_PACK", "qkv_pack")):
+                        ("HELIOS_QKV_PACK", "qkv_pack"),
+                        ("HELIOS_RESIDUAL_NORM", "residual_norm")):
         assert getattr(from_environment({}), field) is True
         assert getattr(from_environment({name: "0"}), field) is False
         with pytest.raises(HeliosError, match=rf"^{name} must be 0 or 1, got 'yes'$"):
             from_environment({name: "yes"})
+    triton = importlib.util.find_spec("triton") is not None
     try:
         attention.use_settings(from_environment({"HELIOS_QKV_PACK": "0"}))
         assert attention._state["pack"] is False and attention._state["flash"] is True
+        assert attention.norms_selected() is triton
+        attention.use_settings(from_environment({"HELIOS_RESIDUAL_NORM": "0"}))
+        assert attention._state["pack"] is True and not attention.norms_selected()
+        attention.use_settings(from_environment({"HELIOS_ATTENTION_KERNEL": "0"}))
+        assert not attention.norms_selected()
     finally:
         attention.use_kernel(True)
-    assert attention._state["pack"] is True
+    assert attention._state["pack"] is True and attention.norms_selected() is triton
 
 
 def test_the_ar_steps_tuning_follows_inductors_own_switch_off_by_default():

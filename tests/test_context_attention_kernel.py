@@ -188,13 +188,17 @@ def test_a_packed_block_attends_as_the_unpacked_one(compiled):
     mods = [0.1 * torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
             for _ in range(6)]
     outs = []
+
+    def attend(x):
+        return block.attend(block.qkv_product(x, mods), kc, vc)
+
     try:
         for pack in (True, False):
             attention.use_kernel(True, pack=pack)
             torch._dynamo.reset()
-            fn = torch.compile(block.attend, fullgraph=True) if compiled else block.attend
+            fn = torch.compile(attend, fullgraph=True) if compiled else attend
             with torch.no_grad():
-                outs.append(fn(x, mods, kc, vc))
+                outs.append(fn(x))
                 assert attention.packs(block.qkv_product(x, mods), 128) is pack
     finally:
         attention.use_kernel(True)
