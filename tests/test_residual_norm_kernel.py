@@ -18,9 +18,9 @@ SHAPES = [  # (B, N, D)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_residual_norm_gives_the_sum_and_its_modulated_norm(shape, dtype):
-    """The sum rounded once from float32, exactly; the modulated norm within one unit in the
-    last place of float32's, and rarely off it; the modulation rows as views of one [B, 6D]
-    tensor, as the blocks split them."""
+    """The sum and the modulated norm each within one rounding of float32's, and rarely off
+    its rounding; the modulation rows as views of one [B, 6D] tensor, as the blocks split
+    them."""
     from helios.kernels.residual_norm import residual_norm
 
     b, n, d = shape
@@ -30,15 +30,18 @@ def test_residual_norm_gives_the_sum_and_its_modulated_norm(shape, dtype):
     gate, shift, scale = (m[:, None] for m in rows.chunk(6, -1)[2:5])
     x_out, h = residual_norm(x, y, gate, shift, scale, 1e-6)
 
-    want_x = (x.float() + gate.float() * y.float()).to(dtype)
-    assert torch.equal(x_out, want_x)
-    normed = torch.nn.functional.layer_norm(want_x.float(), (d,), eps=1e-6)
+    eps = torch.finfo(dtype).eps
+    terms = x.float().abs() + (gate.float() * y.float()).abs()
+    want_x = x.float() + gate.float() * y.float()
+    normed = torch.nn.functional.layer_norm(x_out.float(), (d,), eps=1e-6)
     want_h = normed * (1 + scale.float()) + shift.float()
-    # One rounding from float32 values that differ in their last bits: at most a unit apart.
-    ulps = ((h.float() - want_h).abs()
-            / (torch.finfo(dtype).eps * want_h.abs().clamp_min(torch.finfo(dtype).tiny)))
-    assert ulps.max().item() <= 1, ulps.max().item()
-    assert (h != want_h.to(dtype)).float().mean().item() < 1e-2
+    h_terms = (normed * (1 + scale.float())).abs() + shift.float().abs()
+    # One rounding of the result, plus float32's own differences (a fused multiply-add, another
+    # order of the row's sums) at the scale of the terms, where they cancel.
+    for got, want, scale_of_terms in ((x_out, want_x, terms), (h, want_h, h_terms)):
+        excess = (got.float() - want).abs() - eps * want.abs() - 2**-16 * scale_of_terms
+        assert excess.max().item() <= 0, excess.max().item()
+        assert (got != want.to(dtype)).float().mean().item() < 1e-2
 
 
 def test_residual_norm_rejects_bad_shapes():

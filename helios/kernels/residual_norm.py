@@ -48,7 +48,7 @@ def _residual_norm_kernel(X, Y, G, SH, SC, XO, HO, n, eps, s_g, s_sh, s_sc,
 
 # Tokens a program and its warps: the defaults are the fastest of benchmarks/fusions.py's sweep
 # at 14b's width (2048) on an H200 (docs/performance.md).
-ROWS, WARPS = 2, 8
+ROWS, WARPS = 1, 8
 
 
 def residual_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
