@@ -30,16 +30,18 @@ def test_residual_norm_gives_the_sum_and_its_modulated_norm(shape, dtype):
     gate, shift, scale = (m[:, None] for m in rows.chunk(6, -1)[2:5])
     x_out, h = residual_norm(x, y, gate, shift, scale, 1e-6)
 
-    eps = torch.finfo(dtype).eps
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
     terms = x.float().abs() + (gate.float() * y.float()).abs()
     want_x = x.float() + gate.float() * y.float()
     normed = torch.nn.functional.layer_norm(x_out.float(), (d,), eps=1e-6)
     want_h = normed * (1 + scale.float()) + shift.float()
     h_terms = (normed * (1 + scale.float())).abs() + shift.float().abs()
-    # One rounding of the result, plus float32's own differences (a fused multiply-add, another
+    # One rounding of the result (below the smallest normal number an absolute one: float16's
+    # subnormals are 2^-24 apart), plus float32's own differences (a fused multiply-add, another
     # order of the row's sums) at the scale of the terms, where they cancel.
     for got, want, scale_of_terms in ((x_out, want_x, terms), (h, want_h, h_terms)):
-        excess = (got.float() - want).abs() - eps * want.abs() - 2**-16 * scale_of_terms
+        rounding = eps * want.abs().clamp(min=tiny)
+        excess = (got.float() - want).abs() - rounding - 2**-16 * scale_of_terms
         assert excess.max().item() <= 0, excess.max().item()
         assert (got != want.to(dtype)).float().mean().item() < 1e-2
 
