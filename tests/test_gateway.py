@@ -410,16 +410,20 @@ def test_the_page_streams_steers_and_downloads_in_chromium(shipped_gateway, brow
     shot = Path(os.environ.get("HELIOS_SCREENSHOT", tmp_path / "gateway.png"))
     browser.screenshot(shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A new prompt from the page holds from within one second of video of the frame shown
-    # when it was sent (the stream is paced, so it is not far ahead of the picture).
+    # A new prompt from the page holds from soon after the frame shown when it was sent: the
+    # stream is paced, so the server is at most its lead (6 frames) ahead of its model of the
+    # player, the update holds from the latent frame after the one rendering (8 more, 4 more
+    # again when it lands mid-render), and the page trails the server's model by the frames on
+    # their way. 12-18 frames on an idle 2-core CPU, 23-29 with two cores kept busy
+    # (docs/gateway.md): 30 frames, 1.25 s of video.
     shown = browser.evaluate(f"""(() => {{
         document.getElementById('next-prompt').value = {json.dumps(BLUE)};
         document.getElementById('send').click();
         return window.heliosState.shown; }})()""")
     applied = browser.wait_for("window.heliosState.lastPrompt", timeout=10)
-    assert applied["prompt"] == BLUE and 0 < applied["from_frame"] - shown <= 24, (shown, applied)
+    assert applied["prompt"] == BLUE and 0 < applied["from_frame"] - shown <= 30, (shown, applied)
     # ... and the picture dissolves into blue from that frame on, blue once the switch's
-    # 0.5 s fade (12 frames) is over: within 1.5 s of video of the picture it was sent from.
+    # 0.5 s fade (12 frames) is over.
     after = []
     for frame in (applied["from_frame"] + 12, applied["from_frame"] + 16):
         browser.wait_for(f"window.heliosState.shown >= {frame}", timeout=20)

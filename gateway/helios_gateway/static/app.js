@@ -5,7 +5,8 @@ const $ = (id) => document.getElementById(id);
 const canvas = $("screen"), ctx = canvas.getContext("2d");
 // Read by the browser tests through the DevTools protocol.
 const state = window.heliosState = {
-  status: "idle", drawn: 0, shown: -1, received: 0, firstFrameMs: null, fps: 0, videoId: null,
+  status: "idle", drawn: 0, dropped: 0, shown: -1, received: 0, firstFrameMs: null, fps: 0,
+  videoId: null,
   lastPrompt: null, error: null,
 };
 let ws = null, queue = [], playing = null, clickedAt = 0, arrivals = [], config = null;
@@ -29,7 +30,8 @@ function start(event) {
   event.preventDefault();
   say("");
   if (ws) ws.close();
-  queue = []; arrivals = []; state.drawn = 0; state.shown = -1; state.received = 0;
+  queue = []; arrivals = []; state.drawn = 0; state.dropped = 0; state.shown = -1;
+  state.received = 0;
   state.firstFrameMs = null; state.videoId = null;
   $("download").hidden = true; $("first").textContent = "-"; $("fps").textContent = "-";
   const proto = location.protocol === "https:" ? "wss" : "ws";
@@ -88,18 +90,26 @@ async function decodeFrame(data) {
   while (arrivals.length && arrivals[0] < now - 1000) arrivals.shift();
   state.fps = arrivals.length;
   $("fps").textContent = String(arrivals.length);
-  queue.push({ index, bitmap });
+  queue.push({ index, bitmap, arrived: now });
 }
 
 function startPlayback(fps) {
   if (playing) cancelAnimationFrame(playing);
   let t0 = null, next = 0;
+  const due = (k) => t0 + (k * 1000) / fps;
   const tick = (now) => {
-    // One frame per due time of the video's clock. At the first frame, or when the stream fell
-    // behind the clock (the queue ran dry), the clock restarts from the frame now drawn:
-    // nothing is skipped, and a late stream plays on at its frame rate.
-    if (queue.length && (t0 === null || now >= t0 + (next * 1000) / fps)) {
-      if (t0 === null || now > t0 + (next * 1000) / fps + 250) t0 = now - (next * 1000) / fps;
+    // Frame `next` is due at t0 + next / fps. At the first frame, or when the stream fell
+    // behind the clock (the frame due arrived more than a frame late), the clock restarts at
+    // the frame now drawn: a late stream plays on at its frame rate, nothing skipped. When the
+    // page itself fell behind (a busy CPU slows its animation frames), the frames already
+    // past their time are dropped and the latest due one drawn, as video players do: the
+    // picture keeps to the clock, which the server paces its stream and prompt updates by.
+    if (queue.length && (t0 === null || now >= due(next))) {
+      if (t0 === null || queue[0].arrived > due(next) + 1000 / fps) t0 = now - (next * 1000) / fps;
+      while (queue.length > 1 && now >= due(next + 1)) {
+        queue.shift().bitmap.close();
+        state.dropped += 1; next += 1;
+      }
       const frame = queue.shift();
       if (state.firstFrameMs === null) {
         state.firstFrameMs = Math.round(now - clickedAt);
