@@ -114,8 +114,8 @@ def _(x, y, gate, shift, scale, eps):
 def _residual_norm(x, y, gate, norm: nn.LayerNorm, shift, scale):
     """``x + gate * y`` and that sum normed by ``norm`` (a LayerNorm without weights) and
     modulated by ``shift`` and ``scale``. On CUDA in 16-bit floats, in inference, one kernel
-    (``helios.attention.norms_selected``): Inductor's reduction read each row twice, at 62-68 %
-    of the copy rate at 14b's 720p shape on an H200, 111 of them a render (docs/performance.md)."""
+    (``helios.attention.norms_selected``): on an H200 at 14b's width Inductor's kernels ran at
+    57-72 % of the copy rate and the kernel at 93-99 % (docs/performance.md)."""
     if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
             and norm.weight is None and not torch.is_grad_enabled()
             and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
