@@ -57,6 +57,8 @@
 #   refiner-gemms
 #               benchmarks/refiner_gemms.py: the refiner's four matrix products at 720p's rows,
 #               cuBLAS as the refiner runs them against Inductor's autotuned Triton templates
+#   lt-gemms    the same products against each algorithm cuBLASLt's heuristic offers, timed
+#               (helios/kernels/cublaslt.py), without Inductor's
 #   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
 #               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
@@ -177,9 +179,10 @@ fps_run() {  # fps_run CONFIG TAG LINES [FLAGS...]: benchmarks/fps.py, its last 
     return $rc
 }
 
-kernel_run() {  # kernel_run NAME SECONDS LINES: benchmarks/NAME.py --out OUT/kernels
+kernel_run() {  # kernel_run NAME SECONDS LINES [ARGS...]: benchmarks/NAME.py --out OUT/kernels
     local name="$1" limit="$2" lines="$3"
-    timeout "$limit" python3 "benchmarks/$name.py" --out "$out/kernels" > "$out/$name.txt" 2>&1
+    shift 3
+    timeout "$limit" python3 "benchmarks/$name.py" --out "$out/kernels" "$@" > "$out/$name.txt" 2>&1
     local rc=$?
     echo "$name.py: rc $rc"
     grep -iv "warn" "$out/$name.txt" | tail -"$lines"
@@ -291,7 +294,9 @@ for part in "${parts[@]}"; do
         fa4-tiles)
             kernel_run fa4_tiles 400 24 || status=1 ;;
         refiner-gemms)
-            kernel_run refiner_gemms 500 22 || status=1 ;;
+            kernel_run refiner_gemms 500 22 --lt 0 || status=1 ;;
+        lt-gemms)
+            kernel_run refiner_gemms 300 12 --no-inductor --lt 32 || status=1 ;;
         server)
             # shellcheck disable=SC2086  # STREAMS is a list
             server_run server_14b 14b ${STREAMS:-1 4 8} || status=1 ;;
@@ -307,7 +312,8 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, refiner-gemms)" >&2
+                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, pack-ab, norm-ab," \
+                 "refiner-gemms, lt-gemms)" >&2
             exit 2 ;;
     esac
 done

@@ -17,7 +17,11 @@ inner dimension is 8192. Each product is timed as:
   templates alone (the persistent TMA template on), the bias and GELU in the template's
   epilogue: what the fastest Triton-lang kernel Inductor knows reaches;
 - ``Inductor, best of cuBLAS and Triton``: the same autotuning with ATen's kernels among the
-  choices, as ``max_autotune`` would pick for the refiner.
+  choices, as ``max_autotune`` would pick for the refiner;
+- ``cuBLASLt #i``: each algorithm cuBLASLt's heuristic offers for the product (``--lt N``
+  asks for up to N), called through ``benchmarks/cublaslt.py`` with the bias (and GELU) in
+  its epilogue; #0 is the heuristic's own pick, which ``F.linear`` runs. Each row names the
+  algorithm's configuration ids and its kernel (from a profile of one call).
 
 Median times of CUDA-graph replays (triton.testing.do_bench_cudagraph), bf16, random inputs,
 each against the measured bf16 matrix rate (an 8192^3 product, as benchmarks/fps.py measures
@@ -27,6 +31,7 @@ it) and with its largest error against float32. A table, and JSON naming the dev
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
+from cublaslt import Product  # benchmarks/cublaslt.py
 from fp8_gemv import about  # benchmarks/fp8_gemv.py
 from fps import ceilings, write_result  # benchmarks/fps.py
 from helios.refiner import _linear_gelu
@@ -54,23 +60,43 @@ def _inductor(gelu: bool, backends: str):
                          dynamic=False)
 
 
-def variants(x, w, b, gelu: bool):
-    """(name, fn, output as [rows, out]) for one product."""
+def variants(x, w, b, gelu: bool, inductor: bool, lt: int):
+    """(name, fn, output as [rows, out], details) for one product."""
     if gelu:
         cublas = lambda: _linear_gelu(x, w, b)  # noqa: E731
     else:
         cublas = lambda: F.linear(x, w, b)  # noqa: E731
-    out = [("cuBLAS (as the refiner runs it)", cublas, False)]
+    out = [("cuBLAS (as the refiner runs it)", cublas, False, {})]
     if not gelu:  # cuBLAS's epilogue adds a bias per output column, not per row: no GELU here
         bt = b[:, None]
-        out.append(("cuBLAS, transposed (W x^T)", lambda: torch.addmm(bt, w, x.t()), True))
-    triton_only, best = _inductor(gelu, "TRITON"), _inductor(gelu, "ATEN,TRITON")
-    out += [("Inductor, Triton templates", lambda: triton_only(x, w, b), False),
-            ("Inductor, best of cuBLAS and Triton", lambda: best(x, w, b), False)]
+        out.append(("cuBLAS, transposed (W x^T)", lambda: torch.addmm(bt, w, x.t()), True, {}))
+    if inductor:
+        triton_only, best = _inductor(gelu, "TRITON"), _inductor(gelu, "ATEN,TRITON")
+        out += [("Inductor, Triton templates", lambda: triton_only(x, w, b), False, {}),
+                ("Inductor, best of cuBLAS and Triton", lambda: best(x, w, b), False, {})]
+    if lt:
+        product = Product(x.shape[0], x.shape[1], w.shape[0], x.dtype, gelu)
+        for cand in product.candidates(lt):
+            details = {"config": cand.config, "workspace": cand.workspace,
+                       "waves": cand.waves}
+            out.append((f"cuBLASLt #{cand.rank}",
+                        functools.partial(product, x, w, b, cand), False, details))
     return out
 
 
-def rows_for(dev, m: int, rate: float) -> list[dict]:
+def kernel_names(fn) -> list[str]:
+    """The CUDA kernels one call of fn runs (memsets left out)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.startswith("Memset")] or ["(none)"]
+
+
+def rows_for(dev, m: int, rate: float, inductor: bool, lt: int) -> list[dict]:
     rows = []
     for name, k, n, gelu in SHAPES:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -79,7 +105,7 @@ def rows_for(dev, m: int, rate: float) -> list[dict]:
         b = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g) * 0.1
         exact = _reference(x.float(), w.float(), b.float(), gelu)
         flops = 2 * m * k * n
-        for variant, fn, transposed in variants(x, w, b, gelu):
+        for variant, fn, transposed, details in variants(x, w, b, gelu, inductor, lt):
             t0 = time.perf_counter()
             try:
                 y = fn()
@@ -89,14 +115,20 @@ def rows_for(dev, m: int, rate: float) -> list[dict]:
                 continue
             build_s = time.perf_counter() - t0
             err = ((y.t() if transposed else y).float() - exact).abs().max().item()
-            ms = do_bench_cudagraph(fn, rep=200, return_mode="median")
+            try:
+                ms = do_bench_cudagraph(fn, rep=200, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - e.g. an algorithm refused in a graph
+                print(f"{name}: {variant} failed in a CUDA graph: {type(e).__name__}: {e}",
+                      flush=True)
+                rows.append({"product": name, "variant": variant, "error": str(e)})
+                continue
             rows.append({"product": name, "rows": m, "in": k, "out": n, "variant": variant,
                          "ms": ms, "tflop_per_s": flops / ms / 1e9,
                          "of_matrix_rate": flops / (ms / 1e3) / rate, "max_error": err,
-                         "first_call_s": build_s})
+                         "first_call_s": build_s, "kernels": kernel_names(fn), **details})
             print(f"{name:<9} {variant:<38} {ms * 1e3:8.1f} us {flops / ms / 1e9:7.0f} TFLOP/s "
                   f"({flops / (ms / 1e3) / rate:5.1%} of the matrix rate), first call "
-                  f"{build_s:.1f} s", flush=True)
+                  f"{build_s:.1f} s, {rows[-1]['kernels'][0][:60]}", flush=True)
     return rows
 
 
@@ -105,6 +137,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="folder for refiner_gemms.json")
     ap.add_argument("--rows", type=int, nargs="+", default=[3600],
                     help="token rows of a product (default 3600: one 720p latent frame)")
+    ap.add_argument("--lt", type=int, default=32,
+                    help="time up to this many of cuBLASLt's candidate algorithms (0: none)")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="leave out Inductor's autotuned variants (minutes of compiling)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA GPU, and torch sees none")
@@ -112,7 +148,8 @@ def main(argv=None):
     ceil = ceilings(dev)
     rate = ceil["bf16_matmul_flop_per_s"]
     print(f"measured bf16 matrix rate {rate / 1e12:.0f} TFLOP/s", flush=True)
-    rows = [r for m in args.rows for r in rows_for(dev, m, rate)]
+    rows = [r for m in args.rows
+            for r in rows_for(dev, m, rate, not args.no_inductor, args.lt)]
     print(f"\n{'product':<9} {'rows':>6} {'variant':<38} {'median us':>10} {'TFLOP/s':>8} "
           f"{'of rate':>8} {'max error':>10}")
     for r in rows:
@@ -120,6 +157,15 @@ def main(argv=None):
             continue
         print(f"{r['product']:<9} {r['rows']:>6} {r['variant']:<38} {r['ms'] * 1e3:>10.1f} "
               f"{r['tflop_per_s']:>8.0f} {r['of_matrix_rate']:>8.1%} {r['max_error']:>10.2e}")
+    print("\nfastest of each product:")
+    for name, *_ in SHAPES:
+        timed = [r for r in rows if r["product"] == name and "ms" in r]
+        first = next((r for r in timed if r["variant"].startswith("cuBLAS (")), None)
+        fastest = min(timed, key=lambda r: r["ms"], default=None)
+        if first and fastest:
+            print(f"{name:<9} {fastest['variant']:<22} {fastest['ms'] * 1e3:7.1f} us against "
+                  f"{first['ms'] * 1e3:7.1f} ({first['ms'] / fastest['ms']:.3f}x): "
+                  f"{fastest['kernels'][0][:90]}")
     write_result(args.out, "refiner_gemms.json",
                  {**about(dev, "refiner_gemms.py", argv), "ceilings": ceil, "rows": rows})
 
