@@ -423,6 +423,7 @@ def main(argv=None) -> int:
         "gpu_ms_alone": pieces,
         "ar_gemv": settings.ar_gemv,
         "qkv_pack": settings.qkv_pack,
+        "qkv_rows": settings.qkv_rows,
         "residual_norm": settings.residual_norm,
         "ar_step_tuning": settings.ar_step_tuning,
         "ar_step_compiled": bool(pipe.ar.static_step(1) and pipe.ar.static_step(1).compiled),

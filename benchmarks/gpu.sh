@@ -51,6 +51,9 @@
 #   pack-ab     fps.py for 14b with the plans prefetched, FlashAttention-4's inputs packed by
 #               one kernel (HELIOS_QKV_PACK=1, the default) or by Inductor's passes (0), in
 #               turns (PACK, default "1 0 1"; where FlashAttention-4 is installed)
+#   rows-ab     the same with each block's q/k/v product written straight into
+#               FlashAttention-4's inputs for one stream (HELIOS_QKV_ROWS=1, the default) or
+#               made apart and packed (0), in turns (ROWS, default "1 0 1")
 #   norm-ab     the same with the refiner blocks' residual adds and norms by one kernel
 #               (HELIOS_RESIDUAL_NORM=1, the default) or by Inductor's (0), in turns (NORMS,
 #               default "1 0 1")
@@ -67,7 +70,9 @@
 #               decoder, kernel by kernel (PROFILE_PARTS, default "ar,refiner,vae";
 #               "refiner,refiner-unpacked,refiner" times the render with FlashAttention-4's
 #               inputs packed by one kernel and by Inductor's passes, in turns;
-#               "refiner,refiner-unnormed,refiner" its residual adds and norms so)
+#               "refiner,refiner-unnormed,refiner" its residual adds and norms so;
+#               "refiner,refiner-unrowed,refiner" its q/k/v product written into
+#               FlashAttention-4's inputs or made apart)
 #   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
 #               the GPU's SMs split between them (green contexts; AR_SMS, default "16,32,48"),
 #               against two plain streams
@@ -229,6 +234,14 @@ for part in "${parts[@]}"; do
                 HELIOS_QKV_PACK="$p" fps_run 14b "pack_${p}_$((++runs))" 12 --prefetch-plans ||
                     status=1
             done ;;
+        rows-ab)
+            # fps.py with the plans prefetched, each block's q/k/v product written into
+            # FlashAttention-4's inputs (HELIOS_QKV_ROWS=1) or made apart and packed (0), in the
+            # order of ROWS (default "1 0 1").
+            for r in ${ROWS:-1 0 1}; do
+                HELIOS_QKV_ROWS="$r" fps_run 14b "rows_${r}_$((++runs))" 12 --prefetch-plans ||
+                    status=1
+            done ;;
         norm-ab)
             # fps.py with the plans prefetched, the refiner blocks' residual adds and norms by
             # helios/kernels/residual_norm.py or by Inductor's kernels, in the order of NORMS
@@ -312,7 +325,7 @@ for part in "${parts[@]}"; do
         *)
             echo "gpu.sh: unknown part $part (install, check, inprocess, server, server-384p," \
                  "server-fused, server-384p-fused, memory, kernels, fp8, attention-ab, tuning-ab," \
-                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, pack-ab, norm-ab," \
+                 "profile, partition, gemv, search-ab, fa4-tiles, overlap-ab, pack-ab, rows-ab, norm-ab," \
                  "refiner-gemms, lt-gemms)" >&2
             exit 2 ;;
     esac

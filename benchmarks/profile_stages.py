@@ -270,13 +270,17 @@ def table(title: str, r: dict) -> None:
 
 
 # The refiner's variants: --parts name -> (attention kernels on, FlashAttention-4's inputs
-# packed by helios/kernels/qkv_pack.py where it runs, the residual adds and norms by
-# helios/kernels/residual_norm.py, the table's title).
+# packed by helios/kernels/qkv_pack.py where it runs, the q/k/v product written into them,
+# the residual adds and norms by helios/kernels/residual_norm.py, the table's title).
 REFINER_PARTS = {
-    "refiner": (True, True, True, "the pipeline's kernels"),
-    "refiner-unpacked": (True, False, True, "FlashAttention-4's inputs by Inductor's passes"),
-    "refiner-unnormed": (True, True, False, "the residual adds and norms by Inductor's kernels"),
-    "refiner-sdpa": (False, True, False, "SDPA attention, Inductor's kernels"),
+    "refiner": (True, True, True, True, "the pipeline's kernels"),
+    "refiner-unrowed": (True, True, False, True,
+                        "the q/k/v product apart from FlashAttention-4's inputs, then the pack"),
+    "refiner-unpacked": (True, False, False, True,
+                         "FlashAttention-4's inputs by Inductor's passes"),
+    "refiner-unnormed": (True, True, True, False,
+                         "the residual adds and norms by Inductor's kernels"),
+    "refiner-sdpa": (False, True, True, False, "SDPA attention, Inductor's kernels"),
 }
 
 
@@ -288,7 +292,8 @@ def main(argv=None) -> int:
                     help="ar: the decode round, plain and with fused projections; refiner: a "
                          "render with the pipeline's attention (FlashAttention-4 where it is "
                          "installed, its inputs packed by one kernel; else the Triton-lang "
-                         "kernel); refiner-unpacked: FlashAttention-4's inputs made by "
+                         "kernel); refiner-unrowed: the q/k/v product made apart and then "
+                         "packed; refiner-unpacked: FlashAttention-4's inputs made by "
                          "Inductor's passes instead; refiner-unnormed: the blocks' residual "
                          "adds and norms by Inductor's kernels instead of one; refiner-sdpa: "
                          "SDPA over the concatenated keys (cuDNN first), Inductor's kernels; "
@@ -332,8 +337,8 @@ def main(argv=None) -> int:
     for part in parts_wanted:  # in the order given, so that variants can alternate
         if part not in REFINER_PARTS:
             continue
-        kernel, pack, norms, title = REFINER_PARTS[part]
-        use_kernel(kernel, pack=pack, norms=norms)
+        kernel, pack, rows, norms, title = REFINER_PARTS[part]
+        use_kernel(kernel, pack=pack, norms=norms, rows=rows)
         torch._dynamo.reset()
         key = "refiner_render" + part.removeprefix("refiner").replace("-", "_")
         while key in result:

@@ -22,7 +22,10 @@ With FlashAttention-4, a refiner block hands over its q/k/v product whole
 (``context_attention_packed``): one Triton-lang kernel (``helios/kernels/qkv_pack.py``)
 normalizes q and k and writes q and the concatenated keys and values, where Inductor's passes
 took three kernels and copied the context's keys and values at every step. ``use_kernel(True,
-pack=False)`` keeps Inductor's passes.
+pack=False)`` keeps Inductor's passes. For one stream (batch 1) the block goes further
+(``context_attention_rows``): its q/k/v product is written after the context's rows of the
+tensor FlashAttention-4 reads, and a kernel only norms q and k there and copies the context's
+keys and values in; ``use_kernel(True, rows=False)`` keeps the product and the pack apart.
 
 The same switches govern the block's other fused kernel: its gated residual adds with the layer
 norm and modulation after them (``helios::residual_norm``, ``helios/kernels/residual_norm.py``),
@@ -42,26 +45,36 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger("helios.attention")
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_state = {"enabled": True, "flash": True, "pack": True, "norms": True, "kernel": None,
-          "checked": False, "flash_fn": None, "flash_checked": False}
+_state = {"enabled": True, "flash": True, "pack": True, "rows": True, "norms": True,
+          "kernel": None, "checked": False, "flash_fn": None, "flash_checked": False}
 
 
-def use_kernel(enabled: bool, flash: bool = True, pack: bool = True, norms: bool = True) -> None:
+def use_kernel(enabled: bool, flash: bool = True, pack: bool = True, norms: bool = True,
+               rows: bool = True) -> None:
     """Switch the fused kernels on or off for this process (off: SDPA and Inductor's kernels),
     e.g. to compare them; ``flash`` allows FlashAttention-4 before the Triton-lang kernel where
-    it is installed, ``pack`` its inputs made by one kernel (``context_attention_packed``) and
+    it is installed, ``pack`` its inputs made by one kernel (``context_attention_packed``),
+    ``rows`` a single stream's product written into them (``context_attention_rows``) and
     ``norms`` the blocks' residual adds and norms by one (``norms_selected``).
     ``helios.settings`` reads the entry points' defaults from the environment."""
-    _state.update(enabled=enabled, flash=flash, pack=pack, norms=norms, kernel=None,
+    _state.update(enabled=enabled, flash=flash, pack=pack, rows=rows, norms=norms, kernel=None,
                   checked=False, flash_fn=None, flash_checked=False)
 
 
 def use_settings(settings) -> None:
     """``use_kernel`` as the environment's switches say (a ``helios.settings.Settings``:
-    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK, HELIOS_RESIDUAL_NORM);
-    every entry point applies them so."""
+    HELIOS_ATTENTION_KERNEL, HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK, HELIOS_QKV_ROWS,
+    HELIOS_RESIDUAL_NORM); every entry point applies them so."""
     use_kernel(settings.attention_kernel, flash=settings.flash_attention,
-               pack=settings.qkv_pack, norms=settings.residual_norm)
+               pack=settings.qkv_pack, norms=settings.residual_norm, rows=settings.qkv_rows)
+
+
+def fast_inference(t: torch.Tensor) -> bool:
+    """Whether a tensor is on the path the fused CUDA kernels take: on CUDA, in a 16-bit
+    float, in inference (no gradients), neither exported to ONNX nor traced by TorchScript."""
+    return (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export()
+            and not torch.jit.is_tracing())
 
 
 @torch.compiler.assume_constant_result
@@ -252,11 +265,24 @@ def norms_selected() -> bool:
 
 def packs(qkv: torch.Tensor, head_dim: int) -> bool:
     """Whether ``context_attention_packed`` runs for a q/k/v product ``qkv`` of heads of
-    ``head_dim``: on CUDA, in 16-bit floats, in inference, with FlashAttention-4 and the
-    packing switched on, at a head size of a power of two that FlashAttention-4 takes."""
-    return (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
-            and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export()
-            and head_dim & (head_dim - 1) == 0 and 8 <= head_dim <= 256 and _pack_selected())
+    ``head_dim``: on CUDA, in 16-bit floats, in inference (``fast_inference``), with
+    FlashAttention-4 and the packing switched on, at a head size of a power of two that
+    FlashAttention-4 takes."""
+    return (fast_inference(qkv) and head_dim & (head_dim - 1) == 0 and 8 <= head_dim <= 256
+            and _pack_selected())
+
+
+@torch.compiler.assume_constant_result
+def _rows_selected() -> bool:
+    return _state["rows"] and _pack_selected()
+
+
+def takes_rows(h: torch.Tensor, product: torch.nn.Module, head_dim: int) -> bool:
+    """Whether ``context_attention_rows`` runs for a block's normed tokens ``h`` and its
+    q/k/v ``product``: where ``packs`` would, for one stream (batch 1: a batch's rows would
+    not follow each one's context), the product a plain ``nn.Linear`` with a bias."""
+    return (h.shape[0] == 1 and type(product) is torch.nn.Linear and product.bias is not None
+            and packs(h, head_dim) and _rows_selected())
 
 
 def context_attention_packed(qkv, k_ctx, v_ctx, q_norm, k_norm, scale: float | None = None):
@@ -269,6 +295,50 @@ def context_attention_packed(qkv, k_ctx, v_ctx, q_norm, k_norm, scale: float | N
     q, k, v = _qkv_pack_op(qkv, k_ctx, v_ctx, q_norm.weight, k_norm.weight, float(q_norm.eps),
                            float(k_norm.eps))
     return _flash_attention_op(q, k, v, float(scale)).transpose(1, 2)
+
+
+# The q/k/v product of a block's normed tokens written after the context's rows, q and k
+# normed there (helios/kernels/qkv_pack.py's qkv_rows): [B, Nc + N, 3 * H * D].
+@torch.library.custom_op("helios::qkv_rows", mutates_args=(), device_types="cuda")
+def _qkv_rows_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k_ctx: torch.Tensor,
+                 v_ctx: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 q_eps: float, k_eps: float) -> torch.Tensor:
+    from .kernels.qkv_pack import qkv_rows  # noqa: PLC0415 - triton, on CUDA machines only
+
+    return qkv_rows(h, weight, bias, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps)
+
+
+@_qkv_rows_op.register_fake
+def _(h, weight, bias, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps):
+    return h.new_empty(h.shape[0], k_ctx.shape[2] + h.shape[1], weight.shape[0])
+
+
+# FlashAttention-4 over such rows: q the noisy tokens' q, the keys and values every row's,
+# read in place as strided views -> [B, N, H, D].
+@torch.library.custom_op("helios::flash_attention_rows", mutates_args=())
+def _flash_rows_op(rows: torch.Tensor, n_ctx: int, heads: int, scale: float) -> torch.Tensor:
+    b, total, width = rows.shape
+    t = rows.view(b, total, 3, heads, width // (3 * heads))
+    fn = _state["flash_fn"] or _import_flash()
+    return fn(t[:, n_ctx:, 0], t[:, :, 1], t[:, :, 2], softmax_scale=scale)[0]
+
+
+@_flash_rows_op.register_fake
+def _(rows, n_ctx, heads, scale):
+    b, total, width = rows.shape
+    return rows.new_empty(b, total - n_ctx, heads, width // (3 * heads))
+
+
+def context_attention_rows(h, product, k_ctx, v_ctx, q_norm, k_norm, scale: float | None = None):
+    """``context_attention`` of a block's normed tokens ``h`` [1, N, C] through its q/k/v
+    ``product`` (an ``nn.Linear``), over the context's keys/values [1, H, Nc, D]: the product
+    is written after the context's rows and FlashAttention-4 reads it there. Where
+    ``takes_rows`` holds."""
+    b, heads, n_ctx, d = k_ctx.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    rows = _qkv_rows_op(h, product.weight, product.bias, k_ctx, v_ctx, q_norm.weight,
+                        k_norm.weight, float(q_norm.eps), float(k_norm.eps))
+    return _flash_rows_op(rows, n_ctx, heads, float(scale)).transpose(1, 2)
 
 
 def context_attention(q, k_ctx, v_ctx, k_self, v_self, scale: float | None = None):

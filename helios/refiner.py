@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accel import CompiledOrEager
-from .attention import context_attention, context_attention_packed, norms_selected, packs
+from .attention import (context_attention, context_attention_packed, context_attention_rows,
+                        fast_inference, norms_selected, packs, takes_rows)
 from .config import RefinerConfig
 
 log = logging.getLogger("helios.refiner")
@@ -116,10 +117,7 @@ def _residual_norm(x, y, gate, norm: nn.LayerNorm, shift, scale):
     modulated by ``shift`` and ``scale``. On CUDA in 16-bit floats, in inference, one kernel
     (``helios.attention.norms_selected``): on an H200 at 14b's width Inductor's kernels ran at
     57-72 % of the copy rate and the kernel at 93-99 % (docs/performance.md)."""
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
-            and norm.weight is None and not torch.is_grad_enabled()
-            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
-            and norms_selected()):
+    if fast_inference(x) and y.dtype == x.dtype and norm.weight is None and norms_selected():
         return _residual_norm_op(x, y, gate, shift, scale, float(norm.eps))
     x = x + gate * y
     return x, _modulate(norm(x), shift, scale)
@@ -131,9 +129,7 @@ def _fc1_gelu(fc1: nn.Module, h: torch.Tensor) -> torch.Tensor:
     0.220 for the matmul then Inductor's fused bias and GELU, on an H200 (benchmarks/fusions.py),
     60 of them a render. Training (the operator has no backward), exports (ONNX) and other
     layers (the FP8 option's) take the plain form."""
-    if (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and type(fc1) is nn.Linear
-            and fc1.bias is not None and not torch.is_grad_enabled()
-            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()):
+    if fast_inference(h) and type(fc1) is nn.Linear and fc1.bias is not None:
         return _linear_gelu(h.reshape(-1, h.shape[-1]), fc1.weight, fc1.bias).view(
             *h.shape[:-1], fc1.out_features)
     return F.gelu(fc1(h), approximate="tanh")
@@ -179,6 +175,15 @@ class DiTBlock(nn.Module):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.q_norm(q), self.k_norm(k), v
+
+    def attend_normed(self, h, k_ctx, v_ctx):
+        """The attention [B, H, N, D] of the tokens whose ``normed`` input is ``h`` over the
+        context's keys/values [B, H, Nc, D] and their own, the q/k/v product made here: for
+        one stream written straight into FlashAttention-4's inputs where
+        ``helios.attention.takes_rows`` holds, else by ``attend``."""
+        if takes_rows(h, self.qkv, k_ctx.shape[-1]):
+            return context_attention_rows(h, self.qkv, k_ctx, v_ctx, self.q_norm, self.k_norm)
+        return self.attend(self.qkv(h), k_ctx, v_ctx)
 
     def attend(self, qkv, k_ctx, v_ctx):
         """The attention [B, H, N, D] of the tokens of the q/k/v product ``qkv`` over the
@@ -441,21 +446,21 @@ class Refiner(nn.Module):
 
     def _blocks(self, x, block_rows, attention):
         """The tokens x through every block, each block's modulation rows [B, 6d] from
-        ``block_rows``; ``attention(i, block, qkv)`` gives block i's attention [B, H, N, D]
-        from its q/k/v product."""
+        ``block_rows``; ``attention(i, block, h)`` gives block i's attention [B, H, N, D]
+        from its normed input h (``DiTBlock.normed``)."""
         mods = [block.split_mods(rows) for block, rows in zip(self.blocks, block_rows)]
         last = len(self.blocks) - 1
         h = self.blocks[0].normed(x, mods[0])
         for i, block in enumerate(self.blocks):
             following = (self.blocks[i + 1], mods[i + 1]) if i < last else (None, None)
-            x, h = block.finish_into(x, attention(i, block, block.qkv(h)), mods[i], *following)
+            x, h = block.finish_into(x, attention(i, block, h), mods[i], *following)
         return x
 
     def _context_kv(self, x, block_rows):
         kv = []
 
-        def attention(i, block, qkv):
-            q, k, v = block.heads(qkv)
+        def attention(i, block, h):
+            q, k, v = block.heads(block.qkv(h))
             kv.append((k, v))
             if q.is_cuda:  # the custom kernel with an empty context: full self-attention
                 return context_attention(q, k[:, :, :0], v[:, :, :0], k, v)
@@ -473,7 +478,7 @@ class Refiner(nn.Module):
         if mods is None:
             mods = self.modulations(self._cond(sigma, b, x.dtype, x.device))
         blocks, final = mods
-        x = self._blocks(x, blocks, lambda i, block, qkv: block.attend(qkv, *context_kv[i]))
+        x = self._blocks(x, blocks, lambda i, block, h: block.attend_normed(h, *context_kv[i]))
         return self._out(x, final, h, w)
 
     # ---- the slow path: everything in one masked sequence ------------------------------

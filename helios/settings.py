@@ -12,6 +12,7 @@ them on. The variables:
 | ``HELIOS_ATTENTION_KERNEL`` | ``1`` | the refiner's Triton-lang attention kernel on CUDA (``0``: SDPA) |
 | ``HELIOS_FLASH_ATTENTION`` | ``1`` | FlashAttention-4 for the refiner's attention where ``flash_attn.cute`` is installed, on a Hopper or Blackwell GPU (``0``: the Triton-lang kernel) |
 | ``HELIOS_QKV_PACK`` | ``1`` | where FlashAttention-4 runs, its inputs (q and k normed, the context's keys and values before the noisy tokens') made by the one Triton-lang kernel of ``helios/kernels/qkv_pack.py`` (``0``: Inductor's passes) |
+| ``HELIOS_QKV_ROWS`` | ``1`` | where the packing runs, for one stream (batch 1): each block's q/k/v product written straight after the context's rows of FlashAttention-4's inputs, q and k normed there by ``helios/kernels/qkv_pack.py``'s ``qkv_rows`` (``0``: the product, then the pack) |
 | ``HELIOS_RESIDUAL_NORM`` | ``1`` | the refiner blocks' gated residual adds, each with the layer norm and modulation after it, by the one Triton-lang kernel of ``helios/kernels/residual_norm.py`` on CUDA (``0``: Inductor's kernels) |
 | ``HELIOS_AR_GEMV`` | ``1`` | the AR decode step's one-row bf16 products on CUDA by the Triton-lang GEMV of ``helios/kernels/gemv.py`` (``0``: nn.Linear) |
 | ``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING`` | unset | Inductor's own switch of its tile tuning; the compiled AR decode step tunes only where it is ``1``, as Inductor does (it stopped paying once ``helios::gemv`` took the step's products: docs/performance.md) |
@@ -37,6 +38,7 @@ class Settings:
     attention_kernel: bool = True
     flash_attention: bool = True
     qkv_pack: bool = True
+    qkv_rows: bool = True
     residual_norm: bool = True
     ar_gemv: bool = True
     ar_step_tuning: bool = False
@@ -64,6 +66,7 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
         attention_kernel=_switch(env, "HELIOS_ATTENTION_KERNEL"),
         flash_attention=_switch(env, "HELIOS_FLASH_ATTENTION"),
         qkv_pack=_switch(env, "HELIOS_QKV_PACK"),
+        qkv_rows=_switch(env, "HELIOS_QKV_ROWS"),
         residual_norm=_switch(env, "HELIOS_RESIDUAL_NORM"),
         ar_gemv=_switch(env, "HELIOS_AR_GEMV"),
         ar_step_tuning=env.get("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0") == "1",

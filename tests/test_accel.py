@@ -86,7 +86,7 @@ def test_a_piece_whose_compiler_cannot_load_runs_eagerly(caplog, monkeypatch):
 
 
 def test_the_attention_switches_are_read_from_the_environment():
-    """HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK and HELIOS_RESIDUAL_NORM beside
+    """HELIOS_FLASH_ATTENTION, HELIOS_QKV_PACK, HELIOS_QKV_ROWS and HELIOS_RESIDUAL_NORM beside
     HELIOS_ATTENTION_KERNEL: on by default, 0 switches them off (use_settings passes them on),
     anything else is one line naming the variable."""
     import importlib.util
@@ -99,6 +99,7 @@ def test_the_attention_switches_are_read_from_the_environment():
 
     for name, field in (("HELIOS_FLASH_ATTENTION", "flash_attention"),
                         ("HELIOS_QKV_PACK", "qkv_pack"),
+                        ("HELIOS_QKV_ROWS", "qkv_rows"),
                         ("HELIOS_RESIDUAL_NORM", "residual_norm")):
         assert getattr(from_environment({}), field) is True
         assert getattr(from_environment({name: "0"}), field) is False
@@ -109,13 +110,17 @@ def test_the_attention_switches_are_read_from_the_environment():
         attention.use_settings(from_environment({"HELIOS_QKV_PACK": "0"}))
         assert attention._state["pack"] is False and attention._state["flash"] is True
         assert attention.norms_selected() is triton
+        attention.use_settings(from_environment({"HELIOS_QKV_ROWS": "0"}))
+        assert attention._state["rows"] is False and attention._state["pack"] is True
         attention.use_settings(from_environment({"HELIOS_RESIDUAL_NORM": "0"}))
         assert attention._state["pack"] is True and not attention.norms_selected()
+        assert attention._state["rows"] is True
         attention.use_settings(from_environment({"HELIOS_ATTENTION_KERNEL": "0"}))
         assert not attention.norms_selected()
     finally:
         attention.use_kernel(True)
     assert attention._state["pack"] is True and attention.norms_selected() is triton
+    assert attention._state["rows"] is True
 
 
 def test_the_ar_steps_tuning_follows_inductors_own_switch_off_by_default():

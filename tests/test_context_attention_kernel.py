@@ -167,13 +167,69 @@ def test_qkv_pack_rejects_bad_shapes():
                  1e-6, 1e-6)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_rows_writes_the_product_after_the_context(shape, dtype):
+    """helios/kernels/qkv_pack.py's qkv_rows against the eager block: the context's keys and
+    values copied exactly into the rows before the product's; the values the product's as
+    F.linear gives them, within one rounding; q and k normed as HeadRMSNorm rounds F.linear's,
+    within two units in the last place, and rarely off; one product per batch element."""
+    import torch.nn.functional as F
+
+    from helios.kernels.qkv_pack import qkv_rows
+    from helios.refiner import HeadRMSNorm
+
+    b, h, nq, nc, d = shape
+    c = 2 * h * d
+    gen = torch.Generator(device="cuda").manual_seed(5 + hash(shape) % 2**31)
+    x = torch.randn(b, nq, c, device="cuda", dtype=dtype, generator=gen)
+    weight = (torch.randn(3 * h * d, c, device="cuda", generator=gen) * 3 / c ** 0.5).to(dtype)
+    bias = torch.randn(3 * h * d, device="cuda", dtype=dtype, generator=gen)
+    kc, vc = (torch.randn(b, nc, h, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+              for _ in range(2))
+    q_norm, k_norm = HeadRMSNorm(d).cuda().to(dtype), HeadRMSNorm(d, eps=1e-5).cuda().to(dtype)
+    with torch.no_grad():
+        for norm in (q_norm, k_norm):
+            norm.weight.copy_(torch.randn(d, device="cuda", generator=gen))
+        product = F.linear(x, weight, bias)
+        eq, ek, ev = _normed_heads(product, h, q_norm, k_norm)
+        rows = qkv_rows(x, weight, bias, kc, vc, q_norm.weight, k_norm.weight, q_norm.eps,
+                        k_norm.eps)
+    assert rows.shape == (b, nc + nq, 3 * h * d)
+    _, k, v = rows.view(b, nc + nq, 3, h, d).unbind(2)
+    q = rows.view(b, nc + nq, 3, h, d)[:, nc:, 0]
+    assert torch.equal(k[:, :nc], kc.transpose(1, 2)) and torch.equal(v[:, :nc], vc.transpose(1, 2))
+    eps = torch.finfo(dtype).eps
+    assert ((v[:, nc:].float() - ev.float()).abs() <= eps * ev.float().abs()).all()
+    for got, want in ((q, eq), (k[:, nc:], ek)):
+        ulps = ((got.float() - want.float()).abs()
+                / (eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)))
+        assert ulps.max().item() <= 2, ulps.max().item()
+        assert (got != want).float().mean().item() < 1e-2, (got != want).float().mean().item()
+
+
+def test_qkv_rows_rejects_bad_shapes():
+    from helios.kernels.qkv_pack import qkv_rows
+
+    kc = torch.zeros(1, 2, 4, 32, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^h must have shape \[1, N, C\], weight \[192, C\], "
+                                         r"bias \[192\] and v_ctx \[1, 2, 4, 32\], got \[1, 8, "
+                                         r"64\], \[190, 64\], \[192\] and \[1, 2, 4, 32\]$"):
+        qkv_rows(torch.zeros(1, 8, 64, device="cuda", dtype=torch.bfloat16),
+                 torch.zeros(190, 64, device="cuda", dtype=torch.bfloat16),
+                 torch.zeros(192, device="cuda", dtype=torch.bfloat16), kc, kc, w, w, 1e-6, 1e-6)
+
+
 @pytest.mark.skipif(not _flash_attention_installed(),
                     reason="needs flash_attn.cute (flash-attn-4) on a Hopper or Blackwell GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_packed_block_attends_as_the_unpacked_one(compiled):
-    """DiTBlock.attend with FlashAttention-4: packed by the kernel (the default) and by the
-    unpacked path (``use_kernel(True, pack=False)``) give the same attention, at the 14b
-    refiner's head size and 720p's token counts, eager and compiled; the packed path is taken."""
+    """DiTBlock.attend_normed with FlashAttention-4: the product written into its inputs (the
+    default for one stream), the product packed by the kernel (``rows=False``) and the
+    unpacked path (``pack=False``) give the same attention, at the 14b refiner's head size and
+    720p's token counts, eager and compiled; each path is taken where it is switched on, and
+    the rows never for a batch of two."""
     from helios import attention
     from helios.config import RefinerConfig
     from helios.refiner import DiTBlock
@@ -190,20 +246,24 @@ def test_a_packed_block_attends_as_the_unpacked_one(compiled):
     outs = []
 
     def attend(x):
-        return block.attend(block.qkv_product(x, mods), kc, vc)
+        return block.attend_normed(block.normed(x, mods), kc, vc)
 
     try:
-        for pack in (True, False):
-            attention.use_kernel(True, pack=pack)
+        for pack, rows in ((True, True), (True, False), (False, False)):
+            attention.use_kernel(True, pack=pack, rows=rows)
             torch._dynamo.reset()
             fn = torch.compile(attend, fullgraph=True) if compiled else attend
             with torch.no_grad():
                 outs.append(fn(x))
-                assert attention.packs(block.qkv_product(x, mods), 128) is pack
+                h = block.normed(x, mods)
+                assert attention.packs(block.qkv(h), 128) is pack
+                assert attention.takes_rows(h, block.qkv, 128) is rows
+                assert not attention.takes_rows(h.expand(2, -1, -1), block.qkv, 128)
     finally:
         attention.use_kernel(True)
         torch._dynamo.reset()
-    packed, unpacked = outs
-    assert packed.shape == unpacked.shape == (1, 4, 3600, 128)
-    rel = ((packed.float() - unpacked.float()).norm() / unpacked.float().norm()).item()
-    assert rel < 1e-2, rel
+    rowed, packed, unpacked = outs
+    assert rowed.shape == packed.shape == unpacked.shape == (1, 4, 3600, 128)
+    for got in (rowed, packed):
+        rel = ((got.float() - unpacked.float()).norm() / unpacked.float().norm()).item()
+        assert rel < 1e-2, rel
