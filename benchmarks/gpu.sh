@@ -61,7 +61,7 @@
 #               benchmarks/refiner_gemms.py: the refiner's four matrix products at 720p's rows,
 #               cuBLAS as the refiner runs them against Inductor's autotuned Triton templates
 #   lt-gemms    the same products against each algorithm cuBLASLt's heuristic offers, timed
-#               (helios/kernels/cublaslt.py), without Inductor's
+#               (benchmarks/cublaslt.py), without Inductor's
 #   fa4-tiles   benchmarks/fa4_tiles.py: FlashAttention-4's forward at the refiner's shape at
 #               other tiles and KV splits than its own pick (needs .offline-flash carried)
 #   search-ab   profile_stages.py's AR step compiled from an empty Inductor cache with the
