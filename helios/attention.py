@@ -319,8 +319,7 @@ def _(h, weight, bias, k_ctx, v_ctx, q_weight, k_weight, q_eps, k_eps):
 def _flash_rows_op(rows: torch.Tensor, n_ctx: int, heads: int, scale: float) -> torch.Tensor:
     b, total, width = rows.shape
     t = rows.view(b, total, 3, heads, width // (3 * heads))
-    fn = _state["flash_fn"] or _import_flash()
-    return fn(t[:, n_ctx:, 0], t[:, :, 1], t[:, :, 2], softmax_scale=scale)[0]
+    return _flash_attention_op(t[:, n_ctx:, 0], t[:, :, 1], t[:, :, 2], scale)
 
 
 @_flash_rows_op.register_fake

@@ -123,6 +123,30 @@ def _normed_heads(qkv, h, q_norm, k_norm):
     return q_norm(q), k_norm(k), v
 
 
+def _context_and_norms(shape, dtype, gen):
+    """The context's keys and values in the [B, H, Nc, D] view the refiner keeps them in, and
+    the q and k norms with random weights (k's with another epsilon)."""
+    from helios.refiner import HeadRMSNorm
+
+    b, h, _, nc, d = shape
+    kc, vc = (torch.randn(b, nc, h, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+              for _ in range(2))
+    q_norm, k_norm = HeadRMSNorm(d).cuda().to(dtype), HeadRMSNorm(d, eps=1e-5).cuda().to(dtype)
+    with torch.no_grad():
+        for norm in (q_norm, k_norm):
+            norm.weight.copy_(torch.randn(d, device="cuda", generator=gen))
+    return kc, vc, q_norm, k_norm
+
+
+def _assert_normed_alike(got, want, dtype):
+    """Two roundings (the norm's, the weight's): a last bit apart in the first can be two in
+    the second; and rarely apart at all."""
+    ulps = ((got.float() - want.float()).abs()
+            / (torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)))
+    assert ulps.max().item() <= 2, ulps.max().item()
+    assert (got != want).float().mean().item() < 1e-2, (got != want).float().mean().item()
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_qkv_pack_gives_the_blocks_norms_and_concatenation(shape, dtype):
@@ -131,29 +155,19 @@ def test_qkv_pack_gives_the_blocks_norms_and_concatenation(shape, dtype):
     place where the two reciprocal square roots differ, and rarely; the context in the [B, H,
     Nc, D] view the refiner keeps it in."""
     from helios.kernels.qkv_pack import qkv_pack
-    from helios.refiner import HeadRMSNorm
 
     b, h, nq, nc, d = shape
     gen = torch.Generator(device="cuda").manual_seed(3 + hash(shape) % 2**31)
     qkv = 3 * torch.randn(b, nq, 3 * h * d, device="cuda", dtype=dtype, generator=gen)
-    kc, vc = (torch.randn(b, nc, h, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
-              for _ in range(2))
-    q_norm, k_norm = HeadRMSNorm(d).cuda().to(dtype), HeadRMSNorm(d, eps=1e-5).cuda().to(dtype)
+    kc, vc, q_norm, k_norm = _context_and_norms(shape, dtype, gen)
     with torch.no_grad():
-        for norm in (q_norm, k_norm):
-            norm.weight.copy_(torch.randn(d, device="cuda", generator=gen))
         eq, ek, ev = _normed_heads(qkv, h, q_norm, k_norm)
         q, k, v = qkv_pack(qkv, kc, vc, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps)
     assert q.shape == (b, nq, h, d) and k.shape == v.shape == (b, nc + nq, h, d)
     assert torch.equal(k[:, :nc], kc.transpose(1, 2)) and torch.equal(v[:, :nc], vc.transpose(1, 2))
     assert torch.equal(v[:, nc:], ev)
     for got, want in ((q, eq), (k[:, nc:], ek)):
-        # Two roundings (the norm's, the weight's): a last bit apart in the first can be two
-        # in the second.
-        ulps = ((got.float() - want.float()).abs()
-                / (torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)))
-        assert ulps.max().item() <= 2, ulps.max().item()
-        assert (got != want).float().mean().item() < 1e-2, (got != want).float().mean().item()
+        _assert_normed_alike(got, want, dtype)
 
 
 def test_qkv_pack_rejects_bad_shapes():
@@ -177,7 +191,6 @@ def test_qkv_rows_writes_the_product_after_the_context(shape, dtype):
     import torch.nn.functional as F
 
     from helios.kernels.qkv_pack import qkv_rows
-    from helios.refiner import HeadRMSNorm
 
     b, h, nq, nc, d = shape
     c = 2 * h * d
@@ -185,12 +198,8 @@ def test_qkv_rows_writes_the_product_after_the_context(shape, dtype):
     x = torch.randn(b, nq, c, device="cuda", dtype=dtype, generator=gen)
     weight = (torch.randn(3 * h * d, c, device="cuda", generator=gen) * 3 / c ** 0.5).to(dtype)
     bias = torch.randn(3 * h * d, device="cuda", dtype=dtype, generator=gen)
-    kc, vc = (torch.randn(b, nc, h, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
-              for _ in range(2))
-    q_norm, k_norm = HeadRMSNorm(d).cuda().to(dtype), HeadRMSNorm(d, eps=1e-5).cuda().to(dtype)
+    kc, vc, q_norm, k_norm = _context_and_norms(shape, dtype, gen)
     with torch.no_grad():
-        for norm in (q_norm, k_norm):
-            norm.weight.copy_(torch.randn(d, device="cuda", generator=gen))
         product = F.linear(x, weight, bias)
         eq, ek, ev = _normed_heads(product, h, q_norm, k_norm)
         rows = qkv_rows(x, weight, bias, kc, vc, q_norm.weight, k_norm.weight, q_norm.eps,
@@ -202,10 +211,7 @@ def test_qkv_rows_writes_the_product_after_the_context(shape, dtype):
     eps = torch.finfo(dtype).eps
     assert ((v[:, nc:].float() - ev.float()).abs() <= eps * ev.float().abs()).all()
     for got, want in ((q, eq), (k[:, nc:], ek)):
-        ulps = ((got.float() - want.float()).abs()
-                / (eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)))
-        assert ulps.max().item() <= 2, ulps.max().item()
-        assert (got != want).float().mean().item() < 1e-2, (got != want).float().mean().item()
+        _assert_normed_alike(got, want, dtype)
 
 
 def test_qkv_rows_rejects_bad_shapes():

@@ -26,34 +26,49 @@ import triton.language as tl
 
 
 @triton.jit
-def _pack_kernel(QKV, KC, VC, WQ, WK, Q, K, V, n_ctx, n_all, eps_q, eps_k,
-                 s_qkv_b, s_qkv_n, s_kc_b, s_kc_n, s_kc_h, s_vc_b, s_vc_n, s_vc_h,
-                 H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+def _program_rows(n_ctx, n_all, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     # A program takes BLOCK (token, head) rows of one batch element, tokens numbered along the
-    # keys' sequence: the context's first, then the noisy tokens.
+    # keys' sequence: the context's first, then the noisy tokens. Returns the batch element,
+    # the rows, their tokens and heads, the head's columns, and the masks of the rows in
+    # range, of the context's rows and of the noisy tokens' rows ([BLOCK, 1]).
     b = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tok, head = rows // H, rows % H
-    d = tl.arange(0, D)[None, :]
     valid = tok < n_all
     ctx = (valid & (tok < n_ctx))[:, None]
     own = (valid & (tok >= n_ctx))[:, None]
+    return b, rows, tok, head, tl.arange(0, D)[None, :], valid, ctx, own
+
+
+@triton.jit
+def _context_row(C, b, tok, head, d, ctx, s_b, s_n, s_h):
+    # The context's key or value rows ([B, H, Nc, D] at the given strides), zero elsewhere.
+    return tl.load(C + b * s_b + tok[:, None] * s_n + head[:, None] * s_h + d, mask=ctx,
+                   other=0.0)
+
+
+@triton.jit
+def _head_norm(x, W, d, eps, D: tl.constexpr, dtype: tl.constexpr):
+    # HeadRMSNorm's rounding: the normalized row in float32 rounded to dtype, then times the
+    # weight, rounded again.
+    x = x.to(tl.float32)
+    x = (x * tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]).to(dtype).to(tl.float32)
+    return (x * tl.load(W + d).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _pack_kernel(QKV, KC, VC, WQ, WK, Q, K, V, n_ctx, n_all, eps_q, eps_k,
+                 s_qkv_b, s_qkv_n, s_kc_b, s_kc_n, s_kc_h, s_vc_b, s_vc_n, s_vc_h,
+                 H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    b, rows, tok, head, d, valid, ctx, own = _program_rows(n_ctx, n_all, H, D, BLOCK)
     t = tok - n_ctx  # the noisy token's index (negative, and masked, for the context's rows)
-
-    kc = tl.load(KC + b * s_kc_b + tok[:, None] * s_kc_n + head[:, None] * s_kc_h + d,
-                 mask=ctx, other=0.0)
-    vc = tl.load(VC + b * s_vc_b + tok[:, None] * s_vc_n + head[:, None] * s_vc_h + d,
-                 mask=ctx, other=0.0)
+    kc = _context_row(KC, b, tok, head, d, ctx, s_kc_b, s_kc_n, s_kc_h)
+    vc = _context_row(VC, b, tok, head, d, ctx, s_vc_b, s_vc_n, s_vc_h)
     src = QKV + b * s_qkv_b + t[:, None] * s_qkv_n + head[:, None] * D + d
-    q = tl.load(src, mask=own, other=0.0).to(tl.float32)
-    k = tl.load(src + H * D, mask=own, other=0.0).to(tl.float32)
-    v = tl.load(src + 2 * H * D, mask=own, other=0.0)
-
     dtype = Q.dtype.element_ty
-    q = (q * tl.rsqrt(tl.sum(q * q, 1) / D + eps_q)[:, None]).to(dtype).to(tl.float32)
-    k = (k * tl.rsqrt(tl.sum(k * k, 1) / D + eps_k)[:, None]).to(dtype).to(tl.float32)
-    q = (q * tl.load(WQ + d).to(tl.float32)).to(dtype)
-    k = (k * tl.load(WK + d).to(tl.float32)).to(dtype)
+    q = _head_norm(tl.load(src, mask=own, other=0.0), WQ, d, eps_q, D, dtype)
+    k = _head_norm(tl.load(src + H * D, mask=own, other=0.0), WK, d, eps_k, D, dtype)
+    v = tl.load(src + 2 * H * D, mask=own, other=0.0)
 
     kv = b * n_all * H * D + rows[:, None] * D + d
     tl.store(K + kv, tl.where(ctx, kc, k), mask=valid[:, None])
@@ -98,31 +113,19 @@ def qkv_pack(qkv: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, q_weig
 def _rows_kernel(R, KC, VC, WQ, WK, n_ctx, n_all, eps_q, eps_k, s_r_b,
                  s_kc_b, s_kc_n, s_kc_h, s_vc_b, s_vc_n, s_vc_h,
                  H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    # A program takes BLOCK (token, head) rows of one batch element of R [B, Nc + N, 3, H, D]:
-    # a context row gets the context's key and value, a noisy token's row its q and k normed.
-    b = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tok, head = rows // H, rows % H
-    d = tl.arange(0, D)[None, :]
-    valid = tok < n_all
-    ctx = (valid & (tok < n_ctx))[:, None]
-    own = (valid & (tok >= n_ctx))[:, None]
+    # The rows of R [B, Nc + N, 3, H, D]: a context row gets the context's key and value, a
+    # noisy token's row its q and k normed in place.
+    b, rows, tok, head, d, valid, ctx, own = _program_rows(n_ctx, n_all, H, D, BLOCK)
     at = R + b * s_r_b + tok[:, None] * (3 * H * D) + head[:, None] * D + d
-
-    kc = tl.load(KC + b * s_kc_b + tok[:, None] * s_kc_n + head[:, None] * s_kc_h + d,
-                 mask=ctx, other=0.0)
-    vc = tl.load(VC + b * s_vc_b + tok[:, None] * s_vc_n + head[:, None] * s_vc_h + d,
-                 mask=ctx, other=0.0)
-    tl.store(at + H * D, kc, mask=ctx)
-    tl.store(at + 2 * H * D, vc, mask=ctx)
-
-    q = tl.load(at, mask=own, other=0.0).to(tl.float32)
-    k = tl.load(at + H * D, mask=own, other=0.0).to(tl.float32)
+    tl.store(at + H * D, _context_row(KC, b, tok, head, d, ctx, s_kc_b, s_kc_n, s_kc_h),
+             mask=ctx)
+    tl.store(at + 2 * H * D, _context_row(VC, b, tok, head, d, ctx, s_vc_b, s_vc_n, s_vc_h),
+             mask=ctx)
     dtype = R.dtype.element_ty
-    q = (q * tl.rsqrt(tl.sum(q * q, 1) / D + eps_q)[:, None]).to(dtype).to(tl.float32)
-    k = (k * tl.rsqrt(tl.sum(k * k, 1) / D + eps_k)[:, None]).to(dtype).to(tl.float32)
-    tl.store(at, (q * tl.load(WQ + d).to(tl.float32)).to(dtype), mask=own)
-    tl.store(at + H * D, (k * tl.load(WK + d).to(tl.float32)).to(dtype), mask=own)
+    q = _head_norm(tl.load(at, mask=own, other=0.0), WQ, d, eps_q, D, dtype)
+    k = _head_norm(tl.load(at + H * D, mask=own, other=0.0), WK, d, eps_k, D, dtype)
+    tl.store(at, q, mask=own)
+    tl.store(at + H * D, k, mask=own)
 
 
 def qkv_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k_ctx: torch.Tensor,
