@@ -9,7 +9,8 @@ short warm-up video runs first; then every stage call of the measured video is t
 the first-frame latency, peak GPU memory, and each stage's ratio to its physical floor:
 weight bytes / memory bandwidth for an AR decode step, FLOPs / matrix rate for the refiner.
 Both ceilings are measured on the device first (a large device-to-device copy, counting bytes
-read plus written; an 8192^3 bf16 matrix product on random data). JSON goes to --out.
+read plus written; an 8192^3 bf16 matrix product on random data, alone and kept up for
+seconds: ``sustained_rate``). JSON goes to --out.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def ceilings(device) -> dict:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     rate = 2 * 8192**3 / _median_s(device, lambda: a @ b)
+    sustained = sustained_rate(a, b)
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     sa = torch.ones(8192, 1, device=device)
     sb = torch.ones(1, 8192, device=device)
@@ -87,7 +89,32 @@ def ceilings(device) -> dict:
     del x, y, a, b, a8, b8
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": rate,
-            "fp8_matmul_flop_per_s": rate8}
+            "bf16_matmul_sustained_flop_per_s": sustained, "fp8_matmul_flop_per_s": rate8}
+
+
+def sustained_rate(a: torch.Tensor, b: torch.Tensor, seconds: float = 8.0) -> float:
+    """The bf16 matrix rate of ``a @ b`` (square) kept up for ``seconds``: products back to
+    back in CUDA-graph replays of 20, the median of the second half of the replays. A card at
+    its power limit lowers its clock after the first ones: on an H200 (700 W) 8192^3 products
+    fell from 784 TFLOP/s, each product alone, to 672 after a few seconds (1440 MHz; NVIDIA
+    H200, 2026-12-04). The refiner renders back to back, so its time is read at both rates."""
+    out = a @ b
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            torch.matmul(a, b, out=out)
+    flop = 20 * 2 * a.shape[0] ** 3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rates, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        rates.append(flop / (start.elapsed_time(end) / 1e3))
+    del graph
+    return statistics.median(rates[len(rates) // 2:])
 
 
 def weight_bytes(module) -> int:
@@ -437,6 +464,9 @@ def main(argv=None) -> int:
             floors["refiner"] = (projections / ceil["fp8_matmul_flop_per_s"]
                                  + (flops - projections) / ceil["bf16_matmul_flop_per_s"]) * 1e3
         result["floor_ratio"] = {k: med[k] / floors[k] for k in ("ar_round", "refiner")}
+        if not rf8:
+            floors["refiner_sustained"] = floors["refiner"] * (
+                ceil["bf16_matmul_flop_per_s"] / ceil["bf16_matmul_sustained_flop_per_s"])
         result["achieved"] = {"ar_bytes_per_s": ar_bytes / (med["ar_round"] / 1e3),
                               "refiner_flop_per_s": flops / (med["refiner"] / 1e3)}
 
@@ -461,8 +491,14 @@ def main(argv=None) -> int:
     print("first frame by stage: " + ", ".join(f"{k} {v:.1f} ms" for k, v in first_parts.items()))
     if ceil:
         print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-              f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s, fp8 matmul "
+              f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s (kept up: "
+              f"{ceil['bf16_matmul_sustained_flop_per_s'] / 1e12:.0f}), fp8 matmul "
               f"{ceil['fp8_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if "refiner_sustained" in floors:
+        print(f"refiner at the matrix rate kept up: floor {floors['refiner_sustained']:.2f} ms, "
+              f"ratio {med['refiner'] / floors['refiner_sustained']:.2f}"
+              + (f", the render alone {pieces['refiner_render'] / floors['refiner_sustained']:.2f}"
+                 if "refiner_render" in pieces else ""))
     if pieces:
         print("GPU time alone (CUDA events): " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()))
     if fp8:
