@@ -57,10 +57,11 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
     with the refiner that way). ``switches`` (helios.session) may change the prompt between
     latent frames: the plan tokens decoded ahead of the switch are dropped, and a new AR
     segment starts there under the new prompt. With ``req.pace_s`` set, each latent frame waits
-    until the frames already out are at most that far ahead of the player (``Pacer``), so that
-    a switch is seen soon after it is asked for."""
+    until the frames already out are at most that far ahead of the player (``Pacer``; the
+    player's own reports come through ``switches.shown``), so that a switch is seen soon after
+    it is asked for."""
     prefix, draft_prefix = stages.encode_prompt(req.prompt)
-    pacer = Pacer(req.pace_s, req.fps, cancelled)
+    pacer = Pacer(req.pace_s, req.fps, cancelled, None if switches is None else switches.player)
     context = ContextFrames(cfg.refiner.history_frames)
     plans: list[list[int]] = []
     state = {"prev": None, "emitted": 0}
@@ -208,10 +209,14 @@ class Pacer:
     """Holds a stream back to ``lead_s`` seconds of video ahead of its player (``lead_s``
     None: never). The player is modelled as players behave: it starts when the first chunk
     goes out, plays at the video's frame rate, and when it reaches a frame that has not
-    arrived it waits for it, so its clock restarts there."""
+    arrived it waits for it, so its clock restarts there. ``player()``, where given, returns
+    what the player itself last reported, (frame shown, when by time.time()) or None
+    (``PromptSwitches.player``): a player further behind than the model (frames still on
+    their way to it, a page slowed by its machine) holds the stream back by its report."""
 
-    def __init__(self, lead_s: float | None, fps: int, cancelled: Callable[[], bool] | None = None):
-        self.lead_s, self.fps, self.cancelled = lead_s, fps, cancelled
+    def __init__(self, lead_s: float | None, fps: int, cancelled: Callable[[], bool] | None = None,
+                 player: Callable[[], tuple[int, float] | None] | None = None):
+        self.lead_s, self.fps, self.cancelled, self.player = lead_s, fps, cancelled, player
         self.t0: float | None = None  # when the player showed (or would show) frame 0
 
     def sent(self, first: int) -> None:
@@ -222,12 +227,23 @@ class Pacer:
         if self.t0 is None or now > self.t0 + first / self.fps:
             self.t0 = now - first / self.fps
 
+    def ahead(self, emitted: int, now: float, wall: float) -> float:
+        """Seconds by which ``emitted`` frames are beyond the lead at ``now`` (time.monotonic)
+        and ``wall`` (time.time(), the same instant): by the model's clock, or by the player's
+        report where that puts the player further behind."""
+        t0 = self.t0
+        heard = self.player() if self.player is not None else None
+        if heard is not None:
+            frame, at = heard  # shown at ``at``, playing on at the frame rate since
+            t0 = max(t0, now - (wall - at) - frame / self.fps)
+        return t0 + emitted / self.fps - self.lead_s - now
+
     def wait(self, emitted: int) -> bool:
         """Return once ``emitted`` frames are no more than the lead ahead of the player;
         False if the stream was cancelled meanwhile."""
         if self.lead_s is None or self.t0 is None:
             return True
-        while (ahead := self.t0 + emitted / self.fps - self.lead_s - time.monotonic()) > 0:
+        while (ahead := self.ahead(emitted, time.monotonic(), time.time())) > 0:
             if self.cancelled is not None and self.cancelled():
                 return False
             time.sleep(min(ahead, 0.05))

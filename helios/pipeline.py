@@ -413,7 +413,9 @@ class Session:
     (between chunks, or from another thread while they come): the new prompt holds from
     ``at_frame`` (rounded up to a latent-frame boundary), or from the next latent frame not
     yet rendered; it returns that frame. Bad or late updates raise HeliosError, and leave
-    the stream as it was. ``switches.applied`` lists the switches made so far.
+    the stream as it was. ``switches.applied`` lists the switches made so far. A player that
+    shows the frames calls ``shown(frame)`` now and then: a paced stream (``pace_s``) then
+    keeps its lead over the picture itself.
     """
 
     def __init__(self, pipe: HeliosPipeline, request: VideoRequest, switches: PromptSwitches):
@@ -425,6 +427,10 @@ class Session:
 
     def update(self, prompt: str, at_frame: int | None = None) -> int:
         return self.switches.update(prompt, at_frame)
+
+    def shown(self, frame: int) -> None:
+        """The player shows ``frame`` now: a paced stream keeps its lead over that frame."""
+        self.switches.shown(frame)
 
     def close(self) -> None:
         """Stop the stream (its AR sequence and KV blocks are freed)."""

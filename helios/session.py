@@ -75,6 +75,7 @@ class PromptSwitches:
         self._sent = 0
         self._next = 0        # the first latent frame whose prompt is not decided yet
         self._ended = False
+        self._shown: tuple[int, float] | None = None
         self.applied: list[Switch] = []
 
     def update(self, prompt: str, at_frame: int | None = None,
@@ -117,6 +118,23 @@ class PromptSwitches:
             self.applied.append(Switch(latent * self.frames_per_latent, prompt, sent_at,
                                        time.time()))
             return prompt
+
+    def shown(self, frame, at: float | None = None) -> None:
+        """The stream's player shows ``frame`` now (``at``: when, by time.time()). The pacer
+        (``helios.orchestrator.Pacer``) then keeps the stream's lead over the picture itself
+        rather than over its model of the player. HeliosError naming ``shown_frame`` for a
+        frame outside the video."""
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) \
+                or not 0 <= frame < self.num_frames:
+            raise HeliosError("shown_frame", f"must be an integer in [0, {self.num_frames - 1}] "
+                                             f"(a frame of this video), got {frame!r}")
+        with self._lock:
+            self._shown = (int(frame), time.time() if at is None else float(at))
+
+    def player(self) -> tuple[int, float] | None:
+        """The latest ``shown`` report: (frame, when it was shown by time.time()), or None."""
+        with self._lock:
+            return self._shown
 
     def end(self) -> None:
         """The stream is over; later updates are refused."""

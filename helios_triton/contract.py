@@ -10,7 +10,8 @@ HELIOS_INPUT_NAMES = {"prompt": "PROMPT", "duration": "DURATION_S", "num_frames"
                       "top_k": "TOP_K", "top_p": "TOP_P", "image": "IMAGE",
                       "session_id": "SESSION_ID", "video": "VIDEO", "pace": "PACE_S"}
 # ... and of the helios_update model's, for the fields of a prompt update (helios.session).
-UPDATE_INPUT_NAMES = {"prompt": "PROMPT", "at_frame": "AT_FRAME", "session": "SESSION_ID"}
+UPDATE_INPUT_NAMES = {"prompt": "PROMPT", "at_frame": "AT_FRAME", "session": "SESSION_ID",
+                      "shown_frame": "SHOWN_FRAME"}
 
 
 # What the helios orchestrator (model_repository/helios/1/model.py) sends to and reads from

@@ -5,7 +5,10 @@ A stream of the ``helios`` model that carries a ``SESSION_ID`` owns a folder
 process of its own, drops an update there (one JSON file, written whole and then renamed)
 and waits for the answer; the stream reads its mailbox before each latent frame (a directory
 listing: nothing to wait on), applies the updates to its ``helios.session.PromptSwitches``
-and answers each with the frame the new prompt holds from, or the error. A folder, not a
+and answers each with the frame the new prompt holds from, or the error. A player's report of
+the frame it shows (``send_shown``) is one file, ``shown.json``, that each report replaces and
+that nobody answers: the stream reads it while its pacer holds it back. ``stream.json`` tells
+``helios_update`` the stream's length, to check a reported frame. A folder, not a
 socket or shared memory: Triton may run the two models in any of its stub processes, a stub
 that dies leaves nothing locked, and the supervisor empties the folder when it (re)starts
 the server (``HELIOS_SESSIONS_DIR``).
@@ -67,6 +70,7 @@ class Mailbox:
         except FileNotFoundError:
             raise HeliosError("SESSION_ID", f"cannot be used: the sessions folder {str(root)!r} "
                                             f"does not exist") from None
+        _write(self.folder / "stream.json", {"num_frames": switches.num_frames})
 
     def poll(self) -> int:
         """Apply the updates that arrived, oldest first, answering each; -> how many."""
@@ -85,6 +89,15 @@ class Mailbox:
             path.unlink(missing_ok=True)
             _write(self.folder / ("a-" + name[2:]), answer)
         return len(names)
+
+    def read_shown(self) -> None:
+        """Hand the player's latest report to ``switches.shown`` (read each time: a small
+        file, read while the pacer holds the stream, every 50 ms at most)."""
+        try:
+            entry = json.loads((self.folder / "shown.json").read_text())
+            self.switches.shown(int(entry["frame"]), float(entry["at"]))
+        except (OSError, ValueError, KeyError, TypeError, HeliosError):
+            pass  # none yet, or unreadable: the pacer's model of the player holds meanwhile
 
     def close(self) -> None:
         """The stream ended: refuse what comes later and remove the folder."""
@@ -106,16 +119,44 @@ class MailboxSwitches(PromptSwitches):
             self.mailbox.poll()
         return super().due(latent)
 
+    def player(self):
+        if self.mailbox is not None:
+            self.mailbox.read_shown()
+        return super().player()
+
+
+def _running(root: Path | None, session_id) -> Path:
+    """The mailbox folder of the running stream ``session_id``; HeliosError if none."""
+    session_id = check_session_id(session_id)
+    folder = _sessions_root(root) / session_id
+    if not folder.is_dir():
+        raise HeliosError("SESSION_ID", f"{session_id!r} names no running stream")
+    return folder
+
+
+def send_shown(root: Path | None, session_id, frame) -> int:
+    """Report that the player of stream ``session_id`` shows ``frame`` now; -> the frame.
+    Nothing waits for the stream: its pacer reads the report while it holds the stream back.
+    HeliosError for an unknown session or a frame outside its video."""
+    folder = _running(root, session_id)
+    try:
+        num_frames = int(json.loads((folder / "stream.json").read_text())["num_frames"])
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < num_frames:
+            raise HeliosError("SHOWN_FRAME", f"must be an integer in [0, {num_frames - 1}] (a "
+                                             f"frame of this video), got {frame!r}")
+        _write(folder / "shown.json", {"frame": frame, "at": time.time()})
+    except FileNotFoundError:
+        raise HeliosError("SESSION_ID", f"{folder.name!r} names no running stream") from None
+    return frame
+
 
 def send_update(root: Path | None, session_id, prompt: str, at_frame: int | None,
                 timeout_s: float = UPDATE_TIMEOUT_S) -> int:
     """Hand an update to the stream ``session_id`` and wait for its answer: the frame the
     prompt holds from. HeliosError for an unknown session, a bad or late update, or a stream
     that ended or did not answer in ``timeout_s`` seconds."""
-    session_id = check_session_id(session_id)
-    folder = _sessions_root(root) / session_id
-    if not folder.is_dir():
-        raise HeliosError("SESSION_ID", f"{session_id!r} names no running stream")
+    folder = _running(root, session_id)
+    session_id = folder.name
     key = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
     try:
         _write(folder / f"u-{key}", {"prompt": prompt, "at_frame": at_frame,

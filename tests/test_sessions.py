@@ -70,6 +70,29 @@ def test_a_switch_records_when_its_update_came_and_when_it_was_applied(tiny_conf
     assert sent <= s.applied[0].sent_at <= seen < seen + 0.2 <= s.applied[0].applied_at
 
 
+def test_a_players_report_reaches_its_stream_through_the_mailbox(tiny_config, tmp_path):
+    from helios_triton.sessions import Mailbox, MailboxSwitches, send_shown
+
+    s = MailboxSwitches(tiny_config, num_frames=40)
+    s.mailbox = Mailbox(tmp_path, "s1", s)
+    assert s.player() is None
+    before = time.time()
+    assert send_shown(tmp_path, "s1", 12) == 12
+    frame, at = s.player()
+    assert frame == 12 and before <= at <= time.time()
+    send_shown(tmp_path, "s1", 16)  # each report replaces the one before
+    assert s.player()[0] == 16
+    for bad in (40, -1, True):
+        with pytest.raises(HeliosError) as e:
+            send_shown(tmp_path, "s1", bad)
+        assert str(e.value) == (f"SHOWN_FRAME must be an integer in [0, 39] (a frame of this "
+                                f"video), got {bad!r}")
+    s.mailbox.close()
+    with pytest.raises(HeliosError) as e:
+        send_shown(tmp_path, "s1", 20)
+    assert str(e.value) == "SESSION_ID 's1' names no running stream"
+
+
 def test_the_last_update_due_at_a_boundary_wins(tiny_config):
     s = PromptSwitches(tiny_config, num_frames=40)
     s.update(BLUE, at_frame=8)
@@ -281,6 +304,50 @@ def test_a_stream_that_fell_behind_its_player_keeps_the_lead_from_where_the_play
     assert time.monotonic() - t0 >= 4 / fps - lead - 0.005
 
 
+def test_a_players_report_puts_the_pacers_clock_where_the_picture_is():
+    from helios.orchestrator import Pacer
+    heard = None
+    pacer = Pacer(0.25, 24, player=lambda: heard)
+    pacer.t0 = 100.0  # by the model, the player showed frame 0 at 100 s (time.monotonic)
+    now, wall = 101.0, 5000.0  # one instant, on the monotonic clock and on time.time()
+    assert pacer.ahead(48, now, wall) == pytest.approx(0.75)  # frame 48: due at 102 s
+    heard = (12, wall - 0.5)  # a player on the model's clock
+    assert pacer.ahead(48, now, wall) == pytest.approx(0.75)
+    heard = (0, wall - 0.5)  # one half a second behind it: held half a second longer
+    assert pacer.ahead(48, now, wall) == pytest.approx(1.25)
+    heard = (40, wall)  # one ahead of the model (frames it cannot have): the model holds
+    assert pacer.ahead(48, now, wall) == pytest.approx(0.75)
+
+
+def _held_then_played(stream, report, seconds=1.5):
+    """The frames of ``stream`` (chunks) that came while ``report()`` ran every 50 ms for
+    ``seconds``, then all of them, once the reports stopped."""
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(stream), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        report()
+        time.sleep(0.05)
+    held = sum(len(c.frames) for c in list(chunks))
+    reader.join(120)
+    assert not reader.is_alive()
+    return held, np.concatenate([c.frames for c in chunks])
+
+
+def test_a_paced_session_waits_for_a_player_that_reports_the_picture_behind(pipe):
+    session = pipe.session(RED, num_frames=48, fps=24, seed=5, pace_s=0.1)
+    # The player reports its first frame again and again: stuck there, as a page on a busy
+    # machine may be. Within 0.1 s of frame 0 the stream sends its first latent frame and
+    # waits; unheld, the model of the player would have let 1.5 s of video through.
+    held, frames = _held_then_played(iter(session), lambda: session.shown(0))
+    assert held <= 8, held
+    assert np.array_equal(frames, pipe.generate_video(RED, num_frames=48, fps=24, seed=5))
+    with pytest.raises(HeliosError) as e:
+        session.shown(48)
+    assert str(e.value) == "shown_frame must be an integer in [0, 47] (a frame of this video), got 48"
+
+
 @pytest.mark.parametrize("pace", [-1.0, 60.5, float("nan"), True])
 def test_a_bad_pace_is_refused_naming_it(pipe, pace):
     with pytest.raises(HeliosError) as e:
@@ -315,9 +382,9 @@ def test_the_same_switch_gives_the_same_frames_in_process_and_through_triton(ser
 
 
 @pytest.mark.parametrize("inputs,message", [
-    # Triton itself answers a request without a required input, naming it.
-    ({"PROMPT": BLUE}, "missing required input(s) ['SESSION_ID']"),
-    ({"SESSION_ID": "x"}, "missing required input(s) ['PROMPT']"),
+    ({"PROMPT": BLUE}, "SESSION_ID is required"),
+    ({"SESSION_ID": "x"}, "PROMPT is required (or SHOWN_FRAME alone: the frame a player shows)"),
+    ({"SESSION_ID": "nobody", "SHOWN_FRAME": 3}, "SESSION_ID 'nobody' names no running stream"),
     ({"SESSION_ID": "a/b", "PROMPT": BLUE},
      "SESSION_ID must be 1 to 64 letters, digits, '_' or '-', got 'a/b'"),
     ({"SESSION_ID": "nobody", "PROMPT": BLUE}, "SESSION_ID 'nobody' names no running stream"),
@@ -328,16 +395,35 @@ def test_bad_updates_are_refused_naming_the_input(server, inputs, message):
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
     tensors = []
     for name, value in inputs.items():
-        t = grpcclient.InferInput(name, [1], "BYTES")
-        t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+        if isinstance(value, int):
+            t = grpcclient.InferInput(name, [1], "INT32")
+            t.set_data_from_numpy(np.array([value], dtype=np.int32))
+        else:
+            t = grpcclient.InferInput(name, [1], "BYTES")
+            t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
         tensors.append(t)
     with pytest.raises(InferenceServerException) as e:
         client.infer("helios_update", tensors)
-    if message.startswith("missing"):
-        assert message in e.value.message()
-    else:
-        assert e.value.message() == message
+    assert e.value.message() == message
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_a_players_reports_hold_a_paced_stream_through_triton(server, pipe):
+    session_id = new_session_id()
+    client = HeliosClient(f"127.0.0.1:{server.grpc}")
+    stream = client.stream(RED, num_frames=96, seed=3, session_id=session_id, pace_s=0.1)
+    first = next(stream)
+    reporter = HeliosClient(f"127.0.0.1:{server.grpc}")
+    for bad in (96, -1):
+        with pytest.raises(RequestError) as e:
+            reporter.shown(session_id, bad)
+        assert str(e.value) == (f"SHOWN_FRAME must be an integer in [0, 95] (a frame of this "
+                                f"video), got {bad}")
+        assert e.value.invalid_argument
+    held, frames = _held_then_played(stream, lambda: reporter.shown(session_id, 0))
+    assert len(first.frames) + held <= 8, held
+    want = pipe.generate_video(RED, num_frames=96, seed=3)
+    assert np.array_equal(np.concatenate([first.frames, frames]), want)
 
 
 def test_late_and_out_of_range_updates_leave_the_stream_running(server):

@@ -199,9 +199,24 @@ class HeliosClient:
     def _update(self, session_id: str, prompt: str, at_frame: int | None) -> int:
         inputs = _inputs(self._module, prompt, session_id=session_id)
         if at_frame is not None:
-            t = self._module.InferInput("AT_FRAME", [1], "INT32")
-            t.set_data_from_numpy(np.array([at_frame], np.int32))
-            inputs.append(t)
+            inputs.append(self._int32("AT_FRAME", at_frame))
+        return self._ask_update(inputs)
+
+    def shown(self, session_id: str, frame: int) -> int:
+        """Report that this client's player shows ``frame`` of the stream ``session_id`` now:
+        a paced stream (``pace_s``) keeps its lead over that frame rather than over the
+        server's model of the player. Send it a few times a second while the video plays.
+        Returns the frame; RequestError for an unknown session or a frame outside the video."""
+        session = self._module.InferInput("SESSION_ID", [1], "BYTES")
+        session.set_data_from_numpy(_text(session_id))
+        return self._ask_update([session, self._int32("SHOWN_FRAME", frame)])
+
+    def _int32(self, name: str, value: int):
+        t = self._module.InferInput(name, [1], "INT32")
+        t.set_data_from_numpy(np.array([value], np.int32))
+        return t
+
+    def _ask_update(self, inputs) -> int:
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
         try:

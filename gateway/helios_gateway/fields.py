@@ -14,7 +14,7 @@ from helios_client.api import Served
 SEED_MAX = 2**63 - 1
 # Triton's input names, as the gateway calls them.
 TRITON_NAMES = {"PROMPT": "prompt", "DURATION_S": "seconds", "NUM_FRAMES": "seconds",
-                "SEED": "seed", "FPS": "fps", "PACE_S": "lead_s"}
+                "SEED": "seed", "FPS": "fps", "PACE_S": "lead_s", "SHOWN_FRAME": "frame"}
 
 
 class FieldError(ValueError):
@@ -56,6 +56,14 @@ def seed(value) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
         raise FieldError("seed", f"must be an integer in [0, 2**63-1], got {value!r}")
+    return value
+
+
+def frame(value, total: int) -> int:
+    """A frame of the playing video (``total`` frames), as the page reports the one it shows."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < total:
+        raise FieldError("frame", f"must be an integer in [0, {total - 1}] (a frame of this "
+                                  f"video), got {value!r}")
     return value
 
 

@@ -4,6 +4,7 @@ it plays, stop it; frames and progress come back as they are generated.
 Messages from the browser (JSON text):
     {"type": "start", "prompt": ..., "seconds": ..., "seed": ...}
     {"type": "update", "prompt": ...}     the new prompt holds from the next latent frame
+    {"type": "shown", "frame": ...}       the frame the page shows now (a few times a second)
     {"type": "stop"}
 Messages to the browser:
     {"type": "started", "id", "fps", "width", "height", "total"}
@@ -18,7 +19,9 @@ group of pictures to wait for, as fragmented MP4 through Media Source Extensions
 have, and no codec negotiation, which WebCodecs needs and headless browsers lack), and
 JPEG keeps a 1280x720 frame at a small fraction of its 2.7 MB raw. The stream is paced
 (``PACE_S``), so a prompt update shows within about the gateway's lead rather than after
-frames made far ahead.
+frames made far ahead; the page reports the frame it shows, which the gateway hands on to the
+stream (``HeliosClient.shown``), so that the lead is kept over the picture itself, however far
+behind the server's model of the player a busy machine leaves the page.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class LiveSession:
         self.session_id: str | None = None
         self.client = None
         self.ended = threading.Event()
+        self.reporting: asyncio.Task | None = None  # a report of the frame shown, on its way
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_all())
@@ -71,19 +75,21 @@ class LiveSession:
                         raise ValueError
                 except ValueError:
                     await self._error(400, "a message must be a JSON object with a type "
-                                           "(start, update or stop)", "type")
+                                           "(start, update, shown or stop)", "type")
                     continue
                 kind = message.pop("type", None)
                 if kind == "start":
                     await self._start(message)
                 elif kind == "update":
                     await self._update(message)
+                elif kind == "shown":
+                    await self._shown(message)
                 elif kind == "stop":
                     if self.video is not None:
                         self.video.cancel.set()
                 else:
-                    await self._error(400, f"type must be start, update or stop, got {kind!r}",
-                                      "type")
+                    await self._error(400, f"type must be start, update, shown or stop, got "
+                                           f"{kind!r}", "type")
         finally:
             if self.video is not None and not self.ended.is_set():
                 self.video.cancel.set()  # the browser went away: the stream stops
@@ -155,6 +161,30 @@ class LiveSession:
             return
         await self.ws.send_text(json.dumps({"type": "prompt", "prompt": prompt,
                                             "from_frame": frame}))
+
+    async def _shown(self, message: dict) -> None:
+        """The page shows this frame now: on to the stream's pacer. One report at a time; a
+        report that comes while one is on its way is dropped, since the next one follows."""
+        video, ended = self.video, self.ended
+        if video is None or ended.is_set():
+            return  # the video ended while the report was on its way: nothing to pace
+        try:
+            frame = fields.frame(message.get("frame"), video.total)
+        except fields.FieldError as e:
+            await self._error(400, str(e), e.field)
+            return
+        if self.reporting is None and video.frames > 0:  # beside the socket's other messages
+            self.reporting = asyncio.create_task(self._report(frame, ended))
+
+    async def _report(self, frame: int, ended: threading.Event) -> None:
+        try:
+            await asyncio.to_thread(self.client.shown, self.session_id, frame)
+        except RequestError as e:
+            if not (is_unknown_session(e) or ended.is_set()):  # not when the stream just ended
+                text, param = fields.renamed(str(e))
+                await self._error(400 if e.invalid_argument else 502, text, param)
+        finally:
+            self.reporting = None
 
     async def _error(self, code: int, message: str, param: str | None) -> None:
         await self.ws.send_text(json.dumps({"type": "error", "message": message,

@@ -5,7 +5,8 @@ const $ = (id) => document.getElementById(id);
 const canvas = $("screen"), ctx = canvas.getContext("2d");
 // Read by the browser tests through the DevTools protocol.
 const state = window.heliosState = {
-  status: "idle", drawn: 0, dropped: 0, shown: -1, received: 0, firstFrameMs: null, fps: 0,
+  status: "idle", drawn: 0, dropped: 0, shown: -1, received: 0, reports: 0, firstFrameMs: null,
+  fps: 0,
   videoId: null,
   lastPrompt: null, error: null,
 };
@@ -31,7 +32,7 @@ function start(event) {
   say("");
   if (ws) ws.close();
   queue = []; arrivals = []; state.drawn = 0; state.dropped = 0; state.shown = -1;
-  state.received = 0;
+  state.received = 0; state.reports = 0;
   state.firstFrameMs = null; state.videoId = null;
   $("download").hidden = true; $("first").textContent = "-"; $("fps").textContent = "-";
   const proto = location.protocol === "https:" ? "wss" : "ws";
@@ -93,9 +94,10 @@ async function decodeFrame(data) {
   queue.push({ index, bitmap, arrived: now });
 }
 
+const REPORT_MS = 250;
 function startPlayback(fps) {
   if (playing) cancelAnimationFrame(playing);
-  let t0 = null, next = 0;
+  let t0 = null, next = 0, reportedAt = -Infinity;
   const due = (k) => t0 + (k * 1000) / fps;
   const tick = (now) => {
     // Frame `next` is due at t0 + next / fps. At the first frame, or when the stream fell
@@ -118,6 +120,11 @@ function startPlayback(fps) {
       ctx.drawImage(frame.bitmap, 0, 0, canvas.width, canvas.height);
       frame.bitmap.close();
       state.shown = frame.index; state.drawn += 1; next += 1;
+      // The frame on screen, a few times a second: the server keeps its lead over it.
+      if (now - reportedAt >= REPORT_MS && ws && ws.readyState === WebSocket.OPEN) {
+        ws.send(JSON.stringify({ type: "shown", frame: frame.index }));
+        reportedAt = now; state.reports += 1;
+      }
     }
     playing = requestAnimationFrame(tick);
   };
