@@ -205,6 +205,12 @@ class SwitchFade:
         return frames
 
 
+# How far behind the pacer's model of the player a report may put the player: a player that
+# is stuck, or a client that keeps reporting its first frame, holds its stream (its GPU
+# memory and its serving slot) up to this long, not for ever.
+PLAYER_BEHIND_MAX_S = 5.0
+
+
 class Pacer:
     """Holds a stream back to ``lead_s`` seconds of video ahead of its player (``lead_s``
     None: never). The player is modelled as players behave: it starts when the first chunk
@@ -212,7 +218,8 @@ class Pacer:
     arrived it waits for it, so its clock restarts there. ``player()``, where given, returns
     what the player itself last reported, (frame shown, when by time.time()) or None
     (``PromptSwitches.player``): a player further behind than the model (frames still on
-    their way to it, a page slowed by its machine) holds the stream back by its report."""
+    their way to it, a page slowed by its machine) holds the stream back by its report, up
+    to ``PLAYER_BEHIND_MAX_S``."""
 
     def __init__(self, lead_s: float | None, fps: int, cancelled: Callable[[], bool] | None = None,
                  player: Callable[[], tuple[int, float] | None] | None = None):
@@ -235,7 +242,7 @@ class Pacer:
         heard = self.player() if self.player is not None else None
         if heard is not None:
             frame, at = heard  # shown at ``at``, playing on at the frame rate since
-            t0 = max(t0, now - (wall - at) - frame / self.fps)
+            t0 = max(t0, min(now - (wall - at) - frame / self.fps, t0 + PLAYER_BEHIND_MAX_S))
         return t0 + emitted / self.fps - self.lead_s - now
 
     def wait(self, emitted: int) -> bool:

@@ -317,6 +317,10 @@ def test_a_players_report_puts_the_pacers_clock_where_the_picture_is():
     assert pacer.ahead(48, now, wall) == pytest.approx(1.25)
     heard = (40, wall)  # one ahead of the model (frames it cannot have): the model holds
     assert pacer.ahead(48, now, wall) == pytest.approx(0.75)
+    # A player stuck at frame 0 holds the stream at most PLAYER_BEHIND_MAX_S (5 s) behind
+    # the model: at 110 s the model's player is at frame 240, the reported one taken at 120.
+    heard = (0, wall + 9.0)
+    assert pacer.ahead(48, now + 9.0, wall + 9.0) == pytest.approx(100 + 5 + 2 - 0.25 - 110)
 
 
 def _held_then_played(stream, report, seconds=1.5):
