@@ -83,7 +83,8 @@
 # STREAMS, FILL_ARGS (extra options of helios_triton.fill_repository, e.g. --refiner-fp8),
 # MPS=0 (no CUDA MPS for the server),
 # EXTRA_SITE (site folders of more packages), HELIOS_FLASH_ATTENTION=0 (the Triton-lang
-# attention kernel where FlashAttention-4 is installed).
+# attention kernel where FlashAttention-4 is installed), LOGS_TAR=1 (at the end, every file
+# of OUT but the JSON goes into OUT/logs.tar.gz: for a host that sends back few files).
 #
 # FlashAttention-4 on a host without internet: `make offline-flash` packs it in parts of 40 MiB
 # (.offline-flash/); where one copy to the host cannot take them all, carry them in turns to
@@ -330,4 +331,10 @@ for part in "${parts[@]}"; do
             exit 2 ;;
     esac
 done
+if [ "${LOGS_TAR:-0}" = 1 ]; then
+    # The logs and tables in one file, the JSON beside it: a lent host that returns at most
+    # 8 files lost two server runs' JSON among their 14 files.
+    (cd "$out" && find . -type f ! -name '*.json' ! -name logs.tar.gz -print0 |
+        tar czf logs.tar.gz --null -T - --remove-files)
+fi
 exit $status
