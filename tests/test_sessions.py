@@ -349,7 +349,8 @@ def test_a_paced_session_waits_for_a_player_that_reports_the_picture_behind(pipe
     assert np.array_equal(frames, pipe.generate_video(RED, num_frames=48, fps=24, seed=5))
     with pytest.raises(HeliosError) as e:
         session.shown(48)
-    assert str(e.value) == "shown_frame must be an integer in [0, 47] (a frame of this video), got 48"
+    assert str(e.value) == ("shown_frame must be an integer in [0, 47] (a frame of this video), "
+                            "got 48")
 
 
 @pytest.mark.parametrize("pace", [-1.0, 60.5, float("nan"), True])

@@ -30,7 +30,8 @@ class TritonPythonModel:
                                         "shows)")
         if prompt is not None:
             prompt = prompt_text(prompt.reshape(-1)[0])
-            tokenize(prompt, self.config.text_encoder.max_prompt_bytes)  # before the stream is asked
+            # checked here, before the stream is asked
+            tokenize(prompt, self.config.text_encoder.max_prompt_bytes)
         if shown is not None:
             frame = send_shown(self.sessions_dir, session_id, int(shown.reshape(-1)[0]))
             if prompt is None:
