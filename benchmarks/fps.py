@@ -117,6 +117,12 @@ def sustained_rate(a: torch.Tensor, b: torch.Tensor, seconds: float = 8.0) -> fl
     return statistics.median(rates[len(rates) // 2:])
 
 
+def sustained_floor_ms(floor_ms: float, ceil: dict) -> float:
+    """A floor read at the bf16 matrix rate of one product at a time (``ceilings``), read
+    again at the rate the card keeps up (``sustained_rate``)."""
+    return floor_ms * ceil["bf16_matmul_flop_per_s"] / ceil["bf16_matmul_sustained_flop_per_s"]
+
+
 def weight_bytes(module) -> int:
     """Bytes of a module's parameters and buffers (FP8 weights are buffers: counted too)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -465,8 +471,7 @@ def main(argv=None) -> int:
                                  + (flops - projections) / ceil["bf16_matmul_flop_per_s"]) * 1e3
         result["floor_ratio"] = {k: med[k] / floors[k] for k in ("ar_round", "refiner")}
         if not rf8:
-            floors["refiner_sustained"] = floors["refiner"] * (
-                ceil["bf16_matmul_flop_per_s"] / ceil["bf16_matmul_sustained_flop_per_s"])
+            floors["refiner_sustained"] = sustained_floor_ms(floors["refiner"], ceil)
         result["achieved"] = {"ar_bytes_per_s": ar_bytes / (med["ar_round"] / 1e3),
                               "refiner_flop_per_s": flops / (med["refiner"] / 1e3)}
 

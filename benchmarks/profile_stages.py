@@ -38,7 +38,7 @@ import tempfile
 
 import torch
 from fps import (ceilings, floors_ms, gpu_ms, load_gemv_tiles,  # benchmarks/fps.py
-                 write_result)
+                 sustained_floor_ms, write_result)
 
 from helios.accel import CompiledOrEager, accelerate
 from helios.ar_backbone import fuse_projections, use_gemv
@@ -349,9 +349,7 @@ def main(argv=None) -> int:
             key += "_again"
         r = result[key] = refiner_render(cfg, parts["refiner"], device, rf_floor)
         r["attention"] = backend()
-        # The render's floor at the matrix rate the card keeps up (fps.sustained_rate).
-        r["floor_sustained_ms"] = rf_floor * (ceil["bf16_matmul_flop_per_s"]
-                                              / ceil["bf16_matmul_sustained_flop_per_s"])
+        r["floor_sustained_ms"] = sustained_floor_ms(rf_floor, ceil)
         r["floor_sustained_ratio"] = r["replay_ms"] / r["floor_sustained_ms"]
         table(f"refiner render (full history), {title}", result[key])
     use_kernel(True)

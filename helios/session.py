@@ -44,11 +44,11 @@ class Switch:
                 f" ms later")
 
 
-def check_frame(value, num_frames: int) -> int:
-    """A frame index of a video of ``num_frames`` frames; HeliosError naming ``at_frame``."""
+def check_frame(value, num_frames: int, field: str = "at_frame") -> int:
+    """A frame index of a video of ``num_frames`` frames; HeliosError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
             or not 0 <= value < num_frames:
-        raise HeliosError("at_frame", f"must be an integer in [0, {num_frames - 1}] (a frame of "
+        raise HeliosError(field, f"must be an integer in [0, {num_frames - 1}] (a frame of "
                                  f"this video), got {value!r}")
     return int(value)
 
@@ -124,12 +124,9 @@ class PromptSwitches:
         (``helios.orchestrator.Pacer``) then keeps the stream's lead over the picture itself
         rather than over its model of the player. HeliosError naming ``shown_frame`` for a
         frame outside the video."""
-        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) \
-                or not 0 <= frame < self.num_frames:
-            raise HeliosError("shown_frame", f"must be an integer in [0, {self.num_frames - 1}] "
-                                             f"(a frame of this video), got {frame!r}")
+        frame = check_frame(frame, self.num_frames, "shown_frame")
         with self._lock:
-            self._shown = (int(frame), time.time() if at is None else float(at))
+            self._shown = (frame, time.time() if at is None else float(at))
 
     def player(self) -> tuple[int, float] | None:
         """The latest ``shown`` report: (frame, when it was shown by time.time()), or None."""

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from helios.errors import HeliosError
-from helios.session import PromptSwitches
+from helios.session import PromptSwitches, check_frame
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UPDATE_TIMEOUT_S = 10.0
@@ -141,9 +141,7 @@ def send_shown(root: Path | None, session_id, frame) -> int:
     folder = _running(root, session_id)
     try:
         num_frames = int(json.loads((folder / "stream.json").read_text())["num_frames"])
-        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < num_frames:
-            raise HeliosError("SHOWN_FRAME", f"must be an integer in [0, {num_frames - 1}] (a "
-                                             f"frame of this video), got {frame!r}")
+        frame = check_frame(frame, num_frames, "SHOWN_FRAME")
         _write(folder / "shown.json", {"frame": frame, "at": time.time()})
     except FileNotFoundError:
         raise HeliosError("SESSION_ID", f"{folder.name!r} names no running stream") from None
