@@ -55,6 +55,28 @@ def test_sigterm_to_run_reaches_the_command_and_stops_the_server(tiny_checkpoint
     assert "Timeout 0:" not in log and "failed to stop server" not in log
 
 
+@pytest.mark.parametrize("executable", ["python", "triton_python_backend_stub"])
+def test_only_a_stub_process_skips_the_teardown_at_its_exit(tmp_path, executable):
+    """skip_teardown ends a stub at its first exit handler (the handlers registered before it,
+    and the interpreter's teardown, never run; the process exits 0 after its finalize); any
+    other process keeps its handlers and its exit code. The stub is this Python under the
+    stub's name, as /proc/self/exe shows it."""
+    binary = tmp_path / executable
+    shutil.copy2(Path(sys.executable).resolve(), binary)
+    marker = tmp_path / "earlier-handler-ran"
+    code = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
+            "from helios_triton.stub import in_stub, skip_teardown; "
+            "print(in_stub()); skip_teardown(); sys.exit(3)")
+    env = dict(os.environ, PYTHONHOME=sys.base_prefix,
+               PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path[1:]]))
+    done = subprocess.run([str(binary), "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    stub = executable == "triton_python_backend_stub"
+    assert done.stdout.strip() == str(stub), done.stderr
+    assert done.returncode == (0 if stub else 3), done.stderr
+    assert marker.exists() != stub
+
+
 def test_what_outlives_the_server_in_its_process_group_is_killed_after_the_grace():
     # The leader exits on SIGTERM as tritonserver does; a child that ignores it (as a stub
     # stuck in its teardown does) stays in the group until end_group kills it.
