@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .accel import CompiledOrEager
@@ -253,7 +254,9 @@ class ARRuntime:
     # ---- streams join and leave --------------------------------------------------------
     def add_sequence(self, seq_id, prefix: torch.Tensor, tokens: list[int],
                      params: SamplingParams, draft_prefix: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None) -> None:
+                     bias: torch.Tensor | np.ndarray | None = None) -> None:
+        """A sequence joins: its prompt ``prefix``, its first ``tokens`` and its logit
+        ``bias`` (a row per slot, [slots, vocab], or one row; a tensor or an array)."""
         if seq_id in self.seqs:
             raise KeyError(f"sequence {seq_id!r} already exists")
         if draft_prefix is not None and self.draft is not None:
@@ -261,7 +264,8 @@ class ARRuntime:
         gen = torch.Generator().manual_seed(params.seed)
         self.seqs[seq_id] = _Sequence(
             prefix.to(self.device, self.dtype), draft_prefix, list(tokens), params, gen,
-            None if bias is None else bias.float().reshape(-1, bias.shape[-1]).to(self.device),
+            None if bias is None else
+            torch.as_tensor(bias).float().reshape(-1, bias.shape[-1]).to(self.device),
             len(tokens))
         self.cache.add_sequence(seq_id)
         if self.draft_cache is not None:

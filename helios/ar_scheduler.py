@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .ar_runtime import ARRuntime
@@ -37,7 +38,7 @@ class ARJob:
     tokens: list[int]                  # context after the prefix
     num_new: int                       # tokens to generate
     params: SamplingParams
-    bias: torch.Tensor | None
+    bias: torch.Tensor | np.ndarray | None
     speculative: bool
     emit: Callable[[list[int]], None]           # new tokens (streaming)
     finish: Callable[[str | None], None]        # end of the job: None or an error message

@@ -32,9 +32,8 @@ import numpy as np
 
 from .config import HeliosConfig
 from .schedule import (AR_SEED, ContextFrames, VideoChunk, VideoRequest, ar_segments,
-                       derive_seed, plan_bias, segment_keep, switch_keep)
+                       centre_crop, derive_seed, plan_bias, segment_keep, switch_keep)
 from .session import PromptSwitches
-from .vae import fitted_frame
 
 
 class Stages(Protocol):
@@ -157,6 +156,30 @@ def stream_video(cfg: HeliosConfig, req: VideoRequest, stages: Stages,
         upcoming.close()
         if switches is not None:
             switches.end()
+
+
+def fitted_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One uint8 frame [H, W, 3] fitted as ``helios.vae.fit_frames`` fits a clip (its centre
+    cropped, then resized bilinearly with PyTorch's half-pixel centres), as uint8; a frame of
+    the size already is returned as it is. In numpy, since the ``helios`` model that runs the
+    orchestrator over the stage models has no torch; within 1 of ``fit_frames`` rounded
+    (float32 arithmetic in another order; tests/test_continuation.py)."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    rows, cols = centre_crop(*frame.shape[:2], height, width)
+    x = frame[rows, cols].astype(np.float32)
+
+    def taps(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out)
+                         - 0.5, 0)
+        low = np.minimum(src.astype(np.int64), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), (src - low).astype(np.float32)
+
+    top, bottom, dy = taps(x.shape[0], height)
+    left, right, dx = taps(x.shape[1], width)
+    x = x[:, left] * (1 - dx)[None, :, None] + x[:, right] * dx[None, :, None]
+    x = x[top] * (1 - dy)[:, None, None] + x[bottom] * dy[:, None, None]
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 class SwitchFade:

@@ -147,18 +147,21 @@ def plan_vocab_bias(ar_cfg) -> torch.Tensor:
     return bias
 
 
-def plan_bias(cfg: HeliosConfig) -> torch.Tensor:
+def plan_bias(cfg: HeliosConfig) -> np.ndarray:
     """[slots, vocab] logit bias of a frame's plan tokens: with geometry tokens, each slot of
     the frame is kept to its own ids (region slots to the codebook, the row slot to the row
     bins, ...), so that a sampled region code never lands in a geometry slot, after which the
-    AR loses the frame layout (docs/training.md). Without: ``plan_vocab_bias``, one
+    AR loses the frame layout (docs/training.md). Without: ``plan_vocab_bias``'s one
     row. The AR runtime applies row j to the generated tokens j, j + slots, ...; generation
-    always starts at a frame's first slot."""
-    bias = plan_vocab_bias(cfg.ar_backbone)
+    always starts at a frame's first slot. float32, in numpy: the orchestrator makes it,
+    and the ``helios`` model that runs the orchestrator over the stage models has no torch."""
+    ar = cfg.ar_backbone
+    bias = np.zeros(ar.vocab_size, np.float32)
+    bias[ar.plan_vocab_size:] = -1e9  # as plan_vocab_bias
     rf = cfg.refiner
     if not rf.geometry_bins:
         return bias[None]
-    rows = bias.repeat(cfg.plan_tokens_per_frame, 1)
+    rows = np.tile(bias, (cfg.plan_tokens_per_frame, 1))
     rows[:rf.region_tokens, rf.codebook_size:] = -1e9
     start = rf.codebook_size
     for slot, n in enumerate(rf.geometry_bins, start=rf.region_tokens):
@@ -201,6 +204,18 @@ def check_image(image) -> np.ndarray:
         raise HeliosError("image", f"must be a uint8 RGB array of shape [H, W, 3] with H, W >= 8, "
                                    f"got {image.dtype} {list(image.shape)}")
     return image
+
+
+def centre_crop(h: int, w: int, height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns of an h x w frame kept to fit it to height x width: the centre of
+    the frame at the target's aspect ratio (then resized). How a clip to continue is fitted."""
+    if h * width > w * height:   # taller than the target: crop rows
+        keep = round(w * height / width)
+        return slice((h - keep) // 2, (h - keep) // 2 + keep), slice(0, w)
+    if h * width < w * height:   # wider: crop columns
+        keep = round(h * width / height)
+        return slice(0, h), slice((w - keep) // 2, (w - keep) // 2 + keep)
+    return slice(0, h), slice(0, w)
 
 
 MAX_VIDEO_FRAMES = 120   # the clip a video continues: at most 5 s at 24 fps

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .schedule import centre_crop
 
 
 class GroupNorm(nn.GroupNorm):
@@ -164,21 +164,8 @@ def from_uint8(frames: torch.Tensor) -> torch.Tensor:
 
 def fit_frames(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Frames [T, 3, H, W] (float) of any size -> [T, 3, height, width]: cropped at their centre
-    to that aspect ratio, then resized (bilinear). How a clip to continue is fitted."""
-    h, w = x.shape[-2:]
-    if h * width > w * height:   # taller than the target: crop rows
-        keep = round(w * height / width)
-        x = x[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
-    elif h * width < w * height:  # wider: crop columns
-        keep = round(h * width / height)
-        x = x[..., (w - keep) // 2:(w - keep) // 2 + keep]
-    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def fitted_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """One uint8 frame [H, W, 3] fitted as ``fit_frames`` fits a clip, as uint8; a frame of
-    the size already is returned as it is."""
-    if frame.shape[:2] == (height, width):
-        return frame
-    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    return fit_frames(x, height, width)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    to that aspect ratio (``helios.schedule.centre_crop``), then resized (bilinear). How a
+    clip to continue is fitted."""
+    rows, cols = centre_crop(*x.shape[-2:], height, width)
+    return F.interpolate(x[..., rows, cols], size=(height, width), mode="bilinear",
+                         align_corners=False)

@@ -3,14 +3,15 @@
 ``TritonStages`` implements ``helios.orchestrator.Stages`` over ``prompt_encoder``,
 ``image_encoder``, ``video_encoder``, ``ar_backbone``, ``refiner`` and ``vae_decoder`` with the tensor names of
 ``helios_triton.contract``. Only a python-backend stub can import this module (it needs
-``triton_python_backend_utils``).
+``triton_python_backend_utils``). Latent frames are float32 numpy arrays [1, C, h, w], as the
+stage models send and take them: the ``helios`` model that runs these calls never imports
+torch (a stub's start costs about 3 s of CPU less, each of its instances).
 """
 
 import asyncio
 import uuid
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from helios_triton.calls import CallWatch
@@ -54,15 +55,15 @@ class TritonStages:
 
     def encode_image(self, image):
         out = self._call("image_encoder", [_t("image", image)], ["latent", "plan_tokens"])
-        return torch.from_numpy(out["latent"])[None], out["plan_tokens"].tolist()
+        return out["latent"][None], out["plan_tokens"].tolist()
 
     def encode_video(self, video):
         out = self._call("video_encoder", [_t("frames", video)], ["latent", "plan_tokens"])
-        return [torch.from_numpy(z)[None] for z in out["latent"]], out["plan_tokens"].tolist()
+        return [z[None] for z in out["latent"]], out["plan_tokens"].tolist()
 
     def ar_stream(self, prefix, draft_prefix, tokens, n, params, bias, speculative):
         if not self.slot_bias:  # one row: what any slot allows
-            bias = bias.reshape(-1, bias.shape[-1]).max(0).values
+            bias = bias.reshape(-1, bias.shape[-1]).max(0)
         rows = prefix.shape[0]
         ids = np.concatenate([np.arange(self.vocab_size, self.vocab_size + rows), tokens])
         inputs = [
@@ -71,7 +72,7 @@ class TritonStages:
             _t("request_output_len", np.array([[n]], np.int32)),
             _t("prompt_embedding_table", prefix[None]),
             _t("prompt_vocab_size", np.array([[rows]], np.int32)),
-            _t("embedding_bias", bias.numpy().astype(np.float32).reshape(1, -1)),
+            _t("embedding_bias", np.asarray(bias, np.float32).reshape(1, -1)),
             _t("temperature", np.array([[params.temperature]], np.float32)),
             _t("runtime_top_k", np.array([[params.top_k]], np.int32)),
             _t("runtime_top_p", np.array([[params.top_p]], np.float32)),
@@ -104,21 +105,21 @@ class TritonStages:
                   _t("seed", np.array([seed], np.int64)),
                   _t("frame_index", np.array([index], np.int32))]
         if anchor is not None:
-            inputs.append(_t("anchor", anchor[0].float().numpy()))
+            inputs.append(_t("anchor", np.asarray(anchor[0], np.float32)))
         if history:
-            inputs.append(_t("history", torch.cat(history).float().numpy()))
+            inputs.append(_t("history", np.concatenate(history).astype(np.float32, copy=False)))
         return "refiner", inputs, ["latent"]
 
     def _decode_request(self, latent, prev_latent):
         # prev_latent always goes (zeros before the first frame, which is what the decoder
         # assumes without one): a TensorRT engine has no optional inputs.
-        prev = torch.zeros_like(latent) if prev_latent is None else prev_latent
-        inputs = [_t("latent", latent[0].float().numpy()), _t("prev_latent", prev[0].float().numpy())]
+        prev = np.zeros_like(latent) if prev_latent is None else prev_latent
+        inputs = [_t("latent", np.asarray(latent[0], np.float32)),
+                  _t("prev_latent", np.asarray(prev[0], np.float32))]
         return "vae_decoder", inputs, ["frames"]
 
     def refine(self, plan, index, seed, anchor, history):
-        latent = self._call(*self._refine_request(plan, index, seed, anchor, history))["latent"]
-        return torch.from_numpy(latent)[None]
+        return self._call(*self._refine_request(plan, index, seed, anchor, history))["latent"][None]
 
     def decode(self, latent, prev_latent):
         return self._call(*self._decode_request(latent, prev_latent))["frames"]
@@ -141,7 +142,7 @@ class OverlappedStages(TritonStages):
         r, d = self._refine_request(*refine), self._decode_request(*decode)
         with self.watch.waiting("refiner, vae_decoder"):
             latent, frames = self._loop.run_until_complete(_in_flight_together(r, d))
-        return torch.from_numpy(latent["latent"])[None], frames["frames"]
+        return latent["latent"][None], frames["frames"]
 
 
 async def _in_flight_together(*calls):

@@ -65,6 +65,27 @@ def test_a_clip_of_another_size_is_cropped_at_its_centre_then_resized(pipe):
                           pipe.generate_video(PROMPT, num_frames=8, seed=0, video=centre))
 
 
+@pytest.mark.parametrize("size,target", [((100, 90), (128, 128)), ((64, 200), (128, 128)),
+                                         ((37, 53), (72, 128)), ((128, 128), (720, 1280))])
+def test_the_fitted_last_frame_is_the_fitted_clips_within_one(size, target):
+    """The frame a continuation dissolves from is fitted in numpy (the helios model over the
+    stage models has no torch), as the clip itself is fitted by torch for the encoder: the
+    same centre crop, the same bilinear taps, each value within 1 after rounding."""
+    import torch  # noqa: PLC0415
+
+    from helios.orchestrator import fitted_frame
+    from helios.vae import fit_frames
+
+    frame = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    ours = fitted_frame(frame, *target)
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    theirs = fit_frames(x, *target)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    diff = np.abs(ours.astype(int) - theirs.numpy().astype(int))
+    assert ours.shape == (*target, 3) and ours.dtype == np.uint8
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert fitted_frame(ours, *target) is ours  # the size already: as it is
+
+
 def test_a_continuation_dissolves_in_from_the_clips_last_frame(pipe):
     """The continuation's first frames blend the clip's last frame into the model's own, the
     model's weight growing a step a frame (switch_fade_s, 12 frames at 24 fps); from the end

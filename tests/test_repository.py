@@ -99,11 +99,13 @@ def test_counts_out_of_range_are_refused_in_one_line(tiny_checkpoint, tmp_path, 
 
 
 @pytest.mark.parametrize("model,torch_expected", [("tokenizer", False), ("helios_update", False),
-                                                  ("helios_video", False), ("refiner", True)])
+                                                  ("helios_video", False), ("helios", False),
+                                                  ("refiner", True)])
 def test_the_front_models_start_without_torch(model, torch_expected, tmp_path):
     """Each stub process imports its own model.py. The models that only check a request and
-    pass it on must not import torch (about 3 s of CPU per stub at a server's start); the
-    refiner, which runs it, shows that the check sees it. Imported as a stub imports it, beside
+    pass it on, and ``helios``, which runs the orchestrator over the stage models (one
+    instance a stream), must not import torch (about 3 s of CPU per stub at a server's start);
+    the refiner, which runs it, shows that the check sees it. Imported as a stub imports it, beside
     the python backend's own utils module, in a fresh interpreter."""
     utils = prepare_backends(tmp_path / "backends") / "python"
     code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "

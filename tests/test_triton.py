@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2
 from conftest import INSTANCES, ROOT, free_ports, live_metrics
 from conftest import metric as _metric
 from helios_client import HeliosClient, RequestError
+from helios_client.api import new_session_id
 from helios_client.cli import main as client_main
 from helios_triton.fill_repository import fill, values
 
@@ -40,6 +41,39 @@ def test_grpc_stream_equals_in_process(server, pipe):
     assert len(chunks[-1].frames) == 2
     video = np.concatenate([c.frames for c in chunks])
     assert np.array_equal(video, pipe.generate_video(PROMPT, num_frames=46, seed=5))
+
+
+def test_the_helios_stubs_stream_without_torch(server):
+    """Over the stage models, ``helios`` (an instance a stream) runs the orchestrator on numpy
+    arrays: after a stream of every kind, one in each instance at once (a prompt, an image, a
+    clip to continue, a prompt switch), no helios stub has torch loaded; the refiner's has."""
+    from helios_triton.supervisor import stubs_of  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    clip = rng.integers(0, 256, (8, 96, 96, 3), dtype=np.uint8)
+    session = new_session_id()
+    kinds = [{}, {"image": image}, {"video": clip}, {"session_id": session}]
+    videos, errors = [None] * len(kinds), []
+
+    def run(i):
+        try:
+            videos[i] = _grpc(server).generate(PROMPT, num_frames=24, seed=i, **kinds[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kinds))]
+    for t in threads:
+        t.start()
+    _grpc(server).update(session, "a blue square moving up", at_frame=12, wait_s=60)
+    for t in threads:
+        t.join(240)
+    assert not errors and all(v.shape == (24, 128, 128, 3) for v in videos), errors
+    stubs = stubs_of(server.proc.pid).values()
+    torch_in = {s.pid: "libtorch" in open(f"/proc/{s.pid}/maps").read() for s in stubs}
+    helios = [s.pid for s in stubs if s.model == "helios"]
+    assert len(helios) == 4 and not any(torch_in[pid] for pid in helios)
+    assert all(torch_in[s.pid] for s in stubs if s.model == "refiner")
 
 
 def test_http_equals_in_process(server, pipe):

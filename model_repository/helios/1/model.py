@@ -26,14 +26,13 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from helios.checkpoint import read_config
+from helios.config import read_config
 from helios.errors import HeliosError
 from helios.orchestrator import stream_video
 from helios_triton.bls import OverlappedStages, TritonStages
 from helios_triton.calls import CallWatch
 from helios_triton.contract import HELIOS_INPUT_NAMES
 from helios_triton.sessions import Mailbox, MailboxSwitches
-from helios_triton.stage import gpu_memory, load_pipeline, stream_threads
 from helios_triton.stub import (input_array, model_parameters, process_settings, requested_outputs,
                                 response_parts, video_request)
 
@@ -54,6 +53,10 @@ class TritonPythonModel:
         # stage models
         self.pipeline, self.loop, self.slots = None, None, None
         if params.get("stages", "models") == "fused":
+            # torch only here: over the stage models this process has none (3 s of CPU less
+            # at each instance's start; tests/test_repository.py)
+            from helios_triton.stage import gpu_memory, load_pipeline, stream_threads
+
             t0 = time.perf_counter()
             self.pipeline = load_pipeline(args, params, settings, pb_utils.Logger.log_info)
             self.threads = stream_threads(self.pipeline, pb_utils.Logger.log_info,
