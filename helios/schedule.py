@@ -138,13 +138,17 @@ def ar_segments(cfg: HeliosConfig, num_latent: int, given: int = 0,
     return segments
 
 
-def plan_vocab_bias(ar_cfg) -> torch.Tensor:
-    """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
-    import torch  # noqa: PLC0415  (see the imports above)
-    bias = torch.zeros(ar_cfg.vocab_size)
+def _plan_vocab_row(ar_cfg) -> np.ndarray:
+    bias = np.zeros(ar_cfg.vocab_size, np.float32)
     # A large finite value, not -inf: TensorRT-LLM adds this bias inside its sampling kernels.
     bias[ar_cfg.plan_vocab_size:] = -1e9
     return bias
+
+
+def plan_vocab_bias(ar_cfg) -> torch.Tensor:
+    """Logit bias that restricts sampling to plan tokens (TensorRT-LLM's embedding_bias)."""
+    import torch  # noqa: PLC0415  (see the imports above)
+    return torch.from_numpy(_plan_vocab_row(ar_cfg))
 
 
 def plan_bias(cfg: HeliosConfig) -> np.ndarray:
@@ -155,9 +159,7 @@ def plan_bias(cfg: HeliosConfig) -> np.ndarray:
     row. The AR runtime applies row j to the generated tokens j, j + slots, ...; generation
     always starts at a frame's first slot. float32, in numpy: the orchestrator makes it,
     and the ``helios`` model that runs the orchestrator over the stage models has no torch."""
-    ar = cfg.ar_backbone
-    bias = np.zeros(ar.vocab_size, np.float32)
-    bias[ar.plan_vocab_size:] = -1e9  # as plan_vocab_bias
+    bias = _plan_vocab_row(cfg.ar_backbone)
     rf = cfg.refiner
     if not rf.geometry_bins:
         return bias[None]

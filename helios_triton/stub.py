@@ -99,7 +99,7 @@ def skip_teardown() -> None:
     its shared memory before its interpreter shuts down; what is left is Python tearing down
     every module, torch's among them, which took about 1 s a stub on a 2-core machine: a
     server filled for 8 streams (8 ``helios`` instances) took 17.5 s to unload that model,
-    against 9.6 s with this (2026-12-04). So the first exit handler to run (registered last,
+    against 9.5 s with this (2026-12-04). So the first exit handler to run (registered last,
     here) flushes the logs and ends the process at once. Only in a stub: an ordinary process
     (a test calling this) keeps its exit code."""
     if in_stub():
