@@ -31,12 +31,15 @@ class TritonStages:
     """The stage functions of helios.orchestrator over the stage models of this server."""
 
     def __init__(self, config, speculative: bool, slot_bias: bool = True,
-                 watch: CallWatch = CallWatch(None)):
+                 watch: CallWatch = CallWatch(None), settle=None):
         self.config = config
         self.speculative = speculative
         self.slot_bias = slot_bias
         self.vocab_size = config.ar_backbone.vocab_size
         self.watch = watch  # marks every wait on a stage for the supervisor (helios_triton.calls)
+        # A question to tritonserver that the stub queues behind its earlier messages (the
+        # served request's is_cancelled): see _TokenStream.
+        self.settle = settle
 
     def _call(self, model, inputs, outputs):
         """One BLS request; returns {output name: numpy array} or raises with the stage's
@@ -87,9 +90,11 @@ class TritonStages:
             responses = pb_utils.InferenceRequest(
                 model_name="ar_backbone", inputs=inputs, request_id=request_id,
                 requested_output_names=["output_ids"]).exec(decoupled=True)
-        return _TokenStream(responses, n, lambda: self._stop(request_id), self.watch)
+        return _TokenStream(responses, n, lambda: self._stop(request_id), self.settle, self.watch)
 
     def _stop(self, request_id):
+        """Ends the AR request ``request_id``; returns the stop request's response iterator,
+        read to its end (for _TokenStream to let go of)."""
         stop = pb_utils.InferenceRequest(
             model_name="ar_backbone", request_id=request_id, requested_output_names=[],
             inputs=[_t("input_ids", np.zeros((1, 1), np.int32)),
@@ -97,8 +102,10 @@ class TritonStages:
                     _t("request_output_len", np.ones((1, 1), np.int32)),
                     _t("stop", np.array([[True]]))])
         with self.watch.waiting("ar_backbone"):
-            for _ in stop.exec(decoupled=True):
+            responses = stop.exec(decoupled=True)
+            for _ in responses:
                 pass
+        return responses
 
     def _refine_request(self, plan, index, seed, anchor, history):
         inputs = [_t("plan_tokens", np.array(plan, np.int32)),
@@ -130,8 +137,9 @@ class OverlappedStages(TritonStages):
     orchestrator.stream_video decodes a latent frame while the next one renders."""
 
     def __init__(self, config, speculative: bool, slot_bias: bool,
-                 loop: asyncio.AbstractEventLoop, watch: CallWatch = CallWatch(None)):
-        super().__init__(config, speculative, slot_bias, watch)
+                 loop: asyncio.AbstractEventLoop, watch: CallWatch = CallWatch(None),
+                 settle=None):
+        super().__init__(config, speculative, slot_bias, watch, settle)
         self._loop = loop
 
     def refine_and_decode(self, refine, decode):
@@ -155,20 +163,37 @@ async def _in_flight_together(*calls):
 
 class _TokenStream:
     """The token lists of one ar_backbone BLS stream. close() before all ``n`` tokens came
-    (the client went away) ends the AR request, freeing its KV blocks, and takes the
-    stream's remaining responses; it does so even if no token was asked for yet."""
+    (the client went away, or a prompt switch) ends the AR request, freeing its KV blocks,
+    and takes the stream's remaining responses; it does so even if no token was asked for yet.
 
-    def __init__(self, responses, n, stop, watch: CallWatch):
+    Once a stream's final response has been read, its iterator is let go of only after
+    ``settle()`` has returned. The stub (tritonserver 2.51's python backend) holds each
+    stream's responses twice: in the Python iterator and in a map of its own, from which the
+    stub's message thread removes the stream when the cleanup message that reading the final
+    response queued goes out. Whichever lets go last frees the responses, and their numpy
+    arrays, and that thread holds no GIL: a stream dropped here first had its arrays freed
+    off the GIL while this thread ran Python, which corrupted the interpreter's memory (the
+    helios stub's SIGSEGV at prompt switches on the H200 under Python 3.12, docs/serving.md).
+    ``settle`` asks tritonserver a question through the same queue (is_cancelled), so when
+    it returns the cleanup has gone out and the last reference is ours, dropped under the GIL.
+    """
+
+    def __init__(self, responses, n, stop, settle, watch: CallWatch):
         self.responses, self.n, self.stop, self.watch = iter(responses), n, stop, watch
-        self.received, self.closed = 0, False
+        self.settle = settle
+        self.received, self.closed, self.ended = 0, False, False
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        while not self.closed:
+        while not self.closed and not self.ended:
             with self.watch.waiting("ar_backbone"):
-                response = next(self.responses)  # StopIteration after the final response
+                try:
+                    response = next(self.responses)
+                except StopIteration:  # after the final response
+                    self._let_go()
+                    raise
             if response.has_error():
                 raise RuntimeError(f"ar_backbone: {response.error().message()}")
             out = pb_utils.get_output_tensor_by_name(response, "output_ids")
@@ -182,8 +207,19 @@ class _TokenStream:
         if self.closed:
             return
         self.closed = True
-        if self.received < self.n:
-            self.stop()
+        if self.ended:
+            return
+        stopped = self.stop() if self.received < self.n else None
         with self.watch.waiting("ar_backbone"):
             for _ in self.responses:
                 pass
+        self._let_go(stopped)
+
+    def _let_go(self, *others):
+        """Drops this stream's iterator, and ``others`` read to their end, once the stub's
+        cleanups of them have gone out (the class's docstring)."""
+        self.ended = True
+        if self.settle is not None:
+            self.settle()
+        self.responses = iter(())
+        del others

@@ -164,13 +164,6 @@ class TritonPythonModel:
         rid = request.request_id() or uuid.uuid4().hex[:8]
         pb_utils.Logger.log_info(f"helios {rid}: {req.num_frames} frames at {req.fps} fps, "
                                  f"seed {req.sampling.seed}")
-        if self.pipeline is not None:
-            stages = self.pipeline
-        elif self.loop is not None:
-            stages = OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop,
-                                      self.watch)
-        else:
-            stages = TritonStages(self.config, self.speculative, self.slot_bias, self.watch)
         sent, final, timed = 0, False, 0  # timed: the switches whose first frame went out
         wanted = request.requested_output_names()
         outbox = _Outbox(sender, threaded=self.pipeline is not None)
@@ -179,6 +172,17 @@ class TritonPythonModel:
             # Never ask after the final response: its response factory is gone by then, and
             # tritonserver 2.51 crashes on the question (seen: SIGSEGV in ...IsCancelled).
             return not final and sender.is_cancelled()
+
+        # cancelled() is also what the BLS streams wait on before they let go of their
+        # responses (bls._TokenStream): it goes through the stub's queue of messages.
+        if self.pipeline is not None:
+            stages = self.pipeline
+        elif self.loop is not None:
+            stages = OverlappedStages(self.config, self.speculative, self.slot_bias, self.loop,
+                                      self.watch, settle=cancelled)
+        else:
+            stages = TritonStages(self.config, self.speculative, self.slot_bias, self.watch,
+                                  settle=cancelled)
 
         try:
             last, t0 = False, time.perf_counter()

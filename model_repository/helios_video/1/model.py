@@ -43,6 +43,10 @@ class TritonPythonModel:
                 frames = pb_utils.get_output_tensor_by_name(response, "FRAMES")
                 if frames is not None:
                     chunks.append(frames.as_numpy())
+            # The stream's cleanup goes out through the stub's queue before this question
+            # does, so the stream's responses are freed here, under the GIL, when it is
+            # dropped, not by the stub's message thread (helios_triton.bls._TokenStream).
+            request.is_cancelled()
             if error is not None:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(error.message(), error.code())))
