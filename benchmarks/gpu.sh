@@ -80,7 +80,8 @@
 #               then fps.py for 14b with FP8 AR weights, and with the FP8 refiner as well
 #
 # Knobs: VIDEO_SECONDS (client videos, default 20), FPS_SECONDS (fps.py's videos, default 20),
-# STREAMS, FILL_ARGS (extra options of helios_triton.fill_repository, e.g. --refiner-fp8),
+# STREAMS, SWITCH_EVERY (seconds of video between prompt updates, default 2),
+# FILL_ARGS (extra options of helios_triton.fill_repository, e.g. --refiner-fp8),
 # MPS=0 (no CUDA MPS for the server),
 # EXTRA_SITE (site folders of more packages), HELIOS_FLASH_ATTENTION=0 (the Triton-lang
 # attention kernel where FlashAttention-4 is installed), LOGS_TAR=1 (at the end, every file
@@ -158,7 +159,8 @@ server_run() {  # server_run TAG CONFIG STREAMS...
                 --config "$config" --server "$fill" --metrics-url http://localhost:8002/metrics \
                 --stats-url localhost:8000 --out "$dir"; a=$?
             python3 benchmarks/switch_latency.py --seconds "$seconds" --config "$config" \
-                --server "$fill" --server-log "$dir/server.log" --out "$dir"; b=$?
+                --every "${SWITCH_EVERY:-2}" --server "$fill" --server-log "$dir/server.log" \
+                --out "$dir"; b=$?
             nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv \
                 > "$dir/gpu_processes.csv"; nvidia-smi > "$dir/nvidia_smi.txt"
             exit $(( a | b ))' _ "${VIDEO_SECONDS:-20}" "$config" "$dir" "$fill" "${streams[@]}"
