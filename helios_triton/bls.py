@@ -181,13 +181,13 @@ class _TokenStream:
     def __init__(self, responses, n, stop, settle, watch: CallWatch):
         self.responses, self.n, self.stop, self.watch = iter(responses), n, stop, watch
         self.settle = settle
-        self.received, self.closed, self.ended = 0, False, False
+        self.received, self.closed = 0, False  # closed: nothing more is read
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        while not self.closed and not self.ended:
+        while not self.closed:
             with self.watch.waiting("ar_backbone"):
                 try:
                     response = next(self.responses)
@@ -207,19 +207,17 @@ class _TokenStream:
         if self.closed:
             return
         self.closed = True
-        if self.ended:
-            return
         stopped = self.stop() if self.received < self.n else None
         with self.watch.waiting("ar_backbone"):
             for _ in self.responses:
                 pass
         self._let_go(stopped)
 
-    def _let_go(self, *others):
-        """Drops this stream's iterator, and ``others`` read to their end, once the stub's
-        cleanups of them have gone out (the class's docstring)."""
-        self.ended = True
+    def _let_go(self, *held):
+        """Drops this stream's iterator once the stub's cleanup of it has gone out (the
+        class's docstring); nothing more is read. ``held``: other streams read to their end
+        (the stop request's), kept until then as well."""
+        self.closed = True
         if self.settle is not None:
             self.settle()
         self.responses = iter(())
-        del others
