@@ -191,7 +191,9 @@ class TritonPythonModel:
                 if sent == 0:
                     pb_utils.Logger.log_info(f"helios {rid}: first chunk ready after "
                                              f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
-                last = chunk.final
+                # The stamp a switch's time runs to: taken before the chunk is handed over, so
+                # that the split never counts time the client already spends with the frame.
+                last, handed = chunk.final, time.time()
                 for frames, offset, final_part in response_parts(chunk, first=sent == 0):
                     out = requested_outputs(wanted, {"FRAMES": frames,
                                                       "FRAME_OFFSET": np.array([offset], np.int32),
@@ -204,7 +206,7 @@ class TritonPythonModel:
                         break
                     timed += 1
                     pb_utils.Logger.log_info(f"helios {rid}: prompt switched at frame "
-                                             f"{switch.frame}: {switch.timing(time.time())}")
+                                             f"{switch.frame}: {switch.timing(handed)}")
                 if sent % (4 * req.fps) < len(chunk.frames) or chunk.final:
                     pb_utils.Logger.log_info(f"helios {rid}: {sent}/{req.num_frames} frames")
             if not last:
