@@ -72,7 +72,8 @@
 #               inputs packed by one kernel and by Inductor's passes, in turns;
 #               "refiner,refiner-unnormed,refiner" its residual adds and norms so;
 #               "refiner,refiner-unrowed,refiner" its q/k/v product written into
-#               FlashAttention-4's inputs or made apart)
+#               FlashAttention-4's inputs or made apart; "refiner,refiner-mods-replayed,
+#               refiner" its modulation rows made once at the capture or in each replay)
 #   partition   benchmarks/sm_partition.py: a latent frame's render and decode steps at once,
 #               the GPU's SMs split between them (green contexts; AR_SMS, default "16,32,48"),
 #               against two plain streams

@@ -275,16 +275,19 @@ def table(title: str, r: dict) -> None:
 
 # The refiner's variants: --parts name -> (attention kernels on, FlashAttention-4's inputs
 # packed by helios/kernels/qkv_pack.py where it runs, the q/k/v product written into them,
-# the residual adds and norms by helios/kernels/residual_norm.py, the table's title).
+# the residual adds and norms by helios/kernels/residual_norm.py, the modulation rows made
+# once at the capture, the table's title).
 REFINER_PARTS = {
-    "refiner": (True, True, True, True, "the pipeline's kernels"),
-    "refiner-unrowed": (True, True, False, True,
+    "refiner": (True, True, True, True, True, "the pipeline's kernels"),
+    "refiner-unrowed": (True, True, False, True, True,
                         "the q/k/v product apart from FlashAttention-4's inputs, then the pack"),
-    "refiner-unpacked": (True, False, False, True,
+    "refiner-unpacked": (True, False, False, True, True,
                          "FlashAttention-4's inputs by Inductor's passes"),
-    "refiner-unnormed": (True, True, True, False,
+    "refiner-unnormed": (True, True, True, False, True,
                          "the residual adds and norms by Inductor's kernels"),
-    "refiner-sdpa": (False, True, True, False, "SDPA attention, Inductor's kernels"),
+    "refiner-mods-replayed": (True, True, True, True, False,
+                              "the modulation rows made in each replay"),
+    "refiner-sdpa": (False, True, True, False, True, "SDPA attention, Inductor's kernels"),
 }
 
 
@@ -299,7 +302,9 @@ def main(argv=None) -> int:
                          "kernel); refiner-unrowed: the q/k/v product made apart and then "
                          "packed; refiner-unpacked: FlashAttention-4's inputs made by "
                          "Inductor's passes instead; refiner-unnormed: the blocks' residual "
-                         "adds and norms by Inductor's kernels instead of one; refiner-sdpa: "
+                         "adds and norms by Inductor's kernels instead of one; "
+                         "refiner-mods-replayed: the modulation rows made in each replay of "
+                         "the render's graph instead of once at its capture; refiner-sdpa: "
                          "SDPA over the concatenated keys (cuDNN first), Inductor's kernels; "
                          "vae: the decoder of one latent frame; the refiner's variants run in "
                          "the order given, repeats included")
@@ -341,8 +346,9 @@ def main(argv=None) -> int:
     for part in parts_wanted:  # in the order given, so that variants can alternate
         if part not in REFINER_PARTS:
             continue
-        kernel, pack, rows, norms, title = REFINER_PARTS[part]
+        kernel, pack, rows, norms, mods_once, title = REFINER_PARTS[part]
         use_kernel(kernel, pack=pack, norms=norms, rows=rows)
+        parts["refiner"].render_mods_once = mods_once
         torch._dynamo.reset()
         key = "refiner_render" + part.removeprefix("refiner").replace("-", "_")
         while key in result:

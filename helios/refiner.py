@@ -303,6 +303,10 @@ class PlanTokenizer(nn.Module):
 
 
 class Refiner(nn.Module):
+    # A captured render's modulation rows: made once at its capture (True), or in each
+    # replay (False; benchmarks/profile_stages.py's refiner-mods-replayed).
+    render_mods_once = True
+
     def __init__(self, cfg: RefinerConfig):
         super().__init__()
         self.config = cfg
@@ -567,8 +571,10 @@ class Refiner(nn.Module):
         return self._render(noise, plan_tokens, anchor, history, sig,
                             torch.tensor(sig, device=noise.device))
 
-    def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t):
-        mods = self._render_modulations(sig_t, noise.shape[0])
+    def _render(self, noise, plan_tokens, anchor, history, sig: list[float], sig_t, mods=None):
+        """``mods``: ``_render_modulations(sig_t, batch)``, else computed here."""
+        if mods is None:
+            mods = self._render_modulations(sig_t, noise.shape[0])
         kv = self.encode_context(plan_tokens, anchor, history, mods=modulation_level(mods, 0)[0])
         # Sigma goes into the step as a tensor: the compiled step would compile once per Python
         # number. Each step's rows are views of the render's tables, not picked inside the step:
@@ -609,10 +615,17 @@ class _RenderGraph:
         # Held by the instance like the buffers above: the graph reads this memory at every
         # replay, and a freed tensor's memory goes to the next allocation.
         self.sig_t = torch.tensor(sig, device=noise.device)
+        # The modulation rows depend on the sigmas and the weights alone, so they are made
+        # once here, outside the graph: each replay would otherwise redo the time embedding
+        # and 21 products, about 30 launches, the same numbers every time. A graph is
+        # captured after the weights are loaded and replays on them as they are.
+        # (``Refiner.render_mods_once`` False: made in each replay, for benchmarks' A/B.)
+        self.mods = refiner._render_modulations(self.sig_t, noise.shape[0]) \
+            if refiner.render_mods_once else None
 
         def run():
             return refiner._render(self.noise, self.plan, self.anchor, self.history, sig,
-                                   self.sig_t)
+                                   self.sig_t, self.mods)
 
         # Warm up on a side stream (compilation, the attention kernel's autotuning, the
         # allocator), then capture.
