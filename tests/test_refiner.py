@@ -73,6 +73,12 @@ def test_a_renders_modulations_at_once_equal_those_of_each_step(tiny_checkpoint,
         by_step = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv), x, sig)
         torch.testing.assert_close(refiner._render(x, plan, anchor, [], sig, sig_t), by_step,
                                    rtol=1e-4, atol=1e-4)
+        # The rows made once ahead, as a captured render holds them, give the same render;
+        # the render reads the rows it is given (other sigmas' change it).
+        ahead = refiner._render(x, plan, anchor, [], sig, sig_t, (blocks, final))
+        assert torch.equal(ahead, refiner._render(x, plan, anchor, [], sig, sig_t))
+        other = refiner._render_modulations(sig_t / 2, 2)
+        assert (refiner._render(x, plan, anchor, [], sig, sig_t, other) - ahead).abs().max() > 1e-2
         # The check can fail: the context's rows in every step's place change the render.
         context_rows = modulation_level((blocks, final), 0)
         wrong = euler_sample(lambda z, i, s: refiner(z, sig_t[i], kv, context_rows), x, sig)
